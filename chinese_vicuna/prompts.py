@@ -1,0 +1,234 @@
+"""Prompt template registry shared by training and inference.
+
+Templates are JSON files (`chinese_vicuna/templates/*.json`, or any path a user gives), so a
+model is always asked in exactly the format it was trained on. Two kinds:
+
+- instruction templates (`alpaca`, `chinese-alpaca`): `prompt_input` / `prompt_no_input`
+  with `{instruction}` and `{input}`;
+- chat templates (`chinese-vicuna-chat`, `vicuna_v1.1`, `llama2`, `chatml`, `llama3`):
+  `system_format`, `user_format`, `assistant_prefix`, `assistant_format`, with `{system}`,
+  `{content}`, and `{bos}` / `{eos}` standing for the tokenizer's special tokens;
+- `auto`: the tokenizer's own `chat_template`.
+
+Rendering produces `Segment`s: text plus whether its tokens are trained. Training and
+inference both encode segment by segment (see `data.encode_segments`), so the ids the model
+sees at inference equal those it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chinese_vicuna.errors import UserError
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+AUTO = "auto"
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A piece of rendered text; `trainable` marks text whose tokens get labels."""
+
+    text: str
+    trainable: bool
+
+
+def available_templates() -> list[str]:
+    """Names of the built-in templates (plus `auto`)."""
+    return [*sorted(p.stem for p in TEMPLATE_DIR.glob("*.json")), AUTO]
+
+
+def merge_segments(segments: list[Segment]) -> list[Segment]:
+    """Join neighbours of the same kind and drop empty ones (one encoding unit per run)."""
+    merged: list[Segment] = []
+    for seg in segments:
+        if not seg.text:
+            continue
+        if merged and merged[-1].trainable == seg.trainable:
+            merged[-1] = Segment(merged[-1].text + seg.text, seg.trainable)
+        else:
+            merged.append(seg)
+    return merged
+
+
+def validate_messages(messages: list[dict[str, str]], where: str = "conversation") -> None:
+    """Roles must be an optional system message, then user/assistant alternating."""
+    if not messages:
+        raise UserError(f"{where}: the conversation is empty")
+    start = 1 if messages[0].get("role") == "system" else 0
+    for i, msg in enumerate(messages):
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise UserError(f"{where}: message {i + 1} has unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise UserError(f"{where}: message {i + 1} ({role}) content must be a string, got {type(content).__name__}")
+        if i >= start:
+            expected = "user" if (i - start) % 2 == 0 else "assistant"
+            if role != expected:
+                raise UserError(
+                    f"{where}: message {i + 1} has role {role!r} where {expected!r} was expected "
+                    "(after an optional system message, turns must alternate user/assistant)"
+                )
+    if len(messages) == start:
+        raise UserError(f"{where}: the conversation has a system message but no user turn")
+
+
+class PromptTemplate:
+    """One template: renders instructions or conversations into segments."""
+
+    def __init__(self, name: str, spec: dict[str, Any], tokenizer: Any = None) -> None:
+        self.name = name
+        self.spec = spec
+        self.tokenizer = tokenizer
+        self.description = spec.get("description", "")
+        self.is_auto = name == AUTO
+        self.is_chat = self.is_auto or "user_format" in spec
+        self.default_system: str = spec.get("system", "")
+
+    # --- the strings around special tokens -------------------------------------------------
+    def _special(self) -> dict[str, str]:
+        tok = self.tokenizer
+        return {
+            "bos": (getattr(tok, "bos_token", None) or "<s>") if tok is not None else "<s>",
+            "eos": (getattr(tok, "eos_token", None) or "</s>") if tok is not None else "</s>",
+        }
+
+    def _fmt(self, key: str, **values: str) -> str:
+        # str.replace, not str.format: user text may contain braces.
+        text = self.spec.get(key, "")
+        for name, value in {**self._special(), **values}.items():
+            text = text.replace("{" + name + "}", value)
+        return text
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """Strings that end generation; they are never shown to the user."""
+        stops = list(self.spec.get("stop", []))
+        if self.is_chat and not self.is_auto:
+            eos = self._special()["eos"]
+            if eos not in stops:
+                stops.append(eos)
+        return stops
+
+    # --- instructions --------------------------------------------------------------------
+    def instruction_prompt(self, instruction: str, input: str = "") -> str:
+        """The prompt text for one instruction (everything before the response)."""
+        if not self.is_chat:
+            key = "prompt_input" if input else "prompt_no_input"
+            return self._fmt(key, instruction=instruction, input=input)
+        content = f"{instruction}\n{input}" if input else instruction
+        return "".join(s.text for s in self.chat_segments([{"role": "user", "content": content}]))
+
+    def instruction_segments(self, instruction: str, input: str = "", output: str | None = None) -> list[Segment]:
+        """Prompt (not trained) and, when given, the response (trained)."""
+        if self.is_chat:
+            content = f"{instruction}\n{input}" if input else instruction
+            messages = [{"role": "user", "content": content}]
+            if output is not None:
+                messages.append({"role": "assistant", "content": output})
+            return self.chat_segments(messages, add_generation_prompt=output is None)
+        segments = [Segment(self.instruction_prompt(instruction, input), False)]
+        if output is not None:
+            segments.append(Segment(output, True))
+        return segments
+
+    def response_from_text(self, text: str) -> str:
+        """The answer part of a full decoded text (instruction templates)."""
+        split = self.spec.get("response_split")
+        if split and split in text:
+            text = text.split(split, 1)[1]
+        return text.strip()
+
+    # --- conversations -------------------------------------------------------------------
+    def chat_segments(
+        self,
+        messages: list[dict[str, str]],
+        system: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[Segment]:
+        """Render a conversation. Assistant turns (and their end markers) are trainable.
+
+        `system` overrides the template's default system prompt; a leading system message
+        overrides both. With `add_generation_prompt`, a conversation ending in a user turn
+        gets the assistant prefix so the model answers next.
+        """
+        if not self.is_chat:
+            raise UserError(f"template {self.name!r} is an instruction template; use a chat template for conversations")
+        validate_messages(messages)
+        if messages[0]["role"] == "system":
+            system, messages = messages[0]["content"], messages[1:]
+        elif system is None:
+            system = self.default_system
+        if self.is_auto:
+            return self._auto_segments(messages, system, add_generation_prompt)
+
+        segments: list[Segment] = []
+        if system and self.spec.get("system_format") and "first_user_format" not in self.spec:
+            segments.append(Segment(self._fmt("system_format", system=system), False))
+        for i, msg in enumerate(messages):
+            if msg["role"] == "user":
+                key = "user_format"
+                if i == 0 and "first_user_format" in self.spec:
+                    key = "first_user_format" if system else "first_user_format_no_system"
+                segments.append(Segment(self._fmt(key, system=system or "", content=msg["content"]), False))
+                if i + 1 < len(messages) or add_generation_prompt:
+                    segments.append(Segment(self._fmt("assistant_prefix"), False))
+            else:
+                segments.append(Segment(self._fmt("assistant_format", content=msg["content"]), True))
+        return merge_segments(segments)
+
+    def _auto_segments(self, messages: list[dict[str, str]], system: str, add_generation_prompt: bool) -> list[Segment]:
+        tok = self.tokenizer
+        if tok is None or not getattr(tok, "chat_template", None):
+            raise UserError("template 'auto' needs a tokenizer with a chat_template; pick a named --prompt_template")
+        full = ([{"role": "system", "content": system}] if system else []) + list(messages)
+        offset = 1 if system else 0
+
+        def render(msgs: list[dict[str, str]], gen: bool) -> str:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+            bos = getattr(tok, "bos_token", None)
+            # we add BOS as an id ourselves; drop it from the text so it is not doubled
+            return text[len(bos) :] if bos and text.startswith(bos) else text
+
+        segments: list[Segment] = []
+        done = ""
+        for i, msg in enumerate(messages):
+            upto = full[: offset + i + 1]
+            if msg["role"] == "assistant":
+                before = render(full[: offset + i], True)
+                after = render(upto, False)
+                if not (before.startswith(done) and after.startswith(before)):
+                    raise UserError(
+                        "the tokenizer's chat_template does not render conversations incrementally; use a named --prompt_template"
+                    )
+                segments.append(Segment(before[len(done) :], False))
+                segments.append(Segment(after[len(before) :], True))
+                done = after
+        if messages[-1]["role"] == "user":
+            final = render(full, add_generation_prompt)
+            segments.append(Segment(final[len(done) :], False))
+        return merge_segments(segments)
+
+
+def load_template(name_or_path: str, tokenizer: Any = None) -> PromptTemplate:
+    """A built-in template by name, `auto`, or a JSON file path."""
+    if name_or_path == AUTO:
+        return PromptTemplate(AUTO, {}, tokenizer)
+    path = Path(name_or_path)
+    if not (path.suffix == ".json" and path.is_file()):
+        path = TEMPLATE_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise UserError(
+            f"unknown prompt template {name_or_path!r}; built-in: {', '.join(available_templates())}, or a path to a .json template"
+        )
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a valid JSON template ({exc})") from None
+    if not ("prompt_no_input" in spec or "user_format" in spec):
+        raise UserError(f"{path}: a template needs 'prompt_input'/'prompt_no_input' (instruction) or 'user_format' (chat)")
+    return PromptTemplate(spec.get("name", path.stem), spec, tokenizer)

@@ -1,0 +1,92 @@
+"""Instruction fine-tuning with LoRA / QLoRA on alpaca-format data → a PEFT adapter.
+
+    python finetune.py --base_model MODEL --data_path data.jsonl --output_dir lora-Vicuna
+
+Every TrainingArguments flag works too (`python finetune.py --help`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from chinese_vicuna.data import PaddingCollator, load_instruction_dataset, split_train_val
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.modeling import add_lora, load_lora, load_model_and_tokenizer, prepare_for_training, resolve_precision
+from chinese_vicuna.prompts import load_template
+from chinese_vicuna.training import (
+    BatchArguments,
+    LoraArguments,
+    ModelArguments,
+    TrainArguments,
+    apply_batch_arguments,
+    build_trainer,
+    parse_args,
+    resolve_resume,
+    train_and_save,
+)
+
+logger = logging.getLogger("finetune")
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="sample/instruct/data_sample.jsonl", metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them."}
+    )
+    prompt_template: str = field(
+        default="alpaca", metadata={"help": "Template name (alpaca, chinese-alpaca, chat templates, auto) or a .json path."}
+    )
+    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per sample; longer samples are truncated."})
+    val_set_size: int = field(default=200, metadata={"help": "Samples held out for evaluation (a count; 0 = none)."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Tokenized-data cache (default ~/.cache/chinese_vicuna)."})
+    use_data_cache: bool = field(default=True, metadata={"help": "Reuse tokenized data from the cache."})
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    model_args, data_args, lora_args, batch_args, train_args = parse_args(
+        (ModelArguments, DataArguments, LoraArguments, BatchArguments, TrainArguments), argv
+    )
+    logging.basicConfig(
+        level=logging.INFO if train_args.should_log else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not model_args.base_model:
+        raise UserError("--base_model is required: a Hugging Face model folder or hub id, e.g. --base_model ./tiny-llama")
+    apply_batch_arguments(train_args, batch_args)
+    resume = resolve_resume(train_args)
+
+    # 1. model and tokenizer
+    precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
+    model, tokenizer = load_model_and_tokenizer(
+        model_args.base_model, precision, model_args.device_map, model_args.tokenizer_path, model_args.trust_remote_code
+    )
+    model = prepare_for_training(model, train_args.gradient_checkpointing)
+    train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if model_args.lora_weights:
+        model = load_lora(model, model_args.lora_weights, is_trainable=True)
+    else:
+        model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
+
+    # 2. data
+    template = load_template(data_args.prompt_template, tokenizer)
+    with train_args.main_process_first(desc="tokenize"):
+        samples = load_instruction_dataset(
+            data_args.data_path,
+            tokenizer,
+            template,
+            data_args.cutoff_len,
+            data_args.train_on_inputs,
+            data_args.cache_dir,
+            data_args.use_data_cache,
+        )
+    train_data, val_data = split_train_val(samples, data_args.val_set_size, train_args.seed)
+
+    # 3. train and save
+    trainer = build_trainer(model, tokenizer, train_args, train_data, val_data, PaddingCollator(tokenizer.pad_token_id))
+    train_and_save(trainer, tokenizer, resume)
+
+
+if __name__ == "__main__":
+    main()

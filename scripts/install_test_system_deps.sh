@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# System packages some tests use (headless Chromium for the web UI tests). Installed with
+# apt-get when running as root and missing; otherwise those tests are skipped with a reason.
+set -euo pipefail
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "note: ${missing[*]} not installed (needs root + apt-get); tests that need it will be skipped" >&2
+    exit 0
+fi
+echo "== installing ${missing[*]} (apt-get)"
+apt-get update -qq >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

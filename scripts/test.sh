@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up .venv with the test tools and run lint + the test suite (what CI runs).
+# Extra arguments go to pytest, e.g. bash scripts/test.sh -k prompts -x
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup_env.sh --dev
+# shellcheck disable=SC1091
+source .venv/bin/activate
+bash scripts/install_test_system_deps.sh
+
+echo "== ruff"
+ruff check .
+echo "== shellcheck"
+shellcheck scripts/*.sh .ci/run
+echo "== pytest"
+python -m pytest "$@"

@@ -1,0 +1,80 @@
+"""Shared fixtures: a tiny LLaMA built locally, and a LoRA that memorized sample instructions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
+
+SAMPLE_INSTRUCT = REPO / "sample" / "instruct" / "data_sample.jsonl"
+MEMORIZED_COUNT = 8
+
+# Keep tests on the CPU and quiet; the tokenized-data cache goes to a per-session folder.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def run_script(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a repository script with this interpreter; returns the completed process (no check)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["CHINESE_VICUNA_CACHE"] = str(tmp_path_factory.mktemp("cv-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tools/make_tiny_model.py with its defaults (seconds)."""
+    from make_tiny_model import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def memorized_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first MEMORIZED_COUNT short sample instructions, as a .jsonl file."""
+    lines = SAMPLE_INSTRUCT.read_text(encoding="utf-8").splitlines()[:MEMORIZED_COUNT]
+    path = tmp_path_factory.mktemp("data") / "memorize.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def memorize_args(base: Path, data: Path, out: Path, epochs: int = 60, save_steps: int = 40) -> list[str]:
+    """finetune.py flags that make the tiny model memorize `data` (r=16 all-linear, lr 3e-3)."""
+    return [
+        "finetune.py",
+        "--base_model", str(base),
+        "--data_path", str(data),
+        "--output_dir", str(out),
+        "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0",
+        "--lora_target_modules", "all-linear",
+        "--learning_rate", "3e-3", "--warmup_steps", "0",
+        "--micro_batch_size", "4", "--batch_size", "4", "--num_epochs", str(epochs),
+        "--val_set_size", "0", "--save_steps", str(save_steps), "--logging_steps", "10",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def memorized_lora(tiny_model_dir: Path, memorized_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter (finetune.py output_dir) that memorized `memorized_data`."""
+    out = tmp_path_factory.mktemp("lora") / "memorized"
+    proc = run_script(*memorize_args(tiny_model_dir, memorized_data, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -1,0 +1,150 @@
+"""Build a tiny, randomly initialised LLaMA and a sentencepiece tokenizer, locally.
+
+The tokenizer is trained on `sample/tokenizer/corpus.txt` (Chinese and English, byte
+fallback, unk=0 bos=1 eos=2 as in LLaMA). The output directory loads with
+`AutoModelForCausalLM` / `AutoTokenizer`. Same arguments → same files (seeded).
+
+    python tools/make_tiny_model.py OUT_DIR [--hidden_size 128 --num_layers 2 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+DEFAULT_CORPUS = REPO_ROOT / "sample" / "tokenizer" / "corpus.txt"
+
+logger = logging.getLogger("make_tiny_model")
+
+
+def train_sentencepiece(corpus_files: list[Path], vocab_size: int) -> bytes:
+    """Train a LLaMA-style BPE sentencepiece model and return its serialized bytes."""
+    import sentencepiece as spm
+
+    lines: list[str] = []
+    for path in corpus_files:
+        lines.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not lines:
+        raise SystemExit(f"error: no text in {', '.join(map(str, corpus_files))}")
+    model = io.BytesIO()
+    # The same options LLaMA's tokenizer.model was trained with where they matter for
+    # behaviour: BPE, byte fallback, digits split, identity normalisation, dummy prefix.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        character_coverage=0.9995,
+        normalization_rule_name="identity",
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        num_threads=1,  # one thread: the result does not depend on scheduling
+        minloglevel=2,
+    )
+    return model.getvalue()
+
+
+def make_tiny_model(
+    out_dir: str | os.PathLike,
+    vocab_size: int = 3000,
+    hidden_size: int = 128,
+    intermediate_size: int = 352,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int | None = None,
+    max_position_embeddings: int = 2048,
+    corpus: list[Path] | None = None,
+    seed: int = 0,
+    lm_head_std: float = 0.15,
+) -> Path:
+    """Write a tiny LLaMA + tokenizer to `out_dir` and return the path."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sp_bytes = train_sentencepiece(corpus or [DEFAULT_CORPUS], vocab_size)
+    (out / "tokenizer.model").write_bytes(sp_bytes)
+    # transformers 5 converts tokenizer.model into a fast tokenizer; saving writes tokenizer.json
+    # next to it, and we keep tokenizer.model for sentencepiece-based tools (GGUF, vocab merging).
+    tokenizer = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True, add_eos_token=False)
+    tokenizer.save_pretrained(str(out))
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-6,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        # A random lm_head with std 0.02 caps every logit near 2-3, so a LoRA (which cannot
+        # touch lm_head) could never make a confident prediction. A trained model's output
+        # layer is much larger; give this one a scale where memorization is possible.
+        model.lm_head.weight.normal_(0.0, lm_head_std)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("wrote %s: %d parameters, vocabulary %d", out, n_params, len(tokenizer))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out_dir")
+    parser.add_argument("--vocab_size", type=int, default=3000)
+    parser.add_argument("--hidden_size", type=int, default=128)
+    parser.add_argument("--intermediate_size", type=int, default=352)
+    parser.add_argument("--num_layers", type=int, default=2)
+    parser.add_argument("--num_heads", type=int, default=4)
+    parser.add_argument("--num_kv_heads", type=int, default=None)
+    parser.add_argument("--max_position_embeddings", type=int, default=2048)
+    parser.add_argument("--corpus", nargs="+", type=Path, default=None, help="text files (default: sample/tokenizer/corpus.txt)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for path in args.corpus or []:
+        if not path.is_file():
+            raise SystemExit(f"error: corpus file {path} does not exist")
+    make_tiny_model(
+        args.out_dir,
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_layers=args.num_layers,
+        num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads,
+        max_position_embeddings=args.max_position_embeddings,
+        corpus=args.corpus,
+        seed=args.seed,
+    )
+
+
+if __name__ == "__main__":
+    main()
