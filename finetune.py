@@ -8,7 +8,6 @@ Every TrainingArguments flag works too (`python finetune.py --help`).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 from chinese_vicuna.data import PaddingCollator, load_instruction_dataset, split_train_val
 from chinese_vicuna.errors import UserError, exit_on_user_error
@@ -16,6 +15,7 @@ from chinese_vicuna.modeling import add_lora, load_lora, load_model_and_tokenize
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.training import (
     BatchArguments,
+    DataArguments,
     LoraArguments,
     ModelArguments,
     TrainArguments,
@@ -27,21 +27,6 @@ from chinese_vicuna.training import (
 )
 
 logger = logging.getLogger("finetune")
-
-
-@dataclass
-class DataArguments:
-    data_path: str = field(
-        default="sample/instruct/data_sample.jsonl", metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them."}
-    )
-    prompt_template: str = field(
-        default="alpaca", metadata={"help": "Template name (alpaca, chinese-alpaca, chat templates, auto) or a .json path."}
-    )
-    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per sample; longer samples are truncated."})
-    val_set_size: int = field(default=200, metadata={"help": "Samples held out for evaluation (a count; 0 = none)."})
-    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Tokenized-data cache (default ~/.cache/chinese_vicuna)."})
-    use_data_cache: bool = field(default=True, metadata={"help": "Reuse tokenized data from the cache."})
 
 
 @exit_on_user_error

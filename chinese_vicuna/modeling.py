@@ -257,7 +257,7 @@ def check_adapter_fits(model: Any, adapter_dir: str) -> None:
     params = dict(model.named_parameters())
     by_suffix = {name.split("base_model.model.")[-1]: p for name, p in params.items()}
     with safe_open(str(weights), "pt") as f:
-        for key in f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             shape = tuple(f.get_slice(key).get_shape())
             inner = key.split("base_model.model.", 1)[-1]
             # embed_tokens / lm_head saved in full (modules_to_save, resized vocabularies)
@@ -271,7 +271,9 @@ def check_adapter_fits(model: Any, adapter_dir: str) -> None:
                 continue
             if ".lora_A." in inner:
                 module = inner.split(".lora_A.")[0]
-                base = by_suffix.get(module + ".weight") or by_suffix.get(module + ".base_layer.weight")
+                base = by_suffix.get(module + ".weight")
+                if base is None:
+                    base = by_suffix.get(module + ".base_layer.weight")
                 if base is not None and base.dim() == 2 and not _is_quantized(base) and shape[1] != base.shape[1]:
                     raise UserError(
                         f"{weights}: {module} expects inputs of size {shape[1]} but the base model's layer has {base.shape[1]}: "

@@ -52,6 +52,21 @@ class LoraArguments:
 
 
 @dataclass
+class DataArguments:
+    data_path: str = field(
+        default="sample/instruct/data_sample.jsonl", metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them."}
+    )
+    prompt_template: str = field(
+        default="alpaca", metadata={"help": "Template name (alpaca, chinese-alpaca, chat templates, auto) or a .json path."}
+    )
+    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per sample; longer samples are truncated."})
+    val_set_size: int = field(default=200, metadata={"help": "Samples held out for evaluation (a count; 0 = none)."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Tokenized-data cache (default ~/.cache/chinese_vicuna)."})
+    use_data_cache: bool = field(default=True, metadata={"help": "Reuse tokenized data from the cache."})
+
+
+@dataclass
 class BatchArguments:
     micro_batch_size: int = field(default=4, metadata={"help": "Samples per device per step (sets per_device_train_batch_size)."})
     batch_size: int = field(default=128, metadata={"help": "Global batch: micro_batch_size × accumulation × processes."})
@@ -69,7 +84,8 @@ class TrainArguments(TrainingArguments):
     eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps (when --val_set_size > 0)."})
     save_steps: float = field(default=200, metadata={"help": "Save checkpoint-N every N steps."})
     save_total_limit: int | None = field(default=30, metadata={"help": "Keep at most this many checkpoints."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "none, tensorboard or wandb (WANDB_MODE=offline works)."})
+    # None first: HfArgumentParser picks the second member of the union as the flag type.
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "none, tensorboard or wandb (WANDB_MODE=offline works)."})  # noqa: RUF036
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it."})
     fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision; default: on for GPUs without bf16."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
