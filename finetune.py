@@ -11,7 +11,7 @@ import logging
 
 from chinese_vicuna.data import PaddingCollator, load_instruction_dataset, split_train_val
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.modeling import add_lora, load_lora, load_model_and_tokenizer, prepare_for_training, resolve_precision
+from chinese_vicuna.modeling import add_lora, load_checked_model, load_lora, load_tokenizer, prepare_for_training, resolve_precision
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.training import (
     BatchArguments,
@@ -42,19 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     apply_batch_arguments(train_args, batch_args)
     resume = resolve_resume(train_args)
 
-    # 1. model and tokenizer
-    precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
-    model, tokenizer = load_model_and_tokenizer(
-        model_args.base_model, precision, model_args.device_map, model_args.tokenizer_path, model_args.trust_remote_code
-    )
-    model = prepare_for_training(model, train_args.gradient_checkpointing)
-    train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    if model_args.lora_weights:
-        model = load_lora(model, model_args.lora_weights, is_trainable=True)
-    else:
-        model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
-
-    # 2. data
+    # 1. tokenizer and data first: a bad data line fails in seconds, before a 13B model loads
+    tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
     template = load_template(data_args.prompt_template, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
         samples = load_instruction_dataset(
@@ -67,6 +56,16 @@ def main(argv: list[str] | None = None) -> None:
             data_args.use_data_cache,
         )
     train_data, val_data = split_train_val(samples, data_args.val_set_size, train_args.seed)
+
+    # 2. base model (fp32 / bf16 / fp16 / 8-bit / 4-bit) and a new or continued LoRA
+    precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
+    model = load_checked_model(model_args.base_model, tokenizer, precision, model_args.device_map, model_args.trust_remote_code)
+    model = prepare_for_training(model, train_args.gradient_checkpointing)
+    train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if model_args.lora_weights:
+        model = load_lora(model, model_args.lora_weights, is_trainable=True)
+    else:
+        model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
 
     # 3. train and save
     trainer = build_trainer(model, tokenizer, train_args, train_data, val_data, PaddingCollator(tokenizer.pad_token_id))

@@ -193,10 +193,17 @@ def load_model_and_tokenizer(
 ) -> tuple[Any, Any]:
     """Tokenizer + base model, with the special-token and vocabulary checks."""
     tokenizer = load_tokenizer(tokenizer_path or base_model, trust_remote_code)
+    return load_checked_model(base_model, tokenizer, precision, device_map, trust_remote_code), tokenizer
+
+
+def load_checked_model(
+    base_model: str, tokenizer: Any, precision: str = "auto", device_map: Any = None, trust_remote_code: bool = False
+) -> Any:
+    """The base model, with its special tokens and vocabulary checked against `tokenizer`."""
     model = load_base_model(base_model, precision, device_map, trust_remote_code)
     check_special_tokens(model, tokenizer, base_model)
     check_vocab(model, tokenizer, base_model)
-    return model, tokenizer
+    return model
 
 
 # --------------------------------------------------------------------------------------------
