@@ -18,6 +18,7 @@ sees at inference equal those it was trained on.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from chinese_vicuna.errors import UserError
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 AUTO = "auto"
 ROLES = ("system", "user", "assistant")
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,10 @@ class PromptTemplate:
         }
 
     def _fmt(self, key: str, **values: str) -> str:
-        # str.replace, not str.format: user text may contain braces.
-        text = self.spec.get(key, "")
-        for name, value in {**self._special(), **values}.items():
-            text = text.replace("{" + name + "}", value)
-        return text
+        # One pass over the template's own placeholders: user text may contain braces or
+        # "{input}", which must stay as typed.
+        values = {**self._special(), **values}
+        return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.spec.get(key, ""))
 
     @property
     def stop_strings(self) -> list[str]:
