@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -155,8 +156,6 @@ def test_each_bad_data_file_ends_with_one_clear_line(name: str, tiny_model_dir: 
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ")
-    import re
-
     assert re.search(pattern, err[-1]), err[-1]
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
