@@ -112,12 +112,21 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     argv = sys.argv[1:] if argv is None else argv
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
-            return parser.parse_json_file(argv[0])
-        if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-            return parser.parse_yaml_file(argv[0])
-        return parser.parse_args_into_dataclasses(args=argv)
+            parsed = parser.parse_json_file(argv[0])
+        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            parsed = parser.parse_yaml_file(argv[0])
+        else:
+            parsed = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
+    for args in parsed:
+        if isinstance(args, TrainingArguments):
+            # Seed now: the LoRA is initialised before the Trainer exists (which seeds only in
+            # its __init__), so without this two runs with the same --seed start apart.
+            from transformers import set_seed
+
+            set_seed(args.seed)
+    return tuple(parsed)
 
 
 def apply_batch_arguments(args: TrainArguments, batch: BatchArguments) -> None:
