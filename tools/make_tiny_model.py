@@ -63,7 +63,7 @@ def make_tiny_model(
     out_dir: str | os.PathLike,
     vocab_size: int = 3000,
     hidden_size: int = 128,
-    intermediate_size: int = 352,
+    intermediate_size: int = 384,
     num_layers: int = 2,
     num_heads: int = 4,
     num_kv_heads: int | None = None,
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--vocab_size", type=int, default=3000)
     parser.add_argument("--hidden_size", type=int, default=128)
-    parser.add_argument("--intermediate_size", type=int, default=352)
+    parser.add_argument("--intermediate_size", type=int, default=384, help="a multiple of 64: bitsandbytes 4-bit CPU kernels quantize in blocks of 64")
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--num_heads", type=int, default=4)
     parser.add_argument("--num_kv_heads", type=int, default=None)
