@@ -132,6 +132,87 @@ def check_vocab(model: Any, tokenizer: Any, base_model: str) -> None:
             f"tokenizer has {len(tokenizer)} tokens but {base_model} has {n_embed} embedding rows: "
             "use the tokenizer that belongs to this model (or resize the embeddings, e.g. with tools/pretrain.py)"
         )
+    if unused_vocab_rows(len(tokenizer), n_embed):
+        tok_path = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise UserError(
+            f"{tok_path} has {len(tokenizer)} tokens but {base_model}/config.json has vocab_size {n_embed} ({n_embed} embedding rows): "
+            f"the model's vocabulary was expanded and this tokenizer was not; use the expanded tokenizer "
+            f"(its tokenizer.model / tokenizer.json / tokenizer_config.json in {base_model}, or --tokenizer_path)"
+        )
+
+
+def unused_vocab_rows(n_tokens: int, n_rows: int) -> bool:
+    """True when an embedding has far more rows than the tokenizer has tokens.
+
+    Models pad their embedding for speed by a fraction of a percent (Qwen2: 151936 rows for
+    151665 tokens); an expanded vocabulary used with the old tokenizer differs by tens of
+    percent (Chinese-LLaMA: 49953 vs 32000).
+    """
+    return n_rows - n_tokens > max(64, n_rows // 100)
+
+
+def resize_embeddings(model: Any, new_rows: int) -> int:
+    """Grow the input and output embeddings to `new_rows`; new rows = mean of the old rows.
+
+    The mean (Chinese-LLaMA's and Hewitt's choice) keeps the output distribution close to
+    the old one, so held-out loss starts where it was instead of jumping. Returns rows added.
+    """
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    if new_rows <= old_rows:
+        return 0
+    model.resize_token_embeddings(new_rows, mean_resizing=False)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[old_rows:] = emb[:old_rows].mean(dim=0, keepdim=True).to(emb.dtype)
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():
+            out.weight[old_rows:] = out.weight[:old_rows].mean(dim=0, keepdim=True).to(out.weight.dtype)
+    logger.info("resized the embeddings from %d to %d rows (new rows = mean of the old ones)", old_rows, new_rows)
+    return new_rows - old_rows
+
+
+def resize_embeddings_to_tokenizer(model: Any, tokenizer: Any, base_model: str) -> int:
+    """Resize to an expanded tokenizer; a tokenizer smaller than the model is an error."""
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if unused_vocab_rows(len(tokenizer), n_embed):
+        check_vocab(model, tokenizer, base_model)  # raises, naming both sizes and files
+    return resize_embeddings(model, len(tokenizer))
+
+
+def adapter_vocab_rows(adapter_dir: str) -> int | None:
+    """Rows of the full embed_tokens / lm_head an adapter saved (modules_to_save), if any."""
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            if key.endswith(("embed_tokens.weight", "lm_head.weight")) and "lora_" not in key:
+                return int(f.get_slice(key).get_shape()[0])
+    return None
+
+
+def resize_to_adapter(model: Any, adapter_dir: str, tokenizer: Any = None) -> None:
+    """Grow the base's vocabulary to the adapter's, for a LoRA trained on an expanded tokenizer.
+
+    Such an adapter (tools/pretrain.py --stage lora) carries the whole embed_tokens and
+    lm_head, so the base only needs the rows to exist. With `tokenizer`, its size must be
+    the adapter's: the tokenizer saved in the adapter folder is the one to use.
+    """
+    rows = adapter_vocab_rows(adapter_dir)
+    if rows is None:
+        return
+    if tokenizer is not None and (len(tokenizer) > rows or unused_vocab_rows(len(tokenizer), rows)):
+        raise UserError(
+            f"{adapter_dir}/adapter_model.safetensors has {rows} embedding rows but the tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '')} has {len(tokenizer)} tokens: "
+            f"use the tokenizer saved with the adapter (--tokenizer_path {adapter_dir})"
+        )
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    if rows > n_embed and not _is_quantized(model.get_input_embeddings().weight):
+        logger.info("%s was trained with a %d-token vocabulary; resizing the base from %d rows", adapter_dir, rows, n_embed)
+        resize_embeddings(model, rows)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,10 +373,11 @@ def _is_quantized(param: torch.Tensor) -> bool:
     return param.dtype in (torch.int8, torch.uint8) or type(param).__name__ in ("Params4bit", "Int8Params")
 
 
-def load_lora(model: Any, adapter_dir: str, is_trainable: bool = False) -> Any:
+def load_lora(model: Any, adapter_dir: str, is_trainable: bool = False, tokenizer: Any = None) -> Any:
     """PeftModel from an adapter folder (ours, a checkpoint-N, stock PEFT's, or a hub id)."""
     from peft import PeftModel
 
+    resize_to_adapter(model, adapter_dir, tokenizer)  # a LoRA trained on an expanded vocabulary
     check_adapter_fits(model, adapter_dir)
     try:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)

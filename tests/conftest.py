@@ -78,3 +78,32 @@ def memorized_lora(tiny_model_dir: Path, memorized_data: Path, tmp_path_factory:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def english_base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaMA whose 600-piece tokenizer saw only English: Chinese falls back to bytes."""
+    from make_tiny_model import DEFAULT_CORPUS, make_tiny_model
+
+    root = tmp_path_factory.mktemp("en-base")
+    lines = [line for line in DEFAULT_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip() and line.isascii()]
+    (root / "english.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return make_tiny_model(root / "en-llama", vocab_size=600, corpus=[root / "english.txt"])
+
+
+@pytest.fixture(scope="session")
+def expanded_tokenizer_dir(english_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tools/train_tokenizer.py on sample/pretrain/zh_1-3, merged into english_base_dir's tokenizer
+    by tools/merge_tokenizers.py (zh_4 is the test text); its JSON report is `merge_report.json` beside it."""
+    root = tmp_path_factory.mktemp("expanded")
+    texts = [str(REPO / "sample" / "pretrain" / f"zh_{i}.txt") for i in (1, 2, 3)]
+    proc = run_script("tools/train_tokenizer.py", "--input", *texts, "--model_prefix", str(root / "zh"), "--vocab_size", "2500")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = root / "merged-tokenizer"
+    proc = run_script(
+        "tools/merge_tokenizers.py", "--base_tokenizer", str(english_base_dir), "--chinese_sp_model", str(root / "zh.model"),
+        "--output_dir", str(out), "--test_text", str(REPO / "sample" / "pretrain" / "zh_4.txt"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (root / "merge_report.json").write_text(proc.stdout.strip().splitlines()[-1], encoding="utf-8")
+    return out
