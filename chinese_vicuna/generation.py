@@ -1,22 +1,518 @@
-"""Text generation shared by the inference scripts."""
+"""Text generation shared by the inference scripts (generate.py, chat.py, tools).
+
+- `DecodingArguments`: greedy / sampling / beam search settings, as command-line flags.
+- `stream_generate`: an answer as a stream of text pieces, on transformers' public streamer
+  API (`BaseStreamer`, generation in a thread). Pieces never hold broken UTF-8 (byte-fallback
+  tokens of a Chinese character are held until the character is complete), never show a stop
+  string (text that could be the start of one is held back), and a `threading.Event` ends
+  generation within one decoding step.
+- `generate_text`: the same answer without streaming (batch mode).
+- `chat_prompt_ids`: a conversation's prompt ids within a token budget (`max_memory`),
+  dropping the oldest whole turns first, never the current question.
+- `load_for_inference`: base model (+ LoRA) for generation, with checks that the LoRA fits.
+
+Prompts are built from template segments with `data.encode_segments`, exactly as in training.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
 
 from chinese_vicuna.data import encode_segments
+from chinese_vicuna.errors import UserError
 from chinese_vicuna.prompts import PromptTemplate
 
+logger = logging.getLogger(__name__)
 
+
+# --------------------------------------------------------------------------------------------
+# Decoding settings
+# --------------------------------------------------------------------------------------------
+@dataclass
+class DecodingArguments:
+    """Decoding flags; the web pages start from them and batch mode uses them.
+
+    Defaults stream well and reproduce what a model was trained to say: greedy (the same
+    answer every time), one beam (beam search cannot stream), no repetition penalty.
+    """
+
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens to generate per answer."})
+    min_new_tokens: int = field(default=0, metadata={"help": "Do not stop (EOS) before this many tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample (with temperature/top_p/top_k) instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this mass."})
+    top_k: int = field(default=40, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search with this many beams (>1 cannot stream: shown when done)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalize repeated tokens (1.0 = off; 1.1-1.3 against loops)."})
+
+    def validate(self) -> None:
+        """Bad values are user errors, named with their flag."""
+        checks = [
+            (self.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "--min_new_tokens must be between 0 and --max_new_tokens"),
+            (self.num_beams >= 1, "--num_beams must be at least 1"),
+            (self.repetition_penalty > 0, "--repetition_penalty must be > 0 (1.0 = off)"),
+            (not self.do_sample or self.temperature > 0, "--temperature must be > 0 when sampling"),
+            (0 < self.top_p <= 1, "--top_p must be in (0, 1]"),
+            (self.top_k >= 0, "--top_k must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{message} (got {asdict(self)})")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate`; sampling knobs only when sampling."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": int(self.max_new_tokens),
+            "min_new_tokens": int(self.min_new_tokens),
+            "num_beams": int(self.num_beams),
+            "repetition_penalty": float(self.repetition_penalty),
+            "do_sample": bool(self.do_sample),
+        }
+        if self.do_sample:
+            kwargs.update(temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k))
+        else:
+            # the model's generation_config may carry sampling defaults; neutral values keep
+            # transformers from warning that they are ignored
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
+        return kwargs
+
+    @property
+    def streams(self) -> bool:
+        """Beam search picks its answer only at the end, so it cannot stream token by token."""
+        return self.num_beams == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Ids → text, incrementally
+# --------------------------------------------------------------------------------------------
+class IncrementalDecoder:
+    """Token ids in, text pieces out; the pieces joined equal `tokenizer.decode(all ids)`.
+
+    Decodes a small window (the tokens since the last emitted piece plus the ones before
+    them) instead of all ids each step, as text-generation servers do: SentencePiece drops a
+    leading space at the start of what it decodes, so both texts compared start at the same
+    token. A piece is held while the text ends in U+FFFD: byte-fallback tokens of a character
+    that is not complete yet (a Chinese character can be three byte tokens).
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, clean_up_tokenization_spaces=False)
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(int(i) for i in ids)
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is held (an incomplete character at the very end decodes as U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self._decode(self.ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :]
+
+
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def finish_text(text: str, stop_strings: Sequence[str], strip: bool = False) -> str:
+    """The answer shown for a whole generated text: cut at the first stop string (and stripped
+    for chat templates, whose turns end in separators). Streaming shows exactly this."""
+    text, _ = cut_at_stop(text, stop_strings)
+    return text.strip() if strip else text
+
+
+class StopStringFilter:
+    """Text pieces in, the pieces a user may see out: `finish_text` of everything, piece by piece.
+
+    Text that could be the start of a stop string is held back until it is clearly not one;
+    once a stop string appears, `stopped` turns true and nothing after it is ever shown.
+    With `strip`, leading whitespace is dropped and trailing whitespace held until more text follows.
+    """
+
+    def __init__(self, stop_strings: Sequence[str], strip: bool = False) -> None:
+        self.stop_strings = [s for s in stop_strings if s]
+        self.strip = strip
+        self.text = ""
+        self.shown = 0  # characters of self.text already emitted
+        self.stopped = False
+
+    def _held_tail(self, text: str) -> int:
+        """Length of the longest end of `text` that is a proper prefix of a stop string."""
+        longest = 0
+        for stop in self.stop_strings:
+            for n in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:n]):
+                    longest = n
+                    break
+        return longest
+
+    def push(self, piece: str) -> str:
+        if self.stopped or not piece:
+            return ""
+        self.text += piece
+        if self.strip and self.shown == 0:
+            # never show leading whitespace: skip it as if it had been shown
+            self.text = self.text.lstrip()
+        text, self.stopped = cut_at_stop(self.text, self.stop_strings)
+        if self.stopped:
+            self.text = text
+            end = len(text.rstrip()) if self.strip else len(text)
+        else:
+            end = len(text) - self._held_tail(text)
+            if self.strip:
+                end = min(end, len(text[:end].rstrip()))
+        return self._emit(end)
+
+    def flush(self) -> str:
+        """At the end of generation: the held text that did not turn into a stop string."""
+        end = len(self.text.rstrip()) if self.strip else len(self.text)
+        return self._emit(end)
+
+    def _emit(self, end: int) -> str:
+        if end <= self.shown:
+            return ""
+        piece, self.shown = self.text[self.shown : end], end
+        return piece
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping
+# --------------------------------------------------------------------------------------------
+class StopOnEvent(StoppingCriteria):
+    """Ends generation at the next decoding step once `event` is set (the UI's stop button)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self.events = events
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+class StopOnStrings(StoppingCriteria):
+    """Ends a sequence once the text it generated contains a stop string (non-streaming path).
+
+    Decodes only the last tokens: a stop string of n characters spans at most 4n tokens
+    (byte-fallback tokens are one UTF-8 byte each).
+    """
+
+    def __init__(self, tokenizer: Any, prompt_len: int, stop_strings: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_len = prompt_len
+        self.stop_strings = [s for s in stop_strings if s]
+        self.window = 4 * max((len(s) for s in self.stop_strings), default=0) + 4
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.stop_strings:
+            return done
+        start = max(self.prompt_len, input_ids.shape[1] - self.window)
+        for row, ids in enumerate(input_ids[:, start:].tolist()):
+            tail = self.tokenizer.decode(ids, skip_special_tokens=True)
+            done[row] = any(s in tail for s in self.stop_strings)
+        return done
+
+
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GenerationStats:
+    """What one generation did: tokens, time, and why it ended."""
+
+    new_tokens: int = 0
+    seconds: float = 0.0
+    first_token_seconds: float | None = None
+    stopped_by: str = ""  # eos | stop_string | max_new_tokens | stop_signal
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        return f"{self.new_tokens} tokens in {self.seconds:.1f} s ({self.tokens_per_second:.1f} tokens/s), ended by {self.stopped_by}"
+
+
+def model_device(model: Any) -> torch.device:
+    """Where input ids go: the embedding's device (also right for `device_map="auto"`)."""
+    try:
+        return model.get_input_embeddings().weight.device
+    except (AttributeError, NotImplementedError):
+        return next(model.parameters()).device
+
+
+def _generate_inputs(model: Any, tokenizer: Any, input_ids: Sequence[int], decoding: DecodingArguments) -> dict[str, Any]:
+    decoding.validate()
+    device = model_device(model)
+    return {
+        "input_ids": torch.tensor([list(input_ids)], dtype=torch.long, device=device),
+        "attention_mask": torch.ones(1, len(input_ids), dtype=torch.long, device=device),
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **decoding.generate_kwargs(),
+    }
+
+
+def _ended_by(new_ids: list[int], eos_id: int | None, decoding: DecodingArguments, stop_string: bool, signal: bool) -> str:
+    if stop_string:
+        return "stop_string"
+    if new_ids and new_ids[-1] == eos_id:
+        return "eos"
+    if len(new_ids) >= decoding.max_new_tokens:
+        return "max_new_tokens"
+    return "stop_signal" if signal else "eos"
+
+
+def generate_text(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Sequence[int],
+    decoding: DecodingArguments | None = None,
+    stop_strings: Sequence[str] = (),
+    strip: bool = False,
+    stop_event: threading.Event | None = None,
+    stats: GenerationStats | None = None,
+) -> str:
+    """One answer, not streamed: ends on EOS, a stop string, `max_new_tokens` or `stop_event`."""
+    events = () if stop_event is None else (stop_event,)
+    return _generate_text(model, tokenizer, input_ids, decoding or DecodingArguments(), stop_strings, strip, events, stats)
+
+
+@torch.inference_mode()
+def _generate_text(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Sequence[int],
+    decoding: DecodingArguments,
+    stop_strings: Sequence[str],
+    strip: bool,
+    events: Sequence[threading.Event],
+    stats: GenerationStats | None,
+) -> str:
+    kwargs = _generate_inputs(model, tokenizer, input_ids, decoding)
+    criteria: list[StoppingCriteria] = []
+    if decoding.num_beams == 1:
+        # beams are cut afterwards: a stop criterion would end the search on any one beam
+        criteria.append(StopOnStrings(tokenizer, len(input_ids), stop_strings))
+    if events:
+        criteria.append(StopOnEvent(*events))
+    start = time.perf_counter()
+    out = model.generate(**kwargs, stopping_criteria=StoppingCriteriaList(criteria))
+    new_ids = out[0, len(input_ids) :].tolist()
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        # beam search pads finished beams
+        while new_ids and new_ids[-1] == tokenizer.pad_token_id:
+            new_ids.pop()
+    text = tokenizer.decode(new_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    answer = finish_text(text, stop_strings, strip)
+    if stats is not None:
+        stats.new_tokens = len(new_ids)
+        stats.seconds = time.perf_counter() - start
+        _, found = cut_at_stop(text, stop_strings)
+        stats.stopped_by = _ended_by(new_ids, tokenizer.eos_token_id, decoding, found, any(e.is_set() for e in events))
+    return answer
+
+
+class _QueueStreamer(BaseStreamer):
+    """Receives token ids from `generate` (its thread) and queues the text a user may see."""
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str], strip: bool, stop: threading.Event) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.filter = StopStringFilter(stop_strings, strip)
+        self.stop = stop
+        self.queue: queue.Queue[Any] = queue.Queue()
+        self.prompt_seen = False
+        self.new_ids: list[int] = []
+        self.first_token_time: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        if self.filter.stopped:
+            return  # the step after a stop string: generation is ending
+        ids = value.reshape(-1).tolist()
+        if self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+        self.new_ids.extend(ids)
+        piece = self.filter.push(self.decoder.push(ids))
+        if self.filter.stopped:
+            self.stop.set()
+        if piece:
+            self.queue.put(piece)
+
+    def end(self) -> None:
+        if not self.filter.stopped:
+            piece = self.filter.push(self.decoder.flush())
+            piece += self.filter.flush()
+            if piece:
+                self.queue.put(piece)
+
+
+_END = object()
+
+
+def stream_generate(
+    model: Any,
+    tokenizer: Any,
+    input_ids: Sequence[int],
+    decoding: DecodingArguments | None = None,
+    stop_strings: Sequence[str] = (),
+    strip: bool = False,
+    stop_event: threading.Event | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
+    """The answer as text pieces while it is generated; joined they equal `generate_text`.
+
+    Generation runs in a thread; setting `stop_event` (or closing this iterator, as a web UI
+    does when a page goes away) ends it at the next decoding step. With beam search the
+    whole answer comes as one piece at the end.
+    """
+    decoding = decoding or DecodingArguments()
+    stats = stats if stats is not None else GenerationStats()
+    ending = threading.Event()  # set by a stop string, a closed iterator, or the caller's event
+    events = (ending,) if stop_event is None else (ending, stop_event)
+    out: queue.Queue[Any] = queue.Queue()
+    streamer: _QueueStreamer | None = None
+    start = time.perf_counter()
+
+    if decoding.streams:
+        streamer = _QueueStreamer(tokenizer, stop_strings, strip, ending)
+        kwargs = _generate_inputs(model, tokenizer, input_ids, decoding)
+        out = streamer.queue
+
+        def work() -> None:
+            with torch.inference_mode():
+                model.generate(**kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([StopOnEvent(*events)]))
+
+    else:
+        beam_stats = GenerationStats()
+
+        def work() -> None:
+            text = _generate_text(model, tokenizer, input_ids, decoding, stop_strings, strip, events, beam_stats)
+            if text:
+                out.put(text)
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # handed to the consumer, raised there
+            out.put(exc)
+        finally:
+            out.put(_END)
+
+    thread = threading.Thread(target=run, name="generate", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = out.get()
+            if item is _END:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        ending.set()  # the consumer is gone or done: stop generating at the next step
+        thread.join()
+        stats.seconds = time.perf_counter() - start
+        if streamer is not None:
+            stats.new_tokens = len(streamer.new_ids)
+            if streamer.first_token_time is not None:
+                stats.first_token_seconds = streamer.first_token_time - start
+            signal = bool(stop_event is not None and stop_event.is_set())
+            stats.stopped_by = _ended_by(streamer.new_ids, tokenizer.eos_token_id, decoding, streamer.filter.stopped, signal)
+        else:
+            stats.new_tokens, stats.stopped_by = beam_stats.new_tokens, beam_stats.stopped_by
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts
+# --------------------------------------------------------------------------------------------
 def prompt_ids(tokenizer: Any, template: PromptTemplate, instruction: str, input: str = "") -> list[int]:
     """The ids the model saw before its answer in training: `[bos] + prompt` segments."""
     ids, _ = encode_segments(tokenizer, template.instruction_segments(instruction, input))
     return ids
 
 
-@torch.inference_mode()
+def turns_of(history: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """Split a history of alternating user/assistant messages into whole turns."""
+    turns: list[list[dict[str, str]]] = []
+    for msg in history:
+        if msg["role"] == "user" or not turns:
+            turns.append([msg])
+        else:
+            turns[-1].append(msg)
+    return turns
+
+
+def chat_prompt_ids(
+    tokenizer: Any,
+    template: PromptTemplate,
+    history: Sequence[dict[str, str]],
+    question: str,
+    system: str | None = None,
+    max_memory: int | None = None,
+) -> tuple[list[int], int]:
+    """Prompt ids for `question` after `history`, and how many old turns were dropped.
+
+    `max_memory` bounds the whole prompt (system + kept turns + question) in tokens: the
+    oldest whole turns go first; the current question is never dropped, and if it does not
+    fit alone that is a UserError (the prompt never exceeds the budget).
+    """
+    if not template.is_chat:
+        raise UserError(f"template {template.name!r} is an instruction template; chat needs a chat template (e.g. chinese-vicuna-chat)")
+    turns = turns_of(history)
+    question_msg = {"role": "user", "content": question}
+    for dropped in range(len(turns) + 1):
+        messages = [m for turn in turns[dropped:] for m in turn] + [question_msg]
+        ids, _ = encode_segments(tokenizer, template.chat_segments(messages, system=system))
+        if max_memory is None or len(ids) <= max_memory:
+            return ids, dropped
+    raise UserError(
+        f"the question alone needs {len(ids)} prompt tokens but max_memory is {max_memory}: shorten it or raise max_memory (--max_memory)"
+    )
+
+
+def answer(
+    model: Any,
+    tokenizer: Any,
+    template: PromptTemplate,
+    instruction: str,
+    input: str = "",
+    decoding: DecodingArguments | None = None,
+) -> str:
+    """An instruction's answer, not streamed (batch mode)."""
+    ids = prompt_ids(tokenizer, template, instruction, input)
+    return generate_text(model, tokenizer, ids, decoding, template.stop_strings, strip=template.is_chat)
+
+
 def generate_answer(
     model: Any,
     tokenizer: Any,
@@ -26,20 +522,82 @@ def generate_answer(
     max_new_tokens: int = 256,
     **decoding: Any,
 ) -> str:
-    """One answer, not streamed; greedy unless `decoding` says otherwise."""
-    ids = prompt_ids(tokenizer, template, instruction, input)
-    device = next(model.parameters()).device
-    out = model.generate(
-        input_ids=torch.tensor([ids], device=device),
-        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=decoding.pop("do_sample", False),
-        **decoding,
+    """One answer, not streamed; greedy unless `decoding` says otherwise (tools' shorthand)."""
+    return answer(model, tokenizer, template, instruction, input, DecodingArguments(max_new_tokens=max_new_tokens, **decoding))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def check_adapter_matches_base(adapter_dir: str, model: Any, tokenizer: Any) -> None:
+    """A LoRA for another base is a UserError, even where the shapes happen to agree.
+
+    Two signs: the base named in `adapter_config.json` is a local model whose config differs
+    (vocabulary, width, depth), or the adapter folder carries the tokenizer it was trained
+    with and that tokenizer differs from the one in use (e.g. an expanded Chinese vocabulary).
+    """
+    path = Path(adapter_dir)
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        return  # a hub id: load_lora's shape checks and PEFT apply
+    named = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+    named_cfg = Path(named) / "config.json" if named else None
+    if named_cfg is not None and named_cfg.is_file():
+        theirs = json.loads(named_cfg.read_text(encoding="utf-8"))
+        ours = model.config.to_dict()
+        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
+            if key in theirs and key in ours and theirs[key] != ours[key]:
+                raise UserError(
+                    f"{cfg_path}: this LoRA was trained on {named} ({key}={theirs[key]}) but the base model has {key}={ours[key]}; "
+                    "load it with the base model it was trained on"
+                )
+    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        theirs_tok = AutoTokenizer.from_pretrained(str(path))
+        if len(theirs_tok) != len(tokenizer) or theirs_tok.get_vocab() != tokenizer.get_vocab():
+            raise UserError(
+                f"{path}: the tokenizer saved with this LoRA has {len(theirs_tok)} tokens but the one in use has {len(tokenizer)} "
+                "(or their vocabularies differ): the LoRA was trained with another tokenizer/base; load its base model, "
+                f"or pass --tokenizer_path {path} if the base model has that vocabulary"
+            )
+
+
+def load_for_inference(
+    base_model: str,
+    lora_weights: str | None = None,
+    precision: str = "auto",
+    device_map: Any = None,
+    tokenizer_path: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, Any]:
+    """Model (base, base + LoRA, or a merged model) and tokenizer, in eval mode.
+
+    `lora_weights`: an adapter folder this project wrote (output_dir or a checkpoint-N), one
+    written by stock PEFT, or a hub id.
+    """
+    from chinese_vicuna.modeling import load_lora, load_model_and_tokenizer
+
+    if not base_model:
+        raise UserError("--base_model is required: a Hugging Face model folder or hub id (a merged model works too)")
+    model, tokenizer = load_model_and_tokenizer(base_model, precision, device_map, tokenizer_path, trust_remote_code)
+    if lora_weights:
+        check_adapter_matches_base(lora_weights, model, tokenizer)
+        model = load_lora(model, lora_weights)
+    model.eval()
+    return model, tokenizer
+
+
+def load_from_args(model_args: Any) -> tuple[Any, Any]:
+    """`load_for_inference` from the scripts' ModelArguments (precision flags resolved)."""
+    from chinese_vicuna.modeling import resolve_precision
+
+    precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
+    return load_for_inference(
+        model_args.base_model,
+        model_args.lora_weights,
+        precision,
+        model_args.device_map,
+        model_args.tokenizer_path,
+        model_args.trust_remote_code,
     )
-    text = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
-    for stop in template.stop_strings:
-        if stop in text:
-            text = text.split(stop, 1)[0]
-    return text.strip() if template.is_chat else text

@@ -1,0 +1,293 @@
+"""Multi-turn chat with streaming answers: a web page, or the terminal with --cli.
+
+    python chat.py --base_model MODEL --lora_weights LORA                   # page on http://127.0.0.1:7860
+    python chat.py --base_model MODEL --lora_weights LORA --cli             # in the terminal
+
+The conversation is rendered with the chat template's segments and encoded segment by
+segment, exactly as chat fine-tuning encodes it; history is kept within --max_memory tokens
+by dropping the oldest whole turns. Saved conversations are JSONL lines {"messages": [...]},
+the chat data format the fine-tuning scripts read.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chinese_vicuna.batch import JsonlAppender
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.generation import DecodingArguments, GenerationStats, chat_prompt_ids, load_from_args, stream_generate
+from chinese_vicuna.prompts import PromptTemplate, available_templates, load_template
+from chinese_vicuna.training import ModelArguments, parse_args
+
+logger = logging.getLogger("chat")
+Message = dict[str, str]
+
+
+@dataclass
+class ChatArguments:
+    prompt_template: str = field(
+        default="chinese-vicuna-chat", metadata={"help": "Chat template (name or .json path); the page can switch."}
+    )
+    system: str | None = field(default=None, metadata={"help": "System prompt (default: the template's)."})
+    max_memory: int = field(default=1024, metadata={"help": "Most prompt tokens (system + history + question); oldest turns go first."})
+    cli: bool = field(default=False, metadata={"help": "Chat in the terminal instead of a web page."})
+    save_dir: str = field(default=".", metadata={"help": "--cli: where /save writes when given no path."})
+    server_name: str = field(default="127.0.0.1", metadata={"help": "Address the page listens on (0.0.0.0 = every network)."})
+    server_port: int = field(default=7860, metadata={"help": "Port of the page."})
+    share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
+
+
+class Chat:
+    """What the page and the terminal share: model, templates, budget, and a streamed reply."""
+
+    def __init__(self, model: Any, tokenizer: Any, template: PromptTemplate, args: ChatArguments, decoding: DecodingArguments) -> None:
+        self.model, self.tokenizer, self.args, self.decoding = model, tokenizer, args, decoding
+        self.templates = {template.name: template}
+        for name in available_templates():
+            if name == "auto" and not getattr(tokenizer, "chat_template", None):
+                continue
+            candidate = load_template(name, tokenizer)
+            if candidate.is_chat:
+                self.templates.setdefault(name, candidate)
+        self.default_template = template.name
+
+    def system_of(self, template_name: str, system: str | None) -> str:
+        template = self.templates[template_name]
+        return template.default_system if system is None else system
+
+    def reply(
+        self,
+        history: list[Message],
+        question: str,
+        template_name: str | None = None,
+        system: str | None = None,
+        max_memory: int | None = None,
+        decoding: DecodingArguments | None = None,
+        stop_event: Any = None,
+        stats: GenerationStats | None = None,
+        notes: list[str] | None = None,
+    ) -> Iterator[str]:
+        """The answer to `question` after `history`, in pieces (see stream_generate)."""
+        template = self.templates[template_name or self.default_template]
+        budget = max_memory if max_memory is not None else self.args.max_memory
+        ids, dropped = chat_prompt_ids(self.tokenizer, template, history, question, self.system_of(template.name, system), budget)
+        if dropped and notes is not None:
+            notes.append(f"dropped the {dropped} oldest turn(s) to fit max_memory={budget}")
+        yield from stream_generate(
+            self.model, self.tokenizer, ids, decoding or self.decoding, template.stop_strings, True, stop_event, stats
+        )
+
+
+def conversation_record(history: list[Message], system: str) -> dict[str, list[Message]]:
+    """One saved conversation: OpenAI-style messages, the system prompt first if any."""
+    return {"messages": ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in history]}
+
+
+def save_conversation(path: str | Path, history: list[Message], system: str) -> Path:
+    """Append the conversation as one JSON line (a file collects many conversations)."""
+    if not history:
+        raise UserError("nothing to save yet: the conversation is empty")
+    with JsonlAppender(path) as out:
+        out.write(conversation_record(history, system))
+    return Path(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Terminal
+# --------------------------------------------------------------------------------------------
+CLI_HELP = "commands: /reset (new conversation), /undo (drop the last turn), /regen (answer the last question again), /save [FILE], /exit — Ctrl-C stops an answer"
+
+
+def run_cli(chat: Chat) -> None:
+    history: list[Message] = []
+    system = chat.system_of(chat.default_template, chat.args.system)
+    print(f"chat with template {chat.default_template}; {CLI_HELP}", flush=True)
+    while True:
+        try:
+            line = input("User: ")
+        except EOFError:
+            print()
+            return
+        command, _, rest = line.strip().partition(" ")
+        if command in ("/exit", "/quit"):
+            return
+        if command == "/help":
+            print(CLI_HELP)
+            continue
+        if command == "/reset":
+            history = []
+            print("[new conversation]")
+            continue
+        if command == "/undo":
+            history = history[:-2]
+            print(f"[undone; {len(history) // 2} turn(s) left]")
+            continue
+        if command == "/save":
+            target = rest.strip() or str(Path(chat.args.save_dir) / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            try:
+                print(f"[saved to {save_conversation(target, history, system)}]")
+            except (UserError, OSError) as exc:
+                print(f"[not saved: {exc}]")
+            continue
+        if command == "/regen":
+            if not history:
+                print("[nothing to regenerate]")
+                continue
+            line, history = history[-2]["content"], history[:-2]
+        elif command.startswith("/"):
+            print(f"[unknown command {command}; {CLI_HELP}]")
+            continue
+        elif not line.strip():
+            continue
+
+        notes: list[str] = []
+        text = ""
+        try:
+            pieces = chat.reply(history, line, system=system, notes=notes)
+            first = next(pieces, "")  # the prompt is built (and notes made) before the first piece
+            for note in notes:
+                print(f"[{note}]")
+            print("Assistant: " + first, end="", flush=True)
+            text = first
+            for piece in pieces:
+                print(piece, end="", flush=True)
+                text += piece
+            print(flush=True)
+        except KeyboardInterrupt:  # raised inside the stream: its finally ends generation
+            print(" [stopped]", flush=True)
+        except UserError as exc:
+            print(f"[{exc}]", flush=True)
+            continue
+        history = [*history, {"role": "user", "content": line}, {"role": "assistant", "content": text}]
+
+
+# --------------------------------------------------------------------------------------------
+# Web page
+# --------------------------------------------------------------------------------------------
+def build_page(chat: Chat, title: str) -> Any:
+    import gradio as gr
+
+    from chinese_vicuna.webui import SessionStops, decoding_controls, decoding_from_values
+
+    stops = SessionStops()
+    save_dir = Path(tempfile.mkdtemp(prefix="chat-saves-"))
+
+    def respond(
+        session: str, message: str, history: list[Message], system: str, template_name: str, max_memory: float, *values: object
+    ) -> Iterator[tuple[list[Message], list[Message], str, str]]:
+        if not message.strip():
+            raise gr.Error("Type a message first.")
+        settings = decoding_from_values(values)
+        notes: list[str] = []
+        stats, text = GenerationStats(), ""
+        pieces = chat.reply(history, message, template_name, system, int(max_memory), settings, stops.start(session), stats, notes)
+        try:
+            user = {"role": "user", "content": message}
+            waiting = "generating…" if settings.streams else "beam search: the answer shows when it is complete"
+            shown = [*history, user, {"role": "assistant", "content": ""}]
+            for piece in pieces:
+                text += piece
+                shown[-1] = {"role": "assistant", "content": text}
+                yield shown, history, "", waiting
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        done = [*history, user, {"role": "assistant", "content": text}]
+        yield done, done, "", "; ".join([*notes, stats.summary()])
+
+    def regenerate(session: str, history: list[Message], *rest: Any) -> Iterator[tuple[list[Message], list[Message], str, str]]:
+        if len(history) < 2:
+            raise gr.Error("Nothing to regenerate yet.")
+        yield from respond(session, history[-2]["content"], history[:-2], *rest)
+
+    def undo(history: list[Message]) -> tuple[list[Message], list[Message], str]:
+        history = history[:-2]
+        return history, history, f"{len(history) // 2} turn(s)"
+
+    def clear() -> tuple[list[Message], list[Message], str]:
+        return [], [], "new conversation"
+
+    def save(history: list[Message], system: str) -> tuple[str, str]:
+        try:
+            path = save_conversation(save_dir / f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{len(history) // 2}turns.jsonl", history, system)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from None
+        return str(path), f"saved {len(history) // 2} turn(s)"
+
+    first = chat.templates[chat.default_template]
+    with gr.Blocks(title=title) as demo:
+        session = stops.session_state(demo)
+        history = gr.State([])
+        gr.Markdown(f"## {title}")
+        chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
+        with gr.Row():
+            message = gr.Textbox(placeholder="Type a message, Enter to send", show_label=False, scale=5, elem_id="message")
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
+        with gr.Row():
+            stop = gr.Button("Stop", elem_id="stop-btn")
+            regen = gr.Button("Regenerate", elem_id="regen-btn")
+            undo_btn = gr.Button("Undo last turn", elem_id="undo-btn")
+            clear_btn = gr.Button("Clear", elem_id="clear-btn")
+            save_btn = gr.Button("Save JSONL", elem_id="save-btn")
+        status = gr.Markdown(elem_id="status")
+        saved = gr.File(label="Saved conversation", elem_id="saved", interactive=False)
+        with gr.Accordion("Conversation settings", open=False):
+            template_name = gr.Dropdown(list(chat.templates), value=chat.default_template, label="Template", elem_id="template")
+            system = gr.Textbox(chat.system_of(first.name, chat.args.system), lines=2, label="System prompt", elem_id="system")
+            max_memory = gr.Number(chat.args.max_memory, precision=0, label="max_memory (prompt tokens)", elem_id="max_memory")
+        with gr.Accordion("Decoding", open=False):
+            controls = decoding_controls(chat.decoding)
+
+        settings = [system, template_name, max_memory, *controls]
+        outputs = [chatbot, history, message, status]
+        send.click(respond, [session, message, history, *settings], outputs)
+        message.submit(respond, [session, message, history, *settings], outputs)
+        regen.click(regenerate, [session, history, *settings], outputs)
+        stop.click(stops.stop, session, None, queue=False)
+        undo_btn.click(undo, history, [chatbot, history, status])
+        clear_btn.click(clear, None, [chatbot, history, status])
+        save_btn.click(save, [history, system], [saved, status])
+        template_name.change(lambda name: chat.templates[name].default_system, template_name, system)
+    return demo
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    model_args, decoding, args = parse_args((ModelArguments, DecodingArguments, ChatArguments), argv)
+    logging.basicConfig(level=logging.WARNING if args.cli else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    decoding.validate()
+    if args.cli:  # keep the terminal for the conversation
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore")
+    if args.max_memory < 1:
+        raise UserError(f"--max_memory must be a positive number of tokens, got {args.max_memory}")
+
+    model, tokenizer = load_from_args(model_args)
+    template = load_template(args.prompt_template, tokenizer)
+    if not template.is_chat:
+        raise UserError(
+            f"--prompt_template {args.prompt_template!r} is an instruction template; chat needs a chat template (e.g. chinese-vicuna-chat)"
+        )
+    chat = Chat(model, tokenizer, template, args, decoding)
+
+    if args.cli:
+        run_cli(chat)
+        return
+    from chinese_vicuna.webui import launch
+
+    title = f"Chinese-Vicuna chat · {model_args.lora_weights or model_args.base_model}"
+    launch(build_page(chat, title), args.server_name, args.server_port, args.share)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Batch inference files: one output line per input record, resumable after a kill.
+
+Lines are appended one `write` each and flushed, so a killed run leaves whole lines (at
+most a torn last one, which is cut off on restart). A restart counts the lines already
+written, checks they belong to the same inputs, and carries on after them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from chinese_vicuna.data import Record
+from chinese_vicuna.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def instruction_of(record: Record) -> tuple[str, str]:
+    """`instruction` and optional `input` of an alpaca record (its `output`, if any, is replaced)."""
+    rec = record.data
+    if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
+        raise UserError(f"{record.where}: expected a JSON object with an 'instruction' string")
+    inp = rec.get("input") or ""
+    if not isinstance(inp, str):
+        raise UserError(f"{record.where}: field 'input' must be a string, got {type(inp).__name__}")
+    return rec["instruction"], inp
+
+
+def resume_point(output_file: str | os.PathLike, records: list[Record]) -> int:
+    """How many records `output_file` already answers (0 if it does not exist).
+
+    A torn last line (a run killed mid-write) is removed. Lines that do not match the
+    inputs in order mean the file belongs to other data: a UserError, nothing overwritten.
+    """
+    path = Path(output_file)
+    if not path.exists():
+        return 0
+    raw = path.read_bytes()
+    complete = raw[: raw.rfind(b"\n") + 1]
+    if len(complete) != len(raw):
+        logger.warning("%s: removing a torn last line (an interrupted run)", path)
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    lines = complete.decode("utf-8").splitlines()
+    if len(lines) > len(records):
+        raise UserError(f"{path}: has {len(lines)} lines but the data file has only {len(records)} records; use another --output_file")
+    for i, line in enumerate(lines):
+        try:
+            done = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{path}:{i + 1}: not a JSON line; delete the file or use another --output_file") from None
+        if not isinstance(done, dict) or (done.get("instruction"), done.get("input") or "") != instruction_of(records[i]):
+            raise UserError(
+                f"{path}:{i + 1}: does not answer {records[i].where} (another data file?); delete it or use another --output_file"
+            )
+    return len(lines)
+
+
+class JsonlAppender:
+    """Append JSON lines, each in one write and flushed (a kill leaves whole lines)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.file: IO[bytes] = open(path, "ab", buffering=0)  # noqa: SIM115 (closed in close())
+
+    def write(self, value: Any) -> None:
+        data = (json.dumps(value, ensure_ascii=False) + "\n").encode("utf-8")
+        view = memoryview(data)
+        while view:  # unbuffered: loop over short writes
+            view = view[self.file.write(view) :]
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

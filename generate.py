@@ -1,0 +1,115 @@
+"""Instruction inference: a web page whose answer streams, or a data file in → a file out.
+
+    python generate.py --base_model MODEL --lora_weights LORA                 # page on http://127.0.0.1:7860
+    python generate.py --base_model MODEL --lora_weights LORA \\
+        --data_file questions.jsonl --output_file answers.jsonl               # batch mode, resumable
+
+`--lora_weights`: an adapter folder (output_dir or any checkpoint-N), a stock PEFT adapter,
+or a hub id; leave it out for a merged model. Decoding flags: `python generate.py --help`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+from chinese_vicuna.batch import JsonlAppender, instruction_of, resume_point
+from chinese_vicuna.data import read_records
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.generation import DecodingArguments, GenerationStats, answer, load_from_args, prompt_ids, stream_generate
+from chinese_vicuna.prompts import PromptTemplate, load_template
+from chinese_vicuna.training import ModelArguments, parse_args
+
+logger = logging.getLogger("generate")
+
+
+@dataclass
+class GenerateArguments:
+    prompt_template: str = field(default="alpaca", metadata={"help": "The template the LoRA was trained with (name or .json path)."})
+    server_name: str = field(default="127.0.0.1", metadata={"help": "Address the page listens on (0.0.0.0 = every network)."})
+    server_port: int = field(default=7860, metadata={"help": "Port of the page."})
+    share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
+    data_file: str | None = field(default=None, metadata={"help": "Batch mode: alpaca records (.jsonl/.json) to answer."})
+    output_file: str | None = field(default=None, metadata={"help": "Batch mode: each input record + its 'output', one JSON line each."})
+
+
+def run_batch(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, data_file: str, output_file: str) -> None:
+    records = read_records(data_file)
+    questions = [instruction_of(r) for r in records]  # check every record before generating
+    done = resume_point(output_file, records)
+    if done:
+        logger.info("%s: %d of %d records already answered; resuming", output_file, done, len(records))
+    with JsonlAppender(output_file) as out:
+        for record, (instruction, inp) in tqdm(
+            zip(records[done:], questions[done:]), total=len(records), initial=done, desc="generate", unit="record"
+        ):
+            out.write({**record.data, "output": answer(model, tokenizer, template, instruction, inp, decoding)})
+    logger.info("wrote %d lines to %s", len(records), output_file)
+
+
+def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, title: str) -> Any:
+    import gradio as gr
+
+    from chinese_vicuna.webui import SessionStops, decoding_controls, decoding_from_values
+
+    stops = SessionStops()
+
+    def respond(session: str, instruction: str, inp: str, *values: object) -> Iterator[tuple[str, str]]:
+        if not instruction.strip():
+            raise gr.Error("Type an instruction first.")
+        settings = decoding_from_values(values)
+        ids = prompt_ids(tokenizer, template, instruction, inp)
+        stats, text = GenerationStats(), ""
+        yield "", "generating…" if settings.streams else "beam search: the answer shows when it is complete"
+        for piece in stream_generate(model, tokenizer, ids, settings, template.stop_strings, template.is_chat, stops.start(session), stats):
+            text += piece
+            yield text, "generating…"
+        yield text, f"{len(ids)} prompt tokens; {stats.summary()}"
+
+    with gr.Blocks(title=title) as demo:
+        session = stops.session_state(demo)
+        gr.Markdown(f"## {title}\nTemplate `{template.name}`. Greedy decoding reproduces what the model was trained to say.")
+        with gr.Row():
+            with gr.Column():
+                instruction = gr.Textbox(lines=3, label="Instruction", placeholder="告诉我和上海有关的诗句", elem_id="instruction")
+                inp = gr.Textbox(lines=2, label="Input (optional)", elem_id="input")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+                    stop = gr.Button("Stop", elem_id="stop-btn")
+                with gr.Accordion("Decoding", open=False):
+                    controls = decoding_controls(decoding)
+            with gr.Column():
+                output = gr.Textbox(lines=12, label="Answer", elem_id="answer", interactive=False)
+                status = gr.Markdown(elem_id="status")
+        run.click(respond, [session, instruction, inp, *controls], [output, status])
+        instruction.submit(respond, [session, instruction, inp, *controls], [output, status])
+        stop.click(stops.stop, session, None, queue=False)
+    return demo
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    model_args, decoding, args = parse_args((ModelArguments, DecodingArguments, GenerateArguments), argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    decoding.validate()
+    if bool(args.data_file) != bool(args.output_file):
+        raise UserError("batch mode needs both --data_file and --output_file (or neither, for the web page)")
+
+    model, tokenizer = load_from_args(model_args)
+    template = load_template(args.prompt_template, tokenizer)
+
+    if args.data_file:
+        run_batch(model, tokenizer, template, decoding, args.data_file, args.output_file)
+        return
+    from chinese_vicuna.webui import launch
+
+    title = f"Chinese-Vicuna · {model_args.lora_weights or model_args.base_model}"
+    launch(build_page(model, tokenizer, template, decoding, title), args.server_name, args.server_port, args.share)
+
+
+if __name__ == "__main__":
+    main()
