@@ -18,7 +18,7 @@ from chinese_vicuna.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "8bit", "4bit")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "half", "8bit", "4bit")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -45,7 +45,7 @@ def bf16_supported() -> bool:
 
 
 def resolve_precision(precision: str, load_in_8bit: bool = False, load_in_4bit: bool = False) -> str:
-    """`auto`: Chinese-Vicuna's 8-bit on a CUDA GPU, fp32 weights on the CPU."""
+    """`auto`: Chinese-Vicuna's 8-bit on a CUDA GPU, fp32 weights on the CPU; `half`: bf16 where supported, else fp16."""
     if load_in_8bit and load_in_4bit:
         raise UserError("--load_in_8bit and --load_in_4bit are exclusive; pick one")
     if load_in_8bit:
@@ -56,6 +56,8 @@ def resolve_precision(precision: str, load_in_8bit: bool = False, load_in_4bit: 
         raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return "8bit" if torch.cuda.is_available() else "fp32"
+    if precision == "half":  # the fp16 launchers: bf16 on Ampere+ and the CPU, fp16 on older GPUs
+        return "bf16" if bf16_supported() else "fp16"
     return precision
 
 
@@ -124,9 +126,15 @@ def check_special_tokens(model: Any, tokenizer: Any, where: str = "") -> None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
+def embedding_rows(model: Any) -> int:
+    """Rows of the input embedding, also under ZeRO-3 (where the weight itself is an empty shard)."""
+    weight = model.get_input_embeddings().weight
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
+
+
 def check_vocab(model: Any, tokenizer: Any, base_model: str) -> None:
     """The embedding must cover every token id; say which file disagrees."""
-    n_embed = model.get_input_embeddings().weight.shape[0]
+    n_embed = embedding_rows(model)
     if len(tokenizer) > n_embed:
         raise UserError(
             f"tokenizer has {len(tokenizer)} tokens but {base_model} has {n_embed} embedding rows: "
@@ -157,7 +165,7 @@ def resize_embeddings(model: Any, new_rows: int) -> int:
     The mean (Chinese-LLaMA's and Hewitt's choice) keeps the output distribution close to
     the old one, so held-out loss starts where it was instead of jumping. Returns rows added.
     """
-    old_rows = model.get_input_embeddings().weight.shape[0]
+    old_rows = embedding_rows(model)
     if new_rows <= old_rows:
         return 0
     model.resize_token_embeddings(new_rows, mean_resizing=False)
@@ -173,7 +181,7 @@ def resize_embeddings(model: Any, new_rows: int) -> int:
 
 def resize_embeddings_to_tokenizer(model: Any, tokenizer: Any, base_model: str) -> int:
     """Resize to an expanded tokenizer; a tokenizer smaller than the model is an error."""
-    n_embed = model.get_input_embeddings().weight.shape[0]
+    n_embed = embedding_rows(model)
     if unused_vocab_rows(len(tokenizer), n_embed):
         check_vocab(model, tokenizer, base_model)  # raises, naming both sizes and files
     return resize_embeddings(model, len(tokenizer))
@@ -209,7 +217,7 @@ def resize_to_adapter(model: Any, adapter_dir: str, tokenizer: Any = None) -> No
             f"{getattr(tokenizer, 'name_or_path', '')} has {len(tokenizer)} tokens: "
             f"use the tokenizer saved with the adapter (--tokenizer_path {adapter_dir})"
         )
-    n_embed = model.get_input_embeddings().weight.shape[0]
+    n_embed = embedding_rows(model)
     if rows > n_embed and not _is_quantized(model.get_input_embeddings().weight):
         logger.info("%s was trained with a %d-token vocabulary; resizing the base from %d rows", adapter_dir, rows, n_embed)
         resize_embeddings(model, rows)
@@ -351,9 +359,9 @@ def check_adapter_fits(model: Any, adapter_dir: str) -> None:
             # embed_tokens / lm_head saved in full (modules_to_save, resized vocabularies)
             if inner.endswith(("embed_tokens.weight", "lm_head.weight")):
                 target = by_suffix.get(inner)
-                if target is not None and tuple(target.shape) != shape and len(shape) == 2 and shape[0] != target.shape[0]:
+                if target is not None and _full_shape(target) != shape and len(shape) == 2 and shape[0] != _full_shape(target)[0]:
                     raise UserError(
-                        f"{weights}: {inner} has {shape[0]} rows but the base model's vocabulary has {target.shape[0]}: "
+                        f"{weights}: {inner} has {shape[0]} rows but the base model's vocabulary has {_full_shape(target)[0]}: "
                         "this LoRA was trained with another tokenizer/base; load the matching base model or tokenizer"
                     )
                 continue
@@ -362,11 +370,16 @@ def check_adapter_fits(model: Any, adapter_dir: str) -> None:
                 base = by_suffix.get(module + ".weight")
                 if base is None:
                     base = by_suffix.get(module + ".base_layer.weight")
-                if base is not None and base.dim() == 2 and not _is_quantized(base) and shape[1] != base.shape[1]:
+                if base is not None and len(_full_shape(base)) == 2 and not _is_quantized(base) and shape[1] != _full_shape(base)[1]:
                     raise UserError(
-                        f"{weights}: {module} expects inputs of size {shape[1]} but the base model's layer has {base.shape[1]}: "
+                        f"{weights}: {module} expects inputs of size {shape[1]} but the base model's layer has {_full_shape(base)[1]}: "
                         "this LoRA was made for another base model"
                     )
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's shape; under ZeRO-3 the local tensor is an empty shard and ds_shape has it."""
+    return tuple(getattr(param, "ds_shape", param.shape))
 
 
 def _is_quantized(param: torch.Tensor) -> bool:
@@ -416,6 +429,7 @@ def add_lora(
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # ds_numel: under ZeRO-3 a partitioned parameter's local tensor is empty
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return trainable, total

@@ -144,6 +144,10 @@ def apply_batch_arguments(args: TrainArguments, batch: BatchArguments) -> None:
     args.per_device_eval_batch_size = batch.micro_batch_size
     args.gradient_accumulation_steps = batch.batch_size // denominator
     args.num_train_epochs = batch.num_epochs
+    if getattr(args, "deepspeed", None):
+        from chinese_vicuna.distributed import refresh_deepspeed_config
+
+        refresh_deepspeed_config(args)  # its "auto" batch values were filled before the lines above
 
 
 def configure_evaluation(args: TrainArguments, has_eval: bool) -> None:
