@@ -1,0 +1,148 @@
+"""Merge one or more LoRAs into the base model → HF safetensors or Meta's consolidated.NN.pth.
+
+    python merge_lora.py --base_model BASE --lora_weights PRETRAIN_LORA,SFT_LORA --output_dir merged \
+        [--output_type hf|pth] [--max_shard_size 5GB] [--dtype auto|fp32|fp16|bf16] [--verify] [--low_mem]
+
+Adapters are applied in the order given (a vocabulary-resizing pretraining LoRA first). All
+sizes are checked before any weight is loaded; the tokenizer of the last adapter that has one
+is written; `manifest.json` lists the SHA-256 of every file written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.export import (
+    DTYPE_NAMES,
+    StagingDir,
+    config_for_output,
+    copy_tokenizer,
+    max_diff,
+    merge_low_mem,
+    merge_with_peft,
+    parse_size,
+    plan_merge,
+    prompt_logits,
+    resolve_dtype,
+    save_meta,
+    split_list,
+    verify_ids,
+    write_json,
+    write_manifest,
+)
+from chinese_vicuna.modeling import load_tokenizer
+
+logger = logging.getLogger("merge_lora")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base_model", required=True, help="Base model folder (Hugging Face format, safetensors).")
+    p.add_argument("--lora_weights", required=True, help="Adapter folder(s), comma-separated, applied in this order.")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_type", choices=("hf", "pth"), default="hf", help="hf: safetensors shards; pth: Meta's layout.")
+    p.add_argument("--max_shard_size", default="5GB", help="hf output: largest safetensors shard (e.g. 2GB, 500MB).")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="Output dtype (auto: the base's).")
+    p.add_argument("--num_shards", type=int, default=None, help="pth output: model-parallel shards (default by size, as Meta).")
+    p.add_argument("--verify", action="store_true", help="Compare merged logits with base + LoRAs; exit 1 above tolerance.")
+    p.add_argument("--tolerance", type=float, default=None, help="--verify limit (default 1e-4 for fp32, 1%% of the logit range else).")
+    p.add_argument("--low_mem", action="store_true", help="Stream the base one shard at a time (peak ≈ one shard + adapters).")
+    p.add_argument("--overwrite", action="store_true", help="Replace weights already in --output_dir.")
+    return p.parse_args(argv)
+
+
+def verify_written(plan, tokenizer, reference_model, out: Path, dtype: torch.dtype, tolerance: float | None) -> dict:
+    """Logits of the files on disk vs base + LoRAs (PEFT, fp32) on a few prompts."""
+    from transformers import AutoModelForCausalLM
+
+    written = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    ids = verify_ids(tokenizer, plan.final_vocab)
+    ref = prompt_logits(reference_model, ids)
+    diff = max_diff(prompt_logits(written, ids), ref)
+    if tolerance is None:
+        scale = max(float(r.abs().max()) for r in ref)
+        tolerance = 1e-4 if dtype == torch.float32 else 0.01 * scale
+    print(f"verify: written model vs base + LoRAs: max abs logit diff {diff:.3g} (tolerance {tolerance:.3g})", flush=True)
+    return {"max_abs_diff_written_vs_reference": diff, "tolerance": tolerance, "ok": diff <= tolerance}
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.low_mem and args.output_type != "hf":
+        raise UserError("--low_mem writes --output_type hf only (Meta's shards split every layer); drop one of them")
+    start = time.time()
+
+    # 1. every size checked from file headers, before any weight is loaded
+    plan = plan_merge(args.base_model, split_list(args.lora_weights))
+    for note in plan.notes:
+        logger.info(note)
+    dtype = resolve_dtype(args.dtype, plan.config)
+    max_shard = parse_size(args.max_shard_size)
+    tokenizer = load_tokenizer(str(plan.tokenizer_dir))
+    stage = StagingDir(args.output_dir, args.overwrite)
+    info = {
+        "base_model": str(plan.base),
+        "lora_weights": [str(a.path) for a in plan.adapters],
+        "tokenizer_from": str(plan.tokenizer_dir),
+        "output_type": args.output_type,
+        "dtype": DTYPE_NAMES[dtype],
+        "vocab_size": plan.final_vocab,
+    }
+    try:
+        # 2. merge: PEFT's merge_and_unload, or W + scale·B·A streamed shard by shard
+        model, reference, steps = None, None, []
+        if args.low_mem:
+            merge_low_mem(plan, stage.path, dtype, max_shard)
+            write_json(stage.path / "config.json", config_for_output(plan, dtype))
+            gen = plan.base / "generation_config.json"
+            if gen.is_file():
+                (stage.path / "generation_config.json").write_bytes(gen.read_bytes())
+            if args.verify:
+                reference, steps = merge_with_peft(plan, tokenizer, verify=True)
+        else:
+            model, steps = merge_with_peft(plan, tokenizer, verify=args.verify)
+            if args.verify:
+                reference = model
+            if args.output_type == "hf":
+                # keep the fp32 model intact as the --verify reference when casting
+                model_out = copy.deepcopy(model) if args.verify and dtype != torch.float32 else model
+                model_out.to(dtype).save_pretrained(str(stage.path), max_shard_size=max_shard, safe_serialization=True)
+            else:
+                state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+                config = {**model.config.to_dict(), "vocab_size": plan.final_vocab}
+                shards = save_meta(state, config, stage.path, args.num_shards)
+                logger.info("wrote %d consolidated shard(s) + params.json", len(shards))
+        copy_tokenizer(plan, stage.path)
+
+        # 3. verify what was written (hf), then the manifest, then move into place
+        result = {"steps": steps}
+        if args.verify and args.output_type == "hf":
+            result.update(verify_written(plan, tokenizer, reference, stage.path, dtype, args.tolerance))
+        elif args.verify:
+            worst = max(s["max_abs_diff_merged_vs_unmerged"] for s in steps)
+            tol = args.tolerance if args.tolerance is not None else 1e-4
+            result.update({"max_abs_diff_merged_vs_unmerged": worst, "tolerance": tol, "ok": worst <= tol})
+        if args.verify:
+            info["verify"] = result
+        write_manifest(stage.path, info)
+        stage.commit()
+    except BaseException:
+        stage.abort()
+        raise
+    logger.info("wrote %s (%s, %s) in %.1f s", args.output_dir, args.output_type, DTYPE_NAMES[dtype], time.time() - start)
+    if args.verify and not info["verify"]["ok"]:
+        print(f"error: verification failed: merged logits differ from base + LoRAs by more than {info['verify']['tolerance']:.3g}")
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
