@@ -137,13 +137,10 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir: Path, tmp_p
 
 
 def test_booleans_parse_as_booleans() -> None:
-    model, data, train = parse_args(
-        (ModelArguments, DataArguments, TrainArguments), ["--train_on_inputs", "false", "--load_in_8bit", "False"]
-    )
+    types = (ModelArguments, DataArguments, TrainArguments)
+    model, data, _ = parse_args(types, ["--train_on_inputs", "false", "--load_in_8bit", "False"])
     assert data.train_on_inputs is False and model.load_in_8bit is False
-    model, data, train = parse_args(
-        (ModelArguments, DataArguments, TrainArguments), ["--train_on_inputs", "true", "--use_data_cache", "no"]
-    )
+    _, data, _ = parse_args(types, ["--train_on_inputs", "true", "--use_data_cache", "no"])
     assert data.train_on_inputs is True and data.use_data_cache is False
 
 
@@ -167,7 +164,7 @@ def test_broken_special_token_config_is_reported_and_fixed(tiny_model_dir: Path,
     config.update(bos_token_id=0, eos_token_id=1)  # as in decapoda-research/llama-7b-hf
     (broken / "config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.WARNING):
-        model, tok = load_model_and_tokenizer(str(broken), "fp32")
+        model, _ = load_model_and_tokenizer(str(broken), "fp32")
     assert "config.json has eos_token_id=1 but the tokenizer says 2" in caplog.text
     assert (model.config.bos_token_id, model.config.eos_token_id) == (1, 2)
     assert model.generation_config.eos_token_id == 2
