@@ -49,6 +49,20 @@ class LoraArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma list of module names, or all-linear."})
+    modules_to_save: str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules trained in full beside the LoRA, e.g. embed_tokens,lm_head after vocabulary expansion "
+            "(default: none for SFT, embed_tokens,lm_head for tools/pretrain.py --stage lora; 'none' for none)."
+        },
+    )
+
+
+def parse_modules_to_save(value: str | None, default: str = "") -> list[str] | None:
+    """`embed_tokens,lm_head` → a list; None → `default`; `none` or empty → None."""
+    value = default if value is None else value
+    modules = [m.strip() for m in value.split(",") if m.strip() and m.strip().lower() != "none"]
+    return modules or None
 
 
 @dataclass

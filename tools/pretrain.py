@@ -47,6 +47,7 @@ from chinese_vicuna.training import (
     atomic_write_bytes,
     build_trainer,
     parse_args,
+    parse_modules_to_save,
     start_run,
     train_and_save,
 )
@@ -63,7 +64,6 @@ class PretrainArguments:
     stage: str = field(
         default="lora", metadata={"help": "embeddings: train only embed_tokens and lm_head; lora: LoRA + both in full (modules_to_save)."}
     )
-    modules_to_save: str = field(default="embed_tokens,lm_head", metadata={"help": "--stage lora: modules trained in full (comma list)."})
     val_set_size: int = field(default=20, metadata={"help": "Blocks held out for perplexity (0 = none)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Tokenized-data cache (default ~/.cache/chinese_vicuna)."})
     use_data_cache: bool = field(default=True, metadata={"help": "Reuse tokenized blocks from the cache."})
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             model.enable_input_require_grads()
     else:
         model = prepare_for_training(model, train_args.gradient_checkpointing)
-        modules = [m.strip() for m in pt_args.modules_to_save.split(",") if m.strip()] or None
+        modules = parse_modules_to_save(lora_args.modules_to_save, default=",".join(EMBEDDING_MODULES))
         if model_args.lora_weights:
             model = load_lora(model, model_args.lora_weights, is_trainable=True, tokenizer=tokenizer)
         else:

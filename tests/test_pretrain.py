@@ -1,0 +1,90 @@
+"""tools/pretrain.py: text blocks (cached), --stage embeddings, perplexity, vocabulary checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chinese_vicuna.data import IGNORE_INDEX
+from chinese_vicuna.modeling import load_tokenizer
+from chinese_vicuna.pretrain_data import group_into_blocks, load_pretrain_dataset
+from conftest import REPO, run_script
+
+PRETRAIN_DIR = REPO / "sample" / "pretrain"
+
+
+def pretrain_args(base: Path, tokenizer: Path, out: Path, stage: str, max_steps: int, *extra: str) -> list[str]:
+    return [
+        "tools/pretrain.py",
+        "--base_model", str(base), "--tokenizer_path", str(tokenizer),
+        "--dataset_dir", str(PRETRAIN_DIR), "--output_dir", str(out),
+        "--stage", stage, "--block_size", "64", "--val_set_size", "16",
+        "--micro_batch_size", "8", "--batch_size", "8", "--max_steps", str(max_steps),
+        "--learning_rate", "1e-2", "--warmup_steps", "0", "--logging_steps", "5",
+        "--save_steps", "1000", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def embeddings_run(english_base_dir: Path, expanded_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pt") / "pt-embeddings"
+    proc = run_script(*pretrain_args(english_base_dir, expanded_tokenizer_dir, out, "embeddings", 20))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_text_blocks_are_concatenated_documents_and_cached(expanded_tokenizer_dir: Path, tmp_path: Path) -> None:
+    tok = load_tokenizer(str(expanded_tokenizer_dir))
+    blocks = load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path)
+    # every paragraph is [bos] ids [eos]; the stream is cut into 64-token blocks, the tail dropped
+    stream: list[int] = []
+    for path in sorted(PRETRAIN_DIR.glob("*.txt")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                stream += [tok.bos_token_id, *tok(line, add_special_tokens=False)["input_ids"], tok.eos_token_id]
+    assert len(blocks) == len(stream) // 64
+    assert [b["input_ids"] for b in blocks] == [stream[i * 64 : (i + 1) * 64] for i in range(len(blocks))]
+    assert all(b["labels"] == b["input_ids"] and IGNORE_INDEX not in b["labels"] for b in blocks)
+    # the second load comes from the cache file (same blocks), a new block size does not
+    (cached,) = tmp_path.glob("*.jsonl")
+    assert load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path) == blocks
+    cached.write_text(json.dumps({"input_ids": [7], "labels": [7]}) + "\n")  # proof that the cache is what is read
+    assert load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path) == [{"input_ids": [7], "labels": [7]}]
+    assert len(load_pretrain_dataset(PRETRAIN_DIR, tok, 32, cache_dir=tmp_path)) == len(stream) // 32
+    assert group_into_blocks([[1, 2, 3], [4, 5]], 2) == ([[1, 2], [3, 4]], 1)
+
+
+def test_stage_embeddings_trains_only_embeddings_and_lowers_perplexity(
+    embeddings_run: Path, english_base_dir: Path, expanded_tokenizer_dir: Path
+) -> None:
+    report = json.loads((embeddings_run / "perplexity.json").read_text())
+    print("stage embeddings, held-out perplexity:", report)
+    assert report["stage"] == "embeddings" and report["eval_blocks"] == 16
+    assert report["perplexity_after"] < 0.5 * report["perplexity_before"]
+
+    base = load_file(str(english_base_dir / "model.safetensors"))
+    trained = load_file(str(embeddings_run / "model.safetensors"))
+    assert trained.keys() == base.keys()
+    n_old, n_new = base["model.embed_tokens.weight"].shape[0], len(load_tokenizer(str(expanded_tokenizer_dir)))
+    for name, weight in base.items():
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            assert trained[name].shape == (n_new, weight.shape[1])
+            assert not torch.equal(trained[name][:n_old], weight), name  # trained
+        else:
+            assert torch.equal(trained[name], weight), f"{name} changed in --stage embeddings"
+    # the output folder is a complete model for the next stage: config, tokenizer (with tokenizer.model)
+    assert json.loads((embeddings_run / "config.json").read_text())["vocab_size"] == n_new
+    assert (embeddings_run / "tokenizer.model").read_bytes() == (expanded_tokenizer_dir / "tokenizer.model").read_bytes()
+    assert len(load_tokenizer(str(embeddings_run))) == n_new
+
+
+def test_tokenizer_smaller_than_model_stops_with_both_sizes(embeddings_run: Path, english_base_dir: Path, tmp_path: Path) -> None:
+    proc = run_script(*pretrain_args(embeddings_run, english_base_dir, tmp_path / "o", "lora", 1))
+    n_model = json.loads((embeddings_run / "config.json").read_text())["vocab_size"]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"error: {english_base_dir} has 600 tokens but {embeddings_run}/config.json has vocab_size {n_model}" in proc.stderr
