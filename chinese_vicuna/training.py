@@ -103,6 +103,10 @@ class TrainArguments(TrainingArguments):
     bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it."})
     fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision; default: on for GPUs without bf16."})
     seed: int = field(default=42, metadata={"help": "Random seed."})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Padding-free packing: each micro-batch is one row, positions restart per sample (docs/benchmarks.md)."},
+    )
 
     def __post_init__(self) -> None:
         cuda = torch.cuda.is_available()
@@ -114,6 +118,8 @@ class TrainArguments(TrainingArguments):
             self.bf16 = bool(cuda and bf16_supported() and not self.fp16)
         if self.fp16 is None:
             self.fp16 = bool(cuda and not self.bf16)
+        if isinstance(self.report_to, str) and "," in self.report_to:
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if not cuda:
             # With gloo under torchrun, gradients are only synced when Accelerate is told CPU.
             self.use_cpu = True
@@ -273,6 +279,10 @@ def build_trainer(
 ) -> Trainer:
     """A Trainer that logs to trainer_log.jsonl and saves loadable adapters in every checkpoint."""
     configure_evaluation(args, bool(eval_dataset))
+    if getattr(args, "packing", False):
+        from chinese_vicuna.packing import use_packing
+
+        data_collator, trainer_class = use_packing(data_collator, trainer_class)
     if len(train_dataset) == 0:
         raise UserError("no training samples left; check the data file and --cutoff_len")
     steps_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * world_size() * args.gradient_accumulation_steps))
@@ -310,3 +320,37 @@ def train_and_save(trainer: Trainer, tokenizer: Any, resume_from_checkpoint: str
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
         logger.info("adapter saved to %s", args.output_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Recipe steps shared by finetune.py and finetune_chat.py
+# --------------------------------------------------------------------------------------------
+def start_run(model_args: ModelArguments, batch_args: BatchArguments, train_args: TrainArguments) -> str | None:
+    """Logging, the required flags and the batch arithmetic; returns the checkpoint to resume from."""
+    logging.basicConfig(
+        level=logging.INFO if train_args.should_log else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not model_args.base_model:
+        raise UserError("--base_model is required: a Hugging Face model folder or hub id, e.g. --base_model ./tiny-llama")
+    apply_batch_arguments(train_args, batch_args)
+    return resolve_resume(train_args)
+
+
+def load_model_for_training(model_args: ModelArguments, lora_args: LoraArguments, train_args: TrainArguments, tokenizer: Any) -> Any:
+    """The PEFT model ready to train: checked base at its precision, checkpointing, a new or continued LoRA."""
+    from chinese_vicuna.modeling import add_lora, load_checked_model, load_lora, prepare_for_training, resolve_precision
+
+    precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
+    model = load_checked_model(model_args.base_model, tokenizer, precision, model_args.device_map, model_args.trust_remote_code)
+    model = prepare_for_training(model, train_args.gradient_checkpointing)
+    train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    if model_args.lora_weights:
+        return load_lora(model, model_args.lora_weights, is_trainable=True)
+    return add_lora(
+        model,
+        lora_args.lora_r,
+        lora_args.lora_alpha,
+        lora_args.lora_dropout,
+        lora_args.lora_target_modules,
+        parse_modules_to_save(lora_args.modules_to_save),
+    )

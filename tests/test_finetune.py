@@ -178,3 +178,17 @@ def test_continue_training_an_existing_adapter(tiny_model_dir: Path, memorized_l
     assert before.keys() == after.keys()  # same LoRA (all-linear, r=16), trained further
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 16
+
+
+def test_report_to_tensorboard_and_offline_wandb(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    out = tmp_path / "out"
+    finetune.main(short_run_args(tiny_model_dir, out, "--report_to", "tensorboard,wandb"))
+    [events] = list((out / "runs").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    assert len(acc.Scalars("train/loss")) == 2
+    assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
