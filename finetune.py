@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 
 from chinese_vicuna.data import PaddingCollator, load_instruction_dataset, split_train_val
-from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.modeling import add_lora, load_checked_model, load_lora, load_tokenizer, prepare_for_training, resolve_precision
+from chinese_vicuna.errors import exit_on_user_error
+from chinese_vicuna.modeling import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.training import (
     BatchArguments,
@@ -19,10 +19,10 @@ from chinese_vicuna.training import (
     LoraArguments,
     ModelArguments,
     TrainArguments,
-    apply_batch_arguments,
     build_trainer,
+    load_model_for_training,
     parse_args,
-    resolve_resume,
+    start_run,
     train_and_save,
 )
 
@@ -34,13 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, lora_args, batch_args, train_args = parse_args(
         (ModelArguments, DataArguments, LoraArguments, BatchArguments, TrainArguments), argv
     )
-    logging.basicConfig(
-        level=logging.INFO if train_args.should_log else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if not model_args.base_model:
-        raise UserError("--base_model is required: a Hugging Face model folder or hub id, e.g. --base_model ./tiny-llama")
-    apply_batch_arguments(train_args, batch_args)
-    resume = resolve_resume(train_args)
+    resume = start_run(model_args, batch_args, train_args)
 
     # 1. tokenizer and data first: a bad data line fails in seconds, before a 13B model loads
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
@@ -58,14 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     train_data, val_data = split_train_val(samples, data_args.val_set_size, train_args.seed)
 
     # 2. base model (fp32 / bf16 / fp16 / 8-bit / 4-bit) and a new or continued LoRA
-    precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
-    model = load_checked_model(model_args.base_model, tokenizer, precision, model_args.device_map, model_args.trust_remote_code)
-    model = prepare_for_training(model, train_args.gradient_checkpointing)
-    train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
-    if model_args.lora_weights:
-        model = load_lora(model, model_args.lora_weights, is_trainable=True)
-    else:
-        model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules)
+    model = load_model_for_training(model_args, lora_args, train_args, tokenizer)
 
     # 3. train and save
     trainer = build_trainer(model, tokenizer, train_args, train_data, val_data, PaddingCollator(tokenizer.pad_token_id))

@@ -287,6 +287,24 @@ def cached_samples(
     return samples, False
 
 
+def build_or_load(
+    name: str,
+    files: Sequence[str | os.PathLike],
+    tokenizer: Any,
+    settings: dict[str, Any],
+    build: Callable[[], list[dict[str, list[int]]]],
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+) -> list[dict[str, list[int]]]:
+    """`build()`, or its earlier result from the cache while files, tokenizer and settings are unchanged."""
+    if not use_cache:
+        return build()
+    samples, hit = cached_samples(cache_key(files, tokenizer, settings), build, cache_dir)
+    if hit:
+        logger.info("%s: %d tokenized samples loaded from cache", name, len(samples))
+    return samples
+
+
 def load_instruction_dataset(
     data_path: str | os.PathLike,
     tokenizer: Any,
@@ -306,8 +324,6 @@ def load_instruction_dataset(
         stats.log(str(data_path))
         return samples
 
-    if not use_cache:
-        return build()
     settings = {
         "template": template.name,
         "spec": template.spec,
@@ -315,9 +331,7 @@ def load_instruction_dataset(
         "train_on_inputs": train_on_inputs,
         "kind": "instruct",
     }
-    samples, hit = cached_samples(cache_key(files, tokenizer, settings), build, cache_dir)
-    if hit:
-        logger.info("%s: %d tokenized samples loaded from cache", data_path, len(samples))
+    samples = build_or_load(str(data_path), files, tokenizer, settings, build, cache_dir, use_cache)
     if not samples:
         raise UserError(f"{data_path}: no sample has a trainable token left after truncation; raise --cutoff_len")
     return samples
