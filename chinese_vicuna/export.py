@@ -531,7 +531,7 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def adapter_ops(info: AdapterInfo) -> dict[str, list[tuple[str, Any]]]:
-    """Per base tensor name, what this adapter does to it: ("lora", delta fn inputs) or ("replace", tensor)."""
+    """Per base tensor name, what this adapter does to it: ("add", (A, B, scale, transpose)) or ("replace", tensor)."""
     from safetensors.torch import load_file
 
     cfg = info.config
@@ -545,17 +545,13 @@ def adapter_ops(info: AdapterInfo) -> dict[str, list[tuple[str, Any]]]:
         if m:
             module, kind = m.group(1), m.group(2)
             b_name = name.replace(kind, kind[:-1] + "B")
-            a, b = t.float(), tensors[b_name].float()
+            a, b = t, tensors[b_name]
             r = a.shape[0]
             alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            if kind == "lora_A":
-                delta = (b @ a) * scale
-                if cfg.get("fan_in_fan_out"):
-                    delta = delta.T
-            else:
-                delta = (b @ a).T * scale  # embedding LoRA: A (r, vocab), B (dim, r)
-            ops.setdefault(module + ".weight", []).append(("add", delta))
+            # the full-size delta is computed when its tensor streams by, never all at once
+            transpose = kind == "lora_embedding_A" or bool(cfg.get("fan_in_fan_out"))
+            ops.setdefault(module + ".weight", []).append(("add", (a, b, scale, transpose)))
         elif ".lora_" not in name and name.endswith(".weight") and ".original_module." not in name:
             # modules_to_save: a full trained copy (PEFT may store it both as X.weight and
             # X.modules_to_save.weight, next to the untouched X.original_module.weight)
@@ -579,9 +575,15 @@ def merge_low_mem(plan: MergePlan, out: Path, dtype: torch.dtype, max_shard_size
             if ops:
                 w = t.float()
                 for kind, value in ops:
-                    w = value.float().clone() if kind == "replace" else w + value
+                    if kind == "replace":
+                        w = value.float().clone()
+                    else:
+                        a, b, scale, transpose = value
+                        delta = (b.float() @ a.float()) * scale  # PEFT's get_delta_weight: B·A·scale
+                        w = w + (delta.T if transpose else delta)
                 t = w
             writer.add(name, t.to(dtype) if t.is_floating_point() else t)
+        writer.flush()  # output shards follow input shards: memory holds one at a time
         logger.info("merged %s", path.name)
     return writer.finish()
 
