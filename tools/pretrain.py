@@ -16,6 +16,7 @@ flags are finetune.py's (`python tools/pretrain.py --help`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -90,13 +91,20 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--stage {pt_args.stage!r}: use embeddings or lora")
     resume = start_run(model_args, batch_args, train_args)
 
-    # 1. tokenizer, model, embeddings resized to the (expanded) tokenizer
+    # 1. precision and tokenizer
     precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
     if pt_args.stage == "embeddings" and precision in ("8bit", "4bit"):
         if model_args.precision != "auto" or model_args.load_in_8bit or model_args.load_in_4bit:
             raise UserError("--stage embeddings saves the whole model and cannot train a quantized one; use --precision fp32 or bf16")
         precision = "fp32"
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
+
+    # 2. data first (a bad path fails before a 13B model loads): text → blocks (cached), a held-out part
+    with train_args.main_process_first(desc="tokenize"):
+        blocks = load_pretrain_dataset(pt_args.dataset_dir, tokenizer, pt_args.block_size, pt_args.cache_dir, pt_args.use_data_cache)
+    train_data, val_data = split_train_val(blocks, pt_args.val_set_size, train_args.seed)
+
+    # 3. the model, its embeddings resized to the (expanded) tokenizer, what trains
     model = load_base_model(model_args.base_model, precision, model_args.device_map, model_args.trust_remote_code)
     check_special_tokens(model, tokenizer, model_args.base_model)
     resize_embeddings_to_tokenizer(model, tokenizer, model_args.base_model)
@@ -113,14 +121,13 @@ def main(argv: list[str] | None = None) -> None:
             model = load_lora(model, model_args.lora_weights, is_trainable=True, tokenizer=tokenizer)
         else:
             model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules, modules)
+        if modules and set(EMBEDDING_MODULES) <= set(modules):
+            # PEFT's save_embedding_layers="auto" would store a resized embed_tokens and lm_head twice
+            # more (the base's copy and the trained one under a second name): 3x the adapter size.
+            model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
     train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
-    # 2. data: text → blocks (cached), a held-out part for perplexity
-    with train_args.main_process_first(desc="tokenize"):
-        blocks = load_pretrain_dataset(pt_args.dataset_dir, tokenizer, pt_args.block_size, pt_args.cache_dir, pt_args.use_data_cache)
-    train_data, val_data = split_train_val(blocks, pt_args.val_set_size, train_args.seed)
-
-    # 3. train and save, with held-out perplexity before and after
+    # 4. train and save, with held-out perplexity before and after
     trainer = build_trainer(model, tokenizer, train_args, train_data, val_data, PaddingCollator(tokenizer.pad_token_id))
     before = perplexity(trainer)
     train_and_save(trainer, tokenizer, resume)
