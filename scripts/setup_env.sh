@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or update) the virtual environment .venv in the repository and install what the
-# project needs. Usage: bash scripts/setup_env.sh [--dev]
+# project needs. Usage: bash scripts/setup_env.sh [--dev] [--llamacpp]
 #   --dev   also install the test and lint tools (requirements-dev.txt)
+#   --llamacpp  also install gguf + llama-cpp-python (requirements-llamacpp.txt; compiles llama.cpp)
 # PYTHON picks the interpreter (default python3); TORCH_VERSION the torch to install when the
 # environment has none (default 2.13.0: CUDA build from PyPI on GPU machines).
 set -euo pipefail
@@ -10,7 +11,16 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
 REQS=(requirements.txt)
-if [ "${1:-}" = "--dev" ]; then REQS=(requirements.txt requirements-dev.txt); fi
+for arg in "$@"; do
+    case "$arg" in
+        --dev) REQS+=(requirements-dev.txt) ;;
+        --llamacpp) REQS+=(requirements-llamacpp.txt) ;;  # GGUF / llama.cpp group (compiles llama.cpp)
+        *) echo "setup_env.sh: unknown option $arg (use --dev, --llamacpp)" >&2; exit 2 ;;
+    esac
+done
+# llama-cpp-python builds llama.cpp: a portable AVX2 build, without llama.cpp's examples and tools.
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF"}
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

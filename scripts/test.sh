@@ -3,7 +3,7 @@
 # Extra arguments go to pytest, e.g. bash scripts/test.sh -k prompts -x
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/setup_env.sh --dev
+bash scripts/setup_env.sh --dev --llamacpp  # --llamacpp: the GGUF / llama.cpp tests (one-off compile)
 # shellcheck disable=SC1091
 source .venv/bin/activate
 bash scripts/install_test_system_deps.sh
