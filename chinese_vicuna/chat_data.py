@@ -234,13 +234,16 @@ def plan_chunks(first_lens: Sequence[int], mid_lens: Sequence[int], budget: int)
     return chunks
 
 
-def _lengths(tokenizer: Any, segment_lists: Sequence[Sequence[Segment]]) -> list[list[int]]:
-    texts = [s.text for segs in segment_lists for s in segs]
-    ids = encode_texts(tokenizer, texts)
-    out, pos = [], 0
-    for segs in segment_lists:
-        out.append([len(x) for x in ids[pos : pos + len(segs)]])
-        pos += len(segs)
+def _lengths(tokenizer: Any, segment_lists: Sequence[Sequence[Segment]], batch_size: int = 1000) -> list[list[int]]:
+    """Token counts of every segment, encoded in batches (only the counts are kept)."""
+    out: list[list[int]] = []
+    for start in range(0, len(segment_lists), batch_size):
+        batch = segment_lists[start : start + batch_size]
+        ids = encode_texts(tokenizer, [s.text for segs in batch for s in segs])
+        pos = 0
+        for segs in batch:
+            out.append([len(x) for x in ids[pos : pos + len(segs)]])
+            pos += len(segs)
     return out
 
 
@@ -263,13 +266,16 @@ def conversation_segment_lists(
     """Rendered samples: one per conversation, or several where one exceeds `cutoff_len`."""
     stats = stats if stats is not None else TokenizeStats()
     rendered = [template.chat_segments(c.messages, add_generation_prompt=False) for c in conversations]
-    lengths = _lengths(tokenizer, rendered)
     budget = cutoff_len - 1 - int(add_eos)  # BOS and the trained EOS count too
+    # A segment never has more tokens than UTF-8 bytes + 1 (a prefix space): only conversations
+    # above that bound need counting (the final tokenization would still truncate and count).
+    maybe_long = [i for i, segs in enumerate(rendered) if sum(len(s.text.encode("utf-8")) + 1 for s in segs) > budget]
+    lengths = dict(zip(maybe_long, _lengths(tokenizer, [rendered[i] for i in maybe_long]), strict=True))
     samples: list[list[Segment]] = []
     split = split_samples = 0
-    for conv, segs, lens in zip(conversations, rendered, lengths, strict=True):
-        mid = round_lengths(segs, lens)
-        if sum(mid) <= budget or len(mid) == 1:
+    for i, (conv, segs) in enumerate(zip(conversations, rendered, strict=True)):
+        mid = round_lengths(segs, lengths.get(i, [0] * len(segs)))
+        if i not in lengths or sum(mid) <= budget or len(mid) == 1:
             samples.append(list(segs))
             continue
         head, rounds = _split_system(conv.messages)

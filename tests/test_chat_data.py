@@ -218,3 +218,17 @@ def test_dataset_cache_reuses_samples(tmp_path: Path, tokenizer, caplog: pytest.
     assert again == first and "loaded from cache" in caplog.text
     last = load_chat_dataset(CHAT / "role_text_sample.jsonl", tokenizer, template, 2048, False, True, cache_dir=tmp_path)
     assert [s["input_ids"] for s in last] == [s["input_ids"] for s in first] and last != first
+
+
+def test_token_count_never_exceeds_utf8_bytes_plus_one(tokenizer) -> None:
+    """The bound conversation_segment_lists uses to skip counting conversations that fit."""
+    template = load_template("chinese-vicuna-chat", tokenizer)
+    texts = [
+        s.text
+        for path in sorted(CHAT.iterdir())
+        for conv in read_conversations(path)
+        for s in template.chat_segments(conv.messages, add_generation_prompt=False)
+    ]
+    texts += ["</s>", " \n\n", "😀😀", "\x00\x01", "ǅ", "ﬁ"]
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    assert all(n <= len(t.encode("utf-8")) + 1 for n, t in zip(counts, texts, strict=True))

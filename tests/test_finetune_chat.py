@@ -111,3 +111,18 @@ def test_bad_data_is_one_clear_error(tiny_model_dir: Path, tmp_path: Path) -> No
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {bad}:2: record in OpenAI messages") and "one format per file" in last
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["8bit", "4bit"])
+def test_kbit_chat_training_on_gpu(tiny_model_dir: Path, chat_data: Path, tmp_path: Path, precision: str) -> None:
+    """QLoRA / LLM.int8 chat training on CUDA (bf16 or fp16 mixed precision, gradient checkpointing on)."""
+    out = tmp_path / precision
+    args = memorize_args(tiny_model_dir, chat_data, out, epochs=30, save_steps=30)
+    proc = run_script("finetune_chat.py", *args[1:], "--precision", precision)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [e["loss"] for e in read_jsonl(out / "trainer_log.jsonl") if "loss" in e]
+    assert losses[-1] < losses[0] / 4
+    model = load_lora(load_base_model(str(tiny_model_dir), precision), str(out))
+    assert any("lora_A" in name for name, _ in model.named_parameters())
