@@ -232,3 +232,12 @@ def test_token_count_never_exceeds_utf8_bytes_plus_one(tokenizer) -> None:
     texts += ["</s>", " \n\n", "😀😀", "\x00\x01", "ǅ", "ﬁ"]
     counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     assert all(n <= len(t.encode("utf-8")) + 1 for n, t in zip(counts, texts, strict=True))
+
+
+def test_folder_of_files_in_different_formats(tokenizer, caplog: pytest.LogCaptureFixture) -> None:
+    template = load_template("vicuna_v1.1", tokenizer)
+    with caplog.at_level(logging.INFO):
+        samples = load_chat_dataset(CHAT, tokenizer, template, 2048, use_cache=False)
+    assert len(samples) == 24 + 4 + 4 + 4
+    for fmt in ("chinese-vicuna", "sharegpt", "openai", "role-text"):
+        assert f"conversations in {fmt} format" in caplog.text
