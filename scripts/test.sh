@@ -11,6 +11,6 @@ bash scripts/install_test_system_deps.sh
 echo "== ruff"
 ruff check .
 echo "== shellcheck"
-shellcheck scripts/*.sh .ci/run
+shellcheck scripts/*.sh scripts/lib/*.sh .ci/run
 echo "== pytest"
 python -m pytest "$@"
