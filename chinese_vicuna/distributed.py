@@ -51,3 +51,16 @@ def init_deepspeed_comm(args: Any) -> None:
 
     if dist.is_available() and dist.is_initialized():
         deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=args.ddp_timeout_delta)
+
+
+def check_deepspeed(config: Any) -> None:
+    """`--deepspeed FILE` needs the package and the file; say so in one line."""
+    import importlib.util
+    from pathlib import Path
+
+    from chinese_vicuna.errors import UserError
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise UserError("--deepspeed needs DeepSpeed: pip install -r requirements-deepspeed.txt")
+    if isinstance(config, str) and not config.lstrip().startswith("{") and not Path(config).is_file():
+        raise UserError(f"--deepspeed {config}: file not found (samples: config-sample/ds_zero2.json, ds_zero3.json, ...)")

@@ -123,6 +123,10 @@ class TrainArguments(TrainingArguments):
         if not cuda:
             # With gloo under torchrun, gradients are only synced when Accelerate is told CPU.
             self.use_cpu = True
+        if self.deepspeed:
+            from chinese_vicuna.distributed import check_deepspeed
+
+            check_deepspeed(self.deepspeed)
         super().__post_init__()
 
 
