@@ -17,7 +17,9 @@ def refresh_deepspeed_config(args: Any) -> None:
     """Re-read `--deepspeed` so its batch values match the final TrainingArguments.
 
     Also: ZeRO-3 keeps every rank's shard of a tensor apart, and a save without gathering
-    writes empty tensors (an adapter that does nothing); make the Trainer gather on save.
+    writes empty tensors (an adapter that does nothing). Trainer.save_model gathers a PEFT
+    model's trainable weights itself (transformers 5.23: the adapter is whole even without the
+    flag below), but its other ZeRO-3 save paths need the flag: turn it on.
     """
     if not getattr(args, "deepspeed", None):
         return

@@ -142,6 +142,58 @@ def test_deepspeed_zero_matches_one_process(
         assert 0 not in lora.values()  # ZeRO-2 keeps whole parameters on every rank
 
 
+@pytest.mark.parametrize(
+    ("name", "stage", "offload"),
+    [("ds_zero2.json", 2, False), ("ds_zero2_offload.json", 2, True), ("ds_zero3.json", 3, False), ("ds_zero3_offload.json", 3, True)],
+)
+def test_deepspeed_sample_configs(name: str, stage: int, offload: bool) -> None:
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    config = HfTrainerDeepSpeedConfig(str(REPO / "config-sample" / name))
+    assert config.get_value("zero_optimization.stage") == stage and config.is_offload() == offload
+    # batch and precision come from the flags (our --batch_size arithmetic), never the file
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16.enabled", "fp16.enabled"):
+        assert config.get_value(key) == "auto", key
+    if stage == 3:
+        assert config.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save") is True
+
+
+def test_accelerate_fsdp_sample_config() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+    from transformers.models.llama import modeling_llama
+
+    config = load_config_from_file(str(REPO / "config-sample" / "accelerate_fsdp.yaml"))
+    assert config.distributed_type == "FSDP" and config.use_cpu is False
+    assert hasattr(modeling_llama, config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"])
+    # LoRA mixes frozen and trained weights in one wrapped unit; saving gathers a whole adapter
+    assert config.fsdp_config["fsdp_use_orig_params"] is True
+    assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_missing_deepspeed_config_is_a_one_line_error(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(["--base_model", str(tiny_model_dir), "--output_dir", str(tmp_path), "--deepspeed", "no/such/ds.json"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "error: --deepspeed no/such/ds.json: file not found (samples: config-sample/ds_zero2.json, ds_zero3.json, ...)"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_accelerate_fsdp_sample_config_builds_a_plugin() -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    options = {
+        k.removeprefix("fsdp_"): v
+        for k, v in load_config_from_file(str(REPO / "config-sample" / "accelerate_fsdp.yaml")).fsdp_config.items()
+    }
+    options["transformer_cls_names_to_wrap"] = [options.pop("transformer_layer_cls_to_wrap")]
+    options["cpu_offload"] = options.pop("offload_params")
+    plugin = FullyShardedDataParallelPlugin(**options)
+    assert plugin.use_orig_params and "FULL_STATE_DICT" in str(plugin.state_dict_type)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_llama_7b_shaped_kbit_peak_gpu_memory(tiny_model_dir: Path, tmp_path: Path) -> None:
