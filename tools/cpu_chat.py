@@ -47,7 +47,9 @@ class LlamaCppTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
         ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.specials)]
-        return self.llm.detokenize(ids).decode("utf-8", errors="replace")
+        text = self.llm.detokenize(ids).decode("utf-8", errors="replace")
+        # as HF's sentencepiece decoding: the space the tokenizer prefixed to the text is dropped
+        return text[1:] if text.startswith(" ") else text
 
 
 def load_gguf(path: str, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False) -> Any:

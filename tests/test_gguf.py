@@ -1,0 +1,118 @@
+"""GGUF export run by the real llama.cpp (llama-cpp-python): the same token ids as HF on Chinese
+text, the memorized answers reproduced by greedy decoding, top-1 agreement with HF, quantization,
+and the terminal chat tool."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import MEMORIZED_COUNT, REPO, SAMPLE_INSTRUCT, read_jsonl
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="optional group: bash scripts/setup_env.sh --llamacpp")
+
+from convert_to_gguf import convert  # noqa: E402
+from cpu_chat import LlamaCppTokenizer, greedy_answer, load_gguf  # noqa: E402
+
+from chinese_vicuna.generation import prompt_ids  # noqa: E402
+from chinese_vicuna.prompts import load_template  # noqa: E402
+
+RECORDS = read_jsonl(SAMPLE_INSTRUCT)
+
+
+def run_with_stdin(*args: str, stdin: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def merged_dir(tiny_model_dir: Path, memorized_lora: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import merge_lora
+
+    out = tmp_path_factory.mktemp("gguf") / "merged"
+    merge_lora.main(["--base_model", str(tiny_model_dir), "--lora_weights", str(memorized_lora), "--output_dir", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def f16_gguf(merged_dir: Path) -> Path:
+    return convert(merged_dir, merged_dir.parent / "model-f16.gguf", "f16")
+
+
+@pytest.fixture(scope="module")
+def hf(merged_dir: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(merged_dir))
+
+
+def test_llama_cpp_tokenizes_chinese_like_hf(f16_gguf: Path, hf) -> None:
+    _, tokenizer = hf
+    llm = load_gguf(str(f16_gguf), n_ctx=256)
+    texts = [r["instruction"] + r["input"] + r["output"] for r in RECORDS]
+    texts += [
+        "全角标点：（括号）“引号”、顿号；分号！",
+        "数字 2023 年 12 月 31 日, English words and 中文 mixed.",
+        "换行\n\n### Response:\n结束",
+    ]
+    for text in texts:
+        assert llm.tokenize(text.encode("utf-8"), add_bos=True, special=False) == tokenizer(text)["input_ids"], text
+    # prompts built segment by segment (as in training) agree too
+    template = load_template("alpaca", tokenizer)
+    for r in RECORDS[:MEMORIZED_COUNT]:
+        assert prompt_ids(LlamaCppTokenizer(llm), template, r["instruction"], r["input"]) == prompt_ids(
+            tokenizer, template, r["instruction"], r["input"]
+        )
+
+
+def test_greedy_llama_cpp_reproduces_trained_answers(f16_gguf: Path) -> None:
+    llm = load_gguf(str(f16_gguf), n_ctx=512)
+    tokenizer = LlamaCppTokenizer(llm)
+    template = load_template("alpaca", None)
+    for r in RECORDS[:3]:
+        assert greedy_answer(llm, tokenizer, template, r["instruction"], r["input"]) == r["output"]
+
+
+@torch.inference_mode()
+def test_top1_agreement_with_hf(f16_gguf: Path, hf) -> None:
+    model, tokenizer = hf
+    llm = load_gguf(str(f16_gguf), n_ctx=512, logits_all=True)
+    template = load_template("alpaca", tokenizer)
+    agree = total = 0
+    for r in RECORDS:
+        ids = prompt_ids(tokenizer, template, r["instruction"], r["input"]) + tokenizer(r["output"], add_special_tokens=False)["input_ids"]
+        hf_top = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+        llm.reset()
+        llm.eval(ids)
+        cpp_top = llm.scores[: len(ids)].argmax(-1).tolist()
+        agree += sum(a == b for a, b in zip(hf_top, cpp_top))
+        total += len(ids)
+    print(f"top-1 agreement HF vs llama.cpp (f16): {agree}/{total} = {agree / total:.4f}")
+    assert agree / total >= 0.99
+
+
+def test_quantized_files(merged_dir: Path, f16_gguf: Path) -> None:
+    q8 = convert(merged_dir, merged_dir.parent / "model-q8_0.gguf", "q8_0")
+    q4 = convert(merged_dir, merged_dir.parent / "model-q4_0.gguf", "q4_0")
+    sizes = {p.name: p.stat().st_size for p in (f16_gguf, q8, q4)}
+    print("GGUF sizes:", sizes)
+    assert sizes["model-q4_0.gguf"] < sizes["model-q8_0.gguf"] < sizes["model-f16.gguf"]
+    llm = load_gguf(str(q8), n_ctx=512)
+    r = RECORDS[0]
+    assert greedy_answer(llm, LlamaCppTokenizer(llm), load_template("alpaca", None), r["instruction"]) == r["output"]
+
+
+def test_cpu_chat_terminal(f16_gguf: Path) -> None:
+    questions = "".join(r["instruction"] + "\n" for r in RECORDS[:2])
+    proc = run_with_stdin("tools/cpu_chat.py", str(f16_gguf), "--prompt_template", "alpaca", "--show_speed", stdin=questions)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[1]["output"]]
+    assert "tokens/s" in proc.stderr
+    proc = run_with_stdin("tools/cpu_chat.py", str(f16_gguf.parent / "missing.gguf"), stdin="")
+    assert proc.returncode == 2 and "GGUF file not found" in proc.stderr and "Traceback" not in proc.stderr
