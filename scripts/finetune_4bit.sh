@@ -17,14 +17,7 @@ OUTPUT_PATH=${OUTPUT_PATH:-lora-Vicuna-4bit}
 TEST_SIZE=${TEST_SIZE:-1}
 OPTIM=${OPTIM:-paged_adamw_8bit}
 SAVE_STEPS=${SAVE_STEPS:-200}
+PRECISION=4bit
 
-launch finetune.py \
-    --base_model "$MODEL_PATH" \
-    --data_path "$DATA_PATH" \
-    --output_dir "$OUTPUT_PATH" \
-    --precision 4bit \
-    --optim "$OPTIM" \
-    --val_set_size "$TEST_SIZE" \
-    --eval_steps "$SAVE_STEPS" \
-    --save_steps "$SAVE_STEPS" \
-    "$@"
+training_arguments
+launch finetune.py "${TRAIN_ARGS[@]}" --optim "$OPTIM" "$@"

@@ -22,16 +22,11 @@ TEST_SIZE=${TEST_SIZE:-0}
 PRECISION=${PRECISION:-8bit}
 SAVE_STEPS=${SAVE_STEPS:-200}
 
-launch finetune_chat.py \
-    --base_model "$MODEL_PATH" \
-    --data_path "$DATA_PATH" \
-    --output_dir "$OUTPUT_PATH" \
+training_arguments
+launch finetune_chat.py "${TRAIN_ARGS[@]}" \
     --prompt_template "$TEMPLATE" \
-    --precision "$PRECISION" \
     --micro_batch_size 4 \
     --batch_size 128 \
     --warmup_steps 0.05 \
     --logging_steps 100 \
-    --val_set_size "$TEST_SIZE" \
-    --save_steps "$SAVE_STEPS" \
     "$@"

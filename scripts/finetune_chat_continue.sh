@@ -25,17 +25,12 @@ PRECISION=${PRECISION:-8bit}
 SAVE_STEPS=${SAVE_STEPS:-200}
 
 continue_arguments "$LORA_PATH" "$from_data_beginning"
-launch finetune_chat.py \
-    --base_model "$MODEL_PATH" \
-    --data_path "$DATA_PATH" \
-    --output_dir "$OUTPUT_PATH" \
+training_arguments
+launch finetune_chat.py "${TRAIN_ARGS[@]}" \
     --prompt_template "$TEMPLATE" \
-    --precision "$PRECISION" \
     --micro_batch_size 6 \
     --batch_size 32 \
     --warmup_steps 0.01 \
     --logging_steps 100 \
-    --val_set_size "$TEST_SIZE" \
-    --save_steps "$SAVE_STEPS" \
     "${CONTINUE_ARGS[@]}" \
     "$@"

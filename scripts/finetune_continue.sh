@@ -25,13 +25,7 @@ PRECISION=${PRECISION:-8bit}
 SAVE_STEPS=${SAVE_STEPS:-200}
 
 continue_arguments "$LORA_PATH" "$from_data_beginning"
-launch finetune.py \
-    --base_model "$MODEL_PATH" \
-    --data_path "$DATA_PATH" \
-    --output_dir "$OUTPUT_PATH" \
-    --precision "$PRECISION" \
-    --val_set_size "$TEST_SIZE" \
-    --eval_steps "$SAVE_STEPS" \
-    --save_steps "$SAVE_STEPS" \
+training_arguments
+launch finetune.py "${TRAIN_ARGS[@]}" \
     "${CONTINUE_ARGS[@]}" \
     "$@"

@@ -19,12 +19,5 @@ PRECISION=${PRECISION:-half}
 DS_CONFIG=${DS_CONFIG-config-sample/ds_zero2_offload.json}
 SAVE_STEPS=${SAVE_STEPS:-200}
 
-launch finetune.py \
-    --base_model "$MODEL_PATH" \
-    --data_path "$DATA_PATH" \
-    --output_dir "$OUTPUT_PATH" \
-    --precision "$PRECISION" \
-    --val_set_size "$TEST_SIZE" \
-    --eval_steps "$SAVE_STEPS" \
-    --save_steps "$SAVE_STEPS" \
-    "$@"
+training_arguments
+launch finetune.py "${TRAIN_ARGS[@]}" "$@"

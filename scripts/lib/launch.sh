@@ -101,3 +101,11 @@ continue_arguments() {
         die "LORA_PATH=$lora_path: folder not found (give a checkpoint-N folder, an adapter folder or a hub id)"
     fi
 }
+
+# The flags every training launcher passes, from its variables, in the array TRAIN_ARGS.
+# shellcheck disable=SC2034  # TRAIN_ARGS is read by the launcher that sources this file
+training_arguments() {
+    TRAIN_ARGS=(--base_model "$MODEL_PATH" --data_path "$DATA_PATH" --output_dir "$OUTPUT_PATH")
+    if [ -n "${PRECISION:-}" ]; then TRAIN_ARGS+=(--precision "$PRECISION"); fi
+    TRAIN_ARGS+=(--val_set_size "$TEST_SIZE" --eval_steps "$SAVE_STEPS" --save_steps "$SAVE_STEPS")
+}
