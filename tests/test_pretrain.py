@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from chinese_vicuna.data import IGNORE_INDEX
 from chinese_vicuna.modeling import load_tokenizer
 from chinese_vicuna.pretrain_data import group_into_blocks, load_pretrain_dataset
-from conftest import REPO, run_script
+from conftest import REPO
 
 PRETRAIN_DIR = REPO / "sample" / "pretrain"
 
@@ -31,9 +31,10 @@ def pretrain_args(base: Path, tokenizer: Path, out: Path, stage: str, max_steps:
 
 @pytest.fixture(scope="module")
 def embeddings_run(english_base_dir: Path, expanded_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pretrain import main  # in-process: the chain test runs the script as a subprocess
+
     out = tmp_path_factory.mktemp("pt") / "pt-embeddings"
-    proc = run_script(*pretrain_args(english_base_dir, expanded_tokenizer_dir, out, "embeddings", 20))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main(pretrain_args(english_base_dir, expanded_tokenizer_dir, out, "embeddings", 20)[1:])
     return out
 
 
@@ -82,9 +83,59 @@ def test_stage_embeddings_trains_only_embeddings_and_lowers_perplexity(
     assert len(load_tokenizer(str(embeddings_run))) == n_new
 
 
-def test_tokenizer_smaller_than_model_stops_with_both_sizes(embeddings_run: Path, english_base_dir: Path, tmp_path: Path) -> None:
-    proc = run_script(*pretrain_args(embeddings_run, english_base_dir, tmp_path / "o", "lora", 1))
+def test_tokenizer_smaller_than_model_stops_with_both_sizes(
+    embeddings_run: Path, english_base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pretrain import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(pretrain_args(embeddings_run, english_base_dir, tmp_path / "o", "lora", 1)[1:])
     n_model = json.loads((embeddings_run / "config.json").read_text())["vocab_size"]
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
-    assert f"error: {english_base_dir} has 600 tokens but {embeddings_run}/config.json has vocab_size {n_model}" in proc.stderr
+    assert exit_info.value.code == 2
+    assert f"error: {english_base_dir} has 600 tokens but {embeddings_run}/config.json has vocab_size {n_model}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--stage", "full"], "error: --stage 'full': use embeddings or lora"),
+        (
+            ["--stage", "embeddings", "--precision", "8bit"],
+            "error: --stage embeddings saves the whole model and cannot train a quantized one",
+        ),
+        (["--stage", "lora", "--dataset_dir", "missing-dir"], "error: --dataset_dir missing-dir: folder not found"),
+    ],
+)
+def test_pretrain_user_errors(
+    extra: list[str], message: str, english_base_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from pretrain import main
+
+    args = pretrain_args(english_base_dir, english_base_dir, tmp_path / "o", "lora", 1)[1:]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, *extra])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_interrupted_lora_stage_resumes_to_the_same_adapter(english_base_dir: Path, expanded_tokenizer_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pretrain import main
+
+    def run(out: Path, *extra: str) -> dict[str, torch.Tensor]:
+        args = pretrain_args(english_base_dir, expanded_tokenizer_dir, out, "lora", 6, "--save_steps", "3", "--val_set_size", "0")[1:]
+        main([*args, "--lora_dropout", "0", *extra])
+        return load_file(str(out / "adapter_model.safetensors"))
+
+    whole = run(tmp_path / "whole")
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    # an interrupted run: only checkpoint-3 exists; resuming trains steps 4-6
+    shutil.copytree(tmp_path / "whole" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    resumed = run(tmp_path / "resumed", "--resume_from_checkpoint", "true")
+    assert resumed.keys() == whole.keys()
+    for name, weight in whole.items():
+        assert torch.allclose(resumed[name], weight, atol=1e-6), name
+    # and steps 4-6 did train: the result is not checkpoint-3's adapter
+    at_3 = load_file(str(tmp_path / "resumed" / "checkpoint-3" / "adapter_model.safetensors"))
+    assert not torch.equal(at_3["base_model.model.lm_head.weight"], resumed["base_model.model.lm_head.weight"])
