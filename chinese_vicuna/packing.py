@@ -1,0 +1,119 @@
+"""Padding-free packing: the samples of a micro-batch concatenated into one row.
+
+alpaca-lora's recipe pads every micro-batch to its longest sample; with instruction data's
+long-tailed lengths much of each batch is padding. Here a micro-batch of N samples becomes
+ONE row of their summed length (HF's `DataCollatorWithFlattening` layout):
+
+- `position_ids` restart at 0 for every sample, and no `attention_mask` is passed: the
+  transformers 5 mask builder (`masking_utils.find_packed_sequence_indices`) then turns the
+  row into a block-diagonal causal mask for sdpa/eager, and flash-attention 2 uses the same
+  position_ids for its varlen kernel. No token attends to another sample.
+- `shift_labels` (the target of every position, -100 at each sample's last token) are
+  built here, so no position predicts the first token of the next sample, and Trainer counts
+  `num_items_in_batch` from them (the same count as unpacked `labels[..., 1:]`).
+- The loss (`PackedLossMixin`) asks the model for logits only at positions with a trainable
+  target (`logits_to_keep`): prompt tokens never go through the 32000-wide `lm_head`. The sum
+  of token losses is divided by the same `num_items_in_batch` as HF's own loss, so packed and
+  unpacked training give the same per-token mean over the same tokens, with gradient
+  accumulation too.
+
+The sampler still draws `micro_batch_size` samples per step, so the number of optimizer
+steps per epoch, the data order and the learning-rate schedule are exactly those of
+unpacked training; only padding and wasted logits disappear.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from chinese_vicuna.data import IGNORE_INDEX, PaddingCollator
+from chinese_vicuna.losses import chunked_cross_entropy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PackedCollator:
+    """A micro-batch of samples → one row: input_ids, position_ids, labels, shift_labels."""
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids: list[int] = []
+        position_ids: list[int] = []
+        labels: list[int] = []
+        shift_labels: list[int] = []
+        for f in features:
+            ids, lab = list(f["input_ids"]), list(f["labels"])
+            input_ids.extend(ids)
+            labels.extend(lab)
+            position_ids.extend(range(len(ids)))
+            # Position t predicts label t+1 of the SAME sample; a sample's last token predicts nothing.
+            shift_labels.extend([*lab[1:], IGNORE_INDEX])
+
+        def row(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).unsqueeze(0)
+
+        return {"input_ids": row(input_ids), "position_ids": row(position_ids), "labels": row(labels), "shift_labels": row(shift_labels)}
+
+
+def packed_forward(model: Any, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    """The model on a packed row. `use_cache=False` matters: with a KV cache object the mask
+    builder skips packed-sequence detection and samples would attend to each other."""
+    return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **kwargs)
+
+
+def packed_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any, int]:
+    """(loss, outputs, trainable tokens) of a packed batch; see the module docstring.
+
+    The loss is `sum of token losses / num_items_in_batch` when the Trainer gives the count of
+    the whole accumulated batch (as HF's ForCausalLMLoss does), else the mean over this batch.
+    """
+    targets = inputs["shift_labels"].reshape(-1)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    outputs = packed_forward(model, inputs, logits_to_keep=keep)
+    logits = outputs.logits
+    total = chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[keep])
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.numel()), 1)
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device)
+    return total / denominator, outputs, int(keep.numel())
+
+
+class PackedLossMixin:
+    """Trainer mixin: packed batches (with `shift_labels`) go through `packed_loss`."""
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        if "shift_labels" not in inputs:
+            self.loss_is_scaled_for_ga = None
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)  # type: ignore[misc]
+        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch)
+        # Divided by the accumulated batch's token count → Trainer must not divide by GA steps again.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        args = self.args  # type: ignore[attr-defined]
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch is the count over all processes; DDP averages gradients.
+            loss = loss * self.accelerator.num_processes  # type: ignore[attr-defined]
+        return (loss, outputs) if return_outputs else loss
+
+
+def packed_trainer_class(trainer_class: type[Trainer] = Trainer) -> type[Trainer]:
+    """`trainer_class` with the packed loss (a subclass; the original class is untouched)."""
+    if issubclass(trainer_class, PackedLossMixin):
+        return trainer_class
+    return type(f"Packed{trainer_class.__name__}", (PackedLossMixin, trainer_class), {})
+
+
+def use_packing(data_collator: Any, trainer_class: type[Trainer]) -> tuple[Any, type[Trainer]]:
+    """The packed collator and Trainer class, replacing the padding collator (or none).
+
+    A custom collator is kept as it is (packing off) — it may add fields packing would drop.
+    """
+    if data_collator is not None and not isinstance(data_collator, PaddingCollator | PackedCollator):
+        logger.info("packing off: a custom data collator (%s) is in use", type(data_collator).__name__)
+        return data_collator, trainer_class
+    logger.info("padding-free packing: each micro-batch is one row, positions restart per sample")
+    return PackedCollator(), packed_trainer_class(trainer_class)

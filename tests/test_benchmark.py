@@ -1,0 +1,26 @@
+"""tools/benchmark.py quick mode: both configurations train, the JSON and the plot are written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_script
+
+
+def test_quick_benchmark_writes_json_and_plot(tiny_model_dir: Path, tmp_path: Path) -> None:
+    work = tmp_path / "bench"
+    proc = run_script("tools/benchmark.py", "quick", str(work), "--model", str(tiny_model_dir), "--samples", "16", "--max_steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((work / "benchmark-quick.json").read_text())
+    assert (work / "benchmark-quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = {r["config"]: r for r in result["runs"]}
+    assert set(runs) == {"recipe", "ours"}
+    # Same samples in the same order: the two losses agree closely (bf16 autocast, different kernels).
+    assert abs(runs["ours"]["train_loss"] / runs["recipe"]["train_loss"] - 1) < 0.02, runs
+    for r in runs.values():
+        assert r["tokens_per_s"] > 0 and r["peak_mib"] > 100 and 0 < r["mfu"] < 1
+    assert result["recipe_padding_fraction_est"] > 0.1  # long-tailed lengths: the recipe pads a lot
+    assert result["data_tokens"]["tokens"] > 0 and result["matmul_peak_bf16_flops"] > 1e9
+    summary = result["summary"]
+    assert summary["speedup_per_pair"] and summary["peak_memory_ratio"] > 0

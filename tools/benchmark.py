@@ -1,0 +1,536 @@
+"""Training speed and memory: the alpaca-lora recipe vs this project's defaults, side by side.
+
+Both configurations run `finetune.py` (a fresh process each, so peak memory is per run) on the
+same base, data, LoRA config, precision, learning rate and sample order:
+
+- recipe: alpaca-lora / Chinese-Vicuna — each random micro-batch padded to its longest
+  sample (`--packing false`), HF's loss over full logits;
+- ours:   finetune.py's defaults — padding-free packing, logits only where a token is trained,
+  chunked cross-entropy.
+
+Reported per run: non-padding tokens/s over one epoch, peak memory (RSS on the CPU, max
+allocated on a GPU), loss after the same tokens, and MFU (4·N FLOPs per token for LoRA
+— forward 2N, backward to activations 2N, no weight gradients for the frozen base — plus
+attention) against the bf16 matmul peak measured on the same device.
+
+    python tools/benchmark.py prepare WORK            # ~50M LLaMA (vocab 32000) + data, built locally
+    python tools/benchmark.py run WORK --repeats 2    # → WORK/benchmark.json, WORK/benchmark.png
+    python tools/benchmark.py tokenize WORK           # batched vs one-at-a-time tokenization
+    python tools/benchmark.py quick WORK              # seconds: tiny model, used by the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from chinese_vicuna.errors import UserError, exit_on_user_error  # noqa: E402
+from chinese_vicuna.training import atomic_write_bytes  # noqa: E402
+
+logger = logging.getLogger("benchmark")
+
+CONFIGS: dict[str, list[str]] = {
+    # alpaca-lora's finetune.py: pad each micro-batch to its longest sample.
+    "recipe": ["--packing", "false"],
+    # this project's defaults.
+    "ours": [],
+}
+MODEL_SHAPES: dict[str, dict[str, int]] = {
+    # ~54M parameters; vocabulary 32000 like LLaMA's, so lm_head + loss weigh as in practice.
+    "50m": {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8, "vocab_size": 32000},
+    "tiny": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 3000},
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Model and data, built locally
+# --------------------------------------------------------------------------------------------
+def build_model(out: Path, shape: str = "50m", seed: int = 0) -> Path:
+    """A random LLaMA of `shape` with the tokenizer of tools/make_tiny_model.py."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    dims = dict(MODEL_SHAPES[shape])
+    tok_dir = out.parent / f"{out.name}-tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        cmd = [sys.executable, str(REPO / "tools" / "make_tiny_model.py"), str(tok_dir), "--vocab_size", str(dims["vocab_size"])]
+        cmd += ["--corpus", str(synthetic_corpus(out.parent / "corpus.txt")), str(REPO / "sample" / "tokenizer" / "corpus.txt")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise UserError(f"tools/make_tiny_model.py failed: {proc.stderr.strip().splitlines()[-1:]}")
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    # sentencepiece may stop a little short of the asked size; the embedding matches the tokenizer.
+    dims["vocab_size"] = len(tokenizer)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **dims,
+        num_key_value_heads=dims["num_attention_heads"],
+        max_position_embeddings=4096,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    # sentencepiece-based tools (and fast tokenization) read tokenizer.model.
+    atomic_write_bytes(out / "tokenizer.model", (tok_dir / "tokenizer.model").read_bytes())
+    logger.info("wrote %s: %.1fM parameters", out, sum(p.numel() for p in model.parameters()) / 1e6)
+    return out
+
+
+def synthetic_corpus(path: Path, lines: int = 60000, seed: int = 0) -> Path:
+    """Text with enough distinct words (Zipf-distributed pseudo-words, Latin and CJK) for a
+    32000-piece sentencepiece vocabulary; the sample corpus alone is too small for that."""
+    import random
+
+    if path.is_file():
+        return path
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwxyz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "an", "en", "ing")]
+    cjk = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(40000)]
+    words += ["".join(rng.choices(cjk, k=rng.randint(1, 3))) for _ in range(30000)]
+    weights = [1.0 / (i + 10) for i in range(len(words))]
+    rng.shuffle(words)
+    out = [" ".join(rng.choices(words, weights, k=rng.randint(5, 25))) for _ in range(lines)]
+    atomic_write_bytes(path, ("\n".join(out) + "\n").encode())
+    return path
+
+
+def make_benchmark_data(
+    out: Path, tokenizer_dir: Path, n: int, seed: int = 0, median: float = 140.0, p95: float = 430.0, cutoff_len: int = 512
+) -> dict[str, float]:
+    """Alpaca records whose alpaca-template token lengths follow an instruction-like
+    log-normal (median ~150, p95 ~500, a tail past the cutoff; the targets are set a little low because
+    decoded text re-tokenizes slightly longer). Returns length statistics."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from chinese_vicuna.data import tokenize_instructions
+    from chinese_vicuna.prompts import load_template
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    # Instruction-like text: the sample corpus (Chinese Q&A) interleaved with synthetic words,
+    # so targets spread over the whole vocabulary.
+    corpus = (REPO / "sample" / "tokenizer" / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    synth = synthetic_corpus(out.parent / "corpus.txt").read_text(encoding="utf-8").splitlines()[: 4 * len(corpus)]
+    mixed = [line for pair in zip(corpus * 4, synth, strict=False) for line in pair]
+    stream = tokenizer("\n".join(mixed), add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    sigma = math.log(p95 / median) / 1.645
+    template = load_template("alpaca", tokenizer)
+    header = len(tokenizer(template.instruction_segments("x", "", "x")[0].text, add_special_tokens=False)["input_ids"])
+
+    def text(k: int) -> str:
+        start = rng.randrange(0, len(stream) - k - 1)
+        return tokenizer.decode(stream[start : start + k]).strip() or "好"
+
+    records = []
+    for _ in range(n):
+        total = min(int(rng.lognormvariate(math.log(median), sigma)), cutoff_len + 200)
+        body = max(total - header - 2, 8)
+        k_in = max(int(body * rng.uniform(0.25, 0.6)), 3)
+        k_out = max(body - k_in, 3)
+        has_input = rng.random() < 0.4
+        k_instr = k_in // 2 if has_input else k_in
+        records.append({"instruction": text(k_instr), "input": text(k_in - k_instr) if has_input else "", "output": text(k_out)})
+    atomic_write_bytes(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode())
+    samples = tokenize_instructions(records, tokenizer, template, 10**6)
+    lengths = sorted(len(s["input_ids"]) for s in samples)
+    return {
+        "samples": len(lengths),
+        "median_tokens": float(statistics.median(lengths)),
+        "p95_tokens": float(lengths[int(0.95 * (len(lengths) - 1))]),
+        "max_tokens": float(lengths[-1]),
+        "over_cutoff": float(sum(x > cutoff_len for x in lengths)),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+def matmul_peak_flops(dtype: str = "bf16", size: int = 2048, seconds: float = 2.0) -> float:
+    """Best FLOP/s of a square matmul on this device (the MFU denominator)."""
+    import torch
+
+    dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        size = 8192
+    a = torch.randn(size, size, dtype=dt, device=device)
+    b = torch.randn(size, size, dtype=dt, device=device)
+    best = 0.0
+    a @ b  # warm-up
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return best
+
+
+def model_flops_per_token(model_dir: Path, lengths: list[int]) -> float:
+    """4·N (matmul weights, lm_head included, embeddings excluded) + causal attention.
+
+    Attention per layer and token: forward 2·n·d (QKᵀ and AV over on average n/2 keys),
+    backward twice that; n is the token-weighted sample length (sum n² / sum n).
+    """
+    cfg = json.loads((model_dir / "config.json").read_text())
+    d, f, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = d * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"]
+    n_matmul = layers * (2 * d * d + 2 * d * kv + 3 * d * f) + d * vocab
+    n_eff = sum(n * n for n in lengths) / max(sum(lengths), 1)
+    return 4 * n_matmul + 6 * layers * d * n_eff
+
+
+def run_finetune(cmd: list[str], env: dict[str, str]) -> tuple[int, list[float], str]:
+    """Run a command; returns (exit code, [peak MiB, train CPU s, train wall s], stderr tail)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate()
+    # ru_maxrss of the children waited so far is a max over all of them: read this child's
+    # own peak from the VmHWM line it writes at exit instead (see BENCH_RSS_FILE).
+    rss_file = Path(env["BENCH_RSS_FILE"])
+    values = [float(x) for x in rss_file.read_text().split()] if rss_file.is_file() else [0.0, 0.0, 0.0]
+    return proc.returncode, values, stderr[-3000:]
+
+
+RSS_HOOK = """
+import atexit, importlib.abc, importlib.util, os, sys, time
+_times = {}
+class _TrainTimer(importlib.abc.MetaPathFinder):
+    # Wraps Trainer.train to record its wall and CPU seconds (CPU time is less hurt by a busy machine).
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            train = module.Trainer.train
+            def timed(self_, *args, **kwargs):
+                c0, w0 = time.process_time(), time.perf_counter()
+                try:
+                    return train(self_, *args, **kwargs)
+                finally:
+                    _times["cpu"], _times["wall"] = time.process_time() - c0, time.perf_counter() - w0
+            module.Trainer.train = timed
+        spec.loader.exec_module = exec_module
+        return spec
+sys.meta_path.insert(0, _TrainTimer())
+def _bench_peak():
+    path = os.environ.get("BENCH_RSS_FILE")
+    if not path:
+        return
+    peak = 0.0
+    try:
+        import torch
+        if torch.cuda.is_available():
+            peak = torch.cuda.max_memory_allocated() / 2**20
+    except Exception:
+        pass
+    if not peak:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                peak = int(line.split()[1]) / 1024
+    open(path, "w").write(str(peak) + " " + str(_times.get("cpu", 0)) + " " + str(_times.get("wall", 0)))
+atexit.register(_bench_peak)
+"""
+
+
+def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str], index: int) -> dict[str, Any]:
+    out = work / "runs" / f"{name}-{index}"
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    hook_dir = work / "hook"
+    hook_dir.mkdir(exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{hook_dir}{os.pathsep}{REPO}",
+        "BENCH_RSS_FILE": str(out / "peak_mib.txt"),
+        "TOKENIZERS_PARALLELISM": "false",
+        "CHINESE_VICUNA_CACHE": str(work / "cache"),
+    }
+    cmd = [sys.executable, str(REPO / "finetune.py"), "--base_model", str(model_dir), "--data_path", str(data)]
+    cmd += ["--output_dir", str(out), *common, *CONFIGS[name]]
+    t0 = time.perf_counter()
+    rc, (peak, cpu, _), stderr = run_finetune(cmd, env)
+    wall = time.perf_counter() - t0
+    if rc:
+        raise UserError(f"benchmark run {name} failed (exit {rc}): {stderr.strip().splitlines()[-1:] if stderr else ''}")
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    losses = [(e["step"], e["loss"]) for e in log if "loss" in e]
+    end = next(e for e in log if "train_runtime" in e)
+    return {
+        "config": name,
+        "index": index,
+        "train_runtime_s": end["train_runtime"],
+        "wall_s": wall,
+        "train_loss": end["train_loss"],
+        "final_loss": losses[-1][1] if losses else end["train_loss"],
+        "losses": losses,
+        "peak_mib": peak,
+        "train_cpu_s": cpu,
+    }
+
+
+def data_token_counts(model_dir: Path, data: Path, cutoff_len: int, micro_batch: int, seed: int) -> dict[str, Any]:
+    """Non-padding tokens of one epoch, and the padding the recipe adds (sampled estimate)."""
+    import torch
+
+    from chinese_vicuna.data import load_instruction_dataset
+    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.prompts import load_template
+
+    tokenizer = load_tokenizer(str(model_dir))
+    samples = load_instruction_dataset(data, tokenizer, load_template("alpaca", tokenizer), cutoff_len, use_cache=False)
+    lengths = [len(s["input_ids"]) for s in samples]
+    order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+    padded = 0
+    for i in range(0, len(order), micro_batch):
+        chunk = [lengths[j] for j in order[i : i + micro_batch]]
+        padded += max(chunk) * len(chunk)
+    trainable = sum(sum(1 for x in s["labels"] if x != -100) for s in samples)
+    return {"samples": len(lengths), "tokens": sum(lengths), "trainable_tokens": trainable, "padded_tokens": padded, "lengths": lengths}
+
+
+def run_benchmark(
+    work: Path,
+    model_dir: Path,
+    data: Path,
+    cutoff_len: int = 512,
+    repeats: int = 1,
+    micro_batch: int = 4,
+    batch: int = 16,
+    configs: tuple[str, ...] = ("recipe", "ours"),
+    max_steps: int = -1,
+    extra: list[str] | None = None,
+    logging_steps: int = 5,
+) -> dict[str, Any]:
+    """Interleaved runs (recipe, ours, recipe, ours, ...) so machine noise hits both alike."""
+    seed = 42
+    common = [
+        "--cutoff_len", str(cutoff_len), "--micro_batch_size", str(micro_batch), "--batch_size", str(batch),
+        "--num_epochs", "1", "--learning_rate", "3e-4", "--warmup_steps", "5", "--val_set_size", "0",
+        "--save_strategy", "no", "--logging_steps", str(logging_steps), "--bf16", "true", "--disable_tqdm", "true",
+        "--seed", str(seed), "--max_steps", str(max_steps), *(extra or []),
+    ]  # fmt: skip
+    counts = data_token_counts(model_dir, data, cutoff_len, micro_batch, seed)
+    lengths = counts.pop("lengths")
+    if max_steps > 0:
+        frac = min(1.0, max_steps * batch / counts["samples"])
+        counts = {k: (int(v * frac) if k != "samples" else v) for k, v in counts.items()}
+    peak_bf16 = matmul_peak_flops("bf16")
+    flops_per_token = model_flops_per_token(model_dir, lengths)
+    runs = []
+    for i in range(repeats):
+        for name in configs:
+            r = one_run(name, work, model_dir, data, common, i)
+            r["tokens_per_s"] = counts["tokens"] / r["train_runtime_s"]
+            r["tokens_per_cpu_s"] = counts["tokens"] / max(r["train_cpu_s"], 1e-9)
+            r["mfu"] = r["tokens_per_s"] * flops_per_token / peak_bf16
+            logger.info(
+                "%s #%d: %.0f tokens/s, peak %.0f MiB, final loss %.4f", name, i, r["tokens_per_s"], r["peak_mib"], r["final_loss"] or 0
+            )
+            runs.append(r)
+    peak_bf16 = max(peak_bf16, matmul_peak_flops("bf16"))
+    summary: dict[str, Any] = {}
+    for name in configs:
+        rs = [r for r in runs if r["config"] == name]
+        summary[name] = {
+            "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rs),
+            "peak_mib_max": max(r["peak_mib"] for r in rs),
+            "tokens_per_cpu_s_median": statistics.median(r["tokens_per_cpu_s"] for r in rs),
+            "final_loss_median": statistics.median(r["final_loss"] for r in rs),
+            "train_loss_median": statistics.median(r["train_loss"] for r in rs),
+        }
+        summary[name]["mfu_median"] = summary[name]["tokens_per_s_median"] * flops_per_token / peak_bf16
+    if "recipe" in summary and "ours" in summary:
+        # Ratios within each interleaved pair, so a busy minute affects both sides of a pair.
+        pairs = [
+            (r, o) for r, o in zip([x for x in runs if x["config"] == "recipe"], [x for x in runs if x["config"] == "ours"], strict=True)
+        ]
+        summary["speedup_per_pair"] = [o["tokens_per_s"] / r["tokens_per_s"] for r, o in pairs]
+        summary["speedup_median"] = statistics.median(summary["speedup_per_pair"])
+        summary["cpu_speedup_per_pair"] = [o["tokens_per_cpu_s"] / r["tokens_per_cpu_s"] for r, o in pairs]
+        summary["final_loss_rel_diff"] = summary["ours"]["final_loss_median"] / summary["recipe"]["final_loss_median"] - 1
+        summary["peak_memory_ratio"] = summary["ours"]["peak_mib_max"] / summary["recipe"]["peak_mib_max"]
+    import torch
+
+    result = {
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "model": str(model_dir),
+        "data": str(data),
+        "cutoff_len": cutoff_len,
+        "micro_batch_size": micro_batch,
+        "batch_size": batch,
+        "max_steps": max_steps,
+        "data_tokens": counts,
+        "recipe_padding_fraction_est": 1 - counts["tokens"] / max(counts["padded_tokens"], 1),
+        "flops_per_token": flops_per_token,
+        "matmul_peak_bf16_flops": peak_bf16,
+        "runs": runs,
+        "summary": summary,
+    }
+    return result
+
+
+def plot(result: dict[str, Any], out_png: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ("recipe", "ours") if n in result["summary"]]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
+    axes[0].bar(names, [result["summary"][n]["tokens_per_s_median"] for n in names], color=["#999", "#2a7"][: len(names)])
+    axes[0].set_title("non-padding tokens/s")
+    axes[1].bar(names, [result["summary"][n]["peak_mib_max"] for n in names], color=["#999", "#2a7"][: len(names)])
+    axes[1].set_title("peak memory (MiB)")
+    for r in result["runs"]:
+        if r["losses"]:
+            axes[2].plot(*zip(*r["losses"], strict=True), color="#999" if r["config"] == "recipe" else "#2a7", alpha=0.7)
+    axes[2].set_title("train loss vs step (same samples)")
+    axes[2].set_xlabel("optimizer step")
+    fig.suptitle(f"{result['device']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']}, bf16")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenization speed
+# --------------------------------------------------------------------------------------------
+def tokenize_speed(model_dir: Path, data: Path, n: int = 50000) -> dict[str, float]:
+    """Seconds to tokenize n records: batched (`tokenize_instructions`) vs one sample at a time."""
+    from chinese_vicuna.data import encode_segments, read_records, tokenize_instructions, validate_instruction
+    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.prompts import load_template
+
+    tokenizer = load_tokenizer(str(model_dir))
+    template = load_template("alpaca", tokenizer)
+    base = [validate_instruction(r) for r in read_records(data)]
+    # Distinct texts (numbered): repeats would hit the tokenizer's word cache and flatter both.
+    records = [dict(base[i % len(base)], instruction=f"{base[i % len(base)]['instruction']} 第{i}题") for i in range(n)]
+    t0 = time.perf_counter()
+    batched = tokenize_instructions(records, tokenizer, template, 512)
+    t_batched = time.perf_counter() - t0
+    m = min(n, 5000)  # one-at-a-time is slow: time a slice and scale
+    t0 = time.perf_counter()
+    single = [
+        encode_segments(tokenizer, template.instruction_segments(r["instruction"], r["input"], r["output"]), add_eos=True)
+        for r in records[:m]
+    ]
+    t_single = (time.perf_counter() - t0) * n / m
+    assert [s["input_ids"] for s in batched[:10]] == [ids[:512] for ids, _ in single[:10]]
+    return {"samples": n, "batched_s": t_batched, "one_at_a_time_s": t_single, "speedup": t_single / t_batched}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def prepare(work: Path, samples: int, shape: str = "50m", model: Path | None = None) -> tuple[Path, Path]:
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = model or work / f"llama-{shape}"
+    if model is not None and not (model / "config.json").is_file():
+        raise UserError(f"--model {model}: no config.json; give a Hugging Face LLaMA folder")
+    if not (model_dir / "config.json").is_file():
+        build_model(model_dir, shape)
+    data = work / f"data-{samples}.jsonl"
+    stats = make_benchmark_data(data, model_dir, samples)
+    logger.info("wrote %s: %s", data, stats)
+    return model_dir, data
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="build the ~50M model and the data")
+    p.add_argument("work", type=Path)
+    p.add_argument("--samples", type=int, default=400)
+    p.add_argument("--shape", choices=sorted(MODEL_SHAPES), default="50m")
+    for name in ("run", "quick"):
+        r = sub.add_parser(name, help="train recipe vs ours" if name == "run" else "a seconds-long run on a tiny model")
+        r.add_argument("work", type=Path)
+        r.add_argument("--samples", type=int, default=400 if name == "run" else 24)
+        r.add_argument("--cutoff_len", type=int, default=512)
+        r.add_argument("--repeats", type=int, default=1)
+        r.add_argument("--micro_batch_size", type=int, default=4)
+        r.add_argument("--batch_size", type=int, default=16 if name == "run" else 8)
+        r.add_argument("--max_steps", type=int, default=-1, help="stop early (cutoff sweeps); -1 = one epoch")
+        r.add_argument("--configs", default="recipe,ours")
+        r.add_argument("--model", type=Path, default=None, help="use this model folder instead of building one")
+        r.add_argument("--out", type=Path, default=None, help="JSON path (default WORK/benchmark[-quick].json)")
+    t = sub.add_parser("tokenize", help="batched vs one-at-a-time tokenization")
+    t.add_argument("work", type=Path)
+    t.add_argument("--samples", type=int, default=50000)
+    t.add_argument("--model", type=Path, default=None, help="tokenizer/model folder (default: WORK/llama-50m, built if missing)")
+    # Unknown flags (run/quick) go to finetune.py for both configurations, e.g. --lora_r 16.
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("run", "quick"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    if args.command == "prepare":
+        prepare(args.work, args.samples, args.shape)
+        return
+    if args.command == "tokenize":
+        model_dir, data = prepare(args.work, 400, "50m", args.model)
+        result = tokenize_speed(model_dir, data, args.samples)
+        atomic_write_bytes(args.work / "tokenize.json", json.dumps(result, indent=2).encode())
+        print(json.dumps(result, indent=2))
+        return
+    shape = "50m" if args.command == "run" else "tiny"
+    model_dir, data = prepare(args.work, args.samples, shape, args.model)
+    result = run_benchmark(
+        args.work,
+        model_dir,
+        data,
+        args.cutoff_len,
+        args.repeats,
+        args.micro_batch_size,
+        args.batch_size,
+        tuple(args.configs.split(",")),
+        args.max_steps,
+        extra,
+        logging_steps=5 if args.command == "run" else 1,
+    )
+    out = args.out or args.work / ("benchmark.json" if args.command == "run" else "benchmark-quick.json")
+    atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+    plot(result, out.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
