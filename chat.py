@@ -61,27 +61,30 @@ class Chat:
         template = self.templates[template_name]
         return template.default_system if system is None else system
 
-    def reply(
+    def prompt(
         self,
         history: list[Message],
         question: str,
         template_name: str | None = None,
         system: str | None = None,
         max_memory: int | None = None,
-        decoding: DecodingArguments | None = None,
-        stop_event: Any = None,
-        stats: GenerationStats | None = None,
-        notes: list[str] | None = None,
-    ) -> Iterator[str]:
-        """The answer to `question` after `history`, in pieces (see stream_generate)."""
+    ) -> tuple[list[int], PromptTemplate, str]:
+        """Prompt ids for `question` after `history` within the budget, and a note if turns were dropped."""
         template = self.templates[template_name or self.default_template]
         budget = max_memory if max_memory is not None else self.args.max_memory
         ids, dropped = chat_prompt_ids(self.tokenizer, template, history, question, self.system_of(template.name, system), budget)
-        if dropped and notes is not None:
-            notes.append(f"dropped the {dropped} oldest turn(s) to fit max_memory={budget}")
-        yield from stream_generate(
-            self.model, self.tokenizer, ids, decoding or self.decoding, template.stop_strings, True, stop_event, stats
-        )
+        return ids, template, f"dropped the {dropped} oldest turn(s) to fit max_memory={budget}" if dropped else ""
+
+    def stream(
+        self,
+        ids: list[int],
+        template: PromptTemplate,
+        decoding: DecodingArguments | None = None,
+        stop_event: Any = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """The answer in pieces (see stream_generate); chat answers are stripped."""
+        return stream_generate(self.model, self.tokenizer, ids, decoding or self.decoding, template.stop_strings, True, stop_event, stats)
 
 
 def conversation_record(history: list[Message], system: str) -> dict[str, list[Message]]:
@@ -146,24 +149,22 @@ def run_cli(chat: Chat) -> None:
         elif not line.strip():
             continue
 
-        notes: list[str] = []
+        try:
+            ids, template, note = chat.prompt(history, line, system=system)
+        except UserError as exc:
+            print(f"[{exc}]", flush=True)
+            continue
+        if note:
+            print(f"[{note}]")
+        print("Assistant: ", end="", flush=True)
         text = ""
         try:
-            pieces = chat.reply(history, line, system=system, notes=notes)
-            first = next(pieces, "")  # the prompt is built (and notes made) before the first piece
-            for note in notes:
-                print(f"[{note}]")
-            print("Assistant: " + first, end="", flush=True)
-            text = first
-            for piece in pieces:
+            for piece in chat.stream(ids, template):
                 print(piece, end="", flush=True)
                 text += piece
             print(flush=True)
         except KeyboardInterrupt:  # raised inside the stream: its finally ends generation
             print(" [stopped]", flush=True)
-        except UserError as exc:
-            print(f"[{exc}]", flush=True)
-            continue
         history = [*history, {"role": "user", "content": line}, {"role": "assistant", "content": text}]
 
 
@@ -184,21 +185,20 @@ def build_page(chat: Chat, title: str) -> Any:
         if not message.strip():
             raise gr.Error("Type a message first.")
         settings = decoding_from_values(values)
-        notes: list[str] = []
-        stats, text = GenerationStats(), ""
-        pieces = chat.reply(history, message, template_name, system, int(max_memory), settings, stops.start(session), stats, notes)
         try:
-            user = {"role": "user", "content": message}
-            waiting = "generating…" if settings.streams else "beam search: the answer shows when it is complete"
-            shown = [*history, user, {"role": "assistant", "content": ""}]
-            for piece in pieces:
-                text += piece
-                shown[-1] = {"role": "assistant", "content": text}
-                yield shown, history, "", waiting
+            ids, template, note = chat.prompt(history, message, template_name, system, int(max_memory))
         except UserError as exc:
             raise gr.Error(str(exc)) from None
+        user = {"role": "user", "content": message}
+        shown = [*history, user, {"role": "assistant", "content": ""}]
+        yield shown, history, "", "generating…" if settings.streams else "beam search: the answer shows when it is complete"
+        stats, text = GenerationStats(), ""
+        for piece in chat.stream(ids, template, settings, stops.start(session), stats):
+            text += piece
+            shown[-1] = {"role": "assistant", "content": text}
+            yield shown, history, "", "generating…"
         done = [*history, user, {"role": "assistant", "content": text}]
-        yield done, done, "", "; ".join([*notes, stats.summary()])
+        yield done, done, "", "; ".join(x for x in (note, stats.summary()) if x)
 
     def regenerate(session: str, history: list[Message], *rest: Any) -> Iterator[tuple[list[Message], list[Message], str, str]]:
         if len(history) < 2:
@@ -224,7 +224,7 @@ def build_page(chat: Chat, title: str) -> Any:
         session = stops.session_state(demo)
         history = gr.State([])
         gr.Markdown(f"## {title}")
-        chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
+        chatbot = gr.Chatbot(label="Conversation", height=420, buttons=["copy", "copy_all"], elem_id="chatbot")
         with gr.Row():
             message = gr.Textbox(placeholder="Type a message, Enter to send", show_label=False, scale=5, elem_id="message")
             send = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
@@ -251,6 +251,7 @@ def build_page(chat: Chat, title: str) -> Any:
         stop.click(stops.stop, session, None, queue=False)
         undo_btn.click(undo, history, [chatbot, history, status])
         clear_btn.click(clear, None, [chatbot, history, status])
+        chatbot.clear(clear, None, [chatbot, history, status])  # the chatbot's own trash icon
         save_btn.click(save, [history, system], [saved, status])
         template_name.change(lambda name: chat.templates[name].default_system, template_name, system)
     return demo

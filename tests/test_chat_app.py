@@ -59,20 +59,28 @@ def conversation(tiny_model_dir: Path, memorized_lora: Path, memorized_data: Pat
     return history
 
 
+def wait_until_answered(page, answers: int) -> None:
+    """`answers` bot messages and a finished generation: the status line gets its figures in
+    the same update as the final answer; the first piece of an answer replaces them with
+    'generating…' in the same update as the new message, so the old figures never count."""
+    page.wait_for_function(
+        "n => document.querySelectorAll('#chatbot [data-testid=bot]').length === n"
+        " && document.querySelector('#status').innerText.includes('tokens/s')",
+        arg=answers,
+    )
+
+
 def test_chat_page_holds_a_two_turn_conversation(tiny_model_dir: Path, memorized_lora: Path, chat_template: Path, conversation):
     args = ["chat.py", "--base_model", str(tiny_model_dir), "--lora_weights", str(memorized_lora), "--prompt_template", str(chat_template)]
     with serve(*args) as (url, _), browser_page() as page:
         page.goto(url)
-        bot = page.locator("#chatbot .message.bot")
+        bot, users = page.locator("#chatbot [data-testid=bot]"), page.locator("#chatbot [data-testid=user]")
         for turn in range(2):
             page.locator("#message textarea").fill(conversation[2 * turn]["content"])
             page.locator("#send-btn").click()
-            page.wait_for_function(f"document.querySelectorAll('#chatbot .message.bot').length === {turn + 1}")
-            page.wait_for_function("document.querySelector('#status').innerText.includes('tokens/s')")
+            wait_until_answered(page, turn + 1)
             assert bot.nth(turn).inner_text().strip() == conversation[2 * turn + 1]["content"]
-            page.locator("#status").evaluate("e => e.innerText = ''")
         screenshot(page, "chat.png")
-        users = page.locator("#chatbot .message.user")
         assert [users.nth(i).inner_text().strip() for i in range(2)] == [conversation[0]["content"], conversation[2]["content"]]
 
         # save: the conversation as one JSONL line in the chat data format
@@ -85,11 +93,10 @@ def test_chat_page_holds_a_two_turn_conversation(tiny_model_dir: Path, memorized
 
         # undo drops the last whole turn; regenerate answers the last question again
         page.locator("#undo-btn").click()
-        page.wait_for_function("document.querySelectorAll('#chatbot .message.bot').length === 1")
+        page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=bot]').length === 1")
         page.locator("#regen-btn").click()
-        page.wait_for_function("document.querySelector('#status').innerText.includes('tokens/s')")
-        assert page.locator("#chatbot .message.bot").count() == 1
-        assert bot.nth(0).inner_text().strip() == conversation[1]["content"]
+        wait_until_answered(page, 1)
+        assert bot.count() == 1 and bot.nth(0).inner_text().strip() == conversation[1]["content"]
 
 
 def test_terminal_chat_two_turns_undo_save(tiny_model_dir: Path, memorized_lora: Path, chat_template: Path, conversation, tmp_path: Path):

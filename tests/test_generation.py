@@ -340,7 +340,7 @@ def test_lora_for_another_base_is_a_clear_error(tiny_model_dir: Path, memorized_
     shutil.copytree(memorized_lora, adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
     acfg = json.loads((adapter / "adapter_config.json").read_text())
     (adapter / "adapter_config.json").write_text(json.dumps({**acfg, "base_model_name_or_path": str(other_base)}))
-    with pytest.raises(UserError, match=r"vocab_size=49953 but the base model has vocab_size=3000"):
+    with pytest.raises(UserError, match=r"\(vocab_size=49953\) but the base model has vocab_size=3000"):
         load_for_inference(str(tiny_model_dir), str(adapter), "fp32")
 
     # 2. the adapter carries the (expanded) tokenizer it was trained with
