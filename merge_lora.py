@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     dtype = resolve_dtype(args.dtype, plan.config)
     max_shard = parse_size(args.max_shard_size)
     tokenizer = load_tokenizer(str(plan.tokenizer_dir))
-    stage = StagingDir(args.output_dir, args.overwrite)
     info = {
         "base_model": str(plan.base),
         "lora_weights": [str(a.path) for a in plan.adapters],
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": DTYPE_NAMES[dtype],
         "vocab_size": plan.final_vocab,
     }
-    try:
+    with StagingDir(args.output_dir, args.overwrite) as stage:  # moved into place only when complete
         # 2. merge: PEFT's merge_and_unload, or W + scale·B·A streamed shard by shard
         model, reference, steps = None, None, []
         if args.low_mem:
@@ -134,10 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         if args.verify:
             info["verify"] = result
         write_manifest(stage.path, info)
-        stage.commit()
-    except BaseException:
-        stage.abort()
-        raise
     logger.info("wrote %s (%s, %s) in %.1f s", args.output_dir, args.output_type, DTYPE_NAMES[dtype], time.time() - start)
     if args.verify and not info["verify"]["ok"]:
         print(f"error: verification failed: merged logits differ from base + LoRAs by more than {info['verify']['tolerance']:.3g}")

@@ -34,6 +34,7 @@ from chinese_vicuna.modeling import unused_vocab_rows
 logger = logging.getLogger(__name__)
 
 SAFE_INDEX = "model.safetensors.index.json"
+DELTA_MANIFEST = "delta_manifest.json"
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
@@ -157,6 +158,23 @@ class StagingDir:
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> StagingDir:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+    """Config, generation config, tokenizer and other small files; not weights, indexes or manifests."""
+    for item in Path(src).iterdir():
+        weights = item.suffix in (".safetensors", ".bin", ".pth") or item.name.endswith(".index.json")
+        if item.is_file() and not weights and item.name not in ("manifest.json", DELTA_MANIFEST):
+            shutil.copyfile(item, dst / item.name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -629,6 +647,14 @@ META_SPLIT_DIM = {
 }
 
 
+META_TOP = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+
+
+def _meta_module(name: str) -> str:
+    """`layers.3.attention.wq.weight` → `attention.wq`; `tok_embeddings.weight` → `tok_embeddings`."""
+    return name.removesuffix(".weight").split(".", 2)[-1] if name.startswith("layers.") else name.split(".")[0]
+
+
 def meta_params(config: dict[str, Any]) -> dict[str, Any]:
     """params.json whose FFN formula (Meta's model.py) reproduces intermediate_size exactly."""
     dim, hidden = int(config["hidden_size"]), int(config["intermediate_size"])
@@ -681,12 +707,8 @@ def hf_to_meta(state: dict[str, torch.Tensor], config: dict[str, Any], num_shard
     n_kv = int(config.get("num_key_value_heads") or n_heads)
     meta: dict[str, torch.Tensor] = {}
     for name, t in state.items():
-        if name == "model.embed_tokens.weight":
-            meta["tok_embeddings.weight"] = t
-        elif name == "model.norm.weight":
-            meta["norm.weight"] = t
-        elif name == "lm_head.weight":
-            meta["output.weight"] = t
+        if name in META_TOP:
+            meta[META_TOP[name]] = t
         elif name.startswith("model.layers."):
             _, _, layer, rest = name.split(".", 3)
             module = rest.rsplit(".", 1)[0]
@@ -701,7 +723,7 @@ def hf_to_meta(state: dict[str, torch.Tensor], config: dict[str, Any], num_shard
         meta["output.weight"] = meta["tok_embeddings.weight"]
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
     for name, t in meta.items():
-        dim = META_SPLIT_DIM.get(name.split(".weight")[0].split(".", 2)[-1] if name.startswith("layers.") else name.split(".")[0])
+        dim = META_SPLIT_DIM.get(_meta_module(name))
         if dim is None or num_shards == 1:
             for shard in shards:
                 shard[name] = t.clone()
@@ -718,19 +740,15 @@ def meta_to_hf(shards: list[dict[str, torch.Tensor]], params: dict[str, Any]) ->
     n_heads = int(params["n_heads"])
     n_kv = int(params.get("n_kv_heads", n_heads))
     inverse = {v: k for k, v in HF_TO_META.items()}
+    top = {v: k for k, v in META_TOP.items()}
     hf: dict[str, torch.Tensor] = {}
     for name in shards[0]:
         if name == "rope.freqs":
             continue
-        key = name.split(".weight")[0].split(".", 2)[-1] if name.startswith("layers.") else name.split(".")[0]
-        dim = META_SPLIT_DIM.get(key)
+        dim = META_SPLIT_DIM.get(_meta_module(name))
         t = shards[0][name] if dim is None or len(shards) == 1 else torch.cat([s[name] for s in shards], dim=dim)
-        if name == "tok_embeddings.weight":
-            hf["model.embed_tokens.weight"] = t
-        elif name == "norm.weight":
-            hf["model.norm.weight"] = t
-        elif name == "output.weight":
-            hf["lm_head.weight"] = t
+        if name in top:
+            hf[top[name]] = t
         else:
             _, layer, rest = name.split(".", 2)
             module = inverse[rest.rsplit(".", 1)[0]]
@@ -765,9 +783,6 @@ def load_meta(folder: str | os.PathLike) -> tuple[list[dict[str, torch.Tensor]],
 # --------------------------------------------------------------------------------------------
 # Delta weights (Vicuna's way of shipping a fine-tune of a base that cannot be redistributed)
 # --------------------------------------------------------------------------------------------
-DELTA_MANIFEST = "delta_manifest.json"
-
-
 def _delta_of(target: torch.Tensor, base: torch.Tensor) -> tuple[str, torch.Tensor]:
     """The smallest-precision delta whose `(base + delta).to(target dtype)` is bit-exact.
 
@@ -800,8 +815,7 @@ def make_delta(
     from tqdm import tqdm
 
     base, target = TensorIndex(base_dir, "base model"), TensorIndex(target_dir, "target model")
-    stage = StagingDir(out_dir)
-    try:
+    with StagingDir(out_dir) as stage:
         writer = ShardWriter(stage.path, max_shard_size, prefix="delta")
         entries: dict[str, dict[str, Any]] = {}
         for _, names in tqdm(list(target.iter_files()), desc="delta shards"):
@@ -818,18 +832,12 @@ def make_delta(
                 writer.add(name, stored)
                 entries[name] = entry
         writer.finish()
-        for item in Path(target_dir).iterdir():
-            if item.is_file() and item.suffix not in (".safetensors", ".bin", ".pth") and item.name not in (SAFE_INDEX, "manifest.json"):
-                shutil.copyfile(item, stage.path / item.name)
+        copy_side_files(Path(target_dir), stage.path)
         modes = [e["mode"] for e in entries.values()]
         write_json(
             stage.path / DELTA_MANIFEST, {"base": str(base_dir), "counts": {m: modes.count(m) for m in set(modes)}, "tensors": entries}
         )
         write_manifest(stage.path, {"kind": "delta", "base": str(base_dir), "target": str(target_dir)})
-        stage.commit()
-    except BaseException:
-        stage.abort()
-        raise
     return Path(out_dir)
 
 
@@ -842,8 +850,7 @@ def apply_delta(
     delta_dir = Path(delta_dir)
     spec = read_json(delta_dir / DELTA_MANIFEST)["tensors"]
     base, delta = TensorIndex(base_dir, "base model"), TensorIndex(delta_dir, "delta")
-    stage = StagingDir(out_dir)
-    try:
+    with StagingDir(out_dir) as stage:
         writer = ShardWriter(stage.path, max_shard_size)
         for _, names in tqdm(list(delta.iter_files()), desc="apply shards"):
             for name in names:
@@ -867,16 +874,6 @@ def apply_delta(
                     raise UserError(f"{delta_dir}: {name} does not reproduce the target (SHA-256 differs); the delta files are damaged")
                 writer.add(name, t)
         writer.finish()
-        for item in delta_dir.iterdir():
-            if (
-                item.is_file()
-                and item.suffix not in (".safetensors",)
-                and item.name not in (DELTA_MANIFEST, "manifest.json", "delta.safetensors.index.json")
-            ):
-                shutil.copyfile(item, stage.path / item.name)
+        copy_side_files(delta_dir, stage.path)
         write_manifest(stage.path, {"kind": "base+delta", "base": str(base_dir), "delta": str(delta_dir)})
-        stage.commit()
-    except BaseException:
-        stage.abort()
-        raise
     return Path(out_dir)

@@ -246,7 +246,7 @@ def test_verify_fails_above_tolerance(tiny_model_dir: Path, loras: dict[str, Pat
     assert "verification failed" in capsys.readouterr().out
 
 
-def test_clear_errors(tiny_model_dir: Path, loras: dict[str, Path], tmp_path: Path) -> None:
+def test_clear_errors(tiny_model_dir: Path, loras: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from make_tiny_model import make_tiny_model
 
     other = make_tiny_model(tmp_path / "other-base", hidden_size=64, intermediate_size=176, num_layers=2)
@@ -264,9 +264,17 @@ def test_clear_errors(tiny_model_dir: Path, loras: dict[str, Path], tmp_path: Pa
         str(incomplete): "no adapter_model.safetensors",
         str(tmp_path / "missing"): "folder not found",
     }
-    for lora, message in cases.items():
-        proc = run_script("merge_lora.py", "--base_model", str(tiny_model_dir), "--lora_weights", lora, "--output_dir", str(tmp_path / "x"))
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert "Traceback" not in proc.stderr
-        assert message in proc.stderr, proc.stderr[-1000:]
-        assert not (tmp_path / "x").exists() or not any((tmp_path / "x").glob("*.safetensors"))
+    for i, (lora, message) in enumerate(cases.items()):
+        out = tmp_path / "x"
+        argv = ["--base_model", str(tiny_model_dir), "--lora_weights", lora, "--output_dir", str(out)]
+        if i == 0:  # the real command line once: exit code 2, one line, no traceback
+            proc = run_script("merge_lora.py", *argv)
+            assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+            err = proc.stderr
+        else:
+            with pytest.raises(SystemExit) as exc:
+                merge(*argv)
+            assert exc.value.code == 2
+            err = capsys.readouterr().err
+        assert message in err, err[-1000:]
+        assert not out.exists() or not any(out.glob("*.safetensors"))
