@@ -172,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"({n} tokens, {n / max(time.time() - start, 1e-9):.1f} tokens/s)", file=sys.stderr, flush=True)
         if template.is_chat:
             history += [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
+    llm.close()  # free llama.cpp's model now, not in a destructor at interpreter exit
 
 
 if __name__ == "__main__":
