@@ -34,7 +34,9 @@ class ModelArguments:
     base_model: str = field(default="", metadata={"help": "Base model: a local HF folder or a hub id (LLaMA-family)."})
     tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder if not the base model's."})
     lora_weights: str | None = field(default=None, metadata={"help": "Continue training this adapter (folder or hub id)."})
-    precision: str = field(default="auto", metadata={"help": "Weights: auto (8bit on GPU, fp32 on CPU), fp32, bf16, fp16, 8bit, 4bit."})
+    precision: str = field(
+        default="auto", metadata={"help": "Weights: auto (8bit on GPU, fp32 on CPU), fp32, bf16, fp16, half, 8bit, 4bit."}
+    )
     load_in_8bit: bool = field(default=False, metadata={"help": "Same as --precision 8bit."})
     load_in_4bit: bool = field(default=False, metadata={"help": "Same as --precision 4bit (QLoRA NF4, double quantization)."})
     device_map: str | None = field(
