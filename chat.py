@@ -172,9 +172,7 @@ def run_cli(chat: Chat) -> None:
 # Web page
 # --------------------------------------------------------------------------------------------
 def build_page(chat: Chat, title: str) -> Any:
-    import gradio as gr
-
-    from chinese_vicuna.webui import SessionStops, decoding_controls, decoding_from_values
+    from chinese_vicuna.webui import SessionStops, decoding_controls, decoding_from_values, gr
 
     stops = SessionStops()
     save_dir = Path(tempfile.mkdtemp(prefix="chat-saves-"))
@@ -235,7 +233,7 @@ def build_page(chat: Chat, title: str) -> Any:
             clear_btn = gr.Button("Clear", elem_id="clear-btn")
             save_btn = gr.Button("Save JSONL", elem_id="save-btn")
         status = gr.Markdown(elem_id="status")
-        saved = gr.File(label="Saved conversation", elem_id="saved", interactive=False)
+        saved = gr.File(label="Saved conversation", elem_id="saved", interactive=False, height=90)
         with gr.Accordion("Conversation settings", open=False):
             template_name = gr.Dropdown(list(chat.templates), value=chat.default_template, label="Template", elem_id="template")
             system = gr.Textbox(chat.system_of(first.name, chat.args.system), lines=2, label="System prompt", elem_id="system")

@@ -52,9 +52,7 @@ def run_batch(model: Any, tokenizer: Any, template: PromptTemplate, decoding: De
 
 
 def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, title: str) -> Any:
-    import gradio as gr
-
-    from chinese_vicuna.webui import SessionStops, decoding_controls, decoding_from_values
+    from chinese_vicuna.webui import SessionStops, decoding_controls, decoding_from_values, gr
 
     stops = SessionStops()
 

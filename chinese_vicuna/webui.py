@@ -13,7 +13,7 @@ from typing import Any
 # No usage reports or version checks from the page's server.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import gradio as gr
+import gradio as gr  # re-exported: scripts import it from here, after the setting above
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.generation import DecodingArguments
