@@ -51,7 +51,12 @@ def data16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def single_process_run(tiny_model_dir: Path, data16: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reference: one process, 4 × 2 accumulation (in this process: no interpreter start-up)."""
     out = tmp_path_factory.mktemp("dist-single") / "lora"
-    finetune.main([*train_flags(tiny_model_dir, data16, out), "--precision", "fp32"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's processes; a busy 2-core machine slows 2 threads down a lot
+    try:
+        finetune.main([*train_flags(tiny_model_dir, data16, out), "--precision", "fp32"])
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -66,6 +66,7 @@ def launcher_env(**variables: str) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHON"] = sys.executable
     env["PYTHONPATH"] = str(REPO)
+    env["OMP_NUM_THREADS"] = "1"  # as torchrun sets for its processes: the tiny model gains nothing from more
     env.update(variables)
     return env
 
