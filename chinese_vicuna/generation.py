@@ -529,7 +529,7 @@ def generate_answer(
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
-def check_adapter_matches_base(adapter_dir: str, model: Any, tokenizer: Any) -> None:
+def check_adapter_matches_base(adapter_dir: str, model: Any, tokenizer: Any, vocab_resized: bool = False) -> None:
     """A LoRA for another base is a UserError, even where the shapes happen to agree.
 
     Two signs: the base named in `adapter_config.json` is a local model whose config differs
@@ -545,7 +545,8 @@ def check_adapter_matches_base(adapter_dir: str, model: Any, tokenizer: Any) -> 
     if named_cfg is not None and named_cfg.is_file():
         theirs = json.loads(named_cfg.read_text(encoding="utf-8"))
         ours = model.config.to_dict()
-        for key in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size"):
+        keys = ("hidden_size", "num_hidden_layers", "intermediate_size") + (() if vocab_resized else ("vocab_size",))
+        for key in keys:
             if key in theirs and key in ours and theirs[key] != ours[key]:
                 raise UserError(
                     f"{cfg_path}: this LoRA was trained on {named} ({key}={theirs[key]}) but the base model has {key}={ours[key]}; "
@@ -576,14 +577,32 @@ def load_for_inference(
     `lora_weights`: an adapter folder this project wrote (output_dir or a checkpoint-N), one
     written by stock PEFT, or a hub id.
     """
-    from chinese_vicuna.modeling import load_lora, load_model_and_tokenizer
+    from chinese_vicuna.modeling import (
+        adapter_vocab_rows,
+        check_special_tokens,
+        check_vocab,
+        load_base_model,
+        load_lora,
+        load_tokenizer,
+        resize_to_adapter,
+    )
 
     if not base_model:
         raise UserError("--base_model is required: a Hugging Face model folder or hub id (a merged model works too)")
-    model, tokenizer = load_model_and_tokenizer(base_model, precision, device_map, tokenizer_path, trust_remote_code)
+    # A LoRA trained on an expanded vocabulary (tools/pretrain.py) carries full embeddings and
+    # the tokenizer it was trained with: that tokenizer is the one to use.
+    adapter_rows = adapter_vocab_rows(lora_weights) if lora_weights and Path(lora_weights).is_dir() else None
+    if adapter_rows and tokenizer_path is None and (Path(lora_weights) / "tokenizer.json").is_file():
+        tokenizer_path = lora_weights
+    tokenizer = load_tokenizer(tokenizer_path or base_model, trust_remote_code)
+    model = load_base_model(base_model, precision, device_map, trust_remote_code)
+    check_special_tokens(model, tokenizer, base_model)
     if lora_weights:
-        check_adapter_matches_base(lora_weights, model, tokenizer)
-        model = load_lora(model, lora_weights)
+        resize_to_adapter(model, lora_weights, tokenizer)
+    check_vocab(model, tokenizer, base_model)
+    if lora_weights:
+        check_adapter_matches_base(lora_weights, model, tokenizer, vocab_resized=adapter_rows is not None)
+        model = load_lora(model, lora_weights, tokenizer=tokenizer)
     model.eval()
     return model, tokenizer
 

@@ -136,6 +136,16 @@ def test_interrupted_lora_stage_resumes_to_the_same_adapter(english_base_dir: Pa
     assert resumed.keys() == whole.keys()
     for name, weight in whole.items():
         assert torch.allclose(resumed[name], weight, atol=1e-6), name
+    # the pretraining adapter (resized vocabulary + full embeddings) works for inference unmerged:
+    # its own tokenizer is picked up and the base grows to its vocabulary
+    from chinese_vicuna.generation import load_for_inference
+
+    model, tok = load_for_inference(str(english_base_dir), str(tmp_path / "whole"), "fp32")
+    assert len(tok) == len(load_tokenizer(str(expanded_tokenizer_dir)))
+    assert model.get_input_embeddings().weight.shape[0] == whole["base_model.model.lm_head.weight"].shape[0]
+    assert torch.equal(model.get_output_embeddings().weight, whole["base_model.model.lm_head.weight"])
+    ids = tok("茶的历史", return_tensors="pt")["input_ids"]
+    assert model.generate(ids, max_new_tokens=4, do_sample=False).shape[1] == ids.shape[1] + 4
     # and steps 4-6 did train: the result is not checkpoint-3's adapter
     at_3 = load_file(str(tmp_path / "resumed" / "checkpoint-3" / "adapter_model.safetensors"))
     assert not torch.equal(at_3["base_model.model.lm_head.weight"], resumed["base_model.model.lm_head.weight"])
