@@ -10,7 +10,6 @@ fallback, unk=0 bos=1 eos=2 as in LLaMA). The output directory loads with
 from __future__ import annotations
 
 import argparse
-import io
 import logging
 import os
 import sys
@@ -19,44 +18,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+from chinese_vicuna.vocab import train_sentencepiece_model  # noqa: E402
+
 DEFAULT_CORPUS = REPO_ROOT / "sample" / "tokenizer" / "corpus.txt"
 
 logger = logging.getLogger("make_tiny_model")
-
-
-def train_sentencepiece(corpus_files: list[Path], vocab_size: int) -> bytes:
-    """Train a LLaMA-style BPE sentencepiece model and return its serialized bytes."""
-    import sentencepiece as spm
-
-    lines: list[str] = []
-    for path in corpus_files:
-        lines.extend(line for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    if not lines:
-        raise SystemExit(f"error: no text in {', '.join(map(str, corpus_files))}")
-    model = io.BytesIO()
-    # The same options LLaMA's tokenizer.model was trained with where they matter for
-    # behaviour: BPE, byte fallback, digits split, identity normalisation, dummy prefix.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        split_digits=True,
-        character_coverage=0.9995,
-        normalization_rule_name="identity",
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        hard_vocab_limit=False,
-        num_threads=1,  # one thread: the result does not depend on scheduling
-        minloglevel=2,
-    )
-    return model.getvalue()
 
 
 def make_tiny_model(
@@ -78,7 +44,8 @@ def make_tiny_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sp_bytes = train_sentencepiece(corpus or [DEFAULT_CORPUS], vocab_size)
+    # LLaMA's tokenizer options (BPE, byte fallback, digits split, identity normalization)
+    sp_bytes = train_sentencepiece_model(corpus or [DEFAULT_CORPUS], vocab_size, max_sentence_length=4192)
     (out / "tokenizer.model").write_bytes(sp_bytes)
     # transformers 5 converts tokenizer.model into a fast tokenizer; saving writes tokenizer.json
     # next to it, and we keep tokenizer.model for sentencepiece-based tools (GGUF, vocab merging).
@@ -120,7 +87,9 @@ def main() -> None:
     parser.add_argument("out_dir")
     parser.add_argument("--vocab_size", type=int, default=3000)
     parser.add_argument("--hidden_size", type=int, default=128)
-    parser.add_argument("--intermediate_size", type=int, default=384, help="a multiple of 64: bitsandbytes 4-bit CPU kernels quantize in blocks of 64")
+    parser.add_argument(
+        "--intermediate_size", type=int, default=384, help="a multiple of 64: bitsandbytes 4-bit CPU kernels quantize in blocks of 64"
+    )
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--num_heads", type=int, default=4)
     parser.add_argument("--num_kv_heads", type=int, default=None)
