@@ -24,6 +24,7 @@ unpacked training; only padding and wasted logits disappear.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,70 @@ class PackedCollator:
             return torch.tensor(values, dtype=torch.long).unsqueeze(0)
 
         return {"input_ids": row(input_ids), "position_ids": row(position_ids), "labels": row(labels), "shift_labels": row(shift_labels)}
+
+
+PACKED_SDPA = "sdpa_packed"
+
+
+def _segment_starts(position_ids: torch.Tensor | None, length: int) -> list[int] | None:
+    """Start offsets of the samples in a packed row (positions restart at 0), else None."""
+    if position_ids is None or position_ids.shape[0] != 1 or position_ids.shape[-1] != length:
+        return None
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0 or len(starts) == 1:
+        return None
+    return [*starts, length]
+
+
+def packed_sdpa_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """sdpa per packed sample: causal attention inside each sample, nothing across them.
+
+    The generic path hands sdpa one block-diagonal mask over the whole row, which on the CPU
+    computes every (masked) block and cannot use the fused causal kernel. Here each sample
+    runs `is_causal=True` on its own slice, the CPU analogue of flash-attention's varlen.
+    Anything that is not a packed training row (generation, padded batches) goes to sdpa.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    n = query.shape[2]
+    starts = _segment_starts(kwargs.get("position_ids"), n) if key.shape[2] == n else None
+    if starts is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    p = dropout if module.training else 0.0
+    out = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, scale=scaling, is_causal=True
+            )
+            for a, b in itertools.pairwise(starts)
+        ],
+        dim=2,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_packed_attention(model: Any) -> None:
+    """Switch an sdpa model to `packed_sdpa_attention` (same results, no cross-sample work)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "_attn_implementation", None) != "sdpa":
+        return  # flash-attention (varlen from position_ids) or eager: leave as chosen
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
+    AttentionMaskInterface.register(PACKED_SDPA, AttentionMaskInterface._global_mapping["sdpa"])
+    base.set_attn_implementation(PACKED_SDPA)
 
 
 def packed_forward(model: Any, inputs: dict[str, torch.Tensor], **kwargs: Any) -> Any:

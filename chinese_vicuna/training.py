@@ -286,9 +286,11 @@ def build_trainer(
     """A Trainer that logs to trainer_log.jsonl and saves loadable adapters in every checkpoint."""
     configure_evaluation(args, bool(eval_dataset))
     if getattr(args, "packing", False):
-        from chinese_vicuna.packing import use_packing
+        from chinese_vicuna.packing import PackedCollator, use_packed_attention, use_packing
 
         data_collator, trainer_class = use_packing(data_collator, trainer_class)
+        if isinstance(data_collator, PackedCollator):
+            use_packed_attention(model)
     if len(train_dataset) == 0:
         raise UserError("no training samples left; check the data file and --cutoff_len")
     steps_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * world_size() * args.gradient_accumulation_steps))
@@ -347,6 +349,10 @@ def load_model_for_training(model_args: ModelArguments, lora_args: LoraArguments
     from chinese_vicuna.modeling import add_lora, load_checked_model, load_lora, prepare_for_training, resolve_precision
 
     precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
+    if model_args.precision == "auto" and precision == "fp32" and train_args.bf16:
+        # bf16 training: the frozen base is only ever read by bf16 matmuls, so store it in bf16
+        # (half the memory, no per-step cast of every weight); the LoRA weights stay fp32.
+        precision = "bf16"
     model = load_checked_model(model_args.base_model, tokenizer, precision, model_args.device_map, model_args.trust_remote_code)
     model = prepare_for_training(model, train_args.gradient_checkpointing)
     train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}

@@ -10,17 +10,21 @@ import torch
 from chinese_vicuna.data import IGNORE_INDEX, PaddingCollator, read_records, tokenize_instructions, validate_instruction
 from chinese_vicuna.losses import chunked_cross_entropy
 from chinese_vicuna.modeling import add_lora, load_model_and_tokenizer
-from chinese_vicuna.packing import PackedCollator, packed_forward, packed_loss
+from chinese_vicuna.packing import PACKED_SDPA, PackedCollator, packed_forward, packed_loss, use_packed_attention
 from chinese_vicuna.prompts import load_template
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "instruct" / "data_sample.jsonl"
 
 
-@pytest.fixture(scope="module")
-def model_and_samples(tiny_model_dir: Path) -> tuple:
+@pytest.fixture(scope="module", params=["sdpa-mask", "sdpa-per-sample"])
+def model_and_samples(tiny_model_dir: Path, request: pytest.FixtureRequest) -> tuple:
+    """The generic block-diagonal mask path, and the per-sample sdpa build_trainer switches to."""
     model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "fp32")
     torch.manual_seed(0)
     model = add_lora(model, 8, 16, 0.0, "all-linear")
+    if request.param == "sdpa-per-sample":
+        use_packed_attention(model)
+        assert model.get_base_model().config._attn_implementation == PACKED_SDPA
     # LoRA B starts at zero; give it values so LoRA gradients flow through both factors.
     with torch.no_grad():
         for name, p in model.named_parameters():
