@@ -70,7 +70,9 @@ class BatchEncoder:
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if self.sp is None or not texts:
             return hf_encode(self.tokenizer, texts)
-        plain = [i for i, t in enumerate(texts) if not any(a in t for a in self.added)]
+        # Added tokens are split out by HF only; text that starts with whitespace is where the
+        # converted HF tokenizer and sentencepiece are known to disagree: both go to HF.
+        plain = [i for i, t in enumerate(texts) if not t[:1].isspace() and not any(a in t for a in self.added)]
         probe = plain[: 32 if not self.verified else 1] + plain[::PROBE_EVERY]
         reference = dict(zip(probe, hf_encode(self.tokenizer, [texts[i] for i in probe]), strict=True))
         ids = self.sp.encode([texts[i] for i in plain], num_threads=self.num_threads)

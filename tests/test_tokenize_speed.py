@@ -38,3 +38,12 @@ def test_batched_tokenization_same_ids_and_faster(tiny_model_dir: Path) -> None:
         batched_s = min(batched_s, time.perf_counter() - t0)
     assert [s["input_ids"] for s in batched[:1000]] == single
     assert single_s / batched_s >= 2, f"batched {batched_s:.2f}s vs one at a time {single_s:.2f}s for {len(records)} samples"
+
+
+def test_fast_path_gives_hf_ids_for_text_starting_with_whitespace(tiny_model_dir: Path) -> None:
+    from chinese_vicuna.data import encode_texts
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    # where sentencepiece and the converted HF tokenizer disagree (leading spaces: code answers)
+    texts = ["  two  spaces", "    def f():\n        return 1", " x", "\n\n换行开头", "你好，世界！"] * 40
+    assert encode_texts(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
