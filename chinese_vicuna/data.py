@@ -11,8 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import torch
 
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.files import atomic_write_text
 from chinese_vicuna.prompts import PromptTemplate, Segment
 
 logger = logging.getLogger(__name__)
@@ -285,12 +284,7 @@ def cached_samples(
         with path.open(encoding="utf-8") as f:
             return [json.loads(line) for line in f], True
     samples = build()
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        for s in samples:
-            f.write(json.dumps(s, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(s, separators=(",", ":")) + "\n" for s in samples))
     return samples, False
 
 
@@ -398,8 +392,3 @@ class PaddingCollator:
             labels[i, :k] = torch.as_tensor(f["labels"])
             attention_mask[i, :k] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def remove_cache_dir(cache_dir: str | os.PathLike | None = None) -> None:
-    """Delete the tokenized-data cache (used by `--clear_cache`)."""
-    shutil.rmtree(Path(cache_dir) if cache_dir else default_cache_dir(), ignore_errors=True)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.files import atomic_write_text
 from chinese_vicuna.modeling import unused_vocab_rows
 
 logger = logging.getLogger(__name__)
@@ -112,11 +113,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_manifest(out_dir: Path, info: dict[str, Any] | None = None) -> Path:

@@ -577,31 +577,17 @@ def load_for_inference(
     `lora_weights`: an adapter folder this project wrote (output_dir or a checkpoint-N), one
     written by stock PEFT, or a hub id.
     """
-    from chinese_vicuna.modeling import (
-        adapter_vocab_rows,
-        check_special_tokens,
-        check_vocab,
-        load_base_model,
-        load_lora,
-        load_tokenizer,
-        resize_to_adapter,
-    )
+    from chinese_vicuna.modeling import adapter_tokenizer_path, adapter_vocab_rows, load_checked_model, load_lora, load_tokenizer
 
     if not base_model:
         raise UserError("--base_model is required: a Hugging Face model folder or hub id (a merged model works too)")
     # A LoRA trained on an expanded vocabulary (tools/pretrain.py) carries full embeddings and
     # the tokenizer it was trained with: that tokenizer is the one to use.
-    adapter_rows = adapter_vocab_rows(lora_weights) if lora_weights and Path(lora_weights).is_dir() else None
-    if adapter_rows and tokenizer_path is None and (Path(lora_weights) / "tokenizer.json").is_file():
-        tokenizer_path = lora_weights
-    tokenizer = load_tokenizer(tokenizer_path or base_model, trust_remote_code)
-    model = load_base_model(base_model, precision, device_map, trust_remote_code)
-    check_special_tokens(model, tokenizer, base_model)
+    tokenizer = load_tokenizer(tokenizer_path or adapter_tokenizer_path(lora_weights) or base_model, trust_remote_code)
+    model = load_checked_model(base_model, tokenizer, precision, device_map, trust_remote_code, lora_weights)
     if lora_weights:
-        resize_to_adapter(model, lora_weights, tokenizer)
-    check_vocab(model, tokenizer, base_model)
-    if lora_weights:
-        check_adapter_matches_base(lora_weights, model, tokenizer, vocab_resized=adapter_rows is not None)
+        resized = Path(lora_weights).is_dir() and adapter_vocab_rows(lora_weights) is not None
+        check_adapter_matches_base(lora_weights, model, tokenizer, vocab_resized=resized)
         model = load_lora(model, lora_weights, tokenizer=tokenizer)
     model.eval()
     return model, tokenizer

@@ -286,13 +286,31 @@ def load_model_and_tokenizer(
 
 
 def load_checked_model(
-    base_model: str, tokenizer: Any, precision: str = "auto", device_map: Any = None, trust_remote_code: bool = False
+    base_model: str,
+    tokenizer: Any,
+    precision: str = "auto",
+    device_map: Any = None,
+    trust_remote_code: bool = False,
+    lora_weights: str | None = None,
 ) -> Any:
-    """The base model, with its special tokens and vocabulary checked against `tokenizer`."""
+    """The base model, with its special tokens and vocabulary checked against `tokenizer`.
+
+    With `lora_weights`, an adapter trained on an expanded vocabulary first grows the base to
+    its rows, so the vocabulary check compares the tokenizer with what will actually run.
+    """
     model = load_base_model(base_model, precision, device_map, trust_remote_code)
     check_special_tokens(model, tokenizer, base_model)
+    if lora_weights:
+        resize_to_adapter(model, lora_weights, tokenizer)
     check_vocab(model, tokenizer, base_model)
     return model
+
+
+def adapter_tokenizer_path(lora_weights: str | None) -> str | None:
+    """The adapter folder, when it carries full embeddings and the tokenizer it was trained with."""
+    if not (lora_weights and Path(lora_weights).is_dir() and (Path(lora_weights) / "tokenizer.json").is_file()):
+        return None
+    return lora_weights if adapter_vocab_rows(lora_weights) else None
 
 
 # --------------------------------------------------------------------------------------------

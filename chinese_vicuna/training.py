@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import get_last_checkpoint
 
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.files import atomic_write_bytes
 from chinese_vicuna.modeling import bf16_supported, is_main_process, trainable_parameters, world_size
 
 logger = logging.getLogger(__name__)
@@ -205,13 +205,6 @@ def resolve_resume(args: TrainArguments) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Logs
 # --------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class JsonlLogCallback(TrainerCallback):
@@ -353,7 +346,9 @@ def load_model_for_training(model_args: ModelArguments, lora_args: LoraArguments
         # bf16 training: the frozen base is only ever read by bf16 matmuls, so store it in bf16
         # (half the memory, no per-step cast of every weight); the LoRA weights stay fp32.
         precision = "bf16"
-    model = load_checked_model(model_args.base_model, tokenizer, precision, model_args.device_map, model_args.trust_remote_code)
+    model = load_checked_model(
+        model_args.base_model, tokenizer, precision, model_args.device_map, model_args.trust_remote_code, model_args.lora_weights
+    )
     model = prepare_for_training(model, train_args.gradient_checkpointing)
     train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if model_args.lora_weights:

@@ -91,6 +91,8 @@ def test_kbit_runs_on_cpu_save_loadable_adapters(flag: str, tiny_model_dir: Path
     assert any("eval_loss" in e for e in entries) and all(torch.isfinite(torch.tensor(e["loss"])) for e in entries if "loss" in e)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out))
     assert any("lora_A" in n for n, _ in model.named_parameters())
+    lora_b = [v for k, v in load_file(str(out / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert len(lora_b) == 4 and all(v.abs().sum() > 0 for v in lora_b)  # 2 layers × q/v, trained (B starts at 0)
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] in (["q_proj", "v_proj"], ["v_proj", "q_proj"])
 
 

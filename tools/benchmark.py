@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from chinese_vicuna.errors import UserError, exit_on_user_error  # noqa: E402
-from chinese_vicuna.training import atomic_write_bytes  # noqa: E402
+from chinese_vicuna.files import atomic_write_bytes  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
