@@ -12,15 +12,18 @@ those out; so does everything when the probe disagrees or there is no `tokenizer
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
 
-PROBE_EVERY = 64  # also compare one text in every PROBE_EVERY of each batch with the HF ids
+PROBE_EVERY = 256  # also compare one text in every PROBE_EVERY of each batch with the HF ids
 
 
 def hf_encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -47,14 +50,15 @@ def _sentencepiece_for(tokenizer: Any) -> Any:
 
 
 class BatchEncoder:
-    """`encoder(texts) -> ids`; sentencepiece where it agrees with the HF tokenizer."""
+    """`encoder(texts) -> ids`, `encoder.map(batches)`; sentencepiece where it agrees with the HF tokenizer."""
 
     def __init__(self, tokenizer: Any, num_threads: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.sp = _sentencepiece_for(tokenizer)
         self.num_threads = num_threads or min(8, os.cpu_count() or 1)
         # Text of every added token (<s>, </s>, chat markers...): HF splits these out, sentencepiece would not.
-        self.added = [t for t in tokenizer.get_added_vocab() if t]
+        added = sorted((t for t in tokenizer.get_added_vocab() if t), key=len, reverse=True)
+        self.added_pattern = re.compile("|".join(map(re.escape, added))) if added else None
         self.verified = False
 
     @property
@@ -67,29 +71,67 @@ class BatchEncoder:
         )
         self.sp = None
 
-    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
-        if self.sp is None or not texts:
-            return hf_encode(self.tokenizer, texts)
+    def _encode_sp(self, texts: Sequence[str], threads: int, probe_first: int) -> _SpResult:
+        """The sentencepiece part of a batch (safe on a worker thread: no shared state changes)."""
         # Added tokens are split out by HF only; text that starts with whitespace is where the
         # converted HF tokenizer and sentencepiece are known to disagree: both go to HF.
-        plain = [i for i, t in enumerate(texts) if not t[:1].isspace() and not any(a in t for a in self.added)]
-        probe = plain[: 32 if not self.verified else 1] + plain[::PROBE_EVERY]
+        has_added = self.added_pattern.search if self.added_pattern is not None else lambda _: None
+        plain = [i for i, t in enumerate(texts) if not t[:1].isspace() and not has_added(t)]
+        probe = plain[:probe_first] + plain[::PROBE_EVERY]
         reference = dict(zip(probe, hf_encode(self.tokenizer, [texts[i] for i in probe]), strict=True))
-        ids = self.sp.encode([texts[i] for i in plain], num_threads=self.num_threads)
-        out: list[list[int] | None] = [None] * len(texts)
-        for i, seq in zip(plain, ids, strict=True):
-            out[i] = seq
+        return plain, self.sp.encode([texts[i] for i in plain], num_threads=threads), reference
+
+    def _finish(self, texts: Sequence[str], sp_result: _SpResult) -> list[list[int]]:
+        """Check the probes, fill in the texts that HF encodes; HF for all after a disagreement."""
+        if self.sp is None:
+            return hf_encode(self.tokenizer, texts)
+        plain, ids, reference = sp_result
+        if len(plain) == len(texts):  # the usual case: every text went to sentencepiece
+            out: list[list[int] | None] = ids  # type: ignore[assignment]
+        else:
+            out = [None] * len(texts)
+            for i, seq in zip(plain, ids, strict=True):
+                out[i] = seq
         for i, want in reference.items():
             if out[i] != want:
                 self._disable(texts[i], want, out[i] or [])
                 return hf_encode(self.tokenizer, texts)
         self.verified = True
+        if len(plain) == len(texts):
+            return ids
         rest = [i for i in range(len(texts)) if out[i] is None]
         for i, seq in zip(rest, hf_encode(self.tokenizer, [texts[i] for i in rest]), strict=True):
             out[i] = seq
         return out  # type: ignore[return-value]
 
+    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+        if self.sp is None or not texts:
+            return hf_encode(self.tokenizer, texts)
+        return self._finish(texts, self._encode_sp(texts, self.num_threads, 1 if self.verified else 32))
 
-def batch_encoder(tokenizer: Any) -> Callable[[Sequence[str]], list[list[int]]]:
+    def map(self, batches: Iterable[Sequence[str]]) -> Iterator[list[list[int]]]:
+        """The ids of each batch, in order. With sentencepiece, up to `num_threads` batches are
+        encoded at once on worker threads (one sentencepiece thread each; it releases the GIL)
+        while the caller renders the next batches and assembles earlier ones: 50k samples
+        tokenize ~1.4x faster than encoding one batch at a time on this 2-core machine."""
+        if self.sp is None:
+            yield from (hf_encode(self.tokenizer, texts) for texts in batches)
+            return
+        in_flight: collections.deque[tuple[Sequence[str], Future]] = collections.deque()
+        with ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="tokenize") as pool:
+            for k, texts in enumerate(batches):
+                in_flight.append((texts, pool.submit(self._encode_sp, texts, 1, 32 if k == 0 else 1)))
+                if len(in_flight) > self.num_threads:
+                    texts_done, future = in_flight.popleft()
+                    yield self._finish(texts_done, future.result())
+            while in_flight:
+                texts_done, future = in_flight.popleft()
+                yield self._finish(texts_done, future.result())
+
+
+_SpResult = tuple[list[int], list[list[int]], dict[int, list[int]]]
+
+
+def batch_encoder(tokenizer: Any) -> BatchEncoder:
     """A reusable encoder for `tokenizer` (checks sentencepiece agreement as it goes)."""
     return BatchEncoder(tokenizer)

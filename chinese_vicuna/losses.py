@@ -3,8 +3,8 @@
 Causal-LM training with a 32000-token vocabulary spends much of its memory on logits:
 HF's loss upcasts `(tokens, vocab)` bf16 logits to fp32, keeps a fp32 log-softmax for
 backward and builds fp32 gradients. `chunked_cross_entropy` works through the rows in
-chunks: forward keeps only the (already existing) logits and one fp32 log-sum-exp per row;
-backward rebuilds softmax − one-hot chunk by chunk, in the logits' dtype.
+chunks: forward keeps only the (already existing) logits; backward rebuilds softmax − one-hot
+chunk by chunk in fp32 and writes the gradient in the logits' dtype.
 
 Combined with `logits_to_keep` (only the positions that have a trainable target go
 through `lm_head`, see `chinese_vicuna.packing`) the logits shrink to trainable tokens only.
@@ -20,33 +20,33 @@ DEFAULT_CHUNK = 1024
 
 
 class _ChunkedCrossEntropySum(torch.autograd.Function):
-    """Sum over rows of `logsumexp(logits) - logits[target]`, computed in fp32 chunks."""
+    """Sum over rows of `-log_softmax(logits)[target]`, computed in fp32 chunks.
+
+    Forward keeps only the logits (which exist anyway); backward recomputes the softmax chunk
+    by chunk. The fused `log_softmax`/`softmax` kernels are ~2x faster on the CPU than
+    `logsumexp` plus separate subtract/exp passes.
+    """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:  # type: ignore[override]
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         for start in range(0, logits.shape[0], chunk):
-            x = logits[start : start + chunk].float()
-            t = targets[start : start + chunk]
-            lse_c = torch.logsumexp(x, dim=-1)
-            lse[start : start + chunk] = lse_c
-            total += (lse_c - x.gather(1, t.unsqueeze(1)).squeeze(1)).sum()
-        ctx.save_for_backward(logits, targets, lse)
+            log_probs = torch.log_softmax(logits[start : start + chunk].float(), dim=-1)
+            total -= log_probs.gather(1, targets[start : start + chunk].unsqueeze(1)).sum()
+        ctx.save_for_backward(logits, targets)
         ctx.chunk = chunk
         return total
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        logits, targets, lse = ctx.saved_tensors
+        logits, targets = ctx.saved_tensors
         grad = torch.empty_like(logits)
         g = grad_total.float()
         for start in range(0, logits.shape[0], ctx.chunk):
-            x = logits[start : start + ctx.chunk].float()
-            p = (x - lse[start : start + ctx.chunk].unsqueeze(1)).exp_()
-            rows = torch.arange(x.shape[0], device=x.device)
+            p = torch.softmax(logits[start : start + ctx.chunk].float(), dim=-1)
+            rows = torch.arange(p.shape[0], device=p.device)
             p[rows, targets[start : start + ctx.chunk]] -= 1.0
-            grad[start : start + ctx.chunk] = (p * g).to(grad.dtype)
+            grad[start : start + ctx.chunk] = p.mul_(g)
         return grad, None, None
 
 

@@ -90,20 +90,35 @@ class PromptTemplate:
         self.is_auto = name == AUTO
         self.is_chat = self.is_auto or "user_format" in spec
         self.default_system: str = spec.get("system", "")
+        self._parsed: dict[str, list[str]] = {}
+        self._special_tokens: dict[str, str] | None = None
 
     # --- the strings around special tokens -------------------------------------------------
     def _special(self) -> dict[str, str]:
-        tok = self.tokenizer
-        return {
-            "bos": (getattr(tok, "bos_token", None) or "<s>") if tok is not None else "<s>",
-            "eos": (getattr(tok, "eos_token", None) or "</s>") if tok is not None else "</s>",
-        }
+        # Read once: the tokenizer's token attributes are slow lookups in transformers 5 and
+        # this runs once per sample when a dataset is tokenized.
+        if self._special_tokens is None:
+            tok = self.tokenizer
+            self._special_tokens = {
+                "bos": (getattr(tok, "bos_token", None) or "<s>") if tok is not None else "<s>",
+                "eos": (getattr(tok, "eos_token", None) or "</s>") if tok is not None else "</s>",
+            }
+        return self._special_tokens
 
     def _fmt(self, key: str, **values: str) -> str:
         # One pass over the template's own placeholders: user text may contain braces or
-        # "{input}", which must stay as typed.
-        values = {**self._special(), **values}
-        return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), self.spec.get(key, ""))
+        # "{input}", which must stay as typed. The template string is split once and cached
+        # (this runs once per sample when tokenizing a dataset).
+        parts = self._parsed.get(key)
+        if parts is None:
+            # re.split with one group: literal, name, literal, name, ..., literal
+            parts = self._parsed[key] = PLACEHOLDER.split(self.spec.get(key, ""))
+        special = self._special()
+        out = parts[:]
+        for i in range(1, len(parts), 2):
+            name = parts[i]
+            out[i] = values[name] if name in values else special.get(name, "{" + name + "}")
+        return "".join(out)
 
     @property
     def stop_strings(self) -> list[str]:

@@ -50,6 +50,13 @@ class LoraArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    fast_lora_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA dropout from 16 random bits per element on the CPU, no fp32 copy of its input under autocast "
+            "(same keep probability to 1/65536; chinese_vicuna/fast_lora.py). false = PEFT's nn.Dropout."
+        },
+    )
     lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma list of module names, or all-linear."})
     modules_to_save: str | None = field(
         default=None,
@@ -352,12 +359,18 @@ def load_model_for_training(model_args: ModelArguments, lora_args: LoraArguments
     model = prepare_for_training(model, train_args.gradient_checkpointing)
     train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     if model_args.lora_weights:
-        return load_lora(model, model_args.lora_weights, is_trainable=True)
-    return add_lora(
-        model,
-        lora_args.lora_r,
-        lora_args.lora_alpha,
-        lora_args.lora_dropout,
-        lora_args.lora_target_modules,
-        parse_modules_to_save(lora_args.modules_to_save),
-    )
+        model = load_lora(model, model_args.lora_weights, is_trainable=True)
+    else:
+        model = add_lora(
+            model,
+            lora_args.lora_r,
+            lora_args.lora_alpha,
+            lora_args.lora_dropout,
+            lora_args.lora_target_modules,
+            parse_modules_to_save(lora_args.modules_to_save),
+        )
+    if lora_args.fast_lora_dropout:
+        from chinese_vicuna.fast_lora import use_fast_lora_dropout
+
+        use_fast_lora_dropout(model, autocast=bool(train_args.bf16 or train_args.fp16))
+    return model

@@ -106,3 +106,65 @@ def test_chunked_cross_entropy_matches_torch() -> None:
     (g_ref,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(g_ours, g_ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 37, 512, 600])
+def test_cpu_bf16_causal_attention_matches_sdpa(n: int) -> None:
+    """The bf16 matmul path (n <= 512) and the fp32 flash path (longer) against fp32 sdpa."""
+    from chinese_vicuna.packing import CPU_MATMUL_ATTENTION_MAX_LEN, _causal_attention
+
+    assert CPU_MATMUL_ATTENTION_MAX_LEN == 512
+    torch.manual_seed(n)
+    q, k, v = (torch.randn(1, 4, n, 32).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    out = _causal_attention(q, k, v, 0.0, 32**-0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32, is_causal=True, scale=32**-0.5)
+    ref.backward(grad_out.float())
+    # bf16 rounding of inputs to the matmuls: a few 1e-2 on values of order 1.
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=0)
+    for ours, theirs in zip((q, k, v), (q32, k32, v32), strict=True):
+        torch.testing.assert_close(ours.grad.float(), theirs.grad, atol=5e-2, rtol=0)
+
+
+def test_no_attention_across_packed_samples_bf16(tiny_model_dir: Path) -> None:
+    """The bf16 CPU path training uses: per-sample matmul attention, still no cross-sample leak."""
+    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "bf16")
+    use_packed_attention(model)
+    model.eval()
+    records = [validate_instruction(r) for r in read_records(SAMPLE)[:3]]
+    a, b, c = tokenize_instructions(records, tokenizer, load_template("alpaca", tokenizer), 256)
+    changed_b = {"input_ids": [b["input_ids"][0]] + [t + 7 for t in b["input_ids"][1:]], "labels": b["labels"]}
+    packer = PackedCollator()
+
+    def logits(*feats: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return packed_forward(model, packer(list(feats))).logits[0].float()
+
+    la, lb = len(a["input_ids"]), len(b["input_ids"])
+    abc, abc2 = logits(a, b, c), logits(a, changed_b, c)
+    # Row-wise bf16 matmuls may round differently with a different row count: bf16-level noise only.
+    torch.testing.assert_close(abc2[:la], abc[:la], atol=3e-2, rtol=0)
+    torch.testing.assert_close(abc2[la + lb :], abc[la + lb :], atol=3e-2, rtol=0)
+    assert (abc2[la : la + lb] - abc[la : la + lb]).abs().max() > 0.5
+    # Alone, a sample goes through sdpa's own kernel: a different bf16 rounding, same values.
+    for packed, alone in ((abc[la + lb :], logits(c)), (abc[:la], logits(a))):
+        torch.testing.assert_close(packed, alone, atol=0.1, rtol=0)
+        assert (packed - alone).abs().mean() < 2e-2
+
+
+def test_chunked_cross_entropy_bf16_logits() -> None:
+    """bf16 logits (what lm_head gives under autocast): fp32 math inside, bf16 gradient out."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(50, 3000)).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, 3000, (50,))
+    ours = chunked_cross_entropy(logits, targets, chunk=16)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    ref_logits = logits.detach().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(ref_logits, targets, reduction="sum")
+    (g_ref,) = torch.autograd.grad(ref, ref_logits)
+    assert ours.dtype == torch.float32 and g_ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(g_ours.float(), g_ref, atol=4e-3, rtol=1e-2)

@@ -43,11 +43,14 @@ from chinese_vicuna.files import atomic_write_bytes  # noqa: E402
 logger = logging.getLogger("benchmark")
 
 CONFIGS: dict[str, list[str]] = {
-    # alpaca-lora's finetune.py: pad each micro-batch to its longest sample; fp32 weights under
-    # bf16 autocast (its GPU recipe loads 8-bit weights, which the CPU has no fast kernels for).
-    "recipe": ["--packing", "false", "--precision", "fp32"],
+    # alpaca-lora's finetune.py: pad each micro-batch to its longest sample, HF's loss over full
+    # logits, PEFT's own dropout; 16-bit weights (its GPU recipe loads 8-bit weights under fp16
+    # autocast; the CPU has no fast 8-bit kernels, so bf16 weights under bf16 autocast, as ours).
+    "recipe": ["--packing", "false", "--fast_lora_dropout", "false", "--precision", "bf16"],
     # this project's defaults.
     "ours": [],
+    # the recipe with fp32 weights under bf16 autocast (for reference: same speed, more memory).
+    "recipe-fp32-weights": ["--packing", "false", "--fast_lora_dropout", "false", "--precision", "fp32"],
 }
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     # ~54M parameters; vocabulary 32000 like LLaMA's, so lm_head + loss weigh as in practice.
@@ -434,8 +437,22 @@ def plot(result: dict[str, Any], out_png: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # Tokenization speed
 # --------------------------------------------------------------------------------------------
-def tokenize_speed(model_dir: Path, data: Path, n: int = 50000) -> dict[str, float]:
-    """Seconds to tokenize n records: batched (`tokenize_instructions`) vs one sample at a time."""
+def recipe_tokenize(tokenizer: Any, template: Any, record: dict[str, str], cutoff_len: int) -> dict[str, list[int]]:
+    """alpaca-lora's `generate_and_tokenize_prompt`, run per sample by `datasets.map`: the full
+    prompt + answer, then the prompt alone again to find how many labels to mask."""
+    prompt = template.instruction_prompt(record["instruction"], record["input"])
+    full = tokenizer(prompt + record["output"], truncation=True, max_length=cutoff_len)
+    input_ids = list(full["input_ids"])
+    if len(input_ids) < cutoff_len and input_ids[-1] != tokenizer.eos_token_id:
+        input_ids.append(tokenizer.eos_token_id)
+    n_prompt = len(tokenizer(prompt, truncation=True, max_length=cutoff_len)["input_ids"])
+    return {"input_ids": input_ids, "labels": [-100] * n_prompt + input_ids[n_prompt:]}
+
+
+def tokenize_speed(model_dir: Path, data: Path, n: int = 50000, repeats: int = 3) -> dict[str, Any]:
+    """Seconds to tokenize n records: batched (`tokenize_instructions`, what finetune.py runs)
+    vs the same segments encoded one sample per tokenizer call, and vs the recipe's per-sample
+    function. Each timing is the best of `repeats`; the per-sample ones time a slice and scale."""
     from chinese_vicuna.data import encode_segments, read_records, tokenize_instructions, validate_instruction
     from chinese_vicuna.modeling import load_tokenizer
     from chinese_vicuna.prompts import load_template
@@ -443,20 +460,61 @@ def tokenize_speed(model_dir: Path, data: Path, n: int = 50000) -> dict[str, flo
     tokenizer = load_tokenizer(str(model_dir))
     template = load_template("alpaca", tokenizer)
     base = [validate_instruction(r) for r in read_records(data)]
-    # Distinct texts (numbered): repeats would hit the tokenizer's word cache and flatter both.
-    records = [dict(base[i % len(base)], instruction=f"{base[i % len(base)]['instruction']} 第{i}题") for i in range(n)]
-    t0 = time.perf_counter()
-    batched = tokenize_instructions(records, tokenizer, template, 512)
-    t_batched = time.perf_counter() - t0
-    m = min(n, 5000)  # one-at-a-time is slow: time a slice and scale
-    t0 = time.perf_counter()
+    m = min(n, 5000)
+
+    def distinct_records(start: int, count: int) -> list[dict[str, str]]:
+        # Every segment distinct (numbered instruction AND answer), and fresh texts for every
+        # timing: the HF tokenizer caches whole segments (its pre-tokenizer does not split),
+        # so repeated texts would flatter the per-sample baselines.
+        return [
+            {
+                **base[i % len(base)],
+                "instruction": f"{base[i % len(base)]['instruction']} 第{i}题",
+                "output": f"{base[i % len(base)]['output']} 答{i}",
+            }
+            for i in range(start, start + count)
+        ]
+
+    def best(make: Any, run: Any) -> float:
+        times = []
+        for k in range(repeats):
+            records = make(k)
+            t0 = time.perf_counter()
+            run(records)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    first_batch: list[dict[str, list[int]]] = []
+
+    def batched(records: list[dict[str, str]]) -> None:
+        samples = tokenize_instructions(records, tokenizer, template, 512)
+        first_batch[:] = samples[:10]
+
+    def one_at_a_time(records: list[dict[str, str]]) -> None:
+        for r in records:
+            encode_segments(tokenizer, template.instruction_segments(r["instruction"], r["input"], r["output"]), add_eos=True)
+
+    t_batched = best(lambda k: distinct_records(k * n, n), batched)
+    offset = repeats * n
+    t_single = best(lambda k: distinct_records(offset + k * m, m), one_at_a_time) * n / m
+    offset += repeats * m
+    t_recipe = (
+        best(lambda k: distinct_records(offset + k * m, m), lambda rs: [recipe_tokenize(tokenizer, template, r, 512) for r in rs]) * n / m
+    )
+    records = distinct_records((repeats - 1) * n, 10)
     single = [
-        encode_segments(tokenizer, template.instruction_segments(r["instruction"], r["input"], r["output"]), add_eos=True)
-        for r in records[:m]
+        encode_segments(tokenizer, template.instruction_segments(r["instruction"], r["input"], r["output"]), add_eos=True) for r in records
     ]
-    t_single = (time.perf_counter() - t0) * n / m
-    assert [s["input_ids"] for s in batched[:10]] == [ids[:512] for ids, _ in single[:10]]
-    return {"samples": n, "batched_s": t_batched, "one_at_a_time_s": t_single, "speedup": t_single / t_batched}
+    assert [s["input_ids"] for s in first_batch] == [ids[:512] for ids, _ in single]
+    return {
+        "samples": n,
+        "batched_s": t_batched,
+        "one_at_a_time_s": t_single,
+        "speedup": t_single / t_batched,
+        "recipe_per_sample_s": t_recipe,
+        "speedup_vs_recipe": t_recipe / t_batched,
+        "timing": f"best of {repeats}, fresh distinct records each time; per-sample times measured on {m} records, scaled to {n}",
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chinese_vicuna.data import PaddingCollator, split_train_val
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.fast_lora import use_fast_lora_dropout
 from chinese_vicuna.modeling import (
     add_lora,
     check_special_tokens,
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
             model = load_lora(model, model_args.lora_weights, is_trainable=True, tokenizer=tokenizer)
         else:
             model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules, modules)
+        if lora_args.fast_lora_dropout:
+            use_fast_lora_dropout(model, autocast=bool(train_args.bf16 or train_args.fp16))
         if modules and set(EMBEDDING_MODULES) <= set(modules):
             # PEFT's save_embedding_layers="auto" would store a resized embed_tokens and lm_head twice
             # more (the base's copy and the trained one under a second name): 3x the adapter size.
