@@ -196,7 +196,7 @@ def tokenize_segment_lists(
     add_eos: bool,
     train_on_inputs: bool = False,
     stats: TokenizeStats | None = None,
-    batch_size: int = 1000,
+    batch_size: int = 4000,
 ) -> list[dict[str, list[int]]]:
     """Encode many rendered samples (batched), truncate at `cutoff_len`, drop untrainable ones."""
     stats = stats if stats is not None else TokenizeStats()

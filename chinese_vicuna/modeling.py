@@ -292,13 +292,14 @@ def load_checked_model(
     device_map: Any = None,
     trust_remote_code: bool = False,
     lora_weights: str | None = None,
+    attn_implementation: str | None = None,
 ) -> Any:
     """The base model, with its special tokens and vocabulary checked against `tokenizer`.
 
     With `lora_weights`, an adapter trained on an expanded vocabulary first grows the base to
     its rows, so the vocabulary check compares the tokenizer with what will actually run.
     """
-    model = load_base_model(base_model, precision, device_map, trust_remote_code)
+    model = load_base_model(base_model, precision, device_map, trust_remote_code, attn_implementation)
     check_special_tokens(model, tokenizer, base_model)
     if lora_weights:
         resize_to_adapter(model, lora_weights, tokenizer)

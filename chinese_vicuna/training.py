@@ -43,6 +43,10 @@ class ModelArguments:
         default=None, metadata={"help": "'auto' spreads the model over all GPUs; default one device per process."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model (off unless you trust it)."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "sdpa (default; packed rows attend per sample), eager, or flash_attention_2 (GPU, varlen on packed rows)."},
+    )
 
 
 @dataclass
@@ -354,7 +358,13 @@ def load_model_for_training(model_args: ModelArguments, lora_args: LoraArguments
         # (half the memory, no per-step cast of every weight); the LoRA weights stay fp32.
         precision = "bf16"
     model = load_checked_model(
-        model_args.base_model, tokenizer, precision, model_args.device_map, model_args.trust_remote_code, model_args.lora_weights
+        model_args.base_model,
+        tokenizer,
+        precision,
+        model_args.device_map,
+        model_args.trust_remote_code,
+        model_args.lora_weights,
+        model_args.attn_implementation,
     )
     model = prepare_for_training(model, train_args.gradient_checkpointing)
     train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}

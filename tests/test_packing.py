@@ -16,10 +16,16 @@ from chinese_vicuna.prompts import load_template
 SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "instruct" / "data_sample.jsonl"
 
 
-@pytest.fixture(scope="module", params=["sdpa-mask", "sdpa-per-sample"])
+@pytest.fixture(scope="module", params=["sdpa-mask", "sdpa-per-sample", "eager"])
 def model_and_samples(tiny_model_dir: Path, request: pytest.FixtureRequest) -> tuple:
-    """The generic block-diagonal mask path, and the per-sample sdpa build_trainer switches to."""
-    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "fp32")
+    """The generic block-diagonal mask path, the per-sample sdpa build_trainer switches to, and
+    eager attention (--attn_implementation eager), whose mask transformers builds from position_ids."""
+    from chinese_vicuna.modeling import load_checked_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    attn = "eager" if request.param == "eager" else None
+    model = load_checked_model(str(tiny_model_dir), tokenizer, "fp32", attn_implementation=attn)
+    assert model.config._attn_implementation == (attn or "sdpa")
     torch.manual_seed(0)
     model = add_lora(model, 8, 16, 0.0, "all-linear")
     if request.param == "sdpa-per-sample":

@@ -15,6 +15,7 @@ attention) against the bf16 matmul peak measured on the same device.
 
     python tools/benchmark.py prepare WORK            # ~50M LLaMA (vocab 32000) + data, built locally
     python tools/benchmark.py run WORK --repeats 2    # → WORK/benchmark.json, WORK/benchmark.png
+    python tools/benchmark.py sweep WORK              # the same at cutoff_len 256/512/1024/2048
     python tools/benchmark.py tokenize WORK           # batched vs one-at-a-time tokenization
     python tools/benchmark.py quick WORK              # seconds: tiny model, used by the tests
 """
@@ -434,6 +435,55 @@ def plot(result: dict[str, Any], out_png: Path) -> None:
     atomic_write_bytes(out_png, buf.getvalue())
 
 
+def run_sweep(
+    work: Path, model_dir: Path, cutoffs: list[int], samples: int, max_steps: int, extra: list[str] | None = None
+) -> dict[str, Any]:
+    """Recipe vs ours at each cutoff_len, on data whose length distribution scales with it
+    (median ~0.3x, p95 ~cutoff, tail past it): how tokens/s and memory grow with length."""
+    points = []
+    for cutoff in cutoffs:
+        data = work / f"data-{samples}-c{cutoff}.jsonl"
+        stats = make_benchmark_data(data, model_dir, samples, median=140.0 * cutoff / 512, p95=430.0 * cutoff / 512, cutoff_len=cutoff)
+        logger.info("cutoff %d: %s", cutoff, stats)
+        result = run_benchmark(work, model_dir, data, cutoff, max_steps=max_steps, extra=extra)
+        points.append(
+            {
+                "cutoff_len": cutoff,
+                "data": stats,
+                **{k: result[k] for k in ("data_tokens", "recipe_padding_fraction_est", "summary", "runs")},
+            }
+        )
+        points[-1]["matmul_peak_bf16_flops"] = result["matmul_peak_bf16_flops"]
+    return {"device": result["device"], "model": str(model_dir), "samples": samples, "max_steps": max_steps, "points": points}
+
+
+def plot_sweep(result: dict[str, Any], out_png: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cutoffs = [p["cutoff_len"] for p in result["points"]]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    for name, color in (("recipe", "#999"), ("ours", "#2a7")):
+        axes[0].plot(cutoffs, [p["summary"][name]["tokens_per_s_median"] for p in result["points"]], "o-", color=color, label=name)
+        axes[1].plot(cutoffs, [p["summary"][name]["peak_mib_max"] for p in result["points"]], "o-", color=color, label=name)
+    for ax, title in zip(axes, ("non-padding tokens/s", "peak memory (MiB)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(cutoffs, [str(c) for c in cutoffs])
+        ax.set_xlabel("cutoff_len (data lengths scale with it)")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{result['device']}, micro-batch 4, bf16")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(out_png, buf.getvalue())
+
+
 # --------------------------------------------------------------------------------------------
 # Tokenization speed
 # --------------------------------------------------------------------------------------------
@@ -553,13 +603,20 @@ def main(argv: list[str] | None = None) -> None:
         r.add_argument("--configs", default="recipe,ours")
         r.add_argument("--model", type=Path, default=None, help="use this model folder instead of building one")
         r.add_argument("--out", type=Path, default=None, help="JSON path (default WORK/benchmark[-quick].json)")
+    w = sub.add_parser("sweep", help="recipe vs ours at several cutoff_len values")
+    w.add_argument("work", type=Path)
+    w.add_argument("--cutoffs", default="256,512,1024,2048")
+    w.add_argument("--samples", type=int, default=128)
+    w.add_argument("--max_steps", type=int, default=4, help="optimizer steps per run (batch 16)")
+    w.add_argument("--model", type=Path, default=None, help="use this model folder instead of building one")
+    w.add_argument("--out", type=Path, default=None, help="JSON path (default WORK/sweep.json)")
     t = sub.add_parser("tokenize", help="batched vs one-at-a-time tokenization")
     t.add_argument("work", type=Path)
     t.add_argument("--samples", type=int, default=50000)
     t.add_argument("--model", type=Path, default=None, help="tokenizer/model folder (default: WORK/llama-50m, built if missing)")
     # Unknown flags (run/quick) go to finetune.py for both configurations, e.g. --lora_r 16.
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("run", "quick"):
+    if extra and args.command not in ("run", "quick", "sweep"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -571,6 +628,25 @@ def main(argv: list[str] | None = None) -> None:
         result = tokenize_speed(model_dir, data, args.samples)
         atomic_write_bytes(args.work / "tokenize.json", json.dumps(result, indent=2).encode())
         print(json.dumps(result, indent=2))
+        return
+    if args.command == "sweep":
+        model_dir, _ = prepare(args.work, 16, "50m", args.model)
+        result = run_sweep(args.work, model_dir, [int(c) for c in args.cutoffs.split(",")], args.samples, args.max_steps, extra)
+        out = args.out or args.work / "sweep.json"
+        atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+        plot_sweep(result, out.with_suffix(".png"))
+        print(
+            json.dumps(
+                [
+                    {
+                        "cutoff_len": p["cutoff_len"],
+                        **{k: v for k, v in p["summary"].items() if k in ("speedup_median", "peak_memory_ratio")},
+                    }
+                    for p in result["points"]
+                ],
+                indent=2,
+            )
+        )
         return
     shape = "50m" if args.command == "run" else "tiny"
     model_dir, data = prepare(args.work, args.samples, shape, args.model)

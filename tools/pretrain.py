@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     train_data, val_data = split_train_val(blocks, pt_args.val_set_size, train_args.seed)
 
     # 3. the model, its embeddings resized to the (expanded) tokenizer, what trains
-    model = load_base_model(model_args.base_model, precision, model_args.device_map, model_args.trust_remote_code)
+    model = load_base_model(
+        model_args.base_model, precision, model_args.device_map, model_args.trust_remote_code, model_args.attn_implementation
+    )
     check_special_tokens(model, tokenizer, model_args.base_model)
     resize_embeddings_to_tokenizer(model, tokenizer, model_args.base_model)
 
