@@ -20,7 +20,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from transformers.trainer_utils import get_last_checkpoint
 
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.files import atomic_write_bytes
+from chinese_vicuna.files import save_figure
 from chinese_vicuna.modeling import bf16_supported, is_main_process, trainable_parameters, world_size
 
 logger = logging.getLogger(__name__)
@@ -243,8 +243,6 @@ def plot_loss(log_history: list[dict[str, Any]], out_png: str | os.PathLike) -> 
     evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
     if not train and not evals:
         return False
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,11 +257,7 @@ def plot_loss(log_history: list[dict[str, Any]], out_png: str | os.PathLike) -> 
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out_png, buf.getvalue())
+    save_figure(fig, out_png)
     return True
 
 

@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from chinese_vicuna.errors import UserError, exit_on_user_error  # noqa: E402
-from chinese_vicuna.files import atomic_write_bytes  # noqa: E402
+from chinese_vicuna.files import atomic_write_bytes, save_figure  # noqa: E402
 
 logger = logging.getLogger("benchmark")
 
@@ -409,8 +409,6 @@ def run_benchmark(
 
 
 def plot(result: dict[str, Any], out_png: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,11 +426,7 @@ def plot(result: dict[str, Any], out_png: Path) -> None:
     axes[2].set_title("train loss vs step (same samples)")
     axes[2].set_xlabel("optimizer step")
     fig.suptitle(f"{result['device']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']}, bf16")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out_png, buf.getvalue())
+    save_figure(fig, out_png)
 
 
 def run_sweep(
@@ -458,8 +452,6 @@ def run_sweep(
 
 
 def plot_sweep(result: dict[str, Any], out_png: Path) -> None:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -477,11 +469,7 @@ def plot_sweep(result: dict[str, Any], out_png: Path) -> None:
         ax.set_title(title)
         ax.legend()
     fig.suptitle(f"{result['device']}, micro-batch 4, bf16")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(out_png, buf.getvalue())
+    save_figure(fig, out_png)
 
 
 # --------------------------------------------------------------------------------------------
