@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chinese_vicuna.data import PaddingCollator, split_train_val
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.fast_lora import use_fast_lora_dropout
+from chinese_vicuna.files import atomic_write_bytes
 from chinese_vicuna.modeling import (
     add_lora,
     check_special_tokens,
@@ -46,7 +47,6 @@ from chinese_vicuna.training import (
     LoraArguments,
     ModelArguments,
     TrainArguments,
-    atomic_write_bytes,
     build_trainer,
     parse_args,
     parse_modules_to_save,

@@ -16,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.files import atomic_write_bytes
 from chinese_vicuna.vocab import load_model_proto, train_sentencepiece_model
 
 logger = logging.getLogger("train_tokenizer")
@@ -36,8 +37,6 @@ def main(argv: list[str] | None = None) -> None:
 
     model = train_sentencepiece_model(args.input, args.vocab_size, args.character_coverage, num_threads=args.num_threads)
     proto = load_model_proto(model, args.model_prefix + ".model")
-    from chinese_vicuna.training import atomic_write_bytes  # imported late: it loads transformers' Trainer (seconds)
-
     atomic_write_bytes(args.model_prefix + ".model", model)
     vocab = "".join(f"{p.piece}\t{p.score:g}\n" for p in proto.pieces)
     atomic_write_bytes(args.model_prefix + ".vocab", vocab.encode("utf-8"))
