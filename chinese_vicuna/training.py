@@ -120,6 +120,10 @@ class TrainArguments(TrainingArguments):
         default=True,
         metadata={"help": "Padding-free packing: each micro-batch is one row, positions restart per sample (docs/benchmarks.md)."},
     )
+    group_by_length: bool | None = field(
+        default=None,
+        metadata={"help": "Batch samples of similar length (less padding); default: on when packing is off, as the fallback."},
+    )
 
     def __post_init__(self) -> None:
         cuda = torch.cuda.is_available()
@@ -283,12 +287,20 @@ def build_trainer(
 ) -> Trainer:
     """A Trainer that logs to trainer_log.jsonl and saves loadable adapters in every checkpoint."""
     configure_evaluation(args, bool(eval_dataset))
-    if getattr(args, "packing", False):
-        from chinese_vicuna.packing import PackedCollator, use_packed_attention, use_packing
+    from chinese_vicuna.packing import PackedCollator, use_packed_attention, use_packing
 
+    if getattr(args, "packing", False):
         data_collator, trainer_class = use_packing(data_collator, trainer_class)
         if isinstance(data_collator, PackedCollator):
             use_packed_attention(model)
+    if args.group_by_length is None:
+        # Without packing, padding is the waste: group similar lengths (HF's LengthGroupedSampler),
+        # unless another --train_sampling_strategy was asked for.
+        args.group_by_length = not isinstance(data_collator, PackedCollator) and args.train_sampling_strategy == "random"
+        if args.group_by_length:
+            logger.info("packing off: length-grouped batches (--group_by_length false to draw them uniformly at random)")
+    if args.group_by_length:
+        args.train_sampling_strategy = "group_by_length"
     if len(train_dataset) == 0:
         raise UserError("no training samples left; check the data file and --cutoff_len")
     steps_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * world_size() * args.gradient_accumulation_steps))

@@ -194,3 +194,30 @@ def test_report_to_tensorboard_and_offline_wandb(tiny_model_dir: Path, tmp_path:
     acc.Reload()
     assert len(acc.Scalars("train/loss")) == 2
     assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "grouped"),
+    [([], False), (["--packing", "false"], True), (["--packing", "false", "--group_by_length", "false"], False)],
+)
+def test_length_grouping_is_the_fallback_without_packing(tiny_model_dir: Path, tmp_path: Path, flags: list[str], grouped: bool) -> None:
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from chinese_vicuna.data import load_instruction_dataset
+    from chinese_vicuna.training import build_trainer
+
+    (train_args,) = parse_args((TrainArguments,), ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *flags])
+    model, tok = load_model_and_tokenizer(str(tiny_model_dir), "fp32")
+    samples = load_instruction_dataset(SAMPLE_INSTRUCT, tok, load_template("alpaca", tok), 256)
+    trainer = build_trainer(model, tok, train_args, samples)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) == grouped
+    if grouped:
+        # Grouped micro-batches carry less padding than the same samples drawn at random.
+        order = list(sampler)
+        lengths = [len(samples[i]["input_ids"]) for i in order]
+        padded = sum(4 * max(lengths[i : i + 4]) for i in range(0, len(lengths), 4))
+        random_order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(0)).tolist()
+        random_lengths = [len(samples[i]["input_ids"]) for i in random_order]
+        padded_random = sum(4 * max(random_lengths[i : i + 4]) for i in range(0, len(random_lengths), 4))
+        assert padded < 0.9 * padded_random, (padded, padded_random)

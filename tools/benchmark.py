@@ -47,11 +47,13 @@ CONFIGS: dict[str, list[str]] = {
     # alpaca-lora's finetune.py: pad each micro-batch to its longest sample, HF's loss over full
     # logits, PEFT's own dropout; 16-bit weights (its GPU recipe loads 8-bit weights under fp16
     # autocast; the CPU has no fast 8-bit kernels, so bf16 weights under bf16 autocast, as ours).
-    "recipe": ["--packing", "false", "--fast_lora_dropout", "false", "--precision", "bf16"],
+    "recipe": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "bf16"],
     # this project's defaults.
     "ours": [],
     # the recipe with fp32 weights under bf16 autocast (for reference: same speed, more memory).
-    "recipe-fp32-weights": ["--packing", "false", "--fast_lora_dropout", "false", "--precision", "fp32"],
+    "recipe-fp32-weights": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "fp32"],
+    # this project's fallback without packing: length-grouped padded batches.
+    "grouped": ["--packing", "false", "--group_by_length", "true"],
 }
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     # ~54M parameters; vocabulary 32000 like LLaMA's, so lm_head + loss weigh as in practice.
