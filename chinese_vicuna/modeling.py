@@ -44,6 +44,16 @@ def bf16_supported() -> bool:
     return True
 
 
+def cpu_has_native_bf16() -> bool:
+    """An x86 CPU with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 runs ~4x fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_precision(precision: str, load_in_8bit: bool = False, load_in_4bit: bool = False) -> str:
     """`auto`: Chinese-Vicuna's 8-bit on a CUDA GPU, fp32 weights on the CPU; `half`: bf16 where supported, else fp16."""
     if load_in_8bit and load_in_4bit:
