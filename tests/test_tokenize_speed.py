@@ -41,9 +41,34 @@ def test_batched_tokenization_same_ids_and_faster(tiny_model_dir: Path) -> None:
 
 
 def test_fast_path_gives_hf_ids_for_text_starting_with_whitespace(tiny_model_dir: Path) -> None:
-    from chinese_vicuna.data import encode_texts
+    from chinese_vicuna.fast_tokenize import batch_encoder
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    # where sentencepiece and the converted HF tokenizer disagree (leading spaces: code answers)
-    texts = ["  two  spaces", "    def f():\n        return 1", " x", "\n\n换行开头", "你好，世界！"] * 40
-    assert encode_texts(tokenizer, texts) == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    encoder = batch_encoder(tokenizer)
+    assert encoder.fast  # the tiny model folder has its tokenizer.model: sentencepiece is used
+    # where sentencepiece and the converted HF tokenizer disagree (leading spaces: code answers),
+    # added-token text, and plain text; in one call and pipelined over several batches
+    texts = ["  two  spaces", "    def f():\n        return 1", " x", "\n\n换行开头", "你好，世界！", "答案</s>结束"] * 40
+    want = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert encoder(texts) == want
+    assert [ids for batch in encoder.map([texts[i : i + 7] for i in range(0, len(texts), 7)]) for ids in batch] == want
+    assert encoder.fast
+
+
+def test_fast_path_falls_back_to_hf_when_sentencepiece_disagrees(tiny_model_dir: Path, caplog) -> None:
+    from chinese_vicuna.fast_tokenize import batch_encoder
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    encoder = batch_encoder(tokenizer)
+    real_encode = encoder.sp.encode
+
+    def wrong_on_first_text(texts: list[str], **kwargs: object) -> list[list[int]]:
+        ids = real_encode(texts, **kwargs)
+        return [[*ids[0], 5], *ids[1:]]  # an extra id on the first text of every batch
+
+    encoder.sp.encode = wrong_on_first_text
+    texts = [f"第{i}个问题：一年有几个季节？" for i in range(100)]
+    with caplog.at_level("WARNING"):
+        got = [ids for batch in encoder.map([texts[:50], texts[50:]]) for ids in batch]
+    assert got == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert not encoder.fast and "disagree" in caplog.text
