@@ -222,16 +222,9 @@ def tokenize_segment_lists(
             pending = batches.pop(0)
             pos = 0
             truncated = dropped = 0
-            for segs in pending:  # `assemble`, inlined: this loop runs once per sample
-                input_ids = [bos_id] if bos_id is not None else []
-                labels = [IGNORE_INDEX] if bos_id is not None else []
-                for seg, seg_ids in zip(segs, ids[pos : pos + len(segs)], strict=True):
-                    input_ids += seg_ids
-                    labels += seg_ids if (seg.trainable or train_on_inputs) else [IGNORE_INDEX] * len(seg_ids)
+            for segs in pending:
+                input_ids, labels = assemble(ids[pos : pos + len(segs)], [s.trainable for s in segs], bos_id, eos_id, train_on_inputs)
                 pos += len(segs)
-                if eos_id is not None:
-                    input_ids.append(eos_id)
-                    labels.append(eos_id)
                 if len(input_ids) > cutoff_len:
                     truncated += 1
                     del input_ids[cutoff_len:], labels[cutoff_len:]
