@@ -19,86 +19,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.batch import JsonlAppender
+from chinese_vicuna.args import (
+    ChatSessionArguments,
+    ChatTemplateArguments,
+    DecodingArguments,
+    ModelArguments,
+    ServerArguments,
+    parse_args,
+)
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.generation import DecodingArguments, GenerationStats, chat_prompt_ids, load_from_args, stream_generate
-from chinese_vicuna.prompts import PromptTemplate, available_templates, load_template
-from chinese_vicuna.training import ModelArguments, parse_args
+from chinese_vicuna.infer.generation import GenerationStats
+from chinese_vicuna.infer.session import ChatSession, Message, save_conversation
+from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.prompts import load_template
 
 logger = logging.getLogger("chat")
-Message = dict[str, str]
 
 
 @dataclass
-class ChatArguments:
-    prompt_template: str = field(
-        default="chinese-vicuna-chat", metadata={"help": "Chat template (name or .json path); the page can switch."}
-    )
-    system: str | None = field(default=None, metadata={"help": "System prompt (default: the template's)."})
-    max_memory: int = field(default=1024, metadata={"help": "Most prompt tokens (system + history + question); oldest turns go first."})
+class ChatFrontArguments:
     cli: bool = field(default=False, metadata={"help": "Chat in the terminal instead of a web page."})
     save_dir: str = field(default=".", metadata={"help": "--cli: where /save writes when given no path."})
-    server_name: str = field(default="127.0.0.1", metadata={"help": "Address the page listens on (0.0.0.0 = every network)."})
-    server_port: int = field(default=7860, metadata={"help": "Port of the page."})
-    share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
-
-
-class Chat:
-    """What the page and the terminal share: model, templates, budget, and a streamed reply."""
-
-    def __init__(self, model: Any, tokenizer: Any, template: PromptTemplate, args: ChatArguments, decoding: DecodingArguments) -> None:
-        self.model, self.tokenizer, self.args, self.decoding = model, tokenizer, args, decoding
-        self.templates = {template.name: template}
-        for name in available_templates():
-            if name == "auto" and not getattr(tokenizer, "chat_template", None):
-                continue
-            candidate = load_template(name, tokenizer)
-            if candidate.is_chat:
-                self.templates.setdefault(name, candidate)
-        self.default_template = template.name
-
-    def system_of(self, template_name: str, system: str | None) -> str:
-        template = self.templates[template_name]
-        return template.default_system if system is None else system
-
-    def prompt(
-        self,
-        history: list[Message],
-        question: str,
-        template_name: str | None = None,
-        system: str | None = None,
-        max_memory: int | None = None,
-    ) -> tuple[list[int], PromptTemplate, str]:
-        """Prompt ids for `question` after `history` within the budget, and a note if turns were dropped."""
-        template = self.templates[template_name or self.default_template]
-        budget = max_memory if max_memory is not None else self.args.max_memory
-        ids, dropped = chat_prompt_ids(self.tokenizer, template, history, question, self.system_of(template.name, system), budget)
-        return ids, template, f"dropped the {dropped} oldest turn(s) to fit max_memory={budget}" if dropped else ""
-
-    def stream(
-        self,
-        ids: list[int],
-        template: PromptTemplate,
-        decoding: DecodingArguments | None = None,
-        stop_event: Any = None,
-        stats: GenerationStats | None = None,
-    ) -> Iterator[str]:
-        """The answer in pieces (see stream_generate); chat answers are stripped."""
-        return stream_generate(self.model, self.tokenizer, ids, decoding or self.decoding, template.stop_strings, True, stop_event, stats)
-
-
-def conversation_record(history: list[Message], system: str) -> dict[str, list[Message]]:
-    """One saved conversation: OpenAI-style messages, the system prompt first if any."""
-    return {"messages": ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in history]}
-
-
-def save_conversation(path: str | Path, history: list[Message], system: str) -> Path:
-    """Append the conversation as one JSON line (a file collects many conversations)."""
-    if not history:
-        raise UserError("nothing to save yet: the conversation is empty")
-    with JsonlAppender(path) as out:
-        out.write(conversation_record(history, system))
-    return Path(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,9 +48,9 @@ def save_conversation(path: str | Path, history: list[Message], system: str) -> 
 CLI_HELP = "commands: /reset (new conversation), /undo (drop the last turn), /regen (answer the last question again), /save [FILE], /exit — Ctrl-C stops an answer"
 
 
-def run_cli(chat: Chat) -> None:
+def run_cli(chat: ChatSession, save_dir: str) -> None:
     history: list[Message] = []
-    system = chat.system_of(chat.default_template, chat.args.system)
+    system = chat.system_of(chat.default_template, chat.settings.system)
     print(f"chat with template {chat.default_template}; {CLI_HELP}", flush=True)
     while True:
         try:
@@ -132,7 +73,7 @@ def run_cli(chat: Chat) -> None:
             print(f"[undone; {len(history) // 2} turn(s) left]")
             continue
         if command == "/save":
-            target = rest.strip() or str(Path(chat.args.save_dir) / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            target = rest.strip() or str(Path(save_dir) / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
             try:
                 print(f"[saved to {save_conversation(target, history, system)}]")
             except (UserError, OSError) as exc:
@@ -171,8 +112,8 @@ def run_cli(chat: Chat) -> None:
 # --------------------------------------------------------------------------------------------
 # Web page
 # --------------------------------------------------------------------------------------------
-def build_page(chat: Chat, title: str) -> Any:
-    from chinese_vicuna.webui import SessionStops, decoding_controls, decoding_from_values, gr
+def build_page(chat: ChatSession, title: str) -> Any:
+    from chinese_vicuna.infer.webui import SessionStops, decoding_controls, decoding_from_values, gr
 
     stops = SessionStops()
     save_dir = Path(tempfile.mkdtemp(prefix="chat-saves-"))
@@ -236,8 +177,8 @@ def build_page(chat: Chat, title: str) -> Any:
         saved = gr.File(label="Saved conversation", elem_id="saved", interactive=False, height=90)
         with gr.Accordion("Conversation settings", open=False):
             template_name = gr.Dropdown(list(chat.templates), value=chat.default_template, label="Template", elem_id="template")
-            system = gr.Textbox(chat.system_of(first.name, chat.args.system), lines=2, label="System prompt", elem_id="system")
-            max_memory = gr.Number(chat.args.max_memory, precision=0, label="max_memory (prompt tokens)", elem_id="max_memory")
+            system = gr.Textbox(chat.system_of(first.name, chat.settings.system), lines=2, label="System prompt", elem_id="system")
+            max_memory = gr.Number(chat.settings.max_memory, precision=0, label="max_memory (prompt tokens)", elem_id="max_memory")
         with gr.Accordion("Decoding", open=False):
             controls = decoding_controls(chat.decoding)
 
@@ -257,7 +198,9 @@ def build_page(chat: Chat, title: str) -> Any:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, decoding, args = parse_args((ModelArguments, DecodingArguments, ChatArguments), argv)
+    model_args, template_args, session_args, decoding, server, args = parse_args(
+        (ModelArguments, ChatTemplateArguments, ChatSessionArguments, DecodingArguments, ServerArguments, ChatFrontArguments), argv
+    )
     logging.basicConfig(level=logging.WARNING if args.cli else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     decoding.validate()
     if args.cli:  # keep the terminal for the conversation
@@ -268,24 +211,22 @@ def main(argv: list[str] | None = None) -> None:
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         warnings.filterwarnings("ignore")
-    if args.max_memory < 1:
-        raise UserError(f"--max_memory must be a positive number of tokens, got {args.max_memory}")
 
     model, tokenizer = load_from_args(model_args)
-    template = load_template(args.prompt_template, tokenizer)
+    template = load_template(template_args.prompt_template, tokenizer)
     if not template.is_chat:
         raise UserError(
-            f"--prompt_template {args.prompt_template!r} is an instruction template; chat needs a chat template (e.g. chinese-vicuna-chat)"
+            f"--prompt_template {template_args.prompt_template!r} is an instruction template; chat needs a chat template (e.g. chinese-vicuna-chat)"
         )
-    chat = Chat(model, tokenizer, template, args, decoding)
+    chat = ChatSession(model, tokenizer, template, session_args, decoding)
 
     if args.cli:
-        run_cli(chat)
+        run_cli(chat, args.save_dir)
         return
-    from chinese_vicuna.webui import launch
+    from chinese_vicuna.infer.webui import launch
 
     title = f"Chinese-Vicuna chat · {model_args.lora_weights or model_args.base_model}"
-    launch(build_page(chat, title), args.server_name, args.server_port, args.share)
+    launch(build_page(chat, title), server.server_name, server.server_port, server.share)
 
 
 if __name__ == "__main__":

@@ -2,43 +2,44 @@
 
     python finetune.py --base_model MODEL --data_path data.jsonl --output_dir lora-Vicuna
 
-Every TrainingArguments flag works too (`python finetune.py --help`).
+Every TrainingArguments flag works too (`python finetune.py --help`); one .json/.yaml file of
+flags works in their place. docs/architecture.md says where each step below lives.
 """
 
 from __future__ import annotations
 
-import logging
+from transformers import Trainer
 
-from chinese_vicuna.data import PaddingCollator, load_instruction_dataset, split_train_val
-from chinese_vicuna.errors import exit_on_user_error
-from chinese_vicuna.modeling import load_tokenizer
-from chinese_vicuna.prompts import load_template
-from chinese_vicuna.training import (
+from chinese_vicuna.args import (
     BatchArguments,
     DataArguments,
     LoraArguments,
-    ModelArguments,
+    TemplateArguments,
     TrainArguments,
-    build_trainer,
-    load_model_for_training,
+    TrainModelArguments,
     parse_args,
-    start_run,
-    train_and_save,
 )
-
-logger = logging.getLogger("finetune")
+from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
+from chinese_vicuna.data.datasets import load_instruction_dataset, split_train_val
+from chinese_vicuna.errors import exit_on_user_error
+from chinese_vicuna.model.loading import load_tokenizer
+from chinese_vicuna.prompts import load_template
+from chinese_vicuna.train.model import load_model_for_training
+from chinese_vicuna.train.packing import PackedTrainer
+from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, data_args, lora_args, batch_args, train_args = parse_args(
-        (ModelArguments, DataArguments, LoraArguments, BatchArguments, TrainArguments), argv
+    # 0. flags, parsed once: precision, batch arithmetic, evaluation and resume are final here
+    model_args, template_args, data_args, lora_args, _batch, train_args = parse_args(  # _batch: applied to train_args
+        (TrainModelArguments, TemplateArguments, DataArguments, LoraArguments, BatchArguments, TrainArguments), argv
     )
-    resume = start_run(model_args, batch_args, train_args)
+    start_run(model_args, train_args)
 
     # 1. tokenizer and data first: a bad data line fails in seconds, before a 13B model loads
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
-    template = load_template(data_args.prompt_template, tokenizer)
+    template = load_template(template_args.prompt_template, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
         samples = load_instruction_dataset(
             data_args.data_path,
@@ -54,9 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     # 2. base model (fp32 / bf16 / fp16 / 8-bit / 4-bit) and a new or continued LoRA
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)
 
-    # 3. train and save
-    trainer = build_trainer(model, tokenizer, train_args, train_data, val_data, PaddingCollator(tokenizer.pad_token_id))
-    train_and_save(trainer, tokenizer, resume)
+    # 3. train: packed rows (one row per micro-batch, attention within each sample) or padded batches
+    collator = PackedCollator() if train_args.packing else PaddingCollator(tokenizer.pad_token_id)
+    trainer_class = PackedTrainer if train_args.packing else Trainer
+    trainer = build_trainer(trainer_class, model, tokenizer, train_args, train_data, val_data, collator)
+    train_and_save(trainer, tokenizer, template, train_args.resume_from_checkpoint)
 
 
 if __name__ == "__main__":

@@ -3,35 +3,34 @@
     python finetune_chat.py --base_model MODEL --data_path chat.jsonl --output_dir lora-Vicuna-chat
 
 Data: Chinese-Vicuna chat (`{"input": [...], "output": [...]}`), ShareGPT, OpenAI messages, or
-bare `{"role", "text"}` lists (one format per file; see chinese_vicuna/chat_data.py). The same
+bare `{"role", "text"}` lists (one format per file; chinese_vicuna/data/formats.py). The same
 model / LoRA / batch / training flags as finetune.py; every TrainingArguments flag works too
 (`python finetune_chat.py --help`).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
-from chinese_vicuna.chat_data import load_chat_dataset
-from chinese_vicuna.data import PaddingCollator, split_train_val
-from chinese_vicuna.errors import exit_on_user_error
-from chinese_vicuna.modeling import load_tokenizer
-from chinese_vicuna.prompts import load_template
-from chinese_vicuna.training import (
+from transformers import Trainer
+
+from chinese_vicuna.args import (
     BatchArguments,
+    ChatTemplateArguments,
     DataArguments,
     LoraArguments,
-    ModelArguments,
     TrainArguments,
-    build_trainer,
-    load_model_for_training,
+    TrainModelArguments,
     parse_args,
-    start_run,
-    train_and_save,
 )
-
-logger = logging.getLogger("finetune_chat")
+from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
+from chinese_vicuna.data.datasets import load_chat_dataset, split_train_val
+from chinese_vicuna.errors import exit_on_user_error
+from chinese_vicuna.model.loading import load_tokenizer
+from chinese_vicuna.prompts import load_template
+from chinese_vicuna.train.model import load_model_for_training
+from chinese_vicuna.train.packing import PackedTrainer
+from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
 
 
 @dataclass
@@ -39,10 +38,6 @@ class ChatDataArguments(DataArguments):
     data_path: str = field(
         default="sample/chat/chat_sample.jsonl",
         metadata={"help": "Chat data: .json (list) or .jsonl file, or a folder of them; format detected per file."},
-    )
-    prompt_template: str = field(
-        default="chinese-vicuna-chat",
-        metadata={"help": "Chat template: chinese-vicuna-chat, vicuna_v1.1, chatml, llama2, llama3, auto, or a .json path."},
     )
     cutoff_len: int = field(
         default=2048, metadata={"help": "Maximum tokens per sample; longer conversations are split at turn boundaries."}
@@ -61,14 +56,15 @@ class ChatTrainArguments(TrainArguments):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, data_args, lora_args, batch_args, train_args = parse_args(
-        (ModelArguments, ChatDataArguments, LoraArguments, BatchArguments, ChatTrainArguments), argv
+    # 0. flags, parsed once: precision, batch arithmetic, evaluation and resume are final here
+    model_args, template_args, data_args, lora_args, _batch, train_args = parse_args(  # _batch: applied to train_args
+        (TrainModelArguments, ChatTemplateArguments, ChatDataArguments, LoraArguments, BatchArguments, ChatTrainArguments), argv
     )
-    resume = start_run(model_args, batch_args, train_args)
+    start_run(model_args, train_args)
 
     # 1. tokenizer and data first: a bad record fails in seconds, before a 13B model loads
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
-    template = load_template(data_args.prompt_template, tokenizer)
+    template = load_template(template_args.prompt_template, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
         samples = load_chat_dataset(  # conversations → samples with labels on assistant turns only
             data_args.data_path,
@@ -85,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     # 2. base model and a new or continued LoRA (gradient checkpointing on by default here)
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)
 
-    # 3. train and save
-    trainer = build_trainer(model, tokenizer, train_args, train_data, val_data, PaddingCollator(tokenizer.pad_token_id))
-    train_and_save(trainer, tokenizer, resume)
+    # 3. train: packed rows (one row per micro-batch, attention within each sample) or padded batches
+    collator = PackedCollator() if train_args.packing else PaddingCollator(tokenizer.pad_token_id)
+    trainer_class = PackedTrainer if train_args.packing else Trainer
+    trainer = build_trainer(trainer_class, model, tokenizer, train_args, train_data, val_data, collator)
+    train_and_save(trainer, tokenizer, template, train_args.resume_from_checkpoint)
 
 
 if __name__ == "__main__":

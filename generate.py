@@ -17,29 +17,26 @@ from typing import Any
 
 from tqdm import tqdm
 
-from chinese_vicuna.batch import JsonlAppender, instruction_of, resume_point
-from chinese_vicuna.data import read_records
+from chinese_vicuna.args import DecodingArguments, ModelArguments, ServerArguments, TemplateArguments, parse_args
+from chinese_vicuna.data.records import read_records
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.generation import DecodingArguments, GenerationStats, answer, load_from_args, prompt_ids, stream_generate
+from chinese_vicuna.infer.generation import GenerationStats, generate_answer, prompt_ids, stream_generate
+from chinese_vicuna.infer.jsonl import JsonlAppender, question_of, resume_point
+from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import PromptTemplate, load_template
-from chinese_vicuna.training import ModelArguments, parse_args
 
 logger = logging.getLogger("generate")
 
 
 @dataclass
-class GenerateArguments:
-    prompt_template: str = field(default="alpaca", metadata={"help": "The template the LoRA was trained with (name or .json path)."})
-    server_name: str = field(default="127.0.0.1", metadata={"help": "Address the page listens on (0.0.0.0 = every network)."})
-    server_port: int = field(default=7860, metadata={"help": "Port of the page."})
-    share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
+class BatchFileArguments:
     data_file: str | None = field(default=None, metadata={"help": "Batch mode: alpaca records (.jsonl/.json) to answer."})
     output_file: str | None = field(default=None, metadata={"help": "Batch mode: each input record + its 'output', one JSON line each."})
 
 
 def run_batch(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, data_file: str, output_file: str) -> None:
     records = read_records(data_file)
-    questions = [instruction_of(r) for r in records]  # check every record before generating
+    questions = [question_of(r) for r in records]  # check every record before generating
     done = resume_point(output_file, records)
     if done:
         logger.info("%s: %d of %d records already answered; resuming", output_file, done, len(records))
@@ -47,12 +44,12 @@ def run_batch(model: Any, tokenizer: Any, template: PromptTemplate, decoding: De
         for record, (instruction, inp) in tqdm(
             zip(records[done:], questions[done:]), total=len(records), initial=done, desc="generate", unit="record"
         ):
-            out.write({**record.data, "output": answer(model, tokenizer, template, instruction, inp, decoding)})
+            out.write({**record.data, "output": generate_answer(model, tokenizer, template, instruction, inp, decoding)})
     logger.info("wrote %d lines to %s", len(records), output_file)
 
 
 def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, title: str) -> Any:
-    from chinese_vicuna.webui import SessionStops, decoding_controls, decoding_from_values, gr
+    from chinese_vicuna.infer.webui import SessionStops, decoding_controls, decoding_from_values, gr
 
     stops = SessionStops()
 
@@ -91,22 +88,24 @@ def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: D
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, decoding, args = parse_args((ModelArguments, DecodingArguments, GenerateArguments), argv)
+    model_args, template_args, decoding, server, args = parse_args(
+        (ModelArguments, TemplateArguments, DecodingArguments, ServerArguments, BatchFileArguments), argv
+    )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     decoding.validate()
     if bool(args.data_file) != bool(args.output_file):
         raise UserError("batch mode needs both --data_file and --output_file (or neither, for the web page)")
 
     model, tokenizer = load_from_args(model_args)
-    template = load_template(args.prompt_template, tokenizer)
+    template = load_template(template_args.prompt_template, tokenizer)
 
     if args.data_file:
         run_batch(model, tokenizer, template, decoding, args.data_file, args.output_file)
         return
-    from chinese_vicuna.webui import launch
+    from chinese_vicuna.infer.webui import launch
 
     title = f"Chinese-Vicuna · {model_args.lora_weights or model_args.base_model}"
-    launch(build_page(model, tokenizer, template, decoding, title), args.server_name, args.server_port, args.share)
+    launch(build_page(model, tokenizer, template, decoding, title), server.server_name, server.server_port, server.share)
 
 
 if __name__ == "__main__":

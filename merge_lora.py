@@ -10,52 +10,53 @@ is written; `manifest.json` lists the SHA-256 of every file written.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.export import (
-    DTYPE_NAMES,
-    StagingDir,
+from chinese_vicuna.export.merge import (
     config_for_output,
     copy_tokenizer,
     max_diff,
     merge_low_mem,
     merge_with_peft,
-    parse_size,
     plan_merge,
     prompt_logits,
-    resolve_dtype,
-    save_meta,
-    split_list,
     verify_ids,
-    write_json,
-    write_manifest,
 )
-from chinese_vicuna.modeling import load_tokenizer
+from chinese_vicuna.export.meta import save_meta
+from chinese_vicuna.export.tensors import DTYPE_NAMES, StagingDir, parse_size, resolve_dtype, split_list, write_manifest
+from chinese_vicuna.files import write_json
+from chinese_vicuna.model.loading import load_tokenizer
 
 logger = logging.getLogger("merge_lora")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base_model", required=True, help="Base model folder (Hugging Face format, safetensors).")
-    p.add_argument("--lora_weights", required=True, help="Adapter folder(s), comma-separated, applied in this order.")
-    p.add_argument("--output_dir", required=True)
-    p.add_argument("--output_type", choices=("hf", "pth"), default="hf", help="hf: safetensors shards; pth: Meta's layout.")
-    p.add_argument("--max_shard_size", default="5GB", help="hf output: largest safetensors shard (e.g. 2GB, 500MB).")
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"), help="Output dtype (auto: the base's).")
-    p.add_argument("--num_shards", type=int, default=None, help="pth output: model-parallel shards (default by size, as Meta).")
-    p.add_argument("--verify", action="store_true", help="Compare merged logits with base + LoRAs; exit 1 above tolerance.")
-    p.add_argument("--tolerance", type=float, default=None, help="--verify limit (default 1e-4 for fp32, 1%% of the logit range else).")
-    p.add_argument("--low_mem", action="store_true", help="Stream the base one shard at a time (peak ≈ one shard + adapters).")
-    p.add_argument("--overwrite", action="store_true", help="Replace weights already in --output_dir.")
-    return p.parse_args(argv)
+@dataclass
+class MergeArguments:
+    base_model: str = field(metadata={"help": "Base model folder (Hugging Face format, safetensors)."})
+    lora_weights: str = field(metadata={"help": "Adapter folder(s), comma-separated, applied in this order."})
+    output_dir: str = field(metadata={"help": "Where the merged model goes (written in a staging folder, moved into place when complete)."})
+    output_type: str = field(default="hf", metadata={"help": "hf: safetensors shards; pth: Meta's consolidated.NN.pth layout."})
+    max_shard_size: str = field(default="5GB", metadata={"help": "hf output: largest safetensors shard (e.g. 2GB, 500MB)."})
+    dtype: str = field(default="auto", metadata={"help": "Output dtype: auto (the base's), fp32, fp16, bf16."})
+    num_shards: int | None = field(default=None, metadata={"help": "pth output: model-parallel shards (default by size, as Meta)."})
+    verify: bool = field(default=False, metadata={"help": "Compare merged logits with base + LoRAs; exit 1 above tolerance."})
+    tolerance: float | None = field(default=None, metadata={"help": "--verify limit (default 1e-4 for fp32, 1% of the logit range else)."})
+    low_mem: bool = field(default=False, metadata={"help": "Stream the base one shard at a time (peak ≈ one shard + adapters)."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace weights already in --output_dir."})
+
+    def __post_init__(self) -> None:
+        if self.output_type not in ("hf", "pth"):
+            raise UserError(f"--output_type {self.output_type!r}: use hf or pth")
+        if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
+            raise UserError(f"--dtype {self.dtype!r}: use auto, fp32, fp16 or bf16")
 
 
 def verify_written(plan, tokenizer, reference_model, out: Path, dtype: torch.dtype, tolerance: float | None) -> dict:
@@ -75,7 +76,7 @@ def verify_written(plan, tokenizer, reference_model, out: Path, dtype: torch.dty
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    (args,) = parse_args((MergeArguments,), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.low_mem and args.output_type != "hf":
         raise UserError("--low_mem writes --output_type hf only (Meta's shards split every layer); drop one of them")

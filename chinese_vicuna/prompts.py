@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.files import atomic_write_text
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE_FILE = "prompt_template.json"  # the template saved beside a trained adapter
 AUTO = "auto"
 ROLES = ("system", "user", "assistant")
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -120,6 +122,14 @@ class PromptTemplate:
             out[i] = values[name] if name in values else special.get(name, "{" + name + "}")
         return "".join(out)
 
+    def save(self, folder: str | Path) -> bool:
+        """Write the template beside a model as `prompt_template.json` (`load_template` reads it back);
+        False for `auto`, which lives in the tokenizer's own chat_template."""
+        if self.is_auto:
+            return False
+        atomic_write_text(Path(folder) / TEMPLATE_FILE, json.dumps({**self.spec, "name": self.name}, ensure_ascii=False, indent=2) + "\n")
+        return True
+
     @property
     def stop_strings(self) -> list[str]:
         """Strings that end generation; they are never shown to the user."""
@@ -151,13 +161,6 @@ class PromptTemplate:
         if output is not None:
             segments.append(Segment(output, True))
         return segments
-
-    def response_from_text(self, text: str) -> str:
-        """The answer part of a full decoded text (instruction templates)."""
-        split = self.spec.get("response_split")
-        if split and split in text:
-            text = text.split(split, 1)[1]
-        return text.strip()
 
     # --- conversations -------------------------------------------------------------------
     def chat_segments(

@@ -3,8 +3,8 @@
 #   GGUF_PATH=merged-q4_0.gguf PROMPT_TEMPLATE=chinese-vicuna-chat bash scripts/cpu_chat.sh
 # Make the GGUF file first:
 #   python merge_lora.py --base_model BASE --lora_weights LORA --output_dir merged
-#   python tools/convert_to_gguf.py merged --outfile merged-q4_0.gguf --outtype q4_0
-# Extra arguments go to tools/cpu_chat.py (e.g. --temperature 0.7 --max_new_tokens 512).
+#   python tools/convert_to_gguf.py --model_dir merged --outfile merged-q4_0.gguf --outtype q4_0
+# Extra arguments go to tools/cpu_chat.py (e.g. --do_sample true --temperature 0.7 --max_new_tokens 512).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,4 +17,4 @@ if [ -f .venv/bin/activate ]; then
     # shellcheck disable=SC1091
     source .venv/bin/activate
 fi
-exec python tools/cpu_chat.py "$GGUF_PATH" --prompt_template "$PROMPT_TEMPLATE" --threads "$THREADS" --n_ctx "$N_CTX" "$@"
+exec python tools/cpu_chat.py --gguf "$GGUF_PATH" --prompt_template "$PROMPT_TEMPLATE" --threads "$THREADS" --n_ctx "$N_CTX" "$@"

@@ -13,7 +13,7 @@ mkdir -p "$DEMO_DIR"
 head -n 12 sample/instruct/data_sample.jsonl > "$DEMO_DIR/demo_data.jsonl"
 
 echo "== 1/3 building the tiny model in $DEMO_DIR/tiny-llama"
-python tools/make_tiny_model.py "$DEMO_DIR/tiny-llama"
+python tools/make_tiny_model.py --output_dir "$DEMO_DIR/tiny-llama"
 
 echo "== 2/3 fine-tuning a LoRA on $DEMO_DIR/demo_data.jsonl (12 instructions)"
 rm -rf "$DEMO_DIR/lora"

@@ -29,7 +29,7 @@ fi
 source .venv/bin/activate
 
 # Skip pip when the requirement files have not changed since the last successful install.
-stamp=.venv/.installed-$(cat "${REQS[@]}" | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(cat "${REQS[@]}" pyproject.toml | sha256sum | cut -c1-16)
 if [ -f "$stamp" ]; then
     exit 0
 fi
@@ -41,4 +41,6 @@ fi
 for req in "${REQS[@]}"; do
     python -m pip install -q -r "$req"
 done
+# The package itself, editable: tools/ and tests import chinese_vicuna from this checkout.
+python -m pip install -q --no-deps -e .
 touch "$stamp"

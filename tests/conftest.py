@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tools"))
 
 SAMPLE_INSTRUCT = REPO / "sample" / "instruct" / "data_sample.jsonl"
 MEMORIZED_COUNT = 8
@@ -107,3 +105,11 @@ def expanded_tokenizer_dir(english_base_dir: Path, tmp_path_factory: pytest.Temp
     assert proc.returncode == 0, proc.stderr[-3000:]
     (root / "merge_report.json").write_text(proc.stdout.strip().splitlines()[-1], encoding="utf-8")
     return out
+
+
+def manifest_problems(out_dir: Path) -> list[str]:
+    """Files whose SHA-256 no longer matches the `manifest.json` an export wrote (empty: all good)."""
+    from chinese_vicuna.export.tensors import sha256_file
+
+    manifest = json.loads((Path(out_dir) / "manifest.json").read_text(encoding="utf-8"))
+    return [name for name, entry in manifest["files"].items() if sha256_file(Path(out_dir) / name) != entry["sha256"]]

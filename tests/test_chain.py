@@ -11,10 +11,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from chinese_vicuna.data import read_records, validate_instruction
+from chinese_vicuna.args import DecodingArguments
+from chinese_vicuna.data.records import read_records, validate_instruction
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.generation import generate_answer, prompt_ids
-from chinese_vicuna.modeling import load_lora, load_model_and_tokenizer, load_tokenizer
+from chinese_vicuna.infer.generation import generate_answer, prompt_ids
+from chinese_vicuna.model.adapters import load_lora
+from chinese_vicuna.model.build import load_for_inference
+from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from conftest import REPO, memorize_args, run_script
 
@@ -55,7 +58,7 @@ def test_expand_pretrain_merge_sft_generate(
 
     # the merged model with the old tokenizer: stopped, both sizes and the file named
     with pytest.raises(UserError, match=rf"has {n_base} tokens but {merged}/config.json has vocab_size {n_new}"):
-        load_model_and_tokenizer(str(merged), "fp32", tokenizer_path=str(english_base_dir))
+        load_for_inference(str(merged), None, "fp32", tokenizer_path=str(english_base_dir))
 
     # 3. instruction SFT on the merged model, with its (expanded) tokenizer; as in Chinese-Alpaca,
     # embed_tokens and lm_head train in full: the new rows, born equal (the mean), are still close
@@ -65,14 +68,14 @@ def test_expand_pretrain_merge_sft_generate(
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # 4. greedy generation reproduces the memorized answers, tokenized with the new pieces
-    model, tokenizer = load_model_and_tokenizer(str(merged), "fp32")
-    model = load_lora(model, str(sft), tokenizer=tokenizer)
+    model, tokenizer = load_for_inference(str(merged), None, "fp32")
+    model = load_lora(model, str(sft))
     model.eval()
     template = load_template("alpaca", tokenizer)
     records = [validate_instruction(r) for r in read_records(memorized_data)]
     assert max(prompt_ids(tokenizer, template, records[0]["instruction"])) >= n_base  # new Chinese pieces in use
     torch.manual_seed(0)
-    answers = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], max_new_tokens=48) for r in records]
+    answers = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], DecodingArguments(max_new_tokens=48)) for r in records]
     right = sum(a == r["output"] for a, r in zip(answers, records))
     print(f"memorized answers reproduced: {right}/{len(records)}")
     assert answers[0] == records[0]["output"]

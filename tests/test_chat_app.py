@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from test_generate_app import browser_page, screenshot, serve
 
-from chinese_vicuna.generation import DecodingArguments, chat_prompt_ids, generate_text, load_for_inference
+from chinese_vicuna.args import DecodingArguments
+from chinese_vicuna.infer.generation import chat_prompt_ids, generate_text
+from chinese_vicuna.model.build import load_for_inference
 from chinese_vicuna.prompts import load_template
 from conftest import REPO, read_jsonl
 

@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 from test_prompts import CV_SYSTEM
 
-from chinese_vicuna.chat_data import (
-    Conversation,
-    conversation_segment_lists,
-    load_chat_dataset,
-    plan_chunks,
-    read_conversations,
-    tokenize_conversations,
-)
-from chinese_vicuna.data import IGNORE_INDEX, TokenizeStats
+from chinese_vicuna.data.chat import conversation_segment_lists, plan_chunks, tokenize_conversations
+from chinese_vicuna.data.datasets import load_chat_dataset
+from chinese_vicuna.data.encode import IGNORE_INDEX, TokenizeStats
+from chinese_vicuna.data.formats import Conversation, read_conversations
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.modeling import load_tokenizer
+from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 
 REPO = Path(__file__).resolve().parent.parent

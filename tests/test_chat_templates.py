@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from test_prompts import CV_SYSTEM, VICUNA_SYSTEM  # the design.md system prompts
 
-from chinese_vicuna.chat_data import Conversation, tokenize_conversations
-from chinese_vicuna.data import IGNORE_INDEX, encode_segments
-from chinese_vicuna.modeling import load_tokenizer
+from chinese_vicuna.data.chat import tokenize_conversations
+from chinese_vicuna.data.encode import IGNORE_INDEX, encode_segments
+from chinese_vicuna.data.formats import Conversation
+from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 
 U = ["你好", "你叫什么名字？", "你会做什么？"]

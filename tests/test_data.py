@@ -11,15 +11,10 @@ import pytest
 import sentencepiece as spm
 
 import finetune
-from chinese_vicuna.data import (
-    IGNORE_INDEX,
-    PaddingCollator,
-    TokenizeStats,
-    load_instruction_dataset,
-    split_train_val,
-    tokenize_instructions,
-)
-from chinese_vicuna.modeling import load_tokenizer
+from chinese_vicuna.data.collate import PaddingCollator
+from chinese_vicuna.data.datasets import load_instruction_dataset, split_train_val
+from chinese_vicuna.data.encode import IGNORE_INDEX, TokenizeStats, tokenize_instructions
+from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from conftest import SAMPLE_INSTRUCT, read_jsonl, run_script
 

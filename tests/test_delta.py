@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from chinese_vicuna.export import TensorIndex, check_manifest
-from conftest import run_script
+from chinese_vicuna.export.tensors import TensorIndex
+from conftest import manifest_problems, run_script
 
 
 def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -37,7 +37,7 @@ def write_model(folder: Path, tensors: dict[str, torch.Tensor], like: Path, shar
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_delta_round_trip_is_exact(tiny_model_dir: Path, tmp_path: Path, dtype: torch.dtype) -> None:
-    from chinese_vicuna.export import apply_delta, make_delta
+    from chinese_vicuna.export.delta import apply_delta, make_delta
 
     torch.manual_seed(0)
     base_t = {n: t.to(dtype) for n, t in load_file(str(tiny_model_dir / "model.safetensors")).items()}
@@ -60,7 +60,7 @@ def test_delta_round_trip_is_exact(tiny_model_dir: Path, tmp_path: Path, dtype: 
     for name, t in target_t.items():
         assert rebuilt[name].dtype == t.dtype and torch.equal(rebuilt[name], t), name
     assert (tmp_path / "rebuilt" / "tokenizer.model").read_bytes() == (tiny_model_dir / "tokenizer.model").read_bytes()
-    assert check_manifest(tmp_path / "rebuilt") == []
+    assert manifest_problems(tmp_path / "rebuilt") == []
 
 
 def test_delta_cli_and_wrong_base(tiny_model_dir: Path, tmp_path: Path) -> None:

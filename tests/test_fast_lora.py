@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chinese_vicuna.fast_lora import FastDropout, use_fast_lora_dropout
-from chinese_vicuna.modeling import add_lora, load_model_and_tokenizer
+from chinese_vicuna.model.adapters import add_lora
+from chinese_vicuna.model.build import load_for_inference
+from chinese_vicuna.train.fast_lora import FastDropout, use_fast_lora_dropout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -52,7 +53,7 @@ def test_identity_in_eval_and_at_zero() -> None:
 
 
 def test_swapped_into_peft_model_without_changing_the_adapter(tiny_model_dir: Path) -> None:
-    model, _ = load_model_and_tokenizer(str(tiny_model_dir), "fp32")
+    model, _ = load_for_inference(str(tiny_model_dir), None, "fp32")
     model = add_lora(model, 8, 16, 0.05, "q_proj,v_proj")
     keys = sorted(model.state_dict())
     layers = model.get_base_model().config.num_hidden_layers

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import finetune
-from chinese_vicuna.generation import generate_answer
-from chinese_vicuna.modeling import load_model_and_tokenizer, load_tokenizer
+from chinese_vicuna.args import DataArguments, DecodingArguments, ModelArguments, TrainArguments, parse_args
+from chinese_vicuna.infer.generation import generate_answer
+from chinese_vicuna.model.build import load_for_inference
+from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
-from chinese_vicuna.training import DataArguments, ModelArguments, TrainArguments, parse_args
 from conftest import MEMORIZED_COUNT, SAMPLE_INSTRUCT, read_jsonl
 
 PROBE = "一年有几个季节？"
@@ -40,7 +41,7 @@ def test_memorized_outputs_are_reproduced_exactly_and_stop_at_eos(tiny_model_dir
     records = read_jsonl(memorized_data)
     assert len(records) == MEMORIZED_COUNT
     for rec in records:
-        assert generate_answer(model, tok, template, rec["instruction"], rec["input"], max_new_tokens=64) == rec["output"]
+        assert generate_answer(model, tok, template, rec["instruction"], rec["input"], DecodingArguments(max_new_tokens=64)) == rec["output"]
         # generation ended on a trained EOS, well before the token limit
         ids = probe_ids(tok) if rec["instruction"] == PROBE else None
         if ids:
@@ -166,7 +167,7 @@ def test_broken_special_token_config_is_reported_and_fixed(tiny_model_dir: Path,
     config.update(bos_token_id=0, eos_token_id=1)  # as in decapoda-research/llama-7b-hf
     (broken / "config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.WARNING):
-        model, _ = load_model_and_tokenizer(str(broken), "fp32")
+        model, _ = load_for_inference(str(broken), None, "fp32")
     assert "config.json has eos_token_id=1 but the tokenizer says 2" in caplog.text
     assert (model.config.bos_token_id, model.config.eos_token_id) == (1, 2)
     assert model.generation_config.eos_token_id == 2
@@ -201,15 +202,16 @@ def test_report_to_tensorboard_and_offline_wandb(tiny_model_dir: Path, tmp_path:
     [([], False), (["--packing", "false"], True), (["--packing", "false", "--group_by_length", "false"], False)],
 )
 def test_length_grouping_is_the_fallback_without_packing(tiny_model_dir: Path, tmp_path: Path, flags: list[str], grouped: bool) -> None:
+    from transformers import Trainer
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from chinese_vicuna.data import load_instruction_dataset
-    from chinese_vicuna.training import build_trainer
+    from chinese_vicuna.data.datasets import load_instruction_dataset
+    from chinese_vicuna.train.trainer import build_trainer
 
     (train_args,) = parse_args((TrainArguments,), ["--output_dir", str(tmp_path), "--per_device_train_batch_size", "4", *flags])
-    model, tok = load_model_and_tokenizer(str(tiny_model_dir), "fp32")
+    model, tok = load_for_inference(str(tiny_model_dir), None, "fp32")
     samples = load_instruction_dataset(SAMPLE_INSTRUCT, tok, load_template("alpaca", tok), 256)
-    trainer = build_trainer(model, tok, train_args, samples)
+    trainer = build_trainer(Trainer, model, tok, train_args, samples)
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, LengthGroupedSampler) == grouped
     if grouped:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chinese_vicuna.data import encode_segments
-from chinese_vicuna.modeling import load_base_model, load_lora, load_tokenizer
+from chinese_vicuna.data.encode import encode_segments
+from chinese_vicuna.model.adapters import load_lora
+from chinese_vicuna.model.loading import load_base_model, load_tokenizer
 from chinese_vicuna.prompts import load_template
 from conftest import memorize_args, read_jsonl, run_script
 
@@ -83,7 +84,7 @@ def test_chat_path_reproduces_every_assistant_turn(chat_run, tiny_model_dir: Pat
 
 
 def test_chat_defaults_and_shared_flags() -> None:
-    from chinese_vicuna.training import BatchArguments, LoraArguments, ModelArguments, parse_args
+    from chinese_vicuna.args import BatchArguments, LoraArguments, ModelArguments, parse_args
     from finetune_chat import ChatDataArguments, ChatTrainArguments
 
     types = (ModelArguments, ChatDataArguments, LoraArguments, BatchArguments, ChatTrainArguments)

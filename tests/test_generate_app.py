@@ -183,10 +183,10 @@ def test_batch_mode_resumes_after_sigkill(tiny_model_dir: Path, memorized_lora: 
 
 
 def test_batch_output_for_other_data_is_refused(tiny_model_dir: Path, memorized_data: Path, tmp_path: Path):
-    import generate
-    from chinese_vicuna.batch import resume_point
-    from chinese_vicuna.data import read_records
+    from chinese_vicuna.args import ServerArguments
+    from chinese_vicuna.data.records import read_records
     from chinese_vicuna.errors import UserError
+    from chinese_vicuna.infer.jsonl import resume_point
 
     records = read_records(memorized_data)
     out = tmp_path / "out.jsonl"
@@ -195,14 +195,14 @@ def test_batch_output_for_other_data_is_refused(tiny_model_dir: Path, memorized_
     out.write_text(json.dumps({"instruction": "另一个问题", "output": "x"}) + "\n", "utf-8")
     with pytest.raises(UserError, match=r"out.jsonl:1: does not answer"):
         resume_point(out, records)
-    assert generate.GenerateArguments().server_name == "127.0.0.1" and not generate.GenerateArguments().share
+    assert ServerArguments().server_name == "127.0.0.1" and not ServerArguments().share
 
 
 def test_lora_for_another_base_exits_with_one_line(
     tiny_model_dir: Path, memorized_lora: Path, memorized_data: Path, tmp_path: Path, capsys
 ):
     import generate
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.model.loading import load_tokenizer
 
     adapter = tmp_path / "expanded"
     shutil.copytree(memorized_lora, adapter, ignore=shutil.ignore_patterns("checkpoint-*"))

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from chinese_vicuna.data import encode_segments
+from chinese_vicuna.args import DecodingArguments
+from chinese_vicuna.data.encode import encode_segments
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.generation import (
-    DecodingArguments,
+from chinese_vicuna.infer.generation import (
     GenerationStats,
     IncrementalDecoder,
     StopStringFilter,
@@ -25,10 +25,10 @@ from chinese_vicuna.generation import (
     finish_text,
     generate_answer,
     generate_text,
-    load_for_inference,
     prompt_ids,
     stream_generate,
 )
+from chinese_vicuna.model.build import load_for_inference
 from chinese_vicuna.prompts import load_template
 
 MAX_POS_SAFE = 1500  # the tiny model has 2048 positions
@@ -133,7 +133,7 @@ def test_beam_search_comes_as_one_piece(memorized, records):
 # Incremental decoding and stop strings
 # --------------------------------------------------------------------------------------------
 def test_incremental_decoding_never_breaks_utf8(tiny_model_dir: Path):
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     text = "北京是中国的首都。𠀋龘 emoji😀 Hello world，「引号」！"
@@ -174,7 +174,7 @@ def test_chat_answers_are_stripped_like_plain_ones():
 
 def test_streamer_holds_partial_characters_and_stop_strings(tiny_model_dir: Path):
     """The streamer generate() drives: token by token, with byte-fallback tokens and a stop string."""
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     stops = load_template("alpaca", tok).stop_strings
@@ -247,7 +247,7 @@ HISTORY = [
 
 @pytest.mark.parametrize("name", ["chinese-vicuna-chat", "vicuna_v1.1", "llama2"])
 def test_history_budget_drops_oldest_turns_first(tiny_model_dir: Path, name: str):
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     template = load_template(name, tok)
@@ -276,7 +276,7 @@ def test_history_budget_drops_oldest_turns_first(tiny_model_dir: Path, name: str
 def test_history_prompt_ids_match_chat_training(tiny_model_dir: Path, tmp_path: Path):
     """The prompt for turn k is exactly the training sample's ids before answer k."""
     chat_data = pytest.importorskip("chinese_vicuna.chat_data")
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     template = load_template("chinese-vicuna-chat", tok)
@@ -292,7 +292,7 @@ def test_history_prompt_ids_match_chat_training(tiny_model_dir: Path, tmp_path: 
 
 
 def test_instruction_template_is_refused_for_chat(tiny_model_dir: Path):
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     with pytest.raises(UserError, match="chat template"):
@@ -344,7 +344,7 @@ def test_lora_for_another_base_is_a_clear_error(tiny_model_dir: Path, memorized_
         load_for_inference(str(tiny_model_dir), str(adapter), "fp32")
 
     # 2. the adapter carries the (expanded) tokenizer it was trained with
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.model.loading import load_tokenizer
 
     adapter2 = tmp_path / "expanded-tokenizer"
     shutil.copytree(memorized_lora, adapter2, ignore=shutil.ignore_patterns("checkpoint-*"))

@@ -16,10 +16,9 @@ from conftest import MEMORIZED_COUNT, REPO, SAMPLE_INSTRUCT, read_jsonl
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="optional group: bash scripts/setup_env.sh --llamacpp")
 
-from convert_to_gguf import convert  # noqa: E402
-from cpu_chat import LlamaCppTokenizer, greedy_answer, load_gguf  # noqa: E402
-
-from chinese_vicuna.generation import prompt_ids  # noqa: E402
+from chinese_vicuna.export.gguf import convert  # noqa: E402
+from chinese_vicuna.infer.generation import prompt_ids  # noqa: E402
+from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, greedy_answer, load_gguf  # noqa: E402
 from chinese_vicuna.prompts import load_template  # noqa: E402
 
 RECORDS = read_jsonl(SAMPLE_INSTRUCT)
@@ -110,9 +109,9 @@ def test_quantized_files(merged_dir: Path, f16_gguf: Path) -> None:
 
 def test_cpu_chat_terminal(f16_gguf: Path) -> None:
     questions = "".join(r["instruction"] + "\n" for r in RECORDS[:2])
-    proc = run_with_stdin("tools/cpu_chat.py", str(f16_gguf), "--prompt_template", "alpaca", "--show_speed", stdin=questions)
+    proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf), "--prompt_template", "alpaca", "--show_speed", stdin=questions)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[1]["output"]]
     assert "tokens/s" in proc.stderr
-    proc = run_with_stdin("tools/cpu_chat.py", str(f16_gguf.parent / "missing.gguf"), stdin="")
+    proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf.parent / "missing.gguf"), stdin="")
     assert proc.returncode == 2 and "GGUF file not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -9,15 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from chinese_vicuna.export import (
-    check_manifest,
-    load_meta,
-    meta_params,
-    meta_to_hf,
-    permute_qk,
-    unpermute_qk,
-)
-from conftest import run_script
+from chinese_vicuna.export.meta import load_meta, meta_params, meta_to_hf
+from chinese_vicuna.export.names import permute_qk, unpermute_qk
+from conftest import manifest_problems, run_script
 
 PROMPTS = ["中国的首都是哪里？", "Below is an instruction.\n\n### Response:\n北京", "一年有几个季节？春、夏、秋、冬。"]
 
@@ -110,7 +104,7 @@ def test_one_lora_cli_verify_and_manifest(tiny_model_dir: Path, loras: dict[str,
     manifest = json.loads((out / "manifest.json").read_text())
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer.model"} <= set(manifest["files"])
     assert manifest["verify"]["ok"] and manifest["verify"]["max_abs_diff_written_vs_reference"] < 1e-4
-    assert check_manifest(out) == []
+    assert manifest_problems(out) == []
 
 
 def test_two_loras_in_order(tiny_model_dir: Path, loras: dict[str, Path], tmp_path: Path) -> None:

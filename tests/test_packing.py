@@ -7,20 +7,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from chinese_vicuna.data import IGNORE_INDEX, PaddingCollator, read_records, tokenize_instructions, validate_instruction
-from chinese_vicuna.losses import chunked_cross_entropy
-from chinese_vicuna.modeling import add_lora, load_model_and_tokenizer
-from chinese_vicuna.packing import PACKED_SDPA, PackedCollator, packed_forward, packed_loss, use_packed_attention
+from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
+from chinese_vicuna.data.encode import IGNORE_INDEX, tokenize_instructions
+from chinese_vicuna.data.records import read_records, validate_instruction
+from chinese_vicuna.model.adapters import add_lora
+from chinese_vicuna.model.build import load_for_inference
 from chinese_vicuna.prompts import load_template
+from chinese_vicuna.train.losses import chunked_cross_entropy
+from chinese_vicuna.train.packing import PACKED_SDPA, packed_forward, packed_loss, use_packed_attention
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "instruct" / "data_sample.jsonl"
 
 
 @pytest.fixture(scope="module", params=["sdpa-mask", "sdpa-per-sample", "eager"])
 def model_and_samples(tiny_model_dir: Path, request: pytest.FixtureRequest) -> tuple:
-    """The generic block-diagonal mask path, the per-sample sdpa build_trainer switches to, and
+    """The generic block-diagonal mask path, the per-sample sdpa PackedTrainer switches to, and
     eager attention (--attn_implementation eager), whose mask transformers builds from position_ids."""
-    from chinese_vicuna.modeling import load_checked_model, load_tokenizer
+    from chinese_vicuna.model.build import load_checked_model
+    from chinese_vicuna.model.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
     attn = "eager" if request.param == "eager" else None
@@ -117,7 +121,7 @@ def test_chunked_cross_entropy_matches_torch() -> None:
 @pytest.mark.parametrize("n", [1, 37, 512, 600])
 def test_cpu_bf16_causal_attention_matches_sdpa(n: int) -> None:
     """The bf16 matmul path (n <= 512) and the fp32 flash path (longer) against fp32 sdpa."""
-    from chinese_vicuna.packing import CPU_MATMUL_ATTENTION_MAX_LEN, _causal_attention
+    from chinese_vicuna.train.packing import CPU_MATMUL_ATTENTION_MAX_LEN, _causal_attention
 
     assert CPU_MATMUL_ATTENTION_MAX_LEN == 512
     torch.manual_seed(n)
@@ -137,7 +141,7 @@ def test_cpu_bf16_causal_attention_matches_sdpa(n: int) -> None:
 
 def test_no_attention_across_packed_samples_bf16(tiny_model_dir: Path) -> None:
     """The bf16 CPU path training uses: per-sample matmul attention, still no cross-sample leak."""
-    model, tokenizer = load_model_and_tokenizer(str(tiny_model_dir), "bf16")
+    model, tokenizer = load_for_inference(str(tiny_model_dir), None, "bf16")
     use_packed_attention(model)
     model.eval()
     records = [validate_instruction(r) for r in read_records(SAMPLE)[:3]]

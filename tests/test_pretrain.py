@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from chinese_vicuna.data import IGNORE_INDEX
-from chinese_vicuna.modeling import load_tokenizer
-from chinese_vicuna.pretrain_data import group_into_blocks, load_pretrain_dataset
+from chinese_vicuna.data.datasets import load_pretrain_dataset
+from chinese_vicuna.data.encode import IGNORE_INDEX
+from chinese_vicuna.data.pretrain import group_into_blocks
+from chinese_vicuna.model.loading import load_tokenizer
 from conftest import REPO
 
 PRETRAIN_DIR = REPO / "sample" / "pretrain"
@@ -138,7 +139,7 @@ def test_interrupted_lora_stage_resumes_to_the_same_adapter(english_base_dir: Pa
         assert torch.allclose(resumed[name], weight, atol=1e-6), name
     # the pretraining adapter (resized vocabulary + full embeddings) works for inference unmerged:
     # its own tokenizer is picked up and the base grows to its vocabulary
-    from chinese_vicuna.generation import load_for_inference
+    from chinese_vicuna.model.build import load_for_inference
 
     model, tok = load_for_inference(str(english_base_dir), str(tmp_path / "whole"), "fp32")
     assert len(tok) == len(load_tokenizer(str(expanded_tokenizer_dir)))

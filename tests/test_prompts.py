@@ -98,7 +98,7 @@ def test_chatml_and_llama3() -> None:
 
 
 def test_auto_uses_the_tokenizers_chat_template(tiny_model_dir) -> None:
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     tok.chat_template = (

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from chinese_vicuna.data import encode_segments, read_records, tokenize_instructions, validate_instruction
-from chinese_vicuna.modeling import load_tokenizer
+from chinese_vicuna.data.encode import encode_segments, tokenize_instructions
+from chinese_vicuna.data.records import read_records, validate_instruction
+from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "instruct" / "data_sample.jsonl"
@@ -41,10 +42,10 @@ def test_batched_tokenization_same_ids_and_faster(tiny_model_dir: Path) -> None:
 
 
 def test_fast_path_gives_hf_ids_for_text_starting_with_whitespace(tiny_model_dir: Path) -> None:
-    from chinese_vicuna.fast_tokenize import batch_encoder
+    from chinese_vicuna.data.fast_tokenize import BatchEncoder
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    encoder = batch_encoder(tokenizer)
+    encoder = BatchEncoder(tokenizer)
     assert encoder.fast  # the tiny model folder has its tokenizer.model: sentencepiece is used
     # where sentencepiece and the converted HF tokenizer disagree (leading spaces: code answers),
     # added-token text, and plain text; in one call and pipelined over several batches
@@ -56,10 +57,10 @@ def test_fast_path_gives_hf_ids_for_text_starting_with_whitespace(tiny_model_dir
 
 
 def test_fast_path_falls_back_to_hf_when_sentencepiece_disagrees(tiny_model_dir: Path, caplog) -> None:
-    from chinese_vicuna.fast_tokenize import batch_encoder
+    from chinese_vicuna.data.fast_tokenize import BatchEncoder
 
     tokenizer = load_tokenizer(str(tiny_model_dir))
-    encoder = batch_encoder(tokenizer)
+    encoder = BatchEncoder(tokenizer)
     real_encode = encoder.sp.encode
 
     def wrong_on_first_text(texts: list[str], **kwargs: object) -> list[list[int]]:

@@ -11,8 +11,9 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.modeling import check_vocab, load_tokenizer, resize_embeddings, resize_to_adapter
-from chinese_vicuna.vocab import merge_sentencepiece_models, tokens_per_chinese_char
+from chinese_vicuna.model.adapters import resize_to_adapter
+from chinese_vicuna.model.loading import check_vocab, load_tokenizer, resize_embeddings
+from chinese_vicuna.model.vocab import merge_sentencepiece_models, tokens_per_chinese_char
 from conftest import REPO, run_script
 
 TEST_TEXT = REPO / "sample" / "pretrain" / "zh_4.txt"  # not used to train the Chinese model

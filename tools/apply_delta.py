@@ -8,25 +8,26 @@ made with (a wrong base is one clear error), and every result against the target
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import exit_on_user_error
-from chinese_vicuna.export import apply_delta, parse_size
+from chinese_vicuna.export.delta import apply_delta
+from chinese_vicuna.export.tensors import parse_size
+
+
+@dataclass
+class ApplyDeltaArguments:
+    base_model: str = field(metadata={"help": "The original base (HF folder, safetensors)."})
+    delta_path: str = field(metadata={"help": "tools/make_delta.py output."})
+    target_model: str = field(metadata={"help": "Output folder for the rebuilt model."})
+    max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard, e.g. 5GB or 500MB."})
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base_model", required=True, help="the original base (HF folder, safetensors)")
-    p.add_argument("--delta_path", required=True, help="tools/make_delta.py output")
-    p.add_argument("--target_model", required=True, help="output folder for the rebuilt model")
-    p.add_argument("--max_shard_size", default="5GB")
-    args = p.parse_args(argv)
+    (args,) = parse_args((ApplyDeltaArguments,), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     apply_delta(args.base_model, args.delta_path, args.target_model, parse_size(args.max_shard_size))
     print(f"wrote {args.target_model}")

@@ -9,20 +9,18 @@ reported. The streamed text must equal the plain text (checked).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 
+from chinese_vicuna.args import DecodingArguments, ModelArguments, parse_args
 from chinese_vicuna.errors import exit_on_user_error
-from chinese_vicuna.generation import DecodingArguments, load_for_inference, prompt_ids, stream_generate
+from chinese_vicuna.infer.generation import prompt_ids, stream_generate
+from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import load_template
 
 
@@ -41,17 +39,16 @@ def plain(model: Any, tokenizer: Any, ids: list[int], n: int) -> str:
 
 
 @exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base_model", required=True)
-    parser.add_argument("--lora_weights", default=None)
-    parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--instruction", default="用三句话介绍一下北京。")
-    parser.add_argument("--new_tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+@dataclass
+class StreamBenchArguments:
+    instruction: str = field(default="用三句话介绍一下北京。", metadata={"help": "The alpaca instruction to answer."})
+    new_tokens: int = field(default=128, metadata={"help": "Tokens per answer (exactly: EOS is held off)."})
+    repeats: int = field(default=5, metadata={"help": "Timed runs of each kind (the median is reported)."})
 
-    model, tokenizer = load_for_inference(args.base_model, args.lora_weights, args.precision)
+
+def main(argv: list[str] | None = None) -> None:
+    model_args, args = parse_args((ModelArguments, StreamBenchArguments), argv)
+    model, tokenizer = load_from_args(model_args)
     ids = prompt_ids(tokenizer, load_template("alpaca", tokenizer), args.instruction)
     n = args.new_tokens
     decoding = DecodingArguments(max_new_tokens=n, min_new_tokens=n)
@@ -72,9 +69,9 @@ def main() -> None:
         streamed = first + "".join(pieces)
         stream_s.append(time.perf_counter() - start)
     result = {
-        "model": args.base_model,
+        "model": model_args.base_model,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "precision": args.precision,
+        "precision": model_args.precision,
         "threads": torch.get_num_threads(),
         "prompt_tokens": len(ids),
         "new_tokens": n,

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 from chinese_vicuna.errors import UserError, exit_on_user_error  # noqa: E402
 from chinese_vicuna.files import atomic_write_bytes, save_figure  # noqa: E402
@@ -73,7 +72,7 @@ def build_model(out: Path, shape: str = "50m", seed: int = 0) -> Path:
     dims = dict(MODEL_SHAPES[shape])
     tok_dir = out.parent / f"{out.name}-tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        cmd = [sys.executable, str(REPO / "tools" / "make_tiny_model.py"), str(tok_dir), "--vocab_size", str(dims["vocab_size"])]
+        cmd = [sys.executable, str(REPO / "tools" / "make_tiny_model.py"), "--output_dir", str(tok_dir), "--vocab_size", str(dims["vocab_size"])]
         cmd += ["--corpus", str(synthetic_corpus(out.parent / "corpus.txt")), str(REPO / "sample" / "tokenizer" / "corpus.txt")]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -131,7 +130,7 @@ def make_benchmark_data(
 
     from transformers import AutoTokenizer
 
-    from chinese_vicuna.data import tokenize_instructions
+    from chinese_vicuna.data.encode import tokenize_instructions
     from chinese_vicuna.prompts import load_template
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -311,8 +310,8 @@ def data_token_counts(model_dir: Path, data: Path, cutoff_len: int, micro_batch:
     """Non-padding tokens of one epoch, and the padding the recipe adds (sampled estimate)."""
     import torch
 
-    from chinese_vicuna.data import load_instruction_dataset
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.data.datasets import load_instruction_dataset
+    from chinese_vicuna.model.loading import load_tokenizer
     from chinese_vicuna.prompts import load_template
 
     tokenizer = load_tokenizer(str(model_dir))
@@ -493,8 +492,9 @@ def tokenize_speed(model_dir: Path, data: Path, n: int = 50000, repeats: int = 3
     """Seconds to tokenize n records: batched (`tokenize_instructions`, what finetune.py runs)
     vs the same segments encoded one sample per tokenizer call, and vs the recipe's per-sample
     function. Each timing is the best of `repeats`; the per-sample ones time a slice and scale."""
-    from chinese_vicuna.data import encode_segments, read_records, tokenize_instructions, validate_instruction
-    from chinese_vicuna.modeling import load_tokenizer
+    from chinese_vicuna.data.encode import encode_segments, tokenize_instructions
+    from chinese_vicuna.data.records import read_records, validate_instruction
+    from chinese_vicuna.model.loading import load_tokenizer
     from chinese_vicuna.prompts import load_template
 
     tokenizer = load_tokenizer(str(model_dir))

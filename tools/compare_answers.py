@@ -5,39 +5,39 @@ python tools/compare_answers.py --base_model DIR --lora_weights DIR --data_path 
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from chinese_vicuna.data import read_records, validate_instruction
-from chinese_vicuna.errors import exit_on_user_error
-from chinese_vicuna.generation import generate_answer
-from chinese_vicuna.modeling import load_lora, load_model_and_tokenizer
+from chinese_vicuna.args import DecodingArguments, ModelArguments, TemplateArguments, parse_args
+from chinese_vicuna.data.records import read_records, validate_instruction
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.infer.generation import generate_answer
+from chinese_vicuna.model.adapters import load_lora
+from chinese_vicuna.model.build import load_for_inference
 from chinese_vicuna.prompts import load_template
 
 
+@dataclass
+class CompareArguments:
+    data_path: str = field(metadata={"help": "Alpaca-format .json/.jsonl; the first --num records are asked."})
+    num: int = field(default=4, metadata={"help": "How many records to ask."})
+    max_new_tokens: int = field(default=64, metadata={"help": "Most tokens per answer (greedy)."})
+
+
 @exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base_model", required=True)
-    parser.add_argument("--lora_weights", required=True)
-    parser.add_argument("--data_path", required=True, help="alpaca-format .json/.jsonl; the first --num records are asked")
-    parser.add_argument("--num", type=int, default=4)
-    parser.add_argument("--prompt_template", default="alpaca")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    model_args, template_args, args = parse_args((ModelArguments, TemplateArguments, CompareArguments), argv)
     logging.basicConfig(level=logging.WARNING)
+    if not model_args.lora_weights:
+        raise UserError("--lora_weights is required: the adapter whose answers are compared with the base's")
 
     records = [validate_instruction(r) for r in read_records(args.data_path)[: args.num]]
-    model, tokenizer = load_model_and_tokenizer(args.base_model, "fp32")
-    template = load_template(args.prompt_template, tokenizer)
-    before = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], args.max_new_tokens) for r in records]
-    model = load_lora(model, args.lora_weights)
-    model.eval()
-    after = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], args.max_new_tokens) for r in records]
+    model, tokenizer = load_for_inference(model_args.base_model, None, model_args.precision, tokenizer_path=model_args.tokenizer_path)
+    template = load_template(template_args.prompt_template, tokenizer)
+    greedy = DecodingArguments(max_new_tokens=args.max_new_tokens)
+    before = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], greedy) for r in records]
+    model = load_lora(model, model_args.lora_weights).eval()
+    after = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], greedy) for r in records]
     for r, b, a in zip(records, before, after, strict=True):
         print(f"### {r['instruction']}")
         print(f"  expected: {r['output']}")

@@ -1,7 +1,7 @@
 """Streaming terminal chat on a GGUF file through llama.cpp (CPU), with the training templates.
 
-    python tools/cpu_chat.py model-q4_0.gguf --prompt_template chinese-vicuna-chat
-    python tools/cpu_chat.py model.gguf --prompt_template alpaca      # one instruction per line
+    python tools/cpu_chat.py --gguf model-q4_0.gguf --prompt_template chinese-vicuna-chat
+    python tools/cpu_chat.py --gguf model.gguf --prompt_template alpaca      # one instruction per line
 
 Prompts are built exactly as in training (every template segment tokenized separately, ids
 concatenated), here with llama.cpp's tokenizer read from the GGUF file. A chat template keeps
@@ -11,133 +11,51 @@ instruction template answers each line on its own. Commands: /reset, /exit (or C
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.generation import IncrementalDecoder, StopStringFilter, chat_prompt_ids, prompt_ids
+from chinese_vicuna.args import ChatSessionArguments, ChatTemplateArguments, DecodingArguments, parse_args
+from chinese_vicuna.errors import exit_on_user_error
+from chinese_vicuna.infer.generation import chat_prompt_ids, prompt_ids
+from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, load_gguf, stream_answer
 from chinese_vicuna.prompts import load_template
 
 
-class LlamaCppTokenizer:
-    """The slice of a HF tokenizer that encode_segments / IncrementalDecoder use, over llama.cpp."""
-
-    def __init__(self, llm: Any) -> None:
-        self.llm = llm
-        self.bos_token_id = llm.token_bos()
-        self.eos_token_id = llm.token_eos()
-        self.pad_token_id = self.eos_token_id
-        self.specials = {self.bos_token_id, self.eos_token_id}
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)
-
-    def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = False) -> dict[str, Any]:
-        if isinstance(texts, str):
-            return {"input_ids": self.encode(texts, add_special_tokens)}
-        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
-        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.specials)]
-        text = self.llm.detokenize(ids).decode("utf-8", errors="replace")
-        # as HF's sentencepiece decoding: the space the tokenizer prefixed to the text is dropped
-        return text[1:] if text.startswith(" ") else text
+@dataclass
+class LlamaCppArguments:
+    gguf: str = field(metadata={"help": "GGUF model file (tools/convert_to_gguf.py)."})
+    n_ctx: int = field(default=2048, metadata={"help": "Context length llama.cpp allocates."})
+    threads: int | None = field(default=None, metadata={"help": "CPU threads (default: llama.cpp's choice)."})
+    show_speed: bool = field(default=False, metadata={"help": "Print tokens/s after each answer (stderr)."})
 
 
-def load_gguf(path: str, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False) -> Any:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise UserError("llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt (compiles ~3 min)") from None
-    if not Path(path).is_file():
-        raise UserError(f"{path}: GGUF file not found (make one with tools/convert_to_gguf.py)")
-    return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), logits_all=logits_all, verbose=False)
+@dataclass
+class CpuChatSessionArguments(ChatSessionArguments):
+    max_memory: int | None = field(default=None, metadata={"help": "Prompt token budget (default n_ctx - max_new_tokens)."})
 
-
-def stream_tokens(
-    llm: Any, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int, repeat_penalty: float
-) -> Iterator[int]:
-    """Token ids from llama.cpp's sampler (greedy when temperature is 0), ending before EOS."""
-    eos = llm.token_eos()
-    for n, token in enumerate(llm.generate(ids, temp=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, reset=True)):
-        if token == eos or n >= max_new_tokens:
-            return
-        yield token
-
-
-def stream_answer(
-    llm: Any, tokenizer: LlamaCppTokenizer, ids: list[int], stop_strings: Sequence[str], strip: bool, **decoding: Any
-) -> Iterator[str]:
-    """Text pieces of the answer: UTF-8-safe (byte tokens held until a character is whole), cut at stop strings."""
-    decoder = IncrementalDecoder(tokenizer)
-    stops = StopStringFilter(stop_strings, strip)
-    for token in stream_tokens(llm, ids, **decoding):
-        piece = stops.push(decoder.push([token]))
-        if piece:
-            yield piece
-        if stops.stopped:
-            return
-    tail = stops.push(decoder.flush()) + stops.flush()
-    if tail:
-        yield tail
-
-
-def greedy_answer(
-    llm: Any, tokenizer: LlamaCppTokenizer, template: Any, instruction: str, input: str = "", max_new_tokens: int = 256
-) -> str:
-    """One instruction's answer, greedy (what tests compare with the trained output)."""
-    ids = prompt_ids(tokenizer, template, instruction, input)
-    pieces = stream_answer(
-        llm,
-        tokenizer,
-        ids,
-        template.stop_strings,
-        template.is_chat,
-        max_new_tokens=max_new_tokens,
-        temperature=0.0,
-        top_p=1.0,
-        top_k=1,
-        repeat_penalty=1.0,
-    )
-    return "".join(pieces)
+    def __post_init__(self) -> None:
+        if self.max_memory is not None:
+            super().__post_init__()
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("gguf", help="GGUF model file (tools/convert_to_gguf.py)")
-    p.add_argument("--prompt_template", default="chinese-vicuna-chat", help="the template the model was trained with")
-    p.add_argument("--system", default=None, help="chat templates: system prompt (default: the template's)")
-    p.add_argument("--n_ctx", type=int, default=2048)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--max_memory", type=int, default=None, help="prompt token budget (default n_ctx - max_new_tokens)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=0.9)
-    p.add_argument("--top_k", type=int, default=40)
-    p.add_argument("--repeat_penalty", type=float, default=1.0)
-    p.add_argument("--show_speed", action="store_true", help="print tokens/s after each answer (stderr)")
-    args = p.parse_args(argv)
+    model_args, template_args, session_args, decoding = parse_args((LlamaCppArguments, ChatTemplateArguments, CpuChatSessionArguments, DecodingArguments), argv)
+    decoding.validate()
     logging.basicConfig(level=logging.WARNING)
 
-    llm = load_gguf(args.gguf, args.n_ctx, args.threads)
+    llm = load_gguf(model_args.gguf, model_args.n_ctx, model_args.threads)
     tokenizer = LlamaCppTokenizer(llm)
-    template = load_template(args.prompt_template, None)
-    budget = args.max_memory or args.n_ctx - args.max_new_tokens
-    decoding = {
-        "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature,
-        "top_p": args.top_p,
-        "top_k": args.top_k if args.temperature > 0 else 1,
-        "repeat_penalty": args.repeat_penalty,
+    template = load_template(template_args.prompt_template, None)
+    budget = session_args.max_memory or model_args.n_ctx - decoding.max_new_tokens
+    sampling = {
+        "max_new_tokens": decoding.max_new_tokens,
+        "temperature": decoding.temperature if decoding.do_sample else 0.0,  # llama.cpp: 0 = greedy
+        "top_p": decoding.top_p,
+        "top_k": decoding.top_k if decoding.do_sample else 1,
+        "repeat_penalty": decoding.repetition_penalty,
     }
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -155,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
             print("(history cleared)", flush=True)
             continue
         if template.is_chat:
-            ids, dropped = chat_prompt_ids(tokenizer, template, history, question, args.system, budget)
+            ids, dropped = chat_prompt_ids(tokenizer, template, history, question, session_args.system, budget)
             if dropped:
                 print(f"(dropped the {dropped} oldest turn(s) to fit {budget} tokens)", file=sys.stderr, flush=True)
         else:
@@ -163,11 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         if interactive:
             print("Assistant: ", end="", flush=True)
         start, text = time.time(), ""
-        for piece in stream_answer(llm, tokenizer, ids, template.stop_strings, template.is_chat, **decoding):
+        for piece in stream_answer(llm, tokenizer, ids, template.stop_strings, template.is_chat, **sampling):
             text += piece
             print(piece, end="", flush=True)
         print(flush=True)
-        if args.show_speed:
+        if model_args.show_speed:
             n = len(tokenizer.encode(text)) if text else 0
             print(f"({n} tokens, {n / max(time.time() - start, 1e-9):.1f} tokens/s)", file=sys.stderr, flush=True)
         if template.is_chat:

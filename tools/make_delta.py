@@ -9,25 +9,26 @@ of every base and target tensor so tools/apply_delta.py can check both.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import exit_on_user_error
-from chinese_vicuna.export import make_delta, parse_size
+from chinese_vicuna.export.delta import make_delta
+from chinese_vicuna.export.tensors import parse_size
+
+
+@dataclass
+class MakeDeltaArguments:
+    base_model: str = field(metadata={"help": "The original base (HF folder, safetensors)."})
+    target_model: str = field(metadata={"help": "The fine-tuned / merged model (HF folder, safetensors)."})
+    delta_path: str = field(metadata={"help": "Output folder."})
+    max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard, e.g. 5GB or 500MB."})
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base_model", required=True, help="the original base (HF folder, safetensors)")
-    p.add_argument("--target_model", required=True, help="the fine-tuned / merged model (HF folder, safetensors)")
-    p.add_argument("--delta_path", required=True, help="output folder")
-    p.add_argument("--max_shard_size", default="5GB")
-    args = p.parse_args(argv)
+    (args,) = parse_args((MakeDeltaArguments,), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     make_delta(args.base_model, args.target_model, args.delta_path, parse_size(args.max_shard_size))
     print(f"wrote {args.delta_path}")

@@ -4,21 +4,21 @@ The tokenizer is trained on `sample/tokenizer/corpus.txt` (Chinese and English, 
 fallback, unk=0 bos=1 eos=2 as in LLaMA). The output directory loads with
 `AutoModelForCausalLM` / `AutoTokenizer`. Same arguments → same files (seeded).
 
-    python tools/make_tiny_model.py OUT_DIR [--hidden_size 128 --num_layers 2 ...]
+    python tools/make_tiny_model.py --output_dir OUT_DIR [--hidden_size 128 --num_layers 2 ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+from chinese_vicuna.args import parse_args
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.model.vocab import train_sentencepiece_model
 
-from chinese_vicuna.vocab import train_sentencepiece_model  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_CORPUS = REPO_ROOT / "sample" / "tokenizer" / "corpus.txt"
 
@@ -82,27 +82,29 @@ def make_tiny_model(
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out_dir")
-    parser.add_argument("--vocab_size", type=int, default=3000)
-    parser.add_argument("--hidden_size", type=int, default=128)
-    parser.add_argument(
-        "--intermediate_size", type=int, default=384, help="a multiple of 64: bitsandbytes 4-bit CPU kernels quantize in blocks of 64"
-    )
-    parser.add_argument("--num_layers", type=int, default=2)
-    parser.add_argument("--num_heads", type=int, default=4)
-    parser.add_argument("--num_kv_heads", type=int, default=None)
-    parser.add_argument("--max_position_embeddings", type=int, default=2048)
-    parser.add_argument("--corpus", nargs="+", type=Path, default=None, help="text files (default: sample/tokenizer/corpus.txt)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+@dataclass
+class TinyModelArguments:
+    output_dir: str = field(metadata={"help": "Where the model folder goes."})
+    vocab_size: int = field(default=3000, metadata={"help": "Sentencepiece pieces (trained on --corpus)."})
+    hidden_size: int = field(default=128)
+    intermediate_size: int = field(default=384, metadata={"help": "A multiple of 64: bitsandbytes 4-bit CPU kernels quantize in blocks of 64."})
+    num_layers: int = field(default=2)
+    num_heads: int = field(default=4)
+    num_kv_heads: int | None = field(default=None, metadata={"help": "Fewer than --num_heads: grouped-query attention."})
+    max_position_embeddings: int = field(default=2048)
+    corpus: list[str] | None = field(default=None, metadata={"help": "Text files (default: sample/tokenizer/corpus.txt)."})
+    seed: int = field(default=0)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    (args,) = parse_args((TinyModelArguments,), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for path in args.corpus or []:
-        if not path.is_file():
-            raise SystemExit(f"error: corpus file {path} does not exist")
+        if not Path(path).is_file():
+            raise UserError(f"--corpus {path}: file not found")
     make_tiny_model(
-        args.out_dir,
+        args.output_dir,
         vocab_size=args.vocab_size,
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
@@ -110,10 +112,9 @@ def main() -> None:
         num_heads=args.num_heads,
         num_kv_heads=args.num_kv_heads,
         max_position_embeddings=args.max_position_embeddings,
-        corpus=args.corpus,
+        corpus=[Path(c) for c in args.corpus] if args.corpus else None,
         seed=args.seed,
     )
-
 
 if __name__ == "__main__":
     main()

@@ -12,18 +12,16 @@ and after. Then resize the model: tools/pretrain.py does it (new rows = mean of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from chinese_vicuna.args import parse_args
+from chinese_vicuna.data.records import read_text_lines
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.vocab import (
+from chinese_vicuna.model.vocab import (
     merge_sentencepiece_models,
-    read_text_lines,
     sp_hf_mismatches,
     sp_model_path,
     tokens_per_chinese_char,
@@ -33,14 +31,17 @@ from chinese_vicuna.vocab import (
 logger = logging.getLogger("merge_tokenizers")
 
 
+@dataclass
+class MergeTokenizersArguments:
+    base_tokenizer: str = field(metadata={"help": "The base model's folder (with tokenizer.model) or a tokenizer.model file."})
+    chinese_sp_model: str = field(metadata={"help": "A sentencepiece .model (tools/train_tokenizer.py)."})
+    output_dir: str = field(metadata={"help": "Where the merged tokenizer folder goes."})
+    test_text: list[str] | None = field(default=None, metadata={"help": "Chinese text files for the tokens-per-character figures."})
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base_tokenizer", required=True, help="the base model's folder (with tokenizer.model) or a tokenizer.model file")
-    parser.add_argument("--chinese_sp_model", required=True, help="a sentencepiece .model (tools/train_tokenizer.py)")
-    parser.add_argument("--output_dir", required=True, help="where the merged tokenizer folder goes")
-    parser.add_argument("--test_text", nargs="*", default=None, help="Chinese text files for the tokens-per-character figures")
-    args = parser.parse_args(argv)
+    (args,) = parse_args((MergeTokenizersArguments,), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import sentencepiece as spm
 

@@ -20,39 +20,25 @@ import functools
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from transformers import Trainer
 
-from chinese_vicuna.data import PaddingCollator, split_train_val
+from chinese_vicuna.args import BatchArguments, LoraArguments, TrainArguments, TrainModelArguments, parse_args
+from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
+from chinese_vicuna.data.datasets import load_pretrain_dataset, split_train_val
+from chinese_vicuna.devices import is_main_process
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.fast_lora import use_fast_lora_dropout
 from chinese_vicuna.files import atomic_write_bytes
-from chinese_vicuna.modeling import (
-    add_lora,
-    check_special_tokens,
-    is_main_process,
-    load_base_model,
-    load_lora,
+from chinese_vicuna.model.adapters import parse_modules_to_save
+from chinese_vicuna.model.build import load_checked_model
+from chinese_vicuna.model.loading import (
     load_tokenizer,
-    prepare_for_training,
-    resize_embeddings_to_tokenizer,
-    resolve_precision,
 )
-from chinese_vicuna.pretrain_data import load_pretrain_dataset
-from chinese_vicuna.training import (
-    BatchArguments,
-    LoraArguments,
-    ModelArguments,
-    TrainArguments,
-    build_trainer,
-    parse_args,
-    parse_modules_to_save,
-    start_run,
-    train_and_save,
-)
+from chinese_vicuna.train.model import load_model_for_training
+from chinese_vicuna.train.packing import PackedTrainer
+from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
 
 logger = logging.getLogger("pretrain")
 
@@ -85,57 +71,49 @@ def perplexity(trainer: object) -> float | None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, pt_args, lora_args, batch_args, train_args = parse_args(
-        (ModelArguments, PretrainArguments, LoraArguments, BatchArguments, TrainArguments), argv
+    # 0. flags, parsed once (precision, batch arithmetic, evaluation and resume are final here)
+    model_args, pt_args, lora_args, _batch, train_args = parse_args(  # _batch: applied to train_args
+        (TrainModelArguments, PretrainArguments, LoraArguments, BatchArguments, TrainArguments), argv
     )
     if pt_args.stage not in ("embeddings", "lora"):
         raise UserError(f"--stage {pt_args.stage!r}: use embeddings or lora")
-    resume = start_run(model_args, batch_args, train_args)
-
-    # 1. precision and tokenizer
-    precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
-    if pt_args.stage == "embeddings" and precision in ("8bit", "4bit"):
-        if model_args.precision != "auto" or model_args.load_in_8bit or model_args.load_in_4bit:
+    start_run(model_args, train_args)
+    if pt_args.stage == "embeddings" and model_args.precision in ("8bit", "4bit"):
+        if model_args.precision_requested != "auto":
             raise UserError("--stage embeddings saves the whole model and cannot train a quantized one; use --precision fp32 or bf16")
-        precision = "fp32"
+        model_args.precision = "fp32"  # auto's 8-bit on a GPU: the whole model is trained and saved here
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
 
-    # 2. data first (a bad path fails before a 13B model loads): text → blocks (cached), a held-out part
+    # 1. data first (a bad path fails before a 13B model loads): text → blocks (cached), a held-out part
     with train_args.main_process_first(desc="tokenize"):
         blocks = load_pretrain_dataset(pt_args.dataset_dir, tokenizer, pt_args.block_size, pt_args.cache_dir, pt_args.use_data_cache)
     train_data, val_data = split_train_val(blocks, pt_args.val_set_size, train_args.seed)
 
-    # 3. the model, its embeddings resized to the (expanded) tokenizer, what trains
-    model = load_base_model(
-        model_args.base_model, precision, model_args.device_map, model_args.trust_remote_code, model_args.attn_implementation
-    )
-    check_special_tokens(model, tokenizer, model_args.base_model)
-    resize_embeddings_to_tokenizer(model, tokenizer, model_args.base_model)
-
+    # 2. the model, its embeddings resized to the (expanded) tokenizer, and what trains
     if pt_args.stage == "embeddings":
+        model = load_checked_model(
+            model_args.base_model, tokenizer, model_args.precision, model_args.device_map, model_args.trust_remote_code,
+            attn_implementation=model_args.attn_implementation, grow_to_tokenizer=True,
+        )  # fmt: skip
         freeze_all_but_embeddings(model)
         if train_args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=train_args.gradient_checkpointing_kwargs)
             model.enable_input_require_grads()
     else:
-        model = prepare_for_training(model, train_args.gradient_checkpointing)
-        modules = parse_modules_to_save(lora_args.modules_to_save, default=",".join(EMBEDDING_MODULES))
-        if model_args.lora_weights:
-            model = load_lora(model, model_args.lora_weights, is_trainable=True, tokenizer=tokenizer)
-        else:
-            model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules, modules)
-        if lora_args.fast_lora_dropout:
-            use_fast_lora_dropout(model, autocast=bool(train_args.bf16 or train_args.fp16))
-        if modules and set(EMBEDDING_MODULES) <= set(modules):
+        model = load_model_for_training(
+            model_args, lora_args, train_args, tokenizer, grow_to_tokenizer=True, default_modules_to_save=",".join(EMBEDDING_MODULES)
+        )
+        if set(EMBEDDING_MODULES) <= set(parse_modules_to_save(lora_args.modules_to_save, ",".join(EMBEDDING_MODULES)) or []):
             # PEFT's save_embedding_layers="auto" would store a resized embed_tokens and lm_head twice
             # more (the base's copy and the trained one under a second name): 3x the adapter size.
             model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
-    train_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
 
-    # 4. train and save, with held-out perplexity before and after
-    trainer = build_trainer(model, tokenizer, train_args, train_data, val_data, PaddingCollator(tokenizer.pad_token_id))
+    # 3. train (packed rows, or padded batches with --packing false) and save, with held-out perplexity before and after
+    collator = PackedCollator() if train_args.packing else PaddingCollator(tokenizer.pad_token_id)
+    trainer_class = PackedTrainer if train_args.packing else Trainer
+    trainer = build_trainer(trainer_class, model, tokenizer, train_args, train_data, val_data, collator)
     before = perplexity(trainer)
-    train_and_save(trainer, tokenizer, resume)
+    train_and_save(trainer, tokenizer, None, train_args.resume_from_checkpoint)
     after = perplexity(trainer)
     sp_model = Path(getattr(tokenizer, "vocab_file", None) or "")
     if is_main_process() and sp_model.name == "tokenizer.model" and sp_model.is_file():

@@ -8,29 +8,29 @@ tools/merge_tokenizers.py. Options that decide how text is cut follow LLaMA's to
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from pathlib import Path
+from dataclasses import dataclass, field
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.files import atomic_write_bytes
-from chinese_vicuna.vocab import load_model_proto, train_sentencepiece_model
+from chinese_vicuna.model.vocab import load_model_proto, train_sentencepiece_model
 
 logger = logging.getLogger("train_tokenizer")
 
 
+@dataclass
+class TrainTokenizerArguments:
+    input: list[str] = field(metadata={"help": "UTF-8 text files (one sentence or paragraph per line)."})
+    model_prefix: str = field(metadata={"help": "Output path prefix: writes PREFIX.model and PREFIX.vocab."})
+    vocab_size: int = field(default=20000, metadata={"help": "Pieces to learn (Chinese-LLaMA used 20000)."})
+    character_coverage: float = field(default=0.9995, metadata={"help": "Share of characters kept as pieces; rarer ones use bytes."})
+    num_threads: int = field(default=1, metadata={"help": "Training threads (1 = reproducible)."})
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="UTF-8 text files (one sentence or paragraph per line)")
-    parser.add_argument("--model_prefix", required=True, help="output path prefix: writes PREFIX.model and PREFIX.vocab")
-    parser.add_argument("--vocab_size", type=int, default=20000, help="pieces to learn (Chinese-LLaMA used 20000)")
-    parser.add_argument("--character_coverage", type=float, default=0.9995, help="share of characters kept as pieces; rarer ones use bytes")
-    parser.add_argument("--num_threads", type=int, default=1, help="training threads (1 = reproducible)")
-    args = parser.parse_args(argv)
+    (args,) = parse_args((TrainTokenizerArguments,), argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.vocab_size < 300:
         raise UserError(f"--vocab_size {args.vocab_size} is too small: 256 byte pieces and 3 special pieces come first")

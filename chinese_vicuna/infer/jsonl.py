@@ -13,21 +13,10 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from chinese_vicuna.data import Record
+from chinese_vicuna.data.records import Record, validate_instruction
 from chinese_vicuna.errors import UserError
 
 logger = logging.getLogger(__name__)
-
-
-def instruction_of(record: Record) -> tuple[str, str]:
-    """`instruction` and optional `input` of an alpaca record (its `output`, if any, is replaced)."""
-    rec = record.data
-    if not isinstance(rec, dict) or not isinstance(rec.get("instruction"), str):
-        raise UserError(f"{record.where}: expected a JSON object with an 'instruction' string")
-    inp = rec.get("input") or ""
-    if not isinstance(inp, str):
-        raise UserError(f"{record.where}: field 'input' must be a string, got {type(inp).__name__}")
-    return rec["instruction"], inp
 
 
 def resume_point(output_file: str | os.PathLike, records: list[Record]) -> int:
@@ -53,7 +42,7 @@ def resume_point(output_file: str | os.PathLike, records: list[Record]) -> int:
             done = json.loads(line)
         except json.JSONDecodeError:
             raise UserError(f"{path}:{i + 1}: not a JSON line; delete the file or use another --output_file") from None
-        if not isinstance(done, dict) or (done.get("instruction"), done.get("input") or "") != instruction_of(records[i]):
+        if not isinstance(done, dict) or (done.get("instruction"), done.get("input") or "") != question_of(records[i]):
             raise UserError(
                 f"{path}:{i + 1}: does not answer {records[i].where} (another data file?); delete it or use another --output_file"
             )
@@ -81,3 +70,9 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def question_of(record: Record) -> tuple[str, str]:
+    """(instruction, input) of an alpaca record to answer; its `output`, if any, is replaced."""
+    rec = validate_instruction(record, require_output=False)
+    return rec["instruction"], rec["input"]

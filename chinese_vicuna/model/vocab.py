@@ -9,7 +9,6 @@ lacks are appended after them.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
@@ -17,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from chinese_vicuna.data.records import read_text_lines
 from chinese_vicuna.errors import UserError
-
-logger = logging.getLogger(__name__)
 
 # Base-tokenizer files copied next to the merged tokenizer.model (special tokens, chat template,
 # add_bos/add_eos); tokenizer.json is NOT copied: it is rebuilt from the merged model.
@@ -44,23 +42,6 @@ def tokens_per_chinese_char(encode: Callable[[str], Sequence[int]], text: str) -
     if n_chars == 0:
         raise UserError("the test text has no Chinese characters; pass a Chinese text file")
     return len(encode(text)) / n_chars
-
-
-# --------------------------------------------------------------------------------------------
-# Training a Chinese sentencepiece model
-# --------------------------------------------------------------------------------------------
-def read_text_lines(files: Iterable[str | os.PathLike]) -> list[str]:
-    """Non-empty lines of UTF-8 text files; a missing or non-UTF-8 file is a UserError."""
-    lines: list[str] = []
-    for path in map(Path, files):
-        if not path.is_file():
-            raise UserError(f"{path}: text file not found")
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-        lines.extend(line for line in text.splitlines() if line.strip())
-    return lines
 
 
 def train_sentencepiece_model(
@@ -108,9 +89,6 @@ def train_sentencepiece_model(
     return buf.getvalue()
 
 
-# --------------------------------------------------------------------------------------------
-# Merging at the protobuf level
-# --------------------------------------------------------------------------------------------
 def load_model_proto(data: bytes, where: str) -> Any:
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
@@ -174,9 +152,6 @@ def merge_sentencepiece_models(base: bytes, chinese: bytes, base_where: str = "b
     return MergeResult(base_proto.SerializeToString(), base_size, added, skipped)
 
 
-# --------------------------------------------------------------------------------------------
-# Hugging Face tokenizer folders
-# --------------------------------------------------------------------------------------------
 def sp_model_path(tokenizer_dir: str | os.PathLike) -> Path:
     """`tokenizer.model` of a tokenizer folder (the sentencepiece model merging starts from)."""
     path = Path(tokenizer_dir)

@@ -1,5 +1,6 @@
 """Gradio pieces shared by generate.py and chat.py: decoding controls, a stop button per
-browser session, launching on 127.0.0.1 unless told otherwise."""
+browser session, launching on 127.0.0.1 unless told otherwise.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # re-exported: scripts import it from here, after the setting above
 
+from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.generation import DecodingArguments
 
 logger = logging.getLogger(__name__)
 

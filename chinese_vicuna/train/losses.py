@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from chinese_vicuna.data.encode import IGNORE_INDEX
+
 DEFAULT_CHUNK = 1024
 
 

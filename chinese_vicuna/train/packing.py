@@ -26,39 +26,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import Trainer
 
-from chinese_vicuna.data import IGNORE_INDEX, PaddingCollator
-from chinese_vicuna.losses import chunked_cross_entropy
+from chinese_vicuna.data.encode import IGNORE_INDEX
+from chinese_vicuna.train.losses import chunked_cross_entropy
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PackedCollator:
-    """A micro-batch of samples → one row: input_ids, position_ids, labels, shift_labels."""
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids: list[int] = []
-        position_ids: list[int] = []
-        labels: list[int] = []
-        shift_labels: list[int] = []
-        for f in features:
-            ids, lab = list(f["input_ids"]), list(f["labels"])
-            input_ids.extend(ids)
-            labels.extend(lab)
-            position_ids.extend(range(len(ids)))
-            # Position t predicts label t+1 of the SAME sample; a sample's last token predicts nothing.
-            shift_labels.extend([*lab[1:], IGNORE_INDEX])
-
-        def row(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).unsqueeze(0)
-
-        return {"input_ids": row(input_ids), "position_ids": row(position_ids), "labels": row(labels), "shift_labels": row(shift_labels)}
 
 
 PACKED_SDPA = "sdpa_packed"
@@ -110,6 +86,8 @@ def packed_sdpa_attention(
 # On the CPU, samples up to this length use bf16 matmuls (see _causal_attention); the saved
 # probabilities cost heads x n^2 x 2 bytes per sample and layer, so longer ones use flash.
 CPU_MATMUL_ATTENTION_MAX_LEN = 512
+
+
 _causal_bias_cache: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
@@ -192,20 +170,11 @@ class PackedLossMixin:
         return (loss, outputs) if return_outputs else loss
 
 
-def packed_trainer_class(trainer_class: type[Trainer] = Trainer) -> type[Trainer]:
-    """`trainer_class` with the packed loss (a subclass; the original class is untouched)."""
-    if issubclass(trainer_class, PackedLossMixin):
-        return trainer_class
-    return type(f"Packed{trainer_class.__name__}", (PackedLossMixin, trainer_class), {})
+class PackedTrainer(PackedLossMixin, Trainer):
+    """The Trainer for packed rows (`data.collate.PackedCollator`): the packed loss, and an sdpa
+    model switched to `packed_sdpa_attention` (attention within each sample, no wasted work)."""
 
-
-def use_packing(data_collator: Any, trainer_class: type[Trainer]) -> tuple[Any, type[Trainer]]:
-    """The packed collator and Trainer class, replacing the padding collator (or none).
-
-    A custom collator is kept as it is (packing off) — it may add fields packing would drop.
-    """
-    if data_collator is not None and not isinstance(data_collator, PaddingCollator | PackedCollator):
-        logger.info("packing off: a custom data collator (%s) is in use", type(data_collator).__name__)
-        return data_collator, trainer_class
-    logger.info("padding-free packing: each micro-batch is one row, positions restart per sample")
-    return PackedCollator(), packed_trainer_class(trainer_class)
+    def __init__(self, model: Any = None, *args: Any, **kwargs: Any) -> None:
+        if model is not None:
+            use_packed_attention(model)
+        super().__init__(model, *args, **kwargs)

@@ -16,88 +16,23 @@ Prompts are built from template segments with `data.encode_segments`, exactly as
 
 from __future__ import annotations
 
-import json
-import logging
 import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from chinese_vicuna.data import encode_segments
+from chinese_vicuna.args import DecodingArguments
+from chinese_vicuna.data.encode import encode_segments
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.prompts import PromptTemplate
 
-logger = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------------------------
-# Decoding settings
-# --------------------------------------------------------------------------------------------
-@dataclass
-class DecodingArguments:
-    """Decoding flags; the web pages start from them and batch mode uses them.
-
-    Defaults stream well and reproduce what a model was trained to say: greedy (the same
-    answer every time), one beam (beam search cannot stream), no repetition penalty.
-    """
-
-    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens to generate per answer."})
-    min_new_tokens: int = field(default=0, metadata={"help": "Do not stop (EOS) before this many tokens."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample (with temperature/top_p/top_k) instead of greedy decoding."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this mass."})
-    top_k: int = field(default=40, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
-    num_beams: int = field(default=1, metadata={"help": "Beam search with this many beams (>1 cannot stream: shown when done)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalize repeated tokens (1.0 = off; 1.1-1.3 against loops)."})
-
-    def validate(self) -> None:
-        """Bad values are user errors, named with their flag."""
-        checks = [
-            (self.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "--min_new_tokens must be between 0 and --max_new_tokens"),
-            (self.num_beams >= 1, "--num_beams must be at least 1"),
-            (self.repetition_penalty > 0, "--repetition_penalty must be > 0 (1.0 = off)"),
-            (not self.do_sample or self.temperature > 0, "--temperature must be > 0 when sampling"),
-            (0 < self.top_p <= 1, "--top_p must be in (0, 1]"),
-            (self.top_k >= 0, "--top_k must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"{message} (got {asdict(self)})")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `model.generate`; sampling knobs only when sampling."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": int(self.max_new_tokens),
-            "min_new_tokens": int(self.min_new_tokens),
-            "num_beams": int(self.num_beams),
-            "repetition_penalty": float(self.repetition_penalty),
-            "do_sample": bool(self.do_sample),
-        }
-        if self.do_sample:
-            kwargs.update(temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k))
-        else:
-            # the model's generation_config may carry sampling defaults; neutral values keep
-            # transformers from warning that they are ignored
-            kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
-        return kwargs
-
-    @property
-    def streams(self) -> bool:
-        """Beam search picks its answer only at the end, so it cannot stream token by token."""
-        return self.num_beams == 1
-
-
-# --------------------------------------------------------------------------------------------
-# Ids → text, incrementally
-# --------------------------------------------------------------------------------------------
 class IncrementalDecoder:
     """Token ids in, text pieces out; the pieces joined equal `tokenizer.decode(all ids)`.
 
@@ -202,9 +137,6 @@ class StopStringFilter:
         return piece
 
 
-# --------------------------------------------------------------------------------------------
-# Stopping
-# --------------------------------------------------------------------------------------------
 class StopOnEvent(StoppingCriteria):
     """Ends generation at the next decoding step once `event` is set (the UI's stop button)."""
 
@@ -240,9 +172,6 @@ class StopOnStrings(StoppingCriteria):
         return done
 
 
-# --------------------------------------------------------------------------------------------
-# Generation
-# --------------------------------------------------------------------------------------------
 @dataclass
 class GenerationStats:
     """What one generation did: tokens, time, and why it ended."""
@@ -452,9 +381,6 @@ def stream_generate(
             stats.new_tokens, stats.stopped_by = beam_stats.new_tokens, beam_stats.stopped_by
 
 
-# --------------------------------------------------------------------------------------------
-# Prompts
-# --------------------------------------------------------------------------------------------
 def prompt_ids(tokenizer: Any, template: PromptTemplate, instruction: str, input: str = "") -> list[int]:
     """The ids the model saw before its answer in training: `[bos] + prompt` segments."""
     ids, _ = encode_segments(tokenizer, template.instruction_segments(instruction, input))
@@ -500,7 +426,7 @@ def chat_prompt_ids(
     )
 
 
-def answer(
+def generate_answer(
     model: Any,
     tokenizer: Any,
     template: PromptTemplate,
@@ -508,101 +434,6 @@ def answer(
     input: str = "",
     decoding: DecodingArguments | None = None,
 ) -> str:
-    """An instruction's answer, not streamed (batch mode)."""
+    """An instruction's answer, not streamed (batch mode, tools); greedy unless `decoding` says otherwise."""
     ids = prompt_ids(tokenizer, template, instruction, input)
     return generate_text(model, tokenizer, ids, decoding, template.stop_strings, strip=template.is_chat)
-
-
-def generate_answer(
-    model: Any,
-    tokenizer: Any,
-    template: PromptTemplate,
-    instruction: str,
-    input: str = "",
-    max_new_tokens: int = 256,
-    **decoding: Any,
-) -> str:
-    """One answer, not streamed; greedy unless `decoding` says otherwise (tools' shorthand)."""
-    return answer(model, tokenizer, template, instruction, input, DecodingArguments(max_new_tokens=max_new_tokens, **decoding))
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------
-def check_adapter_matches_base(adapter_dir: str, model: Any, tokenizer: Any, vocab_resized: bool = False) -> None:
-    """A LoRA for another base is a UserError, even where the shapes happen to agree.
-
-    Two signs: the base named in `adapter_config.json` is a local model whose config differs
-    (vocabulary, width, depth), or the adapter folder carries the tokenizer it was trained
-    with and that tokenizer differs from the one in use (e.g. an expanded Chinese vocabulary).
-    """
-    path = Path(adapter_dir)
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        return  # a hub id: load_lora's shape checks and PEFT apply
-    named = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
-    named_cfg = Path(named) / "config.json" if named else None
-    if named_cfg is not None and named_cfg.is_file():
-        theirs = json.loads(named_cfg.read_text(encoding="utf-8"))
-        ours = model.config.to_dict()
-        keys = ("hidden_size", "num_hidden_layers", "intermediate_size") + (() if vocab_resized else ("vocab_size",))
-        for key in keys:
-            if key in theirs and key in ours and theirs[key] != ours[key]:
-                raise UserError(
-                    f"{cfg_path}: this LoRA was trained on {named} ({key}={theirs[key]}) but the base model has {key}={ours[key]}; "
-                    "load it with the base model it was trained on"
-                )
-    if any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        theirs_tok = AutoTokenizer.from_pretrained(str(path))
-        if len(theirs_tok) != len(tokenizer) or theirs_tok.get_vocab() != tokenizer.get_vocab():
-            raise UserError(
-                f"{path}: the tokenizer saved with this LoRA has {len(theirs_tok)} tokens but the one in use has {len(tokenizer)} "
-                "(or their vocabularies differ): the LoRA was trained with another tokenizer/base; load its base model, "
-                f"or pass --tokenizer_path {path} if the base model has that vocabulary"
-            )
-
-
-def load_for_inference(
-    base_model: str,
-    lora_weights: str | None = None,
-    precision: str = "auto",
-    device_map: Any = None,
-    tokenizer_path: str | None = None,
-    trust_remote_code: bool = False,
-) -> tuple[Any, Any]:
-    """Model (base, base + LoRA, or a merged model) and tokenizer, in eval mode.
-
-    `lora_weights`: an adapter folder this project wrote (output_dir or a checkpoint-N), one
-    written by stock PEFT, or a hub id.
-    """
-    from chinese_vicuna.modeling import adapter_tokenizer_path, adapter_vocab_rows, load_checked_model, load_lora, load_tokenizer
-
-    if not base_model:
-        raise UserError("--base_model is required: a Hugging Face model folder or hub id (a merged model works too)")
-    # A LoRA trained on an expanded vocabulary (tools/pretrain.py) carries full embeddings and
-    # the tokenizer it was trained with: that tokenizer is the one to use.
-    tokenizer = load_tokenizer(tokenizer_path or adapter_tokenizer_path(lora_weights) or base_model, trust_remote_code)
-    model = load_checked_model(base_model, tokenizer, precision, device_map, trust_remote_code, lora_weights)
-    if lora_weights:
-        resized = Path(lora_weights).is_dir() and adapter_vocab_rows(lora_weights) is not None
-        check_adapter_matches_base(lora_weights, model, tokenizer, vocab_resized=resized)
-        model = load_lora(model, lora_weights, tokenizer=tokenizer)
-    model.eval()
-    return model, tokenizer
-
-
-def load_from_args(model_args: Any) -> tuple[Any, Any]:
-    """`load_for_inference` from the scripts' ModelArguments (precision flags resolved)."""
-    from chinese_vicuna.modeling import resolve_precision
-
-    precision = resolve_precision(model_args.precision, model_args.load_in_8bit, model_args.load_in_4bit)
-    return load_for_inference(
-        model_args.base_model,
-        model_args.lora_weights,
-        precision,
-        model_args.device_map,
-        model_args.tokenizer_path,
-        model_args.trust_remote_code,
-    )

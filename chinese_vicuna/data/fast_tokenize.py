@@ -5,7 +5,7 @@ pre-tokenizer does not split (`split=False`): a whole segment is one "word", and
 is slow on long words (~400 µs for a 150-character prompt here; sentencepiece ~45 µs).
 Where the tokenizer folder has the sentencepiece model it was converted from, and the two
 give the same ids on a probe of the data, texts are encoded by sentencepiece itself
-(design.md: sentencepiece is the reference those ids must agree with), on several threads.
+(sentencepiece is the reference those ids must agree with: docs/architecture.md, tokenization), on several threads.
 Texts that contain an added/special token's text go through the HF tokenizer, which splits
 those out; so does everything when the probe disagrees or there is no `tokenizer.model`.
 """
@@ -23,10 +23,12 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+
 PROBE_EVERY = 256  # also compare one text in every PROBE_EVERY of each batch with the HF ids
 
 
-def hf_encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of many texts in one batched call of the HF tokenizer (no special tokens added)."""
     if not texts:
         return []
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
@@ -83,18 +85,18 @@ class BatchEncoder:
         plain = [i for i, t in enumerate(texts) if not t[:1].isspace() and not has_added(t)]
         # Probes as positions in `plain` (= in the sentencepiece output).
         probe = [*range(min(probe_first, len(plain))), *range(0, len(plain), PROBE_EVERY)]
-        reference = dict(zip(probe, hf_encode(self.tokenizer, [texts[plain[k]] for k in probe]), strict=True))
+        reference = dict(zip(probe, encode_texts(self.tokenizer, [texts[plain[k]] for k in probe]), strict=True))
         return plain, self.sp.encode([texts[i] for i in plain], num_threads=threads), reference
 
     def _finish(self, texts: Sequence[str], sp_result: _SpResult) -> list[list[int]]:
         """Check the probes, fill in the texts that HF encodes; HF for all after a disagreement."""
         if self.sp is None:
-            return hf_encode(self.tokenizer, texts)
+            return encode_texts(self.tokenizer, texts)
         plain, ids, reference = sp_result
         for k, want in reference.items():
             if ids[k] != want:
                 self._disable(texts[plain[k]], want, ids[k])
-                return hf_encode(self.tokenizer, texts)
+                return encode_texts(self.tokenizer, texts)
         self.verified = True
         if len(plain) == len(texts):  # the usual case: every text went to sentencepiece
             return ids
@@ -102,13 +104,13 @@ class BatchEncoder:
         for i, seq in zip(plain, ids, strict=True):
             out[i] = seq
         rest = [i for i in range(len(texts)) if out[i] is None]
-        for i, seq in zip(rest, hf_encode(self.tokenizer, [texts[i] for i in rest]), strict=True):
+        for i, seq in zip(rest, encode_texts(self.tokenizer, [texts[i] for i in rest]), strict=True):
             out[i] = seq
         return out  # type: ignore[return-value]
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
         if self.sp is None or not texts:
-            return hf_encode(self.tokenizer, texts)
+            return encode_texts(self.tokenizer, texts)
         return self._finish(texts, self._encode_sp(texts, self.num_threads, self._probe_first()))
 
     def map(self, batches: Iterable[Sequence[str]]) -> Iterator[list[list[int]]]:
@@ -117,7 +119,7 @@ class BatchEncoder:
         while the caller renders the next batches and assembles earlier ones: 50k samples took
         1.8-1.95 s instead of 2.1-2.5 s one batch at a time on this project's 2-core machine."""
         if self.sp is None:
-            yield from (hf_encode(self.tokenizer, texts) for texts in batches)
+            yield from (encode_texts(self.tokenizer, texts) for texts in batches)
             return
         in_flight: collections.deque[tuple[Sequence[str], Future]] = collections.deque()
         with ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="tokenize") as pool:
@@ -132,8 +134,3 @@ class BatchEncoder:
 
 
 _SpResult = tuple[list[int], list[list[int]], dict[int, list[int]]]
-
-
-def batch_encoder(tokenizer: Any) -> BatchEncoder:
-    """A reusable encoder for `tokenizer` (checks sentencepiece agreement as it goes)."""
-    return BatchEncoder(tokenizer)

@@ -1,0 +1,351 @@
+"""Every argument dataclass of the scripts, and `parse_args`: parsed once, final after parsing.
+
+Flag groups are defined once here and shared by every script that takes them (model loading,
+template, decoding, server, LoRA, data, batch, training). `parse_args` derives the settings
+that follow from others (batch arithmetic, evaluation, resume) so no code changes arguments later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from chinese_vicuna.devices import bf16_supported, cpu_has_native_bf16, resolve_precision, world_size
+from chinese_vicuna.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodingArguments:
+    """Decoding flags; the web pages start from them and batch mode uses them.
+
+    Defaults stream well and reproduce what a model was trained to say: greedy (the same
+    answer every time), one beam (beam search cannot stream), no repetition penalty.
+    """
+
+    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens to generate per answer."})
+    min_new_tokens: int = field(default=0, metadata={"help": "Do not stop (EOS) before this many tokens."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample (with temperature/top_p/top_k) instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
+    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this mass."})
+    top_k: int = field(default=40, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search with this many beams (>1 cannot stream: shown when done)."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalize repeated tokens (1.0 = off; 1.1-1.3 against loops)."})
+
+    def validate(self) -> None:
+        """Bad values are user errors, named with their flag."""
+        checks = [
+            (self.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "--min_new_tokens must be between 0 and --max_new_tokens"),
+            (self.num_beams >= 1, "--num_beams must be at least 1"),
+            (self.repetition_penalty > 0, "--repetition_penalty must be > 0 (1.0 = off)"),
+            (not self.do_sample or self.temperature > 0, "--temperature must be > 0 when sampling"),
+            (0 < self.top_p <= 1, "--top_p must be in (0, 1]"),
+            (self.top_k >= 0, "--top_k must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(f"{message} (got {asdict(self)})")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate`; sampling knobs only when sampling."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": int(self.max_new_tokens),
+            "min_new_tokens": int(self.min_new_tokens),
+            "num_beams": int(self.num_beams),
+            "repetition_penalty": float(self.repetition_penalty),
+            "do_sample": bool(self.do_sample),
+        }
+        if self.do_sample:
+            kwargs.update(temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k))
+        else:
+            # the model's generation_config may carry sampling defaults; neutral values keep
+            # transformers from warning that they are ignored
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
+        return kwargs
+
+    @property
+    def streams(self) -> bool:
+        """Beam search picks its answer only at the end, so it cannot stream token by token."""
+        return self.num_beams == 1
+
+
+@dataclass
+class ModelArguments:
+    """Which model to load and how: shared by every script that loads one."""
+
+    base_model: str = field(default="", metadata={"help": "Base model: a local HF folder or a hub id (LLaMA-family); a merged model works too."})
+    tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder if not the base model's."})
+    lora_weights: str | None = field(
+        default=None, metadata={"help": "A LoRA adapter folder (output_dir or a checkpoint-N), a stock PEFT adapter or a hub id."}
+    )
+    precision: str = field(
+        default="auto", metadata={"help": "Weights: auto (8bit on GPU, fp32 on CPU), fp32, bf16, fp16, half, 8bit, 4bit."}
+    )
+    load_in_8bit: bool = field(default=False, metadata={"help": "Same as --precision 8bit."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "Same as --precision 4bit (QLoRA NF4, double quantization)."})
+    device_map: str | None = field(
+        default=None, metadata={"help": "'auto' spreads the model over all GPUs; default one device per process."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run code shipped with the model (off unless you trust it)."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "sdpa (default; packed rows attend per sample), eager, or flash_attention_2 (GPU, varlen on packed rows)."},
+    )
+    # What the user asked for, before `finalize` resolved `precision` (not a flag).
+    precision_requested: str = field(default="", init=False, repr=False)
+
+
+@dataclass
+class TrainModelArguments(ModelArguments):
+    """ModelArguments of the training recipes: --lora_weights continues training an adapter."""
+
+    lora_weights: str | None = field(default=None, metadata={"help": "Continue training this adapter (folder or hub id)."})
+
+
+@dataclass
+class TemplateArguments:
+    """The prompt template (chinese_vicuna/templates/*.json, a .json path, or auto)."""
+
+    prompt_template: str = field(
+        default="alpaca",
+        metadata={"help": "Template name (alpaca, chinese-alpaca, a chat template, auto) or a .json path; inference: the one the model was trained with."},
+    )
+
+
+@dataclass
+class ChatTemplateArguments(TemplateArguments):
+    """TemplateArguments of the chat scripts: a chat template by default."""
+
+    prompt_template: str = field(
+        default="chinese-vicuna-chat",
+        metadata={"help": "Chat template: chinese-vicuna-chat, vicuna_v1.1, chatml, llama2, llama3, auto, or a .json path."},
+    )
+
+
+@dataclass
+class ChatSessionArguments:
+    """The system prompt and history budget of the chat front ends (page, terminal)."""
+
+    system: str | None = field(default=None, metadata={"help": "System prompt (default: the template's)."})
+    max_memory: int = field(default=1024, metadata={"help": "Most prompt tokens (system + history + question); oldest turns go first."})
+
+    def __post_init__(self) -> None:
+        if self.max_memory < 1:
+            raise UserError(f"--max_memory must be a positive number of tokens, got {self.max_memory}")
+
+
+@dataclass
+class ServerArguments:
+    """Where a page or server listens: loopback unless told otherwise."""
+
+    server_name: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0 = every network)."})
+    server_port: int = field(default=7860, metadata={"help": "Port to listen on."})
+    share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    fast_lora_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "LoRA dropout from 16 random bits per element on the CPU, no fp32 copy of its input under autocast "
+            "(same keep probability to 1/65536; chinese_vicuna/fast_lora.py). false = PEFT's nn.Dropout."
+        },
+    )
+    lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma list of module names, or all-linear."})
+    modules_to_save: str | None = field(
+        default=None,
+        metadata={
+            "help": "Modules trained in full beside the LoRA, e.g. embed_tokens,lm_head after vocabulary expansion "
+            "(default: none for SFT, embed_tokens,lm_head for tools/pretrain.py --stage lora; 'none' for none)."
+        },
+    )
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(
+        default="sample/instruct/data_sample.jsonl", metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them."}
+    )
+    cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per sample; longer samples are truncated."})
+    val_set_size: int = field(default=200, metadata={"help": "Samples held out for evaluation (a count; 0 = none)."})
+    train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Tokenized-data cache (default ~/.cache/chinese_vicuna)."})
+    use_data_cache: bool = field(default=True, metadata={"help": "Reuse tokenized data from the cache."})
+
+
+@dataclass
+class BatchArguments:
+    micro_batch_size: int = field(default=4, metadata={"help": "Samples per device per step (sets per_device_train_batch_size)."})
+    batch_size: int = field(default=128, metadata={"help": "Global batch: micro_batch_size × accumulation × processes."})
+    num_epochs: float = field(default=3, metadata={"help": "Epochs (sets num_train_epochs)."})
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """TrainingArguments with Chinese-Vicuna's defaults."""
+
+    output_dir: str = field(default="lora-Vicuna", metadata={"help": "Where the adapter and checkpoints go."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    warmup_steps: float = field(default=100, metadata={"help": "Linear warm-up steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    eval_steps: float | None = field(default=200, metadata={"help": "Evaluate every N steps (when --val_set_size > 0)."})
+    save_steps: float = field(default=200, metadata={"help": "Save checkpoint-N every N steps."})
+    save_total_limit: int | None = field(default=30, metadata={"help": "Keep at most this many checkpoints."})
+    # None first: HfArgumentParser picks the second member of the union as the flag type.
+    report_to: None | str | list[str] = field(default="none", metadata={"help": "none, tensorboard or wandb (WANDB_MODE=offline works)."})  # noqa: RUF036
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision; default: on where the GPU supports it."})
+    fp16: bool | None = field(default=None, metadata={"help": "fp16 mixed precision; default: on for GPUs without bf16."})
+    seed: int = field(default=42, metadata={"help": "Random seed."})
+    packing: bool = field(
+        default=True,
+        metadata={"help": "Padding-free packing: each micro-batch is one row, positions restart per sample (docs/benchmarks.md)."},
+    )
+    group_by_length: bool | None = field(
+        default=None,
+        metadata={"help": "Batch samples of similar length (less padding); default: on when packing is off, as the fallback."},
+    )
+
+    def __post_init__(self) -> None:
+        cuda = torch.cuda.is_available()
+        if self.fp16 and not cuda:
+            raise UserError("--fp16 needs a CUDA GPU (fp16 on the CPU gives loss 0/NaN); use --bf16 true on the CPU")
+        if self.bf16 and self.fp16:
+            raise UserError("--bf16 and --fp16 are exclusive; pick one")
+        if self.bf16 is None:
+            self.bf16 = bool(cuda and bf16_supported() and not self.fp16)
+        if self.fp16 is None:
+            self.fp16 = bool(cuda and not self.bf16)
+        if isinstance(self.report_to, str) and "," in self.report_to:
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        if not cuda:
+            # With gloo under torchrun, gradients are only synced when Accelerate is told CPU.
+            self.use_cpu = True
+            if not self.bf16 and cpu_has_native_bf16():
+                # Opt-in, not a default: results would then differ between CPUs with and without it.
+                logger.info("this CPU has native bf16 matmuls: --bf16 true trains faster here (docs/benchmarks.md)")
+        if self.deepspeed:
+            from chinese_vicuna.train.distributed import check_deepspeed
+
+            check_deepspeed(self.deepspeed)
+        super().__post_init__()
+
+
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+    """Parse command-line flags (or a single .json/.yaml file) into the dataclasses, then derive
+    what follows from them (`finalize`): after this, nothing changes an argument."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            parsed = parser.parse_json_file(argv[0])
+        elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+            parsed = parser.parse_yaml_file(argv[0])
+        else:
+            parsed = parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    finalize(parsed)
+    return tuple(parsed)
+
+
+def finalize(parsed: Sequence[Any]) -> None:
+    """The one place that derives settings from other settings:
+
+    - precision: resolved once (`auto` → 8bit on a GPU, fp32 on the CPU; bf16 storage of the
+      frozen base when training in bf16 on the CPU, since only bf16 matmuls ever read it);
+    - batch arithmetic: the global batch stays `batch_size` whatever the number of processes;
+    - evaluation on when there is held-out data; length-grouped batches when packing is off;
+    - non-reentrant gradient checkpointing; `--resume_from_checkpoint true` → the checkpoint's path.
+    """
+    train = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
+    for args in parsed:
+        if isinstance(args, ModelArguments):
+            args.precision_requested = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else args.precision
+            auto = args.precision_requested == "auto"
+            args.precision = resolve_precision(args.precision, args.load_in_8bit, args.load_in_4bit)
+            if auto and args.precision == "fp32" and train is not None and train.bf16:
+                args.precision = "bf16"
+            args.load_in_8bit, args.load_in_4bit = args.precision == "8bit", args.precision == "4bit"
+    if train is None:
+        return
+    # Seed now: the LoRA is initialised before the Trainer exists (which seeds only in its
+    # __init__), so without this two runs with the same --seed start apart.
+    from transformers import set_seed
+
+    set_seed(train.seed)
+    batch = next((a for a in parsed if isinstance(a, BatchArguments)), None)
+    if batch is not None:
+        apply_batch_arguments(train, batch)
+    has_eval = any(getattr(a, "val_set_size", 0) > 0 or getattr(a, "val_data_path", None) for a in parsed)
+    configure_evaluation(train, has_eval)
+    if getattr(train, "group_by_length", False) is None:
+        # Without packing, padding is the waste: group similar lengths (HF's LengthGroupedSampler),
+        # unless another --train_sampling_strategy was asked for.
+        train.group_by_length = not getattr(train, "packing", False) and train.train_sampling_strategy == "random"
+        if train.group_by_length:
+            logger.info("packing off: length-grouped batches (--group_by_length false to draw them uniformly at random)")
+    if train.group_by_length:
+        train.train_sampling_strategy = "group_by_length"
+    train.gradient_checkpointing_kwargs = train.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    train.resume_from_checkpoint = resolve_resume(train)
+
+
+def apply_batch_arguments(args: TrainingArguments, batch: BatchArguments) -> None:
+    """Global batch stays `batch_size` whatever the number of processes."""
+    procs = world_size()
+    denominator = batch.micro_batch_size * procs
+    if batch.micro_batch_size < 1 or batch.batch_size < 1:
+        raise UserError("--micro_batch_size and --batch_size must be at least 1")
+    if batch.batch_size % denominator:
+        raise UserError(
+            f"--batch_size {batch.batch_size} is not a multiple of --micro_batch_size {batch.micro_batch_size} × {procs} processes; "
+            f"pick a batch size divisible by {denominator}"
+        )
+    args.per_device_train_batch_size = batch.micro_batch_size
+    args.per_device_eval_batch_size = batch.micro_batch_size
+    args.gradient_accumulation_steps = batch.batch_size // denominator
+    args.num_train_epochs = batch.num_epochs
+    if getattr(args, "deepspeed", None):
+        from chinese_vicuna.train.distributed import refresh_deepspeed_config
+
+        refresh_deepspeed_config(args)  # its "auto" batch values were filled before the lines above
+
+
+def configure_evaluation(args: TrainingArguments, has_eval: bool) -> None:
+    from transformers.trainer_utils import IntervalStrategy
+
+    if has_eval:
+        args.eval_strategy = IntervalStrategy.STEPS
+        args.eval_steps = args.eval_steps or args.save_steps
+    else:
+        args.eval_strategy = IntervalStrategy.NO
+        args.load_best_model_at_end = False
+
+
+def resolve_resume(args: TrainingArguments) -> str | None:
+    """`--resume_from_checkpoint true|last` means the newest checkpoint in output_dir."""
+    value = args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("", "false", "no", "0", "none"):
+        return None
+    if str(value).lower() in ("true", "yes", "1", "last", "latest"):
+        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {args.output_dir}")
+        return last
+    if not os.path.isdir(value):
+        raise UserError(f"--resume_from_checkpoint {value}: folder not found")
+    return value

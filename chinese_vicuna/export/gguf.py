@@ -1,0 +1,199 @@
+"""GGUF files for llama.cpp: a merged LLaMA-architecture HF model → one GGUF file.
+
+The `gguf` package writes the file (architecture `llama`, the sentencepiece vocabulary of
+tokenizer.model with its scores and token types, added tokens, special token ids, the q/k
+rows permuted to llama.cpp's rotary layout); q8_0 / q4_0 / q4_k_m are made from the f16 file
+by llama.cpp's own quantizer through llama-cpp-python (`pip install -r requirements-llamacpp.txt`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chinese_vicuna.errors import UserError
+from chinese_vicuna.export.names import gguf_name, unpermute_qk
+from chinese_vicuna.export.tensors import TensorIndex
+from chinese_vicuna.files import read_json
+
+logger = logging.getLogger(__name__)
+
+OUTTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_* values
+def sentencepiece_vocab(model_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+    """Pieces, scores and token types as llama.cpp's SPM tokenizer expects them."""
+    import sentencepiece as spm
+    from gguf import TokenType
+    from transformers import AutoTokenizer
+
+    sp_path = model_dir / "tokenizer.model"
+    if not sp_path.is_file():
+        raise UserError(
+            f"{model_dir}: no tokenizer.model; the GGUF llama vocabulary needs the sentencepiece model with its scores: "
+            "copy the tokenizer.model that belongs to this tokenizer into the folder"
+        )
+    sp = spm.SentencePieceProcessor(model_file=str(sp_path))
+    tokens, scores, types = [], [], []
+    for i in range(sp.vocab_size()):
+        tokens.append(sp.id_to_piece(i).encode("utf-8"))
+        scores.append(sp.get_score(i))
+        if sp.is_unknown(i):
+            types.append(TokenType.UNKNOWN)
+        elif sp.is_control(i):
+            types.append(TokenType.CONTROL)
+        elif sp.is_unused(i):
+            types.append(TokenType.UNUSED)
+        elif sp.is_byte(i):
+            types.append(TokenType.BYTE)
+        else:
+            types.append(TokenType.NORMAL)
+    # tokens added on top of the sentencepiece model (tokenizer.add_tokens): matched whole, as in HF
+    hf = AutoTokenizer.from_pretrained(str(model_dir))
+    if len(hf) > vocab_size:
+        raise UserError(f"{model_dir}: the tokenizer has {len(hf)} tokens but config.json has vocab_size {vocab_size}")
+    for i in range(len(tokens), len(hf)):
+        piece = hf.convert_ids_to_tokens(i)
+        tokens.append(piece.encode("utf-8"))
+        scores.append(-1000.0)
+        types.append(TokenType.CONTROL if piece in hf.all_special_tokens else TokenType.USER_DEFINED)
+    for i in range(len(tokens), vocab_size):  # embedding rows past the tokenizer (padding)
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(TokenType.UNUSED)
+    return tokens, scores, [int(t) for t in types]
+
+
+def special_ids(model_dir: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    probe = tok("a")["input_ids"]
+    return {
+        "bos": tok.bos_token_id,
+        "eos": tok.eos_token_id,
+        "unk": tok.unk_token_id,
+        "pad": tok.pad_token_id,
+        "add_bos": bool(probe) and probe[0] == tok.bos_token_id,
+        "add_eos": bool(probe) and probe[-1] == tok.eos_token_id and tok.eos_token_id != tok.bos_token_id,
+    }
+
+
+def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
+    """Write an unquantized (f16 or f32) GGUF file."""
+    import gguf
+
+    config = read_json(model_dir / "config.json")
+    if config.get("model_type") != "llama":
+        raise UserError(
+            f"{model_dir}/config.json: model_type {config.get('model_type')!r}; this converter writes LLaMA-architecture models"
+        )
+    rope = config.get("rope_scaling") or {}
+    if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        raise UserError(f"{model_dir}/config.json: rope_scaling {rope} is not supported by this converter")
+    n_heads = int(config["num_attention_heads"])
+    n_kv = int(config.get("num_key_value_heads") or n_heads)
+    hidden = int(config["hidden_size"])
+    head_dim = int(config.get("head_dim") or hidden // n_heads)
+    vocab_size = int(config["vocab_size"])
+    theta = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+
+    writer = gguf.GGUFWriter(str(outfile), "llama")
+    writer.add_name(model_dir.name)
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != hidden // n_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_freq_base(float(theta))
+    writer.add_vocab_size(vocab_size)
+    writer.add_file_type(OUTTYPES[float_type])
+
+    tokens, scores, types = sentencepiece_vocab(model_dir, vocab_size)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    ids = special_ids(model_dir)
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id), ("unk", writer.add_unk_token_id)):
+        if ids[key] is not None:
+            add(int(ids[key]))
+    if ids["pad"] is not None:
+        writer.add_pad_token_id(int(ids["pad"]))
+    writer.add_add_bos_token(ids["add_bos"])
+    writer.add_add_eos_token(ids["add_eos"])
+
+    index = TensorIndex(model_dir)
+    float_dtype = np.float16 if float_type == "f16" else np.float32
+    for name in sorted(index.shapes, key=_order):
+        target = gguf_name(name)
+        if target is None:
+            continue
+        t = index.get(name).float()
+        if name.endswith("self_attn.q_proj.weight"):
+            t = unpermute_qk(t, n_heads)  # HF's rotary halves → llama.cpp's interleaved pairs
+        elif name.endswith("self_attn.k_proj.weight"):
+            t = unpermute_qk(t, n_kv)
+        array = t.numpy()
+        writer.add_tensor(target, array.astype(float_dtype) if array.ndim == 2 else array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _order(name: str) -> tuple[int, str]:
+    parts = name.split(".")
+    return (int(parts[2]) if parts[:2] == ["model", "layers"] else -1 if "embed" in name else 10**9, name)
+
+
+def quantize(infile: Path, outfile: Path, outtype: str, threads: int | None = None) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize) through llama-cpp-python."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError(f"--outtype {outtype} needs llama-cpp-python: pip install -r requirements-llamacpp.txt (compiles ~3 min)") from None
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = OUTTYPES[outtype]
+    params.nthread = threads or os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(infile).encode(), str(outfile).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise UserError(f"llama.cpp could not quantize {infile} to {outtype} (code {rc})")
+
+
+def convert(model_dir: str | os.PathLike, outfile: str | os.PathLike, outtype: str = "f16") -> Path:
+    """MODEL_DIR → OUTFILE; written beside it under a temporary name, then renamed (atomic)."""
+    model_dir, outfile = Path(model_dir), Path(outfile)
+    if outtype not in OUTTYPES:
+        raise UserError(f"--outtype {outtype!r}: use one of {', '.join(OUTTYPES)}")
+    if not (model_dir / "config.json").is_file():
+        raise UserError(f"{model_dir}: no config.json; give a merged Hugging Face model folder (merge_lora.py --output_type hf)")
+    outfile.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=outfile.parent, prefix=f".{outfile.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        if outtype in ("f16", "f32"):
+            write_gguf(model_dir, tmp, outtype)
+        else:
+            f16 = tmp.with_suffix(".f16.tmp")
+            try:
+                write_gguf(model_dir, f16, "f16")
+                quantize(f16, tmp, outtype)
+            finally:
+                f16.unlink(missing_ok=True)
+        os.replace(tmp, outfile)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("wrote %s (%s, %.1f MB)", outfile, outtype, outfile.stat().st_size / 1e6)
+    return outfile

@@ -1,0 +1,96 @@
+"""llama.cpp (llama-cpp-python) as an inference engine for GGUF files: its tokenizer behind the
+slice of the HF tokenizer API that prompt building and incremental decoding use, so prompts are
+built exactly as in training, and streamed answers with the same UTF-8 and stop-string handling."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from chinese_vicuna.errors import UserError
+from chinese_vicuna.infer.generation import IncrementalDecoder, StopStringFilter, prompt_ids
+
+
+class LlamaCppTokenizer:
+    """The slice of a HF tokenizer that encode_segments / IncrementalDecoder use, over llama.cpp."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.bos_token_id = llm.token_bos()
+        self.eos_token_id = llm.token_eos()
+        self.pad_token_id = self.eos_token_id
+        self.specials = {self.bos_token_id, self.eos_token_id}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)
+
+    def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = False) -> dict[str, Any]:
+        if isinstance(texts, str):
+            return {"input_ids": self.encode(texts, add_special_tokens)}
+        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
+        ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.specials)]
+        text = self.llm.detokenize(ids).decode("utf-8", errors="replace")
+        # as HF's sentencepiece decoding: the space the tokenizer prefixed to the text is dropped
+        return text[1:] if text.startswith(" ") else text
+
+
+def load_gguf(path: str, n_ctx: int = 2048, threads: int | None = None, logits_all: bool = False) -> Any:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UserError("llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt (compiles ~3 min)") from None
+    if not Path(path).is_file():
+        raise UserError(f"{path}: GGUF file not found (make one with tools/convert_to_gguf.py)")
+    return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), logits_all=logits_all, verbose=False)
+
+
+def stream_tokens(
+    llm: Any, ids: list[int], max_new_tokens: int, temperature: float, top_p: float, top_k: int, repeat_penalty: float
+) -> Iterator[int]:
+    """Token ids from llama.cpp's sampler (greedy when temperature is 0), ending before EOS."""
+    eos = llm.token_eos()
+    for n, token in enumerate(llm.generate(ids, temp=temperature, top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, reset=True)):
+        if token == eos or n >= max_new_tokens:
+            return
+        yield token
+
+
+def stream_answer(
+    llm: Any, tokenizer: LlamaCppTokenizer, ids: list[int], stop_strings: Sequence[str], strip: bool, **decoding: Any
+) -> Iterator[str]:
+    """Text pieces of the answer: UTF-8-safe (byte tokens held until a character is whole), cut at stop strings."""
+    decoder = IncrementalDecoder(tokenizer)
+    stops = StopStringFilter(stop_strings, strip)
+    for token in stream_tokens(llm, ids, **decoding):
+        piece = stops.push(decoder.push([token]))
+        if piece:
+            yield piece
+        if stops.stopped:
+            return
+    tail = stops.push(decoder.flush()) + stops.flush()
+    if tail:
+        yield tail
+
+
+def greedy_answer(
+    llm: Any, tokenizer: LlamaCppTokenizer, template: Any, instruction: str, input: str = "", max_new_tokens: int = 256
+) -> str:
+    """One instruction's answer, greedy (what tests compare with the trained output)."""
+    ids = prompt_ids(tokenizer, template, instruction, input)
+    pieces = stream_answer(
+        llm,
+        tokenizer,
+        ids,
+        template.stop_strings,
+        template.is_chat,
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=1,
+        repeat_penalty=1.0,
+    )
+    return "".join(pieces)

@@ -1,0 +1,77 @@
+"""The chat session shared by every chat front end (web page, terminal, API): the model, the
+chat templates it can be asked in, the history budget, a streamed reply, and saved conversations
+in the chat data format the fine-tuning scripts read (`{"messages": [...]}` JSON lines)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from chinese_vicuna.args import ChatSessionArguments, DecodingArguments
+from chinese_vicuna.errors import UserError
+from chinese_vicuna.infer.generation import GenerationStats, chat_prompt_ids, stream_generate
+from chinese_vicuna.infer.jsonl import JsonlAppender
+from chinese_vicuna.prompts import PromptTemplate, available_templates, load_template
+
+Message = dict[str, str]
+
+
+class ChatSession:
+    """What the page, the terminal (and an API) share: model, templates, budget, and a streamed reply."""
+
+    def __init__(
+        self, model: Any, tokenizer: Any, template: PromptTemplate, settings: ChatSessionArguments, decoding: DecodingArguments
+    ) -> None:
+        self.model, self.tokenizer, self.settings, self.decoding = model, tokenizer, settings, decoding
+        self.templates = {template.name: template}
+        for name in available_templates():
+            if name == "auto" and not getattr(tokenizer, "chat_template", None):
+                continue
+            candidate = load_template(name, tokenizer)
+            if candidate.is_chat:
+                self.templates.setdefault(name, candidate)
+        self.default_template = template.name
+
+    def system_of(self, template_name: str, system: str | None) -> str:
+        template = self.templates[template_name]
+        return template.default_system if system is None else system
+
+    def prompt(
+        self,
+        history: list[Message],
+        question: str,
+        template_name: str | None = None,
+        system: str | None = None,
+        max_memory: int | None = None,
+    ) -> tuple[list[int], PromptTemplate, str]:
+        """Prompt ids for `question` after `history` within the budget, and a note if turns were dropped."""
+        template = self.templates[template_name or self.default_template]
+        budget = max_memory if max_memory is not None else self.settings.max_memory
+        ids, dropped = chat_prompt_ids(self.tokenizer, template, history, question, self.system_of(template.name, system), budget)
+        return ids, template, f"dropped the {dropped} oldest turn(s) to fit max_memory={budget}" if dropped else ""
+
+    def stream(
+        self,
+        ids: list[int],
+        template: PromptTemplate,
+        decoding: DecodingArguments | None = None,
+        stop_event: Any = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """The answer in pieces (see stream_generate); chat answers are stripped."""
+        return stream_generate(self.model, self.tokenizer, ids, decoding or self.decoding, template.stop_strings, True, stop_event, stats)
+
+
+def conversation_record(history: list[Message], system: str) -> dict[str, list[Message]]:
+    """One saved conversation: OpenAI-style messages, the system prompt first if any."""
+    return {"messages": ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in history]}
+
+
+def save_conversation(path: str | Path, history: list[Message], system: str) -> Path:
+    """Append the conversation as one JSON line (a file collects many conversations)."""
+    if not history:
+        raise UserError("nothing to save yet: the conversation is empty")
+    with JsonlAppender(path) as out:
+        out.write(conversation_record(history, system))
+    return Path(path)

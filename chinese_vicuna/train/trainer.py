@@ -1,0 +1,134 @@
+"""Trainer assembly shared by the training recipes: logs (trainer_log.jsonl, loss plot), the
+Trainer itself, and training + saving a loadable adapter (ZeRO-3 safe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from chinese_vicuna.args import ModelArguments
+from chinese_vicuna.devices import is_main_process, world_size
+from chinese_vicuna.errors import UserError
+from chinese_vicuna.files import save_figure
+from chinese_vicuna.model.loading import trainable_parameters
+from chinese_vicuna.prompts import PromptTemplate
+
+logger = logging.getLogger(__name__)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends every log entry to `trainer_log.jsonl`; writes `training_loss.png` at the end."""
+
+    def __init__(self, output_dir: str) -> None:
+        self.path = Path(output_dir) / "trainer_log.jsonl"
+
+    def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            plot_loss(state.log_history, self.path.parent / "training_loss.png")
+
+
+def plot_loss(log_history: list[dict[str, Any]], out_png: str | os.PathLike) -> bool:
+    """Training (and eval) loss against steps, as a PNG. False when there is nothing to plot."""
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if "eval_loss" in e and "step" in e]
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, out_png)
+    return True
+
+
+def log_trainable(model: Any) -> None:
+    trainable, total = trainable_parameters(model)
+    logger.info(
+        "trainable params: %s || all params: %s || trainable%%: %.4f", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1)
+    )
+
+
+def build_trainer(
+    trainer_class: type[Trainer],
+    model: Any,
+    tokenizer: Any,
+    args: TrainingArguments,
+    train_dataset: Any,
+    eval_dataset: Any = None,
+    data_collator: Any = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> Trainer:
+    """`trainer_class` as given, logging to trainer_log.jsonl; every checkpoint is a loadable adapter."""
+    if len(train_dataset) == 0:
+        raise UserError("no training samples left; check the data file and --cutoff_len")
+    steps_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * world_size() * args.gradient_accumulation_steps))
+    logger.info(
+        "%d training samples, %d eval; global batch %d = %d × %d accumulation × %d processes; %d optimizer steps per epoch",
+        len(train_dataset),
+        len(eval_dataset or []),
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size(),
+        args.per_device_train_batch_size,
+        args.gradient_accumulation_steps,
+        world_size(),
+        steps_per_epoch,
+    )
+    return trainer_class(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset or None,
+        data_collator=data_collator,
+        processing_class=tokenizer,
+        callbacks=[JsonlLogCallback(args.output_dir), *(callbacks or [])],
+    )
+
+
+def train_and_save(trainer: Trainer, tokenizer: Any, template: PromptTemplate | None = None, resume_from_checkpoint: str | None = None) -> None:
+    """Train (or resume) and save the final adapter through the Trainer (ZeRO-3 safe), with its
+    tokenizer and the template it was trained with (`prompt_template.json`)."""
+    args = trainer.args
+    if is_main_process():
+        log_trainable(trainer.model)
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    # Trainer.save_model gathers ZeRO-3 shards and calls PEFT's save_pretrained on the
+    # unwrapped (uncompiled) model: adapter_config.json + adapter_model.safetensors.
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(args.output_dir)
+        if template is not None:
+            template.save(args.output_dir)
+        logger.info("adapter saved to %s", args.output_dir)
+
+
+def start_run(model_args: ModelArguments, train_args: TrainingArguments) -> None:
+    """Logging, and the flag every training recipe needs."""
+    logging.basicConfig(
+        level=logging.INFO if train_args.should_log else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not model_args.base_model:
+        raise UserError("--base_model is required: a Hugging Face model folder or hub id, e.g. --base_model ./tiny-llama")
