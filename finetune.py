@@ -8,8 +8,6 @@ flags works in their place. docs/architecture.md says where each step below live
 
 from __future__ import annotations
 
-from transformers import Trainer
-
 from chinese_vicuna.args import (
     BatchArguments,
     DataArguments,
@@ -19,13 +17,12 @@ from chinese_vicuna.args import (
     TrainModelArguments,
     parse_args,
 )
-from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
 from chinese_vicuna.data.datasets import load_instruction_dataset, split_train_val
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.train.model import load_model_for_training
-from chinese_vicuna.train.packing import PackedTrainer
+from chinese_vicuna.train.packing import packed_or_padded
 from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
 
 
@@ -42,22 +39,15 @@ def main(argv: list[str] | None = None) -> None:
     template = load_template(template_args.prompt_template, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
         samples = load_instruction_dataset(
-            data_args.data_path,
-            tokenizer,
-            template,
-            data_args.cutoff_len,
-            data_args.train_on_inputs,
-            data_args.cache_dir,
-            data_args.use_data_cache,
-        )
+            data_args.data_path, tokenizer, template, data_args.cutoff_len, data_args.train_on_inputs, data_args.cache_dir, data_args.use_data_cache
+        )  # fmt: skip
     train_data, val_data = split_train_val(samples, data_args.val_set_size, train_args.seed)
 
     # 2. base model (fp32 / bf16 / fp16 / 8-bit / 4-bit) and a new or continued LoRA
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)
 
-    # 3. train: packed rows (one row per micro-batch, attention within each sample) or padded batches
-    collator = PackedCollator() if train_args.packing else PaddingCollator(tokenizer.pad_token_id)
-    trainer_class = PackedTrainer if train_args.packing else Trainer
+    # 3. train: packed rows unless --packing false (then padded, length-grouped batches)
+    collator, trainer_class = packed_or_padded(train_args.packing, tokenizer)
     trainer = build_trainer(trainer_class, model, tokenizer, train_args, train_data, val_data, collator)
     train_and_save(trainer, tokenizer, template, train_args.resume_from_checkpoint)
 

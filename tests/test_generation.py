@@ -362,3 +362,43 @@ def test_lora_for_another_base_is_a_clear_error(tiny_model_dir: Path, memorized_
     get_peft_model(small, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")).save_pretrained(tmp_path / "narrow")
     with pytest.raises(UserError, match="another base"):
         load_for_inference(str(tiny_model_dir), str(tmp_path / "narrow"), "fp32")
+
+
+# --------------------------------------------------------------------------------------------
+# Flags reach the model; the public entry point
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["generate.py", "chat.py"])
+def test_attn_implementation_reaches_the_inference_model(tiny_model_dir: Path, script: str) -> None:
+    """--attn_implementation was once accepted by generate.py / chat.py and silently dropped."""
+    import importlib
+
+    from chinese_vicuna.model.build import load_from_args
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    captured = {}
+
+    def load_and_stop(model_args):  # the script's own parsing, up to the model load
+        captured["model"] = load_from_args(model_args)[0]
+        raise SystemExit(0)
+
+    for attn in ("eager", "sdpa"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(module, "load_from_args", load_and_stop)
+            with pytest.raises(SystemExit):
+                module.main(["--base_model", str(tiny_model_dir), "--attn_implementation", attn, "--precision", "fp32"])
+        assert captured["model"].config._attn_implementation == attn
+
+
+def test_engine_answers_messages_in_the_saved_template(tiny_model_dir: Path, memorized_lora: Path, records) -> None:
+    """Engine reads prompt_template.json from the adapter; an instruction template takes one user message."""
+    from chinese_vicuna import Engine
+
+    assert (memorized_lora / "prompt_template.json").is_file()
+    engine = Engine(str(tiny_model_dir), str(memorized_lora), precision="fp32")
+    assert engine.template.name == "alpaca"
+    rec = next(r for r in records if not r.get("input"))
+    assert engine.generate([{"role": "user", "content": rec["instruction"]}]) == rec["output"]
+    assert engine.generate([{"role": "system", "text": "ignored by alpaca"}, {"role": "user", "text": rec["instruction"]}]) == rec["output"]
+    assert "".join(engine.stream([{"role": "user", "content": rec["instruction"]}])) == rec["output"]
+    with pytest.raises(UserError, match="instruction template: give one user message"):
+        engine.generate([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}])

@@ -23,10 +23,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import Trainer
-
 from chinese_vicuna.args import BatchArguments, LoraArguments, TrainArguments, TrainModelArguments, parse_args
-from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
 from chinese_vicuna.data.datasets import load_pretrain_dataset, split_train_val
 from chinese_vicuna.devices import is_main_process
 from chinese_vicuna.errors import UserError, exit_on_user_error
@@ -37,7 +34,7 @@ from chinese_vicuna.model.loading import (
     load_tokenizer,
 )
 from chinese_vicuna.train.model import load_model_for_training
-from chinese_vicuna.train.packing import PackedTrainer
+from chinese_vicuna.train.packing import packed_or_padded
 from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
 
 logger = logging.getLogger("pretrain")
@@ -109,8 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
 
     # 3. train (packed rows, or padded batches with --packing false) and save, with held-out perplexity before and after
-    collator = PackedCollator() if train_args.packing else PaddingCollator(tokenizer.pad_token_id)
-    trainer_class = PackedTrainer if train_args.packing else Trainer
+    collator, trainer_class = packed_or_padded(train_args.packing, tokenizer)
     trainer = build_trainer(trainer_class, model, tokenizer, train_args, train_data, val_data, collator)
     before = perplexity(trainer)
     train_and_save(trainer, tokenizer, None, train_args.resume_from_checkpoint)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
 from chinese_vicuna.data.encode import IGNORE_INDEX
 from chinese_vicuna.train.losses import chunked_cross_entropy
 
@@ -178,3 +179,11 @@ class PackedTrainer(PackedLossMixin, Trainer):
         if model is not None:
             use_packed_attention(model)
         super().__init__(model, *args, **kwargs)
+
+
+def packed_or_padded(packing: bool, tokenizer: Any) -> tuple[Any, type[Trainer]]:
+    """The recipe's choice of collator and Trainer class: packed rows (`--packing true`: one row per
+    micro-batch, attention within each sample) or padded batches with the stock Trainer."""
+    if packing:
+        return PackedCollator(), PackedTrainer
+    return PaddingCollator(tokenizer.pad_token_id), Trainer
