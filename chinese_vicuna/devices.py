@@ -35,7 +35,7 @@ def bf16_supported() -> bool:
 
 
 def cpu_has_native_bf16() -> bool:
-    """An x86 CPU with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 runs ~4x fp32."""
+    """An x86 CPU with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 matmuls outrun fp32 (docs/benchmarks.md)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if set(EMBEDDING_MODULES) <= set(parse_modules_to_save(lora_args.modules_to_save, ",".join(EMBEDDING_MODULES)) or []):
             # PEFT's save_embedding_layers="auto" would store a resized embed_tokens and lm_head twice
-            # more (the base's copy and the trained one under a second name): 3x the adapter size.
+            # more (the base's copy and the trained one under a second name).
             model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
 
     # 3. train (packed rows, or padded batches with --packing false) and save, with held-out perplexity before and after

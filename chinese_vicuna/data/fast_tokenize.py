@@ -2,7 +2,7 @@
 
 transformers 5 converts a LLaMA `tokenizer.model` into a `tokenizers` BPE whose Metaspace
 pre-tokenizer does not split (`split=False`): a whole segment is one "word", and that BPE
-is slow on long words (~400 µs for a 150-character prompt here; sentencepiece ~45 µs).
+is slow on long words, several times slower than sentencepiece itself (docs/benchmarks.md).
 Where the tokenizer folder has the sentencepiece model it was converted from, and the two
 give the same ids on a probe of the data, texts are encoded by sentencepiece itself
 (sentencepiece is the reference those ids must agree with: docs/architecture.md, tokenization), on several threads.
@@ -116,8 +116,8 @@ class BatchEncoder:
     def map(self, batches: Iterable[Sequence[str]]) -> Iterator[list[list[int]]]:
         """The ids of each batch, in order. With sentencepiece, up to `num_threads` batches are
         encoded at once on worker threads (one sentencepiece thread each; it releases the GIL)
-        while the caller renders the next batches and assembles earlier ones: 50k samples took
-        1.8-1.95 s instead of 2.1-2.5 s one batch at a time on this project's 2-core machine."""
+        while the caller renders the next batches and assembles earlier ones (faster than one batch
+        at a time: docs/benchmarks.md, tokenization)."""
         if self.sp is None:
             yield from (encode_texts(self.tokenizer, texts) for texts in batches)
             return

@@ -42,7 +42,7 @@ def load_gguf(path: str, n_ctx: int = 2048, threads: int | None = None, logits_a
     try:
         from llama_cpp import Llama
     except ImportError:
-        raise UserError("llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt (compiles ~3 min)") from None
+        raise UserError("llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt (it compiles llama.cpp)") from None
     if not Path(path).is_file():
         raise UserError(f"{path}: GGUF file not found (make one with tools/convert_to_gguf.py)")
     return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), logits_all=logits_all, verbose=False)

@@ -24,7 +24,7 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
     """Sum over rows of `-log_softmax(logits)[target]`, computed in fp32 chunks.
 
     Forward keeps only the logits (which exist anyway); backward recomputes the softmax chunk
-    by chunk. The fused `log_softmax`/`softmax` kernels are ~2x faster on the CPU than
+    by chunk. The fused `log_softmax`/`softmax` kernels are faster on the CPU (docs/benchmarks.md) than
     `logsumexp` plus separate subtract/exp passes.
     """
 

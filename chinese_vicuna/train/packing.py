@@ -97,7 +97,7 @@ def _causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
     CPU, bf16/fp16, n <= 512: scores by one batched bf16 matmul with the causal mask added in
     the same call (`baddbmm`), softmax (fp32 inside), bf16 matmul with V -- HF's eager attention
-    without its extra passes; forward + backward ~1.5-2x faster than the CPU flash kernel,
+    without its extra passes; forward + backward faster than the CPU flash kernel (docs/benchmarks.md),
     which does not use the bf16 matmul units well. Elsewhere: sdpa's fused causal kernel (in
     fp32 on the CPU, where it is faster than in bf16).
     """
