@@ -244,9 +244,12 @@ class TrainArguments(TrainingArguments):
         super().__post_init__()
 
 
-def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
+def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None, pass_through: bool = False) -> tuple[Any, ...]:
     """Parse command-line flags (or a single .json/.yaml file) into the dataclasses, then derive
-    what follows from them (`finalize`): after this, nothing changes an argument."""
+    what follows from them (`finalize`): after this, nothing changes an argument.
+
+    `pass_through`: flags the dataclasses do not know are returned last, as a list (a tool that
+    hands them on to another script), instead of being an error."""
     parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -255,9 +258,13 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
         elif len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
             parsed = parser.parse_yaml_file(argv[0])
         else:
-            parsed = parser.parse_args_into_dataclasses(args=argv)
+            parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=pass_through)
     except ValueError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
+    if pass_through and isinstance(parsed[-1], list):
+        *parsed, extra = parsed
+        finalize(parsed)
+        return (*parsed, extra)
     finalize(parsed)
     return tuple(parsed)
 

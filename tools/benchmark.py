@@ -22,7 +22,6 @@ attention) against the bf16 matmul peak measured on the same device.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -32,13 +31,15 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from chinese_vicuna.args import parse_args
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.files import atomic_write_bytes, save_figure
 
-from chinese_vicuna.errors import UserError, exit_on_user_error  # noqa: E402
-from chinese_vicuna.files import atomic_write_bytes, save_figure  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("benchmark")
 
@@ -573,56 +574,76 @@ def prepare(work: Path, samples: int, shape: str = "50m", model: Path | None = N
     return model_dir, data
 
 
+@dataclass
+class PrepareArguments:
+    samples: int = field(default=400, metadata={"help": "Instruction-like samples to generate."})
+    shape: str = field(default="50m", metadata={"help": f"Model shape: {', '.join(sorted(MODEL_SHAPES))}."})
+
+
+@dataclass
+class RunArguments:
+    samples: int = field(default=400, metadata={"help": "Samples (one epoch)."})
+    cutoff_len: int = field(default=512)
+    repeats: int = field(default=1, metadata={"help": "Interleaved recipe/ours rounds."})
+    micro_batch_size: int = field(default=4)
+    batch_size: int = field(default=16)
+    max_steps: int = field(default=-1, metadata={"help": "Stop early (cutoff sweeps); -1 = one epoch."})
+    configs: str = field(default="recipe,ours", metadata={"help": "Which configurations, comma-separated."})
+    model: str | None = field(default=None, metadata={"help": "Use this model folder instead of building one."})
+    out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/benchmark[-quick].json)."})
+
+
+@dataclass
+class QuickArguments(RunArguments):
+    samples: int = field(default=24)
+    batch_size: int = field(default=8)
+
+
+@dataclass
+class SweepArguments:
+    cutoffs: str = field(default="256,512,1024,2048")
+    samples: int = field(default=128)
+    max_steps: int = field(default=4, metadata={"help": "Optimizer steps per run (batch 16)."})
+    model: str | None = field(default=None, metadata={"help": "Use this model folder instead of building one."})
+    out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/sweep.json)."})
+
+
+@dataclass
+class TokenizeArguments:
+    samples: int = field(default=50000)
+    model: str | None = field(default=None, metadata={"help": "Tokenizer/model folder (default: WORK/llama-50m, built if missing)."})
+
+
+COMMANDS = {"prepare": PrepareArguments, "run": RunArguments, "quick": QuickArguments, "sweep": SweepArguments, "tokenize": TokenizeArguments}
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="build the ~50M model and the data")
-    p.add_argument("work", type=Path)
-    p.add_argument("--samples", type=int, default=400)
-    p.add_argument("--shape", choices=sorted(MODEL_SHAPES), default="50m")
-    for name in ("run", "quick"):
-        r = sub.add_parser(name, help="train recipe vs ours" if name == "run" else "a seconds-long run on a tiny model")
-        r.add_argument("work", type=Path)
-        r.add_argument("--samples", type=int, default=400 if name == "run" else 24)
-        r.add_argument("--cutoff_len", type=int, default=512)
-        r.add_argument("--repeats", type=int, default=1)
-        r.add_argument("--micro_batch_size", type=int, default=4)
-        r.add_argument("--batch_size", type=int, default=16 if name == "run" else 8)
-        r.add_argument("--max_steps", type=int, default=-1, help="stop early (cutoff sweeps); -1 = one epoch")
-        r.add_argument("--configs", default="recipe,ours")
-        r.add_argument("--model", type=Path, default=None, help="use this model folder instead of building one")
-        r.add_argument("--out", type=Path, default=None, help="JSON path (default WORK/benchmark[-quick].json)")
-    w = sub.add_parser("sweep", help="recipe vs ours at several cutoff_len values")
-    w.add_argument("work", type=Path)
-    w.add_argument("--cutoffs", default="256,512,1024,2048")
-    w.add_argument("--samples", type=int, default=128)
-    w.add_argument("--max_steps", type=int, default=4, help="optimizer steps per run (batch 16)")
-    w.add_argument("--model", type=Path, default=None, help="use this model folder instead of building one")
-    w.add_argument("--out", type=Path, default=None, help="JSON path (default WORK/sweep.json)")
-    t = sub.add_parser("tokenize", help="batched vs one-at-a-time tokenization")
-    t.add_argument("work", type=Path)
-    t.add_argument("--samples", type=int, default=50000)
-    t.add_argument("--model", type=Path, default=None, help="tokenizer/model folder (default: WORK/llama-50m, built if missing)")
-    # Unknown flags (run/quick) go to finetune.py for both configurations, e.g. --lora_r 16.
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("run", "quick", "sweep"):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2 or argv[0] not in COMMANDS or argv[1].startswith("-"):
+        raise UserError(f"usage: tools/benchmark.py {{{','.join(COMMANDS)}}} WORK [flags]; `tools/benchmark.py COMMAND WORK --help` lists a command's flags")
+    command, work = argv[0], Path(argv[1])
+    # Flags run/quick/sweep do not know go to finetune.py for both configurations, e.g. --lora_r 16.
+    args, extra = parse_args((COMMANDS[command],), argv[2:], pass_through=True)
+    if extra and command not in ("run", "quick", "sweep"):
+        raise UserError(f"unrecognized arguments: {' '.join(extra)}")
+    model = Path(args.model) if getattr(args, "model", None) else None
+    out = Path(args.out) if getattr(args, "out", None) else None
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    if args.command == "prepare":
-        prepare(args.work, args.samples, args.shape)
+    if command == "prepare":
+        prepare(work, args.samples, args.shape)
         return
-    if args.command == "tokenize":
-        model_dir, data = prepare(args.work, 400, "50m", args.model)
+    if command == "tokenize":
+        model_dir, data = prepare(work, 400, "50m", model)
         result = tokenize_speed(model_dir, data, args.samples)
-        atomic_write_bytes(args.work / "tokenize.json", json.dumps(result, indent=2).encode())
+        atomic_write_bytes(work / "tokenize.json", json.dumps(result, indent=2).encode())
         print(json.dumps(result, indent=2))
         return
-    if args.command == "sweep":
-        model_dir, _ = prepare(args.work, 16, "50m", args.model)
-        result = run_sweep(args.work, model_dir, [int(c) for c in args.cutoffs.split(",")], args.samples, args.max_steps, extra)
-        out = args.out or args.work / "sweep.json"
+    if command == "sweep":
+        model_dir, _ = prepare(work, 16, "50m", model)
+        result = run_sweep(work, model_dir, [int(c) for c in args.cutoffs.split(",")], args.samples, args.max_steps, extra)
+        out = out or work / "sweep.json"
         atomic_write_bytes(out, json.dumps(result, indent=2).encode())
         plot_sweep(result, out.with_suffix(".png"))
         print(
@@ -638,10 +659,10 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         return
-    shape = "50m" if args.command == "run" else "tiny"
-    model_dir, data = prepare(args.work, args.samples, shape, args.model)
+    shape = "50m" if command == "run" else "tiny"
+    model_dir, data = prepare(work, args.samples, shape, model)
     result = run_benchmark(
-        args.work,
+        work,
         model_dir,
         data,
         args.cutoff_len,
@@ -651,9 +672,9 @@ def main(argv: list[str] | None = None) -> None:
         tuple(args.configs.split(",")),
         args.max_steps,
         extra,
-        logging_steps=5 if args.command == "run" else 1,
+        logging_steps=5 if command == "run" else 1,
     )
-    out = args.out or args.work / ("benchmark.json" if args.command == "run" else "benchmark-quick.json")
+    out = out or work / ("benchmark.json" if command == "run" else "benchmark-quick.json")
     atomic_write_bytes(out, json.dumps(result, indent=2).encode())
     plot(result, out.with_suffix(".png"))
     print(json.dumps(result["summary"], indent=2))
