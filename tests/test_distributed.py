@@ -27,14 +27,20 @@ import finetune
 from conftest import REPO, SAMPLE_INSTRUCT, read_jsonl
 
 LOSS_RTOL = 1e-5
+# Weights: sums over the two ranks' gradients run in another order than in one process (fp32
+# rounding, ~1e-7 relative). Adam divides each gradient by its own running RMS, so an element whose
+# gradient is near zero can turn that rounding into a step of up to the learning rate either way:
+# such elements may differ by up to LR × STEPS; all the others stay within WEIGHT_ATOL.
+LR, STEPS = 3e-3, 4
 WEIGHT_ATOL = 1e-4
+OUTLIER_SHARE = 1e-3  # at most this share of an adapter's elements may be such near-zero-gradient ones
 
 
 def train_flags(base: Path, data: Path, out: Path) -> list[str]:
     return [
         "--base_model", str(base), "--data_path", str(data), "--output_dir", str(out),
         "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0", "--lora_target_modules", "all-linear",
-        "--learning_rate", "3e-3", "--warmup_steps", "0",
+        "--learning_rate", str(LR), "--warmup_steps", "0",
         "--micro_batch_size", "4", "--batch_size", "8", "--num_epochs", "2",
         "--val_set_size", "0", "--save_steps", "100", "--logging_steps", "1", "--disable_tqdm", "true",
     ]  # fmt: skip
@@ -72,9 +78,14 @@ def assert_same_training(run: Path, reference: Path) -> None:
         assert a == pytest.approx(b, rel=LOSS_RTOL), f"step {step}: loss {a} vs {b} in one process"
     ours, theirs = load_file(str(run / "adapter_model.safetensors")), load_file(str(reference / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys()
+    outliers = total = 0
     for name, tensor in ours.items():
         assert tensor.shape == theirs[name].shape and tensor.dtype == torch.float32, name
-        assert torch.allclose(tensor, theirs[name], rtol=0, atol=WEIGHT_ATOL), f"{name}: max diff {(tensor - theirs[name]).abs().max()}"
+        diff = (tensor - theirs[name]).abs()
+        assert diff.max() <= LR * STEPS, f"{name}: max diff {diff.max()} exceeds what {STEPS} Adam steps of lr {LR} can move"
+        outliers += int((diff > WEIGHT_ATOL).sum())
+        total += diff.numel()
+    assert outliers <= OUTLIER_SHARE * total, f"{outliers} of {total} adapter elements differ by more than {WEIGHT_ATOL}"
 
 
 def assert_loads_in_stock_peft(base: Path, adapter: Path) -> None:
