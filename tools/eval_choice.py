@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             wrap = template.instruction_prompt
         prepared = prepare(bench, tokenizer, todo, shots, args.max_length, wrap)
+        start = time.perf_counter()
         with pred_path.open("a", encoding="utf-8") as f:
 
             def append(records: list[dict]) -> None:
@@ -119,6 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
                 f.flush()
 
             score(model, tokenizer, prepared, args.batch_size, append, args.progress)
+        seconds = time.perf_counter() - start
+        mean_len = sum(len(p.ids) for p in prepared) / len(prepared)
+        logger.info(
+            "scored %d questions in %.1f s: %.2f questions/s (prompts %.0f tokens on average)",
+            len(prepared),
+            seconds,
+            len(prepared) / seconds,
+            mean_len,
+        )
 
     wanted = {(q.subject, q.id) for q in questions}
     records = [r for r in read_predictions(pred_path) if (r["subject"], str(r["id"])) in wanted]
