@@ -181,3 +181,19 @@ def test_ceval_test_split_writes_submission(tiny_model_dir: Path, tmp_path: Path
     }
     assert set(sub["computer_network"]) == {"0", "1", "2"} and set(sub["computer_network"].values()) <= set("ABCD")
     assert results["average"] is None and results["unscored"] == 6
+
+
+def test_user_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = tmp_path / "ceval"
+    (data / "val").mkdir(parents=True)
+    (data / "val" / "my_domain_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n", encoding="utf-8")
+    cases = [
+        (["--benchmark", "ceval", "--data_dir", str(data), "--split", "val"], "my_domain_val.csv"),
+        (["--benchmark", "cmmlu", "--data_dir", str(data), "--split", "val"], "cmmlu evaluates on test"),
+        (["--benchmark", "mmlu", "--data_dir", str(data)], "--benchmark 'mmlu'"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exc:
+            run("--base_model", "unused", "--output_dir", str(tmp_path / "out"), *argv)
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err

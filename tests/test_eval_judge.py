@@ -159,6 +159,17 @@ def test_429_then_success_is_retried(endpoint: ScriptedEndpoint, tmp_path: Path)
     assert endpoint.requests[0] == endpoint.requests[1] == endpoint.requests[2]
 
 
+def test_request_that_keeps_failing_counts_as_failed_and_is_retried_on_rerun(endpoint: ScriptedEndpoint, tmp_path: Path) -> None:
+    answers = write_answers(tmp_path / "alpha.jsonl", "alpha", lambda q, t: f"回答{q}-{t}")
+    endpoint.script = lambda n, body: (400, "bad request") if "回答6-1" in body["messages"][-1]["content"] else "[[4]]"
+    out = tmp_path / "out"
+    assert judge(endpoint, out, "--mode", "single", "--answers", str(answers)) == {"alpha": {"score": 4.0, "judged": 10, "failed": 1}}
+    assert len(endpoint.requests) == JUDGED_UNITS  # a 400 is not retried
+    endpoint.script = lambda n, body: "[[10]]"
+    assert judge(endpoint, out, "--mode", "single", "--answers", str(answers)) == {"alpha": {"score": 50 / 11, "judged": 11, "failed": 0}}
+    assert len(endpoint.requests) == JUDGED_UNITS + 1
+
+
 def test_pairwise_position_biased_judge_gives_only_ties(endpoint: ScriptedEndpoint, tmp_path: Path) -> None:
     a = write_answers(tmp_path / "a.jsonl", "alpha", lambda q, t: f"甲的回答{q}-{t}")
     b = write_answers(tmp_path / "b.jsonl", "beta", lambda q, t: f"乙的回答{q}-{t}")
