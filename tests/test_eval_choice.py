@@ -197,3 +197,21 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Capture
             run("--base_model", "unused", "--output_dir", str(tmp_path / "out"), *argv)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_long_prompts_drop_their_longest_shots(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    bench = BENCHMARKS["ceval"]
+    shots = choice.read_subject(bench, SAMPLE / "dev" / "computer_network_dev.csv", "computer_network")
+    q = choice.read_subject(bench, SAMPLE / "val" / "computer_network_val.csv", "computer_network")[0]
+    full = len(tok(bench.prompt(q, shots)).input_ids)
+    lengths = [len(tok(bench.example(s), add_special_tokens=False).input_ids) for s in shots]
+    keep = [s for s, n in zip(shots, lengths) if n != max(lengths)]
+    budget = len(tok(bench.prompt(q, keep)).input_ids)
+    assert 0 < len(keep) < 5 and budget < full
+    [p] = choice.prepare(bench, tok, [q], {"computer_network": shots}, max_length=budget)
+    assert (p.shots, p.prompt, len(p.ids)) == (len(keep), bench.prompt(q, keep), budget)
+    [p] = choice.prepare(bench, tok, [q], {"computer_network": shots}, max_length=full)
+    assert p.shots == 5

@@ -407,8 +407,8 @@ def prepare(
             ids, letter_ids = continuation_ids(tokenizer, prompt)
             if len(ids) <= max_length or not kept:
                 break
-            longest = max(len(bench.example(s)) for s in kept)
-            kept = [s for s in kept if len(bench.example(s)) != longest]
+            lengths = [len(tokenizer(bench.example(s), add_special_tokens=False)["input_ids"]) for s in kept]
+            kept = [s for s, n in zip(kept, lengths) if n != max(lengths)]
         if len(ids) > max_length:
             logger.warning(
                 "%s %s: the prompt alone has %d tokens (> --max_length %d); evaluated as is", q.subject, q.id, len(ids), max_length
