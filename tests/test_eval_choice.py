@@ -187,8 +187,12 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Capture
     data = tmp_path / "ceval"
     (data / "val").mkdir(parents=True)
     (data / "val" / "my_domain_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n", encoding="utf-8")
+    shifted = tmp_path / "shifted"
+    (shifted / "val").mkdir(parents=True)
+    (shifted / "val" / "law_val.csv").write_text("id,question,A,B,C,D,answer\n0,q,a,b,c,d,A\n1,q,1,000,b,c,d,B\n", encoding="utf-8")
     cases = [
         (["--benchmark", "ceval", "--data_dir", str(data), "--split", "val"], "my_domain_val.csv"),
+        (["--benchmark", "ceval", "--data_dir", str(shifted), "--split", "val", "--ntrain", "0"], "law_val.csv row 3: 8 cells"),
         (["--benchmark", "cmmlu", "--data_dir", str(data), "--split", "val"], "cmmlu evaluates on test"),
         (["--benchmark", "mmlu", "--data_dir", str(data)], "--benchmark 'mmlu'"),
     ]

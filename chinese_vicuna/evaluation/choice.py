@@ -289,11 +289,11 @@ def read_subject(bench: Benchmark, path: Path, subject: str) -> list[ChoiceQuest
     for n, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
-        if len(row) < len(header):
-            row = row + [""] * (len(header) - len(row))
+        if len(row) != len(header):
+            raise UserError(f"{path} row {n}: {len(row)} cells but the header has {len(header)} (a comma outside quotes?)")
         answer = row[col[answer_col]].strip() if answer_col in col else ""
         if answer and answer not in LETTERS:
-            raise UserError(f"{path} line {n}: answer {answer!r} is not one of A, B, C, D")
+            raise UserError(f"{path} row {n}: answer {answer!r} is not one of A, B, C, D")
         options = tuple(row[col[letter]] for letter in LETTERS)
         questions.append(ChoiceQuestion(subject, row[col[id_col]].strip(), row[col[question_col]], options, answer))  # type: ignore[arg-type]
     if not questions:
