@@ -30,8 +30,8 @@ def ceval_reference_prompt(subject: str, shots: list[dict[str, str]], q: dict[st
     return text + f"{q['question']}\nA. {q['A']}\nB. {q['B']}\nC. {q['C']}\nD. {q['D']}\n答案："
 
 
-def recompute(model_dir: Path, prompts: dict[tuple[str, str], str]) -> dict[tuple[str, str], tuple[str, list[float]]]:
-    """One unbatched, unpadded forward pass per prompt; letters by continuation ids."""
+def recompute(model_dir: Path, prompts: dict[tuple[str, str], str], prefix: str = "") -> dict[tuple[str, str], tuple[str, list[float]]]:
+    """One unbatched, unpadded forward pass per prompt; letters (after `prefix`) by continuation ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -41,7 +41,7 @@ def recompute(model_dir: Path, prompts: dict[tuple[str, str], str]) -> dict[tupl
         base = tok(prompt).input_ids
         letter_ids = []
         for letter in "ABCD":
-            ids = tok(prompt + letter).input_ids
+            ids = tok(prompt + prefix + letter).input_ids
             assert ids[: len(base)] == base
             letter_ids.append(ids[len(base)])
         with torch.no_grad():
@@ -219,3 +219,47 @@ def test_long_prompts_drop_their_longest_shots(tiny_model_dir: Path) -> None:
     assert (p.shots, p.prompt, len(p.ids)) == (len(keep), bench.prompt(q, keep), budget)
     [p] = choice.prepare(bench, tok, [q], {"computer_network": shots}, max_length=full)
     assert p.shots == 5
+
+
+@pytest.fixture(scope="module")
+def english_letters_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model whose tokenizer has the pieces "▁A" … "▁D" (as LLaMA's has), which MMLU's " A" answers need."""
+    from make_tiny_model import DEFAULT_CORPUS, make_tiny_model
+
+    root = tmp_path_factory.mktemp("mmlu-model")
+    (root / "answers.txt").write_text("".join(f"Answer: {x} and {x}, then {x}.\n" for x in "ABCD" * 200), encoding="utf-8")
+    return make_tiny_model(root / "model", corpus=[DEFAULT_CORPUS, root / "answers.txt"])
+
+
+def mmlu_example_text(cells: list[str], with_answer: bool) -> str:
+    text = f"{cells[0]}\nA. {cells[1]}\nB. {cells[2]}\nC. {cells[3]}\nD. {cells[4]}\nAnswer:"
+    return text + f" {cells[5]}\n\n" if with_answer else text
+
+
+def test_mmlu_layout(english_letters_model: Path, tmp_path: Path) -> None:
+    """MMLU: headerless files, its English prompt (with format_subject's double space), " A" letters, average over questions."""
+    data = tmp_path / "mmlu"
+    subjects = {
+        "abstract_algebra": (["What is 2 + 2?,3,4,5,6,B", "Which is a group operation?,addition,colour,size,smell,A"],
+                             ["Is 1 + 1 = 2?,no,maybe,yes,never,C", "What is 3 x 3?,6,9,12,15,B", "Zero is the identity of?,division,powers,roots,addition,D"]),
+        "philosophy": (["Who wrote the Republic?,Plato,Newton,Euler,Gauss,A", "Ethics studies?,stars,rocks,right action,cells,C"],
+                       ["Socrates was a?,painter,philosopher,king,sailor,B", "Logic studies?,valid reasoning,weather,music,food,A"]),
+    }  # fmt: skip
+    for name, (dev, test) in subjects.items():
+        for split, lines in (("dev", dev), ("test", test)):
+            (data / split).mkdir(parents=True, exist_ok=True)
+            (data / split / f"{name}_{split}.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    results = run("--benchmark", "mmlu", "--base_model", str(english_letters_model), "--data_dir", str(data), "--split", "test",
+                  "--ntrain", "2", "--output_dir", str(out))  # fmt: skip
+    prompts = {}
+    for name, (dev, test) in subjects.items():
+        head = f"The following are multiple choice questions (with answers) about  {name.replace('_', ' ')}.\n\n"
+        shots = "".join(mmlu_example_text(line.split(","), True) for line in dev)
+        for i, line in enumerate(test):
+            prompts[(name, str(i))] = head + shots + mmlu_example_text(line.split(","), False)
+    expected = recompute(english_letters_model, prompts, prefix=" ")
+    preds = read_jsonl(out / "predictions.jsonl")
+    assert {(p["subject"], p["id"]): p["prediction"] for p in preds} == {k: v[0] for k, v in expected.items()}
+    assert results["average"] == pytest.approx(100 * sum(p["prediction"] == p["answer"] for p in preds) / 5)
+    assert set(results["categories"]) == {"STEM", "humanities"}

@@ -1,6 +1,6 @@
-"""C-Eval / CMMLU accuracy of a base model (+ LoRA), by the benchmarks' official protocols.
+"""C-Eval / CMMLU (and MMLU) accuracy of a base model (+ LoRA), by the benchmarks' official protocols.
 
-    python tools/eval_choice.py --benchmark ceval|cmmlu --base_model B [--lora_weights L] \\
+    python tools/eval_choice.py --benchmark ceval|cmmlu|mmlu --base_model B [--lora_weights L] \\
         --data_dir D --split val|test --ntrain 5 --output_dir O
 
 Answer-only prompts with `--ntrain` shots from dev (0 allowed); the choice is the argmax of the
@@ -44,9 +44,9 @@ RUN_KEYS = ("benchmark", "split", "ntrain", "base_model", "lora_weights", "promp
 
 @dataclass
 class ChoiceArguments:
-    benchmark: str = field(default="ceval", metadata={"help": "ceval or cmmlu."})
+    benchmark: str = field(default="ceval", metadata={"help": "ceval, cmmlu or mmlu."})
     data_dir: str = field(default="", metadata={"help": "The benchmark's folder: dev/, val/, test/ of per-subject CSV files."})
-    split: str = field(default="val", metadata={"help": "val or test (C-Eval), test (CMMLU)."})
+    split: str = field(default="val", metadata={"help": "val or test (C-Eval, MMLU), test (CMMLU)."})
     ntrain: int = field(default=5, metadata={"help": "Few-shot examples from dev per question (0 = zero-shot)."})
     output_dir: str = field(default="eval-choice", metadata={"help": "Where predictions and results go."})
     subjects: str | None = field(default=None, metadata={"help": "Comma list of subjects (default: every subject file found)."})

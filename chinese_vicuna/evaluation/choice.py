@@ -1,15 +1,16 @@
-"""Multiple-choice benchmarks by their official protocols: C-Eval and CMMLU.
+"""Multiple-choice benchmarks by their official protocols: C-Eval, CMMLU (and MMLU).
 
 - Data in the benchmarks' own layouts: C-Eval `{dev,val,test}/{subject}_{split}.csv` with
   `id,question,A,B,C,D,answer,explanation` (test has no answer), CMMLU `{dev,test}/{subject}.csv`
-  with an unnamed index column then `Question,A,B,C,D,Answer`.
+  with an unnamed index column then `Question,A,B,C,D,Answer`; MMLU `{dev,val,test}/{subject}_{split}.csv`
+  without a header (`question,A,B,C,D,answer`, the row number is the id).
 - Prompts exactly as the benchmarks' reference code builds them (answer-only, k shots from dev).
 - The choice is the argmax of the next-token logits over the four letters, each letter's id
   being its continuation id after the prompt (`tokenizer(prompt + "A")` minus `tokenizer(prompt)`),
   straight from the model's logits: no sampling processor (temperature, repetition penalty)
   ever touches them.
-- Accuracy per subject, per category and on average (macro: the mean of subject accuracies,
-  as the benchmarks report it), in percent.
+- Accuracy per subject, per category and on average, in percent: the mean of subject accuracies
+  for C-Eval and CMMLU, the mean over questions for MMLU (each as the benchmark reports it).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ LETTERS = ("A", "B", "C", "D")
 @dataclass(frozen=True)
 class Subject:
     name: str
-    chinese: str
+    display: str  # the subject's name as the prompt says it (Chinese for C-Eval and CMMLU)
     categories: tuple[str, ...]
 
 
@@ -190,6 +191,27 @@ CMMLU_SUBJECTS = _table(
 )
 CMMLU_CATEGORIES = ("STEM", "Humanities", "Social Science", "Other", _CS)
 
+# MMLU: 57 subjects and their categories (hendrycks/test categories.py); the prompt names a
+# subject by its file name with "_" → " ".
+_MMLU_CATEGORY = {
+    "STEM": "abstract_algebra astronomy college_biology college_chemistry college_computer_science college_mathematics "
+    "college_physics computer_security conceptual_physics electrical_engineering elementary_mathematics high_school_biology "
+    "high_school_chemistry high_school_computer_science high_school_mathematics high_school_physics high_school_statistics "
+    "machine_learning",
+    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history international_law "
+    "jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy prehistory professional_law world_religions",
+    "social sciences": "econometrics high_school_geography high_school_government_and_politics high_school_macroeconomics "
+    "high_school_microeconomics high_school_psychology human_sexuality professional_psychology public_relations "
+    "security_studies sociology us_foreign_policy",
+    "other": "anatomy business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+    "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
+}
+MMLU_SUBJECTS = {
+    name: Subject(name, name.replace("_", " "), (cat,))
+    for name, cat in sorted((name, cat) for cat, names in _MMLU_CATEGORY.items() for name in names.split())
+}
+MMLU_CATEGORIES = tuple(_MMLU_CATEGORY)
+
 
 @dataclass(frozen=True)
 class ChoiceQuestion:
@@ -221,26 +243,37 @@ def cmmlu_example(q: ChoiceQuestion, with_answer: bool = True) -> str:
     return f"{text}{q.answer}\n\n" if with_answer else text
 
 
+def mmlu_example(q: ChoiceQuestion, with_answer: bool = True) -> str:
+    """`{question}\\nA. …\\nD. {D}\\nAnswer:` (+ ` {answer}\\n\\n` for a shot: the letter follows a space)."""
+    text = f"{q.question}{_options(q)}\nAnswer:"
+    return f"{text} {q.answer}\n\n" if with_answer else text
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
     splits: tuple[str, ...]
     subjects: dict[str, Subject]
     categories: tuple[str, ...]
+    letter_prefix: str = ""  # what precedes the letter in an answer (MMLU: a space)
+    average_over: str = "subjects"  # how the benchmark averages: subjects (macro) or questions
 
     def path(self, data_dir: str | Path, split: str, subject: str) -> Path:
-        if self.name == "ceval":
-            return Path(data_dir) / split / f"{subject}_{split}.csv"
-        return Path(data_dir) / split / f"{subject}.csv"
+        if self.name == "cmmlu":
+            return Path(data_dir) / split / f"{subject}.csv"
+        return Path(data_dir) / split / f"{subject}_{split}.csv"
 
     def header(self, subject: str) -> str:
-        chinese = self.subjects[subject].chinese
+        name = self.subjects[subject].display
         if self.name == "ceval":
-            return f"以下是中国关于{chinese}考试的单项选择题，请选出其中的正确答案。\n\n"
-        return f"以下是关于{chinese}的单项选择题，请直接给出正确答案的选项。\n\n"
+            return f"以下是中国关于{name}考试的单项选择题，请选出其中的正确答案。\n\n"
+        if self.name == "cmmlu":
+            return f"以下是关于{name}的单项选择题，请直接给出正确答案的选项。\n\n"
+        # MMLU's own format_subject puts a space before the name: "about  abstract algebra."
+        return f"The following are multiple choice questions (with answers) about  {name}.\n\n"
 
     def example(self, q: ChoiceQuestion, with_answer: bool = True) -> str:
-        return ceval_example(q, with_answer) if self.name == "ceval" else cmmlu_example(q, with_answer)
+        return {"ceval": ceval_example, "cmmlu": cmmlu_example, "mmlu": mmlu_example}[self.name](q, with_answer)
 
     def prompt(self, question: ChoiceQuestion, shots: Sequence[ChoiceQuestion]) -> str:
         """The whole prompt: header, the shots with their answers, the question up to the answer cue."""
@@ -254,6 +287,7 @@ class Benchmark:
 BENCHMARKS = {
     "ceval": Benchmark("ceval", ("dev", "val", "test"), CEVAL_SUBJECTS, (*CEVAL_CATEGORIES, "Hard")),
     "cmmlu": Benchmark("cmmlu", ("dev", "test"), CMMLU_SUBJECTS, CMMLU_CATEGORIES),
+    "mmlu": Benchmark("mmlu", ("dev", "val", "test"), MMLU_SUBJECTS, MMLU_CATEGORIES, letter_prefix=" ", average_over="questions"),
 }
 
 
@@ -275,8 +309,10 @@ def read_subject(bench: Benchmark, path: Path, subject: str) -> list[ChoiceQuest
         raise UserError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     if not rows:
         raise UserError(f"{path}: empty file; expected a header line")
+    if bench.name == "mmlu":  # no header line; the row number is the id
+        rows = [["id", "question", *LETTERS, "answer"]] + [[str(i), *row] for i, row in enumerate(rows)]
     header = [h.strip() for h in rows[0]]
-    if bench.name == "ceval":
+    if bench.name in ("ceval", "mmlu"):
         need, id_col, question_col, answer_col = ["id", "question", *LETTERS], "id", "question", "answer"
     else:
         need, id_col, question_col, answer_col = ["Question", *LETTERS, "Answer"], "", "Question", "Answer"
@@ -370,9 +406,10 @@ class PreparedQuestion:
     shots: int
 
 
-def continuation_ids(tokenizer: Any, prompt: str) -> tuple[list[int], list[int]]:
-    """The prompt's ids and each letter's id as its continuation: `tokenizer(prompt + L)` minus `tokenizer(prompt)`."""
-    encoded = tokenizer([prompt, *(prompt + letter for letter in LETTERS)])["input_ids"]
+def continuation_ids(tokenizer: Any, prompt: str, prefix: str = "") -> tuple[list[int], list[int]]:
+    """The prompt's ids and each letter's id as its continuation: `tokenizer(prompt + L)` minus `tokenizer(prompt)`
+    (L = `prefix` + the letter; MMLU's answers are " A" … " D")."""
+    encoded = tokenizer([prompt, *(prompt + prefix + letter for letter in LETTERS)])["input_ids"]
     base = list(encoded[0])
     letter_ids = []
     for letter, ids in zip(LETTERS, encoded[1:]):
@@ -404,7 +441,7 @@ def prepare(
             prompt = bench.prompt(q, kept)
             if wrap is not None:
                 prompt = wrap(prompt)
-            ids, letter_ids = continuation_ids(tokenizer, prompt)
+            ids, letter_ids = continuation_ids(tokenizer, prompt, bench.letter_prefix)
             if len(ids) <= max_length or not kept:
                 break
             lengths = [len(tokenizer(bench.example(s), add_special_tokens=False)["input_ids"]) for s in kept]
@@ -515,12 +552,15 @@ def aggregate(bench: Benchmark, records: Iterable[dict[str, Any]]) -> dict[str, 
         if members:
             categories[cat] = sum(members) / len(members)
     n = sum(total.values())
+    macro = sum(subjects.values()) / len(subjects) if subjects else None
+    micro = 100.0 * sum(correct.values()) / n if n else None
     return {
         "benchmark": bench.name,
         "subjects": subjects,
         "categories": categories,
-        "average": sum(subjects.values()) / len(subjects) if subjects else None,
-        "average_over_questions": 100.0 * sum(correct.values()) / n if n else None,
+        "average": micro if bench.average_over == "questions" else macro,
+        "average_over_subjects": macro,
+        "average_over_questions": micro,
         "questions": {s: total[s] for s in order},
         "unscored": unanswered,
     }
@@ -543,10 +583,10 @@ def summary_markdown(bench: Benchmark, results: dict[str, Any], title: str) -> s
         return "\n".join(lines)
     lines += ["| category | accuracy (%) |", "|---|---:|"]
     lines += [f"| {cat} | {fmt(acc)} |" for cat, acc in results["categories"].items()]
-    lines += [f"| **average** (mean of subjects) | **{fmt(results['average'])}** |", ""]
-    lines += ["| subject | 科目 | questions | accuracy (%) |", "|---|---|---:|---:|"]
+    lines += [f"| **average** (mean over {bench.average_over}) | **{fmt(results['average'])}** |", ""]
+    lines += ["| subject | name in the prompt | questions | accuracy (%) |", "|---|---|---:|---:|"]
     for s, acc in results["subjects"].items():
-        lines.append(f"| {s} | {bench.subjects[s].chinese} | {results['questions'][s]} | {fmt(acc)} |")
+        lines.append(f"| {s} | {bench.subjects[s].display} | {results['questions'][s]} | {fmt(acc)} |")
     return "\n".join(lines) + "\n"
 
 
