@@ -194,7 +194,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Capture
         (["--benchmark", "ceval", "--data_dir", str(data), "--split", "val"], "my_domain_val.csv"),
         (["--benchmark", "ceval", "--data_dir", str(shifted), "--split", "val", "--ntrain", "0"], "law_val.csv row 3: 8 cells"),
         (["--benchmark", "cmmlu", "--data_dir", str(data), "--split", "val"], "cmmlu evaluates on test"),
-        (["--benchmark", "mmlu", "--data_dir", str(data)], "--benchmark 'mmlu'"),
+        (["--benchmark", "agieval", "--data_dir", str(data)], "--benchmark 'agieval'"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exc:

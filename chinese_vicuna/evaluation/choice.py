@@ -361,7 +361,7 @@ def find_subjects(bench: Benchmark, data_dir: str | Path, split: str, only: Sequ
     strays = sorted(p.name for p in folder.glob("*.csv") if p.name not in known)
     if strays:
         raise UserError(
-            f"{folder}: {strays} are not {bench.name} subjects; their Chinese names and categories are unknown (remove or rename them)"
+            f"{folder}: {strays} are not {bench.name} subjects; their prompt names and categories are unknown (remove or rename them)"
         )
     if not found:
         raise UserError(
