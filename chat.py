@@ -19,14 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.args import (
-    ChatSessionArguments,
-    ChatTemplateArguments,
-    DecodingArguments,
-    ModelArguments,
-    ServerArguments,
-    parse_args,
-)
+from chinese_vicuna.args import ChatSessionArguments, ChatTemplateArguments, DecodingArguments, ModelArguments, ServerArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.session import ChatSession, Message, save_conversation

@@ -238,7 +238,7 @@ class TrainArguments(TrainingArguments):
                 # Opt-in, not a default: results would then differ between CPUs with and without it.
                 logger.info("this CPU has native bf16 matmuls: --bf16 true trains faster here (docs/benchmarks.md)")
         if self.deepspeed:
-            from chinese_vicuna.distributed import check_deepspeed
+            from chinese_vicuna.train.distributed import check_deepspeed
 
             check_deepspeed(self.deepspeed)
         super().__post_init__()
@@ -327,7 +327,7 @@ def apply_batch_arguments(args: TrainingArguments, batch: BatchArguments) -> Non
     args.gradient_accumulation_steps = batch.batch_size // denominator
     args.num_train_epochs = batch.num_epochs
     if getattr(args, "deepspeed", None):
-        from chinese_vicuna.distributed import refresh_deepspeed_config
+        from chinese_vicuna.train.distributed import refresh_deepspeed_config
 
         refresh_deepspeed_config(args)  # its "auto" batch values were filled before the lines above
 

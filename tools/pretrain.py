@@ -30,9 +30,7 @@ from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.files import atomic_write_bytes
 from chinese_vicuna.model.adapters import parse_modules_to_save
 from chinese_vicuna.model.build import load_checked_model
-from chinese_vicuna.model.loading import (
-    load_tokenizer,
-)
+from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.train.model import load_model_for_training
 from chinese_vicuna.train.packing import packed_or_padded
 from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save

@@ -17,13 +17,7 @@ from chinese_vicuna.model.adapters import (
     load_lora,
     resize_to_adapter,
 )
-from chinese_vicuna.model.loading import (
-    check_special_tokens,
-    check_vocab,
-    load_base_model,
-    load_tokenizer,
-    resize_embeddings_to_tokenizer,
-)
+from chinese_vicuna.model.loading import check_special_tokens, check_vocab, load_base_model, load_tokenizer, resize_embeddings_to_tokenizer
 
 
 def load_checked_model(

@@ -1,0 +1,119 @@
+"""Answers to an MT-bench-format question file, in FastChat's answer format, for tools/eval_judge.py.
+
+    # a local base model + LoRA, through the chat template (the adapter's saved one if any)
+    python tools/gen_model_answer.py --questions sample/eval/mt_bench/question.jsonl \\
+        --base_model B --lora_weights L --model_id my-lora --answer_file answers/my-lora.jsonl
+    # any OpenAI-compatible endpoint (serve.py, vLLM, llama.cpp, a hosted API)
+    python tools/gen_model_answer.py --questions Q --api_base http://127.0.0.1:8000/v1 \\
+        --api_model NAME --model_id NAME --answer_file answers/NAME.jsonl
+
+Multi-turn questions are answered turn by turn with the earlier turns in context. Greedy unless
+--do_sample true. A rerun appends only the questions not answered yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chinese_vicuna.args import DecodingArguments, ModelArguments, parse_args
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.evaluation.answers import answer_record, answered_ids, endpoint_turns, local_turns
+from chinese_vicuna.evaluation.endpoint import openai_client, resolve_api_key
+from chinese_vicuna.evaluation.judge import read_questions
+from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.prompts import load_template
+
+logger = logging.getLogger("gen_model_answer")
+
+
+@dataclass
+class AnswerArguments:
+    questions: str = field(default="sample/eval/mt_bench/question.jsonl", metadata={"help": "MT-bench-format question file (.jsonl)."})
+    answer_file: str = field(default="", metadata={"help": "Where the answers go (appended; default answers/{model_id}.jsonl)."})
+    model_id: str = field(
+        default="", metadata={"help": "The name the answers carry (default: the LoRA's or base's folder name, or --api_model)."}
+    )
+    prompt_template: str = field(
+        default="chinese-vicuna-chat", metadata={"help": "Chat template when the adapter has no saved prompt_template.json."}
+    )
+    system: str | None = field(default=None, metadata={"help": "System prompt (default: the template's)."})
+    max_memory: int | None = field(default=None, metadata={"help": "Token budget of a prompt; the oldest turns go first."})
+    api_base: str | None = field(
+        default=None, metadata={"help": "Answer through this OpenAI-compatible endpoint instead of a local model."}
+    )
+    api_model: str = field(default="", metadata={"help": "The model name at --api_base."})
+    api_key: str | None = field(default=None, metadata={"help": "API key (default: the OPENAI_API_KEY environment variable)."})
+    parallel: int = field(default=4, metadata={"help": "Endpoint: questions in flight at once."})
+    max_retries: int = field(default=5, metadata={"help": "Endpoint: retries on 429 / 5xx (exponential backoff)."})
+
+
+def chat_template_for(args: AnswerArguments, lora_weights: str | None, tokenizer: object):
+    """The template saved with the adapter when there is one, else --prompt_template."""
+    saved = Path(lora_weights) / "prompt_template.json" if lora_weights else None
+    if saved is not None and saved.is_file():
+        return load_template(str(saved), tokenizer)
+    return load_template(args.prompt_template, tokenizer)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    model_args, args, decoding = parse_args((ModelArguments, AnswerArguments, DecodingArguments), argv)
+    decoding.validate()
+    questions = read_questions(args.questions)
+    if args.api_base:
+        if not args.api_model:
+            raise UserError("--api_base needs --api_model (the model's name at that endpoint)")
+        model_id = args.model_id or args.api_model
+    else:
+        if not model_args.base_model:
+            raise UserError("give --base_model (a local model, optionally with --lora_weights) or --api_base with --api_model")
+        model_id = args.model_id or Path(model_args.lora_weights or model_args.base_model).name
+    out = Path(args.answer_file or f"answers/{model_id}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = answered_ids(out, model_id)
+    todo = [q for q in questions if q["question_id"] not in done]
+    logger.info("%d questions, %d already answered by %s in %s", len(questions), len(questions) - len(todo), model_id, out)
+    if not todo:
+        return out
+
+    with out.open("a", encoding="utf-8") as f:
+
+        def write(question: dict, turns: list[str]) -> None:
+            f.write(json.dumps(answer_record(question["question_id"], model_id, turns), ensure_ascii=False) + "\n")
+            f.flush()
+
+        if args.api_base:
+            client = openai_client(args.api_base, resolve_api_key(args.api_key), args.max_retries)
+            temperature = decoding.temperature if decoding.do_sample else 0.0
+
+            def ask(q: dict) -> list[str]:
+                return endpoint_turns(client, args.api_model, q["turns"], temperature, decoding.max_new_tokens, args.system)
+
+            with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+                try:
+                    for q, turns in zip(todo, pool.map(ask, todo)):
+                        write(q, turns)
+                except Exception as exc:  # the client already retried 429/5xx with backoff
+                    raise UserError(
+                        f"{args.api_base}: a request failed after {args.max_retries} retries ({type(exc).__name__}: {exc}); "
+                        "the answers so far are kept, rerun to continue"
+                    ) from None
+        else:
+            from tqdm.auto import tqdm
+
+            model, tokenizer = load_from_args(model_args)
+            template = chat_template_for(args, model_args.lora_weights, tokenizer)
+            for q in tqdm(todo, desc="questions"):
+                write(q, local_turns(model, tokenizer, template, q["turns"], decoding, args.system, args.max_memory))
+    logger.info("answers of %s in %s", model_id, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
