@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chinese_vicuna.args import parse_args
+from chinese_vicuna.endpoint import chat_completion, openai_client, resolve_api_key
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.evaluation.endpoint import chat_completion, openai_client, resolve_api_key
 from chinese_vicuna.evaluation.judge import (
     load_judge_prompts,
     pair_jobs,

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chinese_vicuna.args import DecodingArguments, ModelArguments, parse_args
+from chinese_vicuna.endpoint import openai_client, resolve_api_key
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.evaluation.answers import answer_record, answered_ids, endpoint_turns, local_turns
-from chinese_vicuna.evaluation.endpoint import openai_client, resolve_api_key
 from chinese_vicuna.evaluation.judge import read_questions
 from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import load_template

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible client, built in one place (judge, endpoint answers, later serving tests).
+"""The OpenAI-compatible client, built in one place (evaluation, data generation, tests of the server).
 
 Retries are the official client's own: 408/409/429 and 5xx are retried with exponential backoff
 (honouring `retry-after` / `retry-after-ms`), `max_retries` times. A key comes from a flag or the
