@@ -14,7 +14,8 @@ import logging
 from dataclasses import dataclass, field
 
 from chinese_vicuna.chat_data import load_chat_dataset
-from chinese_vicuna.data import PaddingCollator, split_train_val
+from chinese_vicuna.data import PaddingCollator
+from chinese_vicuna.datatools.mixing import load_train_val
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.modeling import load_tokenizer
 from chinese_vicuna.prompts import load_template
@@ -70,17 +71,25 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
     template = load_template(data_args.prompt_template, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
-        samples = load_chat_dataset(  # conversations → samples with labels on assistant turns only
+        # one file, or several mixed by --data_weights; each tokenized and cached on its own
+        train_data, val_data = load_train_val(
             data_args.data_path,
-            tokenizer,
-            template,
-            data_args.cutoff_len,
-            data_args.train_on_inputs,
-            data_args.train_on_last_turn_only,
-            data_args.cache_dir,
-            data_args.use_data_cache,
+            data_args.data_weights,
+            data_args.val_data_path,
+            data_args.val_set_size,
+            train_args.seed,
+            lambda path: load_chat_dataset(  # conversations → samples with labels on assistant turns only
+                path,
+                tokenizer,
+                template,
+                data_args.cutoff_len,
+                data_args.train_on_inputs,
+                data_args.train_on_last_turn_only,
+                data_args.cache_dir,
+                data_args.use_data_cache,
+            ),
+            data_args.data_mix_size,
         )
-    train_data, val_data = split_train_val(samples, data_args.val_set_size, train_args.seed)
 
     # 2. base model and a new or continued LoRA (gradient checkpointing on by default here)
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)

@@ -81,8 +81,14 @@ def parse_modules_to_save(value: str | None, default: str = "") -> list[str] | N
 @dataclass
 class DataArguments:
     data_path: str = field(
-        default="sample/instruct/data_sample.jsonl", metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them."}
+        default="sample/instruct/data_sample.jsonl",
+        metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them; several, comma-separated, are mixed."},
     )
+    data_weights: str | None = field(
+        default=None, metadata={"help": "Sampling weights of the --data_path files, e.g. 0.3,0.7 (docs/data.md)."}
+    )
+    data_mix_size: int | None = field(default=None, metadata={"help": "Samples in the mixture (default: all files' samples)."})
+    val_data_path: str | None = field(default=None, metadata={"help": "Validation file, used instead of a --val_set_size split."})
     prompt_template: str = field(
         default="alpaca", metadata={"help": "Template name (alpaca, chinese-alpaca, chat templates, auto) or a .json path."}
     )
