@@ -73,7 +73,11 @@ class StubServer:
         if behaviour == "prose":
             return PROSE
         if behaviour == "fenced":
-            return "好的，以下是生成的数据：\n```json\n" + json.dumps([self.fresh() for _ in range(n)], ensure_ascii=False, indent=2) + "\n```\n希望有帮助！"
+            return (
+                "好的，以下是生成的数据：\n```json\n"
+                + json.dumps([self.fresh() for _ in range(n)], ensure_ascii=False, indent=2)
+                + "\n```\n希望有帮助！"
+            )
         if behaviour == "prose_around":
             return "下面是任务列表：\n" + json.dumps([self.fresh() for _ in range(n)], ensure_ascii=False) + "\n以上。"
         if behaviour == "repeat":
@@ -107,11 +111,15 @@ class StubServer:
             content = self.reply(behaviour)
         if self.delay:
             time.sleep(self.delay)
-        return 200, {}, {
-            "id": "chatcmpl-stub",
-            "object": "chat.completion",
-            "created": 0,
-            "model": body["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        }
+        return (
+            200,
+            {},
+            {
+                "id": "chatcmpl-stub",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            },
+        )

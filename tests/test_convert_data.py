@@ -3,17 +3,18 @@ and finetune_chat.py training on the output."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
-from conftest import memorize_args, read_jsonl, run_script
 
 from chinese_vicuna.chat_data import load_chat_dataset
 from chinese_vicuna.data import Record, TokenizeStats
 from chinese_vicuna.datatools.formats_convert import ConvertStats, Splitter, convert_records, html_to_markdown
 from chinese_vicuna.modeling import load_tokenizer
 from chinese_vicuna.prompts import load_template
+from conftest import memorize_args, read_jsonl, run_script
 
 Q1, A1, Q2, A2 = "北京有多大？", "约1.64万平方公里。", "人口呢？", "两千多万人。"
 TWO_TURNS = [{"role": "user", "content": Q1}, {"role": "assistant", "content": A1},
@@ -91,7 +92,7 @@ def test_single_turn_chat_to_alpaca_and_drop_reasons() -> None:
     assert stats.records == 4 and stats.converted == 1 and sum(stats.dropped.values()) == 3
     assert set(stats.dropped) == {
         "field 'output' is empty",
-        "a message has role 'user' where 'assistant' was expected",
+        "a message has role 'user' where 'assistant' was expected (after an optional system message, turns must alternate user/assistant)",
         "not a record in a known format",
     }
 
@@ -115,7 +116,9 @@ def test_long_conversations_split_at_turn_boundaries(tiny_model_dir: Path, tmp_p
     messages = [system] + [m for r in rounds for m in r]
     budget = 160
     stats = ConvertStats()
-    parts = list(convert_records([Record({"messages": messages}, "t:1")], "openai", splitter=Splitter(tokenizer, template, budget), stats=stats))
+    parts = list(
+        convert_records([Record({"messages": messages}, "t:1")], "openai", splitter=Splitter(tokenizer, template, budget), stats=stats)
+    )
     assert len(parts) > 2 and stats.split == 1 and stats.written == len(parts)
     # every part opens with the system prompt and a user turn; together they hold every round once, in order
     assert all(p["messages"][0] == system and p["messages"][1]["role"] == "user" for p in parts)
@@ -131,7 +134,7 @@ def test_long_conversations_split_at_turn_boundaries(tiny_model_dir: Path, tmp_p
     stats2 = TokenizeStats()
     from chinese_vicuna.chat_data import Conversation, tokenize_conversations
 
-    for a, b in zip(parts, parts[1:]):
+    for a, b in itertools.pairwise(parts):
         merged = Conversation(a["messages"] + b["messages"][1:], "m")
         [s] = tokenize_conversations([merged], tokenizer, template, 10_000, stats=stats2)
         assert len(s["input_ids"]) > budget
@@ -139,12 +142,8 @@ def test_long_conversations_split_at_turn_boundaries(tiny_model_dir: Path, tmp_p
 
 def test_cli_converts_sharegpt_html_that_finetune_chat_trains_on(tiny_model_dir: Path, tmp_path: Path) -> None:
     src = tmp_path / "sharegpt.json"
-    records = [
-        {"conversations": [{"from": "human", "value": "写个排序的例子"}, {"from": "gpt", "value": CHATGPT_HTML}]},
-        {"conversations": [{"from": "human", "value": Q1}, {"from": "gpt", "value": f"<p>{A1}</p>"}, {"from": "human", "value": Q2},
-                           {"from": "gpt", "value": f"<p>{A2}<br>就这些。</p>"}]},  # fmt: skip
-        {"conversations": [{"from": "human", "value": "空回答"}, {"from": "gpt", "value": "<p></p>"}]},
-    ]
+    turns = [("写个排序的例子", CHATGPT_HTML), (Q1, f"<p>{A1}</p>", Q2, f"<p>{A2}<br>就这些。</p>"), ("空回答", "<p></p>")]
+    records = [{"conversations": [{"from": ("human", "gpt")[i % 2], "value": v} for i, v in enumerate(t)]} for t in turns]
     src.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     out = tmp_path / "chat.jsonl"
     proc = run_script("tools/convert_data.py", "--input", str(src), "--output", str(out), "--to", "openai", "--html_to_markdown", "true",
@@ -162,11 +161,14 @@ def test_cli_converts_sharegpt_html_that_finetune_chat_trains_on(tiny_model_dir:
     assert "2 conversations in openai format" in proc.stderr and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from convert_data import main
+
     src = tmp_path / "a.jsonl"
     src.write_text(json.dumps(INPUTS["alpaca"], ensure_ascii=False) + "\n", encoding="utf-8")
-    proc = run_script("tools/convert_data.py", "--input", str(src), "--output", str(tmp_path / "b.jsonl"), "--to", "csv")
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --to csv: use one of alpaca, sharegpt, openai"
-    proc = run_script("tools/convert_data.py", "--input", str(src), "--output", str(tmp_path / "b.jsonl"), "--to", "openai",
-                      "--split_to_tokens", "512")  # fmt: skip
-    assert proc.returncode == 2 and "add --base_model" in proc.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input", str(src), "--output", str(tmp_path / "b.jsonl"), "--to", "csv"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == "error: --to csv: use one of alpaca, sharegpt, openai"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input", str(src), "--output", str(tmp_path / "b.jsonl"), "--to", "openai", "--split_to_tokens", "512"])
+    assert exit_info.value.code == 2 and "add --base_model" in capsys.readouterr().err

@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLE_INSTRUCT, read_jsonl, run_script
 
 from chinese_vicuna.chat_data import read_conversations, tokenize_conversations
 from chinese_vicuna.data import TokenizeStats, tokenize_instructions
@@ -16,6 +15,7 @@ from chinese_vicuna.datatools.dedupe import rouge_l, rouge_tokens
 from chinese_vicuna.datatools.doctor import diagnose, language_of, percentiles
 from chinese_vicuna.modeling import load_tokenizer
 from chinese_vicuna.prompts import load_template
+from conftest import SAMPLE_INSTRUCT, read_jsonl, run_script
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -80,10 +80,15 @@ def test_counts_equal_an_independent_count(tokenizer, messy_data, tmp_path: Path
     # and training's own count agrees
     stats = TokenizeStats()
     tokenize_instructions(records, tokenizer, template, cutoff, stats=stats)
-    assert report["truncated"] == stats.truncated and report["no_trainable"] == stats.dropped_no_trainable == 0
+    assert report["truncated"] == stats.truncated and report["no_trainable"] == stats.dropped_no_trainable
     assert report["tokens"]["whole"]["max"] == max(lengths)
     assert report["longest"][0]["tokens"] == max(lengths) and report["longest"][0]["where"].startswith(str(path))
-    assert report["language_mix"]["chinese"] > 0.9
+
+    def mostly_chinese(r: dict) -> bool:
+        text = "".join(r.values())
+        return sum("\u4e00" <= c <= "\u9fff" for c in text) >= sum(c.isascii() and c.isalpha() for c in text)
+
+    assert report["language_mix"]["chinese"] == round(sum(map(mostly_chinese, records)) / len(records), 4) > 0.5
 
 
 def test_no_trainable_when_the_prompt_fills_the_cutoff(tokenizer, tmp_path: Path) -> None:
@@ -91,7 +96,9 @@ def test_no_trainable_when_the_prompt_fills_the_cutoff(tokenizer, tmp_path: Path
     records = [{"instruction": "请" * 60, "input": "", "output": "好。"}, {"instruction": "短", "input": "", "output": "好。"}]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-    cutoff = 1 + len(tokenizer(template.instruction_prompt(records[0]["instruction"]), add_special_tokens=False)["input_ids"])  # BOS + prompt
+    cutoff = 1 + len(
+        tokenizer(template.instruction_prompt(records[0]["instruction"]), add_special_tokens=False)["input_ids"]
+    )  # BOS + prompt
     report, _ = diagnose(path, tokenizer, template, cutoff)
     stats = TokenizeStats()
     tokenize_instructions(records, tokenizer, template, cutoff, stats=stats)

@@ -8,13 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import memorize_args, read_jsonl, run_script
 
 from chinese_vicuna.data import load_instruction_dataset
 from chinese_vicuna.datatools.mixing import allocate, load_train_val, mix, parse_mixture
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.modeling import load_tokenizer
 from chinese_vicuna.prompts import load_template
+from conftest import memorize_args, run_script
 
 
 def test_proportions_follow_the_weights_and_the_seed_fixes_the_data() -> None:

@@ -12,14 +12,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
-from conftest import REPO, read_jsonl, run_script
 from openai_stub import StubServer
 
 from chinese_vicuna.datatools.dedupe import NearDuplicateIndex, lcs_length, rouge_l, rouge_tokens
 from chinese_vicuna.datatools.ratelimit import SlidingWindowLimiter
 from chinese_vicuna.datatools.selfinstruct import build_prompt, parse_records, retry_after_seconds, to_alpaca
+from conftest import REPO, read_jsonl, run_script
 
 KEY = "sk-test-secret-0123456789"
 HOSTILE = ["429", "fenced", "500", "prose", "repeat", "drop_fields", "truncated", "429", "prose_around", "500", "jsonl", "repeat"]
@@ -199,7 +200,7 @@ def test_rate_limit_end_to_end_with_a_short_window(tmp_path: Path) -> None:
     from chinese_vicuna.datatools.selfinstruct import SelfInstructConfig, generate
 
     class Recording(SlidingWindowLimiter):
-        log: list[float] = []
+        log: ClassVar[list[float]] = []
 
         def acquire(self) -> float:
             t = super().acquire()
@@ -216,13 +217,16 @@ def test_rate_limit_end_to_end_with_a_short_window(tmp_path: Path) -> None:
     assert max_in_window(limiter.log, 2.0) <= 3
 
 
-def test_killed_run_keeps_every_line_and_resumes_to_exactly_n(tmp_path: Path) -> None:
+def test_killed_run_keeps_every_line_and_resumes_to_exactly_n(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from self_instruct import main
+
     out = tmp_path / "gen.jsonl"
     with StubServer(["fenced", "repeat", "drop_fields"], per_reply=2, delay=0.3) as server:
-        args = ["tools/self_instruct.py", "--api_base", server.base, "--model", "m", "--num_samples", "16", "--output_file", str(out),
+        args = ["--api_base", server.base, "--model", "m", "--num_samples", "16", "--output_file", str(out),
                 "--requests_per_minute", "1000", "--concurrency", "1", "--records_per_request", "2", "--progress", "false"]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "tools/self_instruct.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
         try:
             deadline = time.monotonic() + 120
             while time.monotonic() < deadline and proc.poll() is None:
@@ -236,20 +240,26 @@ def test_killed_run_keeps_every_line_and_resumes_to_exactly_n(tmp_path: Path) ->
         assert 4 <= len(before) < 16
         with out.open("a", encoding="utf-8") as f:
             f.write('{"instruction": "半行')  # a line cut off by the kill
-        done = run_script(*args)
-    assert done.returncode == 0, done.stderr[-3000:]
+        main(args)  # the same command again (in process: the start-up of a second interpreter is slow here)
     after = out.read_text(encoding="utf-8").splitlines()
     assert after[: len(before)] == before and len(after) == 16
     assert_unique_valid([json.loads(x) for x in after], server.issued)
-    assert "incomplete last line" in done.stderr
+    assert "incomplete last line" in caplog.text
     # a third run has nothing to do and sends nothing
     with StubServer([]) as idle:
-        again = run_script(*[idle.base if a == server.base else a for a in args])
-        assert again.returncode == 0 and idle.arrivals == []
+        main([idle.base if a == server.base else a for a in args])
+        assert idle.arrivals == []
     assert out.read_text(encoding="utf-8").splitlines() == after
 
 
-def test_client_errors_end_in_one_line(tmp_path: Path) -> None:
-    proc = run_script("tools/self_instruct.py", "--api_base", "http://127.0.0.1:9/v1", "--model", "m", "--num_samples", "0",
-                      "--output_file", str(tmp_path / "x.jsonl"))  # fmt: skip
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == "error: --num_samples 0: must be at least 1"
+def test_user_errors_end_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from self_instruct import main
+
+    base = ["--api_base", "http://127.0.0.1:9/v1", "--model", "m", "--output_file", str(tmp_path / "x.jsonl")]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, "--num_samples", "0"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == "error: --num_samples 0: must be at least 1"
+    (tmp_path / "x.jsonl").write_text('{"text": "not alpaca"}\n', encoding="utf-8")
+    with pytest.raises(SystemExit):
+        main([*base, "--num_samples", "3"])
+    assert "x.jsonl:1: not an alpaca record (missing instruction); pick another --output_file" in capsys.readouterr().err

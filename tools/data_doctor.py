@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     template_name = args.prompt_template
     if template_name is None:
         template_name = "chinese-vicuna-chat" if data_kind(args.data_path) == "chat" else "alpaca"
-    report, lengths = diagnose(args.data_path, tokenizer, load_template(template_name, tokenizer), args.cutoff_len, args.similarity_threshold)
+    report, lengths = diagnose(
+        args.data_path, tokenizer, load_template(template_name, tokenizer), args.cutoff_len, args.similarity_threshold
+    )
     out = write_report(report, lengths, args.output_dir)
     print(
         f"{report['records']} records: {report['duplicates']} duplicates, {report['near_duplicates']} near duplicates, "

@@ -289,7 +289,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += [f"- {x['where']}: {x['tokens']} tokens" for x in report["longest"]]
     if report.get("split"):
         s = report["split"]
-        lines += ["", f"{s['conversations_split']} of {s['conversations']} conversations are split at turn boundaries → {s['samples']} samples."]
+        lines += [
+            "",
+            f"{s['conversations_split']} of {s['conversations']} conversations are split at turn boundaries → {s['samples']} samples.",
+        ]
     if report["invalid_reasons"]:
         lines += ["", "## Invalid records", ""] + [f"- {k}: {v}" for k, v in report["invalid_reasons"].items()]
     lines += ["", "![token lengths](length_histogram.png)", ""]

@@ -269,17 +269,16 @@ def convert_records(
             stats.dropped[_reason(exc)] += 1
             continue
         stats.formats[fmt] += 1
-        if isinstance(item, list):
-            if html:
-                for m in item:
-                    if looks_like_html(m["content"]):
-                        m["content"] = html_to_markdown(m["content"])
-                        stats.notes["messages converted from HTML"] += 1
-                try:
-                    item, _ = check_messages(item, record.where)  # a message may be empty once its HTML is gone
-                except UserError as exc:
-                    stats.dropped[_reason(exc)] += 1
-                    continue
+        if isinstance(item, list) and html:
+            for m in item:
+                if looks_like_html(m["content"]):
+                    m["content"] = html_to_markdown(m["content"])
+                    stats.notes["messages converted from HTML"] += 1
+            try:
+                item, _ = check_messages(item, record.where)  # a message may be empty once its HTML is gone
+            except UserError as exc:
+                stats.dropped[_reason(exc)] += 1
+                continue
         parts: list[Any] = [item]
         if splitter is not None:
             messages = alpaca_to_messages(item) if isinstance(item, dict) else item

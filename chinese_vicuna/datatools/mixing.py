@@ -19,7 +19,7 @@ import logging
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from chinese_vicuna.data import split_train_val
 from chinese_vicuna.errors import UserError
@@ -105,7 +105,9 @@ def load_train_val(
     if val_data_path:
         val = load(val_data_path)
         if val_set_size:
-            logger.info("validation: %d samples from --val_data_path %s (--val_set_size %d not used)", len(val), val_data_path, val_set_size)
+            logger.info(
+                "validation: %d samples from --val_data_path %s (--val_set_size %d not used)", len(val), val_data_path, val_set_size
+            )
     if len(parts) == 1 and parts[0][1] is None and mix_size is None:
         samples = load(parts[0][0])
         return (samples, val) if val_data_path else split_train_val(samples, val_set_size, seed)

@@ -110,7 +110,9 @@ class SelfInstructConfig:
     max_tokens: int = field(default=3072, metadata={"help": "Reply length limit (a cut-off list still yields its whole records)."})
     request_timeout: float = field(default=120.0, metadata={"help": "Seconds before a request is abandoned and retried."})
     max_retries: int = field(default=6, metadata={"help": "Retries per request on 429, 5xx and network errors."})
-    max_useless_requests: int = field(default=20, metadata={"help": "Stop with an error after this many replies in a row with no new record."})
+    max_useless_requests: int = field(
+        default=20, metadata={"help": "Stop with an error after this many replies in a row with no new record."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed of the sampled topics, task types and examples."})
     similarity_threshold: float = field(default=0.7, metadata={"help": "ROUGE-L at or above which a record is a near duplicate."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
@@ -327,7 +329,9 @@ def read_existing(path: Path) -> list[dict[str, str]]:
         try:
             value = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg}); this output file was not written by self_instruct.py, pick another --output_file") from None
+            raise UserError(
+                f"{path}:{lineno}: invalid JSON ({exc.msg}); this output file was not written by self_instruct.py, pick another --output_file"
+            ) from None
         record, why = to_alpaca(value)
         if record is None:
             raise UserError(f"{path}:{lineno}: not an alpaca record ({why}); pick another --output_file")
@@ -455,4 +459,3 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, unit="record", desc="self-instruct")
-
