@@ -138,3 +138,30 @@ def test_cli_writes_the_report_files(tiny_model_dir: Path, messy_data, tmp_path:
     md = (out / "report.md").read_text(encoding="utf-8")
     assert f"| truncated | {report['truncated']} |" in md and "length_histogram.png" in md
     assert f"{report['truncated']} of {report['samples']} samples longer than 48 tokens" in proc.stdout
+
+
+def test_batch_near_duplicates_agree_with_brute_force() -> None:
+    """near_duplicate_flags (the doctor's numpy search) against comparing with every kept text."""
+    from chinese_vicuna.datatools.dedupe import near_duplicate_flags
+
+    rng = random.Random(3)
+    base = [[rng.choice("abcdefghij") for _ in range(rng.randint(1, 25))] for _ in range(150)]
+    texts = []
+    for _ in range(800):  # edited copies make many pairs near the threshold
+        t = list(rng.choice(base))
+        for _ in range(rng.randint(0, 6)):
+            p = rng.randrange(len(t) + 1)
+            if rng.random() < 0.5:
+                t.insert(p, rng.choice("abcdefghij"))
+            elif t:
+                t.pop(min(p, len(t) - 1))
+        texts.append(t)
+    skip = [rng.random() < 0.1 for _ in texts]
+    flags = near_duplicate_flags(texts, 0.7, skip)
+    kept, expected = [], []
+    for t, s in zip(texts, skip, strict=True):
+        near = not s and bool(t) and any(rouge_l(t, k) >= 0.7 for k in kept)
+        expected.append(near)
+        if not s and t and not near:
+            kept.append(t)
+    assert flags == expected and 100 < sum(flags) < 700

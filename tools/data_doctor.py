@@ -30,6 +30,9 @@ class DoctorArguments:
         default=None, metadata={"help": "Template training will use (default: alpaca for instruction data, chinese-vicuna-chat for chat)."}
     )
     similarity_threshold: float = field(default=0.7, metadata={"help": "ROUGE-L at or above which two prompts are near duplicates."})
+    near_duplicates: bool = field(
+        default=True, metadata={"help": "Search for near duplicates (false skips the slowest part on large files)."}
+    )
 
 
 @exit_on_user_error
@@ -43,7 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     if template_name is None:
         template_name = "chinese-vicuna-chat" if data_kind(args.data_path) == "chat" else "alpaca"
     report, lengths = diagnose(
-        args.data_path, tokenizer, load_template(template_name, tokenizer), args.cutoff_len, args.similarity_threshold
+        args.data_path,
+        tokenizer,
+        load_template(template_name, tokenizer),
+        args.cutoff_len,
+        args.similarity_threshold if args.near_duplicates else None,
     )
     out = write_report(report, lengths, args.output_dir)
     print(

@@ -36,7 +36,7 @@ from chinese_vicuna.data import (
     tokenize_segment_lists,
     validate_instruction,
 )
-from chinese_vicuna.datatools.dedupe import NearDuplicateIndex, rouge_tokens
+from chinese_vicuna.datatools.dedupe import near_duplicate_flags, rouge_tokens
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import atomic_write_text, save_figure
 
@@ -149,24 +149,19 @@ def _prompt_key(kind: str, item: Any) -> str:
     return "\n".join(m["content"] for m in item.messages if m["role"] != "assistant")
 
 
-def duplicate_counts(kind: str, items: Sequence[Any], threshold: float = 0.7) -> tuple[int, int]:
+def duplicate_counts(kind: str, items: Sequence[Any], threshold: float | None = 0.7) -> tuple[int, int | None]:
     """(records that repeat an earlier record exactly, records whose prompt has ROUGE-L >= threshold
-    with an earlier non-duplicate record's prompt)."""
+    with an earlier non-duplicate record's prompt; None when threshold is None)."""
     seen: set[str] = set()
-    index = NearDuplicateIndex(threshold)
-    duplicates = near = 0
+    repeats = []
     for item in items:
         key = json.dumps(item if kind == "instruct" else item.messages, ensure_ascii=False, sort_keys=True)
-        if key in seen:
-            duplicates += 1
-            continue
+        repeats.append(key in seen)
         seen.add(key)
-        tokens = rouge_tokens(_prompt_key(kind, item))
-        if index.find(tokens) is not None:
-            near += 1
-        else:
-            index.add(tokens)
-    return duplicates, near
+    if threshold is None:
+        return sum(repeats), None
+    near = near_duplicate_flags([rouge_tokens(_prompt_key(kind, item)) for item in items], threshold, skip=repeats)
+    return sum(repeats), sum(near)
 
 
 def diagnose(
@@ -174,9 +169,12 @@ def diagnose(
     tokenizer: Any,
     template: Any,
     cutoff_len: int,
-    threshold: float = 0.7,
+    threshold: float | None = 0.7,
 ) -> tuple[dict[str, Any], list[int]]:
-    """(the report, every sample's whole token length) of a data file or folder."""
+    """(the report, every sample's whole token length) of a data file or folder.
+
+    `threshold` None skips the near-duplicate search (the slowest part on large files).
+    """
     files = data_files(data_path)
     read = _read(files)
     if not read.items:
@@ -236,7 +234,9 @@ def diagnose(
         "invalid_examples": read.invalid_examples,
         "duplicates": duplicates,
         "near_duplicates": near,
-        "near_duplicate_rule": f"ROUGE-L >= {threshold} between prompts (instruction + input; user turns for chat)",
+        "near_duplicate_rule": (
+            f"ROUGE-L >= {threshold} between prompts (instruction + input; user turns for chat)" if threshold is not None else "not checked"
+        ),
         "samples": len(samples) + empty,
         "truncated": sum(1 for n in lengths if n > cutoff_len),
         "no_trainable": no_trainable,
