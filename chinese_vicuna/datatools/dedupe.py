@@ -11,7 +11,8 @@ t/2 * (len(a) + len(b)) tokens, and two token sets with that much overlap share 
 the first few of each (in one fixed token order, rarest first). Only texts that share such a
 token, pass the length bound and the overlap bound get the exact LCS, which is bit-parallel
 (one big-integer step per token). The result is exact: the filter only skips pairs that
-cannot reach the threshold.
+cannot reach the threshold. `NearDuplicateIndex` takes texts one at a time (self_instruct);
+`near_duplicate_flags` does a whole file with the candidate search in numpy (the doctor).
 """
 
 from __future__ import annotations
