@@ -11,6 +11,7 @@ model / LoRA / batch / training flags as finetune.py; every TrainingArguments fl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from chinese_vicuna.args import (
     BatchArguments,
@@ -21,7 +22,8 @@ from chinese_vicuna.args import (
     TrainModelArguments,
     parse_args,
 )
-from chinese_vicuna.data.datasets import load_chat_dataset, split_train_val
+from chinese_vicuna.data.datasets import load_chat_dataset
+from chinese_vicuna.data.mixing import load_train_val
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
@@ -63,12 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
     template = load_template(template_args.prompt_template, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
-        # conversations → samples with labels on assistant turns only, long ones split at turn boundaries
-        samples = load_chat_dataset(
-            data_args.data_path, tokenizer, template, data_args.cutoff_len, data_args.train_on_inputs,
-            data_args.train_on_last_turn_only, data_args.cache_dir, data_args.use_data_cache,
-        )  # fmt: skip
-    train_data, val_data = split_train_val(samples, data_args.val_set_size, train_args.seed)
+        # conversations → samples with labels on assistant turns only, long ones split at turn boundaries;
+        # one file, or several mixed by --data_weights; --val_data_path or a split
+        def load(path: str) -> Any:
+            return load_chat_dataset(
+                path, tokenizer, template, data_args.cutoff_len, data_args.train_on_inputs, data_args.train_on_last_turn_only, data_args.cache_dir, data_args.use_data_cache
+            )  # fmt: skip
+
+        train_data, val_data = load_train_val(data_args, load, train_args.seed)
 
     # 2. base model and a new or continued LoRA (gradient checkpointing on by default here)
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)

@@ -178,8 +178,12 @@ class LoraArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(
-        default="sample/instruct/data_sample.jsonl", metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them."}
+        default="sample/instruct/data_sample.jsonl",
+        metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them; several, comma-separated, are mixed."},
     )
+    data_weights: str | None = field(default=None, metadata={"help": "Sampling weights of the --data_path files, e.g. 0.3,0.7 (docs/data.md)."})
+    data_mix_size: int | None = field(default=None, metadata={"help": "Samples in the mixture (default: all files' samples)."})
+    val_data_path: str | None = field(default=None, metadata={"help": "Validation file, used instead of a --val_set_size split."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per sample; longer samples are truncated."})
     val_set_size: int = field(default=200, metadata={"help": "Samples held out for evaluation (a count; 0 = none)."})
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
@@ -238,7 +242,7 @@ class TrainArguments(TrainingArguments):
                 # Opt-in, not a default: results would then differ between CPUs with and without it.
                 logger.info("this CPU has native bf16 matmuls: --bf16 true trains faster here (docs/benchmarks.md)")
         if self.deepspeed:
-            from chinese_vicuna.train.distributed import check_deepspeed
+            from chinese_vicuna.distributed import check_deepspeed
 
             check_deepspeed(self.deepspeed)
         super().__post_init__()
@@ -327,7 +331,7 @@ def apply_batch_arguments(args: TrainingArguments, batch: BatchArguments) -> Non
     args.gradient_accumulation_steps = batch.batch_size // denominator
     args.num_train_epochs = batch.num_epochs
     if getattr(args, "deepspeed", None):
-        from chinese_vicuna.train.distributed import refresh_deepspeed_config
+        from chinese_vicuna.distributed import refresh_deepspeed_config
 
         refresh_deepspeed_config(args)  # its "auto" batch values were filled before the lines above
 

@@ -1,0 +1,64 @@
+"""A report on a data file before training: duplicates, near duplicates, samples truncated at
+--cutoff_len (counted exactly as training tokenizes them), samples with nothing to train,
+token-length percentiles, language mix, the longest records; chat data too.
+
+    python tools/data_doctor.py --data_path data.jsonl --base_model ./llama-7b-hf --cutoff_len 512 \\
+        [--prompt_template alpaca] --output_dir doctor/
+
+Writes doctor/report.json, doctor/report.md and doctor/length_histogram.png. See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from chinese_vicuna.args import parse_args
+from chinese_vicuna.datatools.doctor import data_kind, diagnose, write_report
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.model.loading import load_tokenizer
+from chinese_vicuna.prompts import load_template
+
+
+@dataclass
+class DoctorArguments:
+    data_path: str = field(metadata={"help": "Alpaca or chat data: a .json/.jsonl file or a folder of them."})
+    base_model: str = field(metadata={"help": "Model folder (or tokenizer folder) whose tokenizer training will use."})
+    cutoff_len: int = field(metadata={"help": "The --cutoff_len you will train with."})
+    output_dir: str = field(metadata={"help": "Where report.json, report.md and length_histogram.png go."})
+    prompt_template: str | None = field(
+        default=None, metadata={"help": "Template training will use (default: alpaca for instruction data, chinese-vicuna-chat for chat)."}
+    )
+    similarity_threshold: float = field(default=0.7, metadata={"help": "ROUGE-L at or above which two prompts are near duplicates."})
+    near_duplicates: bool = field(
+        default=True, metadata={"help": "Search for near duplicates (false skips the slowest part on large files)."}
+    )
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    (args,) = parse_args((DoctorArguments,), argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.cutoff_len < 2:
+        raise UserError(f"--cutoff_len {args.cutoff_len}: must be at least 2")
+    tokenizer = load_tokenizer(args.base_model)
+    template_name = args.prompt_template
+    if template_name is None:
+        template_name = "chinese-vicuna-chat" if data_kind(args.data_path) == "chat" else "alpaca"
+    report, lengths = diagnose(
+        args.data_path,
+        tokenizer,
+        load_template(template_name, tokenizer),
+        args.cutoff_len,
+        args.similarity_threshold if args.near_duplicates else None,
+    )
+    out = write_report(report, lengths, args.output_dir)
+    print(
+        f"{report['records']} records: {report['duplicates']} duplicates, {report['near_duplicates']} near duplicates, "
+        f"{report['truncated']} of {report['samples']} samples longer than {args.cutoff_len} tokens, "
+        f"{report['no_trainable']} with nothing to train → {out}/report.md"
+    )
+
+
+if __name__ == "__main__":
+    main()
