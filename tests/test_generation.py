@@ -1,4 +1,4 @@
-"""chinese_vicuna.generation: streaming equals plain generation, stop strings never shown,
+"""chinese_vicuna.infer.generation: streaming equals plain generation, stop strings never shown,
 UTF-8-safe incremental decoding, the stop signal, the history budget, and loading checks."""
 
 from __future__ import annotations
@@ -275,14 +275,15 @@ def test_history_budget_drops_oldest_turns_first(tiny_model_dir: Path, name: str
 
 def test_history_prompt_ids_match_chat_training(tiny_model_dir: Path, tmp_path: Path):
     """The prompt for turn k is exactly the training sample's ids before answer k."""
-    chat_data = pytest.importorskip("chinese_vicuna.chat_data")
+    from chinese_vicuna.data.chat import tokenize_conversations
+    from chinese_vicuna.data.formats import read_conversations
     from chinese_vicuna.model.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model_dir))
     template = load_template("chinese-vicuna-chat", tok)
     path = tmp_path / "conv.jsonl"
     path.write_text(json.dumps({"messages": HISTORY}, ensure_ascii=False) + "\n", encoding="utf-8")
-    (sample,) = chat_data.tokenize_conversations(chat_data.read_conversations(path), tok, template, cutoff_len=4096)
+    (sample,) = tokenize_conversations(read_conversations(path), tok, template, cutoff_len=4096)
     labels = sample["labels"]
     starts = [i for i in range(1, len(labels)) if labels[i] != -100 and labels[i - 1] == -100]
     assert len(starts) == 4

@@ -2,7 +2,7 @@
 ShareGPT / OpenAI messages / role-text in, alpaca, ShareGPT or OpenAI-messages JSONL out.
 
 Every record is read into one of two shapes: an alpaca record (single turn, with its `input`
-kept apart) or a list of `{"role", "content"}` messages (chinese_vicuna.chat_data validates
+kept apart) or a list of `{"role", "content"}` messages (data/formats.py validates
 them). Writers turn either shape into the target format; a record the target cannot hold
 (a multi-turn conversation as alpaca) or a broken one is dropped and counted with the reason.
 
@@ -14,7 +14,7 @@ Input formats, detected per record:
   `instruction` as `Human: ...\\nAssistant: ...\\nHuman: ...\\nAssistant:` and the last answer in `output`
 - Guanaco chat (openassistant-guanaco): `{"text": "### Human: ... ### Assistant: ..."}`
 - Chinese-Vicuna chat, ShareGPT (BELLE 3.5M's `conversations` too), OpenAI messages, role-text:
-  as chinese_vicuna.chat_data reads them
+  as data/formats.py reads them
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.data.chat import _split_system, plan_chunks, round_lengths, template_trains_eos
-from chinese_vicuna.data.encode import encode_texts
+from chinese_vicuna.data.fast_tokenize import encode_texts
 from chinese_vicuna.data.formats import check_messages, detect_format, to_messages
 from chinese_vicuna.data.records import Record, read_records
 from chinese_vicuna.errors import UserError
