@@ -32,7 +32,7 @@ def template_trains_eos(template: PromptTemplate, tokenizer: Any) -> bool:
     return bool(eos) and last.trainable and last.text.rstrip().endswith(eos)
 
 
-def _split_system(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[list[dict[str, str]]]]:
+def split_system(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[list[dict[str, str]]]]:
     """(the system message as a list of 0 or 1, the rounds [user, assistant])."""
     head = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(head) :]
@@ -102,7 +102,7 @@ def conversation_segment_lists(
         if i not in lengths or sum(mid) <= budget or len(mid) == 1:
             samples.append(list(segs))
             continue
-        head, rounds = _split_system(conv.messages)
+        head, rounds = split_system(conv.messages)
         # Round i opening a sample renders differently (system prompt, first-turn format).
         openers = [template.chat_segments(head + r, add_generation_prompt=False) for r in rounds[1:]]
         first = [mid[0]] + [sum(x) for x in _lengths(tokenizer, openers)]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.data.chat import _split_system, plan_chunks, round_lengths, template_trains_eos
+from chinese_vicuna.data.chat import plan_chunks, round_lengths, split_system, template_trains_eos
 from chinese_vicuna.data.fast_tokenize import encode_texts
 from chinese_vicuna.data.formats import check_messages, detect_format, to_messages
 from chinese_vicuna.data.records import Record, read_records
@@ -209,7 +209,7 @@ class Splitter:
         mid = self._round_lengths(messages)
         if sum(mid) <= self.budget:
             return [messages], 0
-        head, rounds = _split_system(messages)
+        head, rounds = split_system(messages)
         first = [mid[0]] + [sum(self._round_lengths(head + r)) for r in rounds[1:]]
         chunks = plan_chunks(first, mid, self.budget)
         parts = [head + [m for r in rounds[a:b] for m in r] for a, b in chunks]
