@@ -15,12 +15,12 @@ import torch
 
 from chinese_vicuna.devices import DTYPES
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.export.delta import DELTA_MANIFEST
 from chinese_vicuna.files import read_json, write_json
 
 SAFE_INDEX = "model.safetensors.index.json"
 
 
+DELTA_MANIFEST = "delta_manifest.json"  # export/delta.py's list of tensors and how each was stored
 TOKENIZER_FILES = (
     "tokenizer.model",
     "tokenizer.json",
