@@ -19,9 +19,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.args import ChatSessionArguments, ChatTemplateArguments, DecodingArguments, ModelArguments, ServerArguments, parse_args
+from chinese_vicuna.args import (
+    ChatSessionArguments,
+    ChatTemplateArguments,
+    DecodingArguments,
+    ModelArguments,
+    ServerArguments,
+    UIArguments,
+    parse_args,
+)
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.generation import GenerationStats
+from chinese_vicuna.infer.i18n import Messages
 from chinese_vicuna.infer.session import ChatSession, Message, save_conversation
 from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import load_template
@@ -38,16 +47,14 @@ class ChatFrontArguments:
 # --------------------------------------------------------------------------------------------
 # Terminal
 # --------------------------------------------------------------------------------------------
-CLI_HELP = "commands: /reset (new conversation), /undo (drop the last turn), /regen (answer the last question again), /save [FILE], /exit — Ctrl-C stops an answer"
-
-
-def run_cli(chat: ChatSession, save_dir: str) -> None:
+def run_cli(chat: ChatSession, save_dir: str, language: str = "zh") -> None:
+    t = Messages(language)
     history: list[Message] = []
     system = chat.system_of(chat.default_template, chat.settings.system)
-    print(f"chat with template {chat.default_template}; {CLI_HELP}", flush=True)
+    print(t("cli.start", template=chat.default_template, help=t("cli.help")), flush=True)
     while True:
         try:
-            line = input("User: ")
+            line = input(t("cli.user"))
         except EOFError:
             print()
             return
@@ -55,30 +62,30 @@ def run_cli(chat: ChatSession, save_dir: str) -> None:
         if command in ("/exit", "/quit"):
             return
         if command == "/help":
-            print(CLI_HELP)
+            print(t("cli.help"))
             continue
         if command == "/reset":
             history = []
-            print("[new conversation]")
+            print(t("cli.new_conversation"))
             continue
         if command == "/undo":
             history = history[:-2]
-            print(f"[undone; {len(history) // 2} turn(s) left]")
+            print(t("cli.undone", turns=len(history) // 2))
             continue
         if command == "/save":
             target = rest.strip() or str(Path(save_dir) / f"chat-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
             try:
-                print(f"[saved to {save_conversation(target, history, system)}]")
+                print(t("cli.saved", path=save_conversation(target, history, system)))
             except (UserError, OSError) as exc:
-                print(f"[not saved: {exc}]")
+                print(t("cli.not_saved", error=exc))
             continue
         if command == "/regen":
             if not history:
-                print("[nothing to regenerate]")
+                print(t("cli.nothing_to_regenerate"))
                 continue
             line, history = history[-2]["content"], history[:-2]
         elif command.startswith("/"):
-            print(f"[unknown command {command}; {CLI_HELP}]")
+            print(t("cli.unknown_command", command=command, help=t("cli.help")))
             continue
         elif not line.strip():
             continue
@@ -90,7 +97,7 @@ def run_cli(chat: ChatSession, save_dir: str) -> None:
             continue
         if note:
             print(f"[{note}]")
-        print("Assistant: ", end="", flush=True)
+        print(t("cli.assistant"), end="", flush=True)
         text = ""
         try:
             for piece in chat.stream(ids, template):
@@ -98,16 +105,17 @@ def run_cli(chat: ChatSession, save_dir: str) -> None:
                 text += piece
             print(flush=True)
         except KeyboardInterrupt:  # raised inside the stream: its finally ends generation
-            print(" [stopped]", flush=True)
+            print(t("cli.stopped"), flush=True)
         history = [*history, {"role": "user", "content": line}, {"role": "assistant", "content": text}]
 
 
 # --------------------------------------------------------------------------------------------
 # Web page
 # --------------------------------------------------------------------------------------------
-def build_page(chat: ChatSession, title: str) -> Any:
+def build_page(chat: ChatSession, title: str, language: str = "zh") -> Any:
     from chinese_vicuna.infer.webui import SessionStops, decoding_controls, decoding_from_values, gr
 
+    t = Messages(language)
     stops = SessionStops()
     save_dir = Path(tempfile.mkdtemp(prefix="chat-saves-"))
 
@@ -115,7 +123,7 @@ def build_page(chat: ChatSession, title: str) -> Any:
         session: str, message: str, history: list[Message], system: str, template_name: str, max_memory: float, *values: object
     ) -> Iterator[tuple[list[Message], list[Message], str, str]]:
         if not message.strip():
-            raise gr.Error("Type a message first.")
+            raise gr.Error(t("chat.need_message"))
         settings = decoding_from_values(values)
         try:
             ids, template, note = chat.prompt(history, message, template_name, system, int(max_memory))
@@ -123,57 +131,57 @@ def build_page(chat: ChatSession, title: str) -> Any:
             raise gr.Error(str(exc)) from None
         user = {"role": "user", "content": message}
         shown = [*history, user, {"role": "assistant", "content": ""}]
-        yield shown, history, "", "generating…" if settings.streams else "beam search: the answer shows when it is complete"
+        yield shown, history, "", t("generating") if settings.streams else t("beam_search")
         stats, text = GenerationStats(), ""
         for piece in chat.stream(ids, template, settings, stops.start(session), stats):
             text += piece
             shown[-1] = {"role": "assistant", "content": text}
-            yield shown, history, "", "generating…"
+            yield shown, history, "", t("generating")
         done = [*history, user, {"role": "assistant", "content": text}]
-        yield done, done, "", "; ".join(x for x in (note, stats.summary()) if x)
+        yield done, done, "", "; ".join(x for x in (note, t.stats(stats)) if x)
 
     def regenerate(session: str, history: list[Message], *rest: Any) -> Iterator[tuple[list[Message], list[Message], str, str]]:
         if len(history) < 2:
-            raise gr.Error("Nothing to regenerate yet.")
+            raise gr.Error(t("chat.nothing_to_regenerate"))
         yield from respond(session, history[-2]["content"], history[:-2], *rest)
 
     def undo(history: list[Message]) -> tuple[list[Message], list[Message], str]:
         history = history[:-2]
-        return history, history, f"{len(history) // 2} turn(s)"
+        return history, history, t("chat.turns", turns=len(history) // 2)
 
     def clear() -> tuple[list[Message], list[Message], str]:
-        return [], [], "new conversation"
+        return [], [], t("chat.new_conversation")
 
     def save(history: list[Message], system: str) -> tuple[str, str]:
         try:
             path = save_conversation(save_dir / f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{len(history) // 2}turns.jsonl", history, system)
         except UserError as exc:
             raise gr.Error(str(exc)) from None
-        return str(path), f"saved {len(history) // 2} turn(s)"
+        return str(path), t("chat.saved_turns", turns=len(history) // 2)
 
     first = chat.templates[chat.default_template]
     with gr.Blocks(title=title) as demo:
         session = stops.session_state(demo)
         history = gr.State([])
         gr.Markdown(f"## {title}")
-        chatbot = gr.Chatbot(label="Conversation", height=420, buttons=["copy", "copy_all"], elem_id="chatbot")
+        chatbot = gr.Chatbot(label=t("chat.conversation"), height=420, buttons=["copy", "copy_all"], elem_id="chatbot")
         with gr.Row():
-            message = gr.Textbox(placeholder="Type a message, Enter to send", show_label=False, scale=5, elem_id="message")
-            send = gr.Button("Send", variant="primary", scale=1, elem_id="send-btn")
+            message = gr.Textbox(placeholder=t("chat.message_placeholder"), show_label=False, scale=5, elem_id="message")
+            send = gr.Button(t("chat.send"), variant="primary", scale=1, elem_id="send-btn")
         with gr.Row():
-            stop = gr.Button("Stop", elem_id="stop-btn")
-            regen = gr.Button("Regenerate", elem_id="regen-btn")
-            undo_btn = gr.Button("Undo last turn", elem_id="undo-btn")
-            clear_btn = gr.Button("Clear", elem_id="clear-btn")
-            save_btn = gr.Button("Save JSONL", elem_id="save-btn")
+            stop = gr.Button(t("stop"), elem_id="stop-btn")
+            regen = gr.Button(t("chat.regenerate"), elem_id="regen-btn")
+            undo_btn = gr.Button(t("chat.undo"), elem_id="undo-btn")
+            clear_btn = gr.Button(t("chat.clear"), elem_id="clear-btn")
+            save_btn = gr.Button(t("chat.save"), elem_id="save-btn")
         status = gr.Markdown(elem_id="status")
-        saved = gr.File(label="Saved conversation", elem_id="saved", interactive=False, height=90)
-        with gr.Accordion("Conversation settings", open=False):
-            template_name = gr.Dropdown(list(chat.templates), value=chat.default_template, label="Template", elem_id="template")
-            system = gr.Textbox(chat.system_of(first.name, chat.settings.system), lines=2, label="System prompt", elem_id="system")
-            max_memory = gr.Number(chat.settings.max_memory, precision=0, label="max_memory (prompt tokens)", elem_id="max_memory")
-        with gr.Accordion("Decoding", open=False):
-            controls = decoding_controls(chat.decoding)
+        saved = gr.File(label=t("chat.saved_file"), elem_id="saved", interactive=False, height=90)
+        with gr.Accordion(t("chat.settings"), open=False):
+            template_name = gr.Dropdown(list(chat.templates), value=chat.default_template, label=t("chat.template"), elem_id="template")
+            system = gr.Textbox(chat.system_of(first.name, chat.settings.system), lines=2, label=t("chat.system"), elem_id="system")
+            max_memory = gr.Number(chat.settings.max_memory, precision=0, label=t("chat.max_memory"), elem_id="max_memory")
+        with gr.Accordion(t("decoding"), open=False):
+            controls = decoding_controls(chat.decoding, t)
 
         settings = [system, template_name, max_memory, *controls]
         outputs = [chatbot, history, message, status]
@@ -191,8 +199,9 @@ def build_page(chat: ChatSession, title: str) -> Any:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, template_args, session_args, decoding, server, args = parse_args(
-        (ModelArguments, ChatTemplateArguments, ChatSessionArguments, DecodingArguments, ServerArguments, ChatFrontArguments), argv
+    model_args, template_args, session_args, decoding, server, ui, args = parse_args(
+        (ModelArguments, ChatTemplateArguments, ChatSessionArguments, DecodingArguments, ServerArguments, UIArguments, ChatFrontArguments),
+        argv,
     )
     logging.basicConfig(level=logging.WARNING if args.cli else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     decoding.validate()
@@ -214,12 +223,12 @@ def main(argv: list[str] | None = None) -> None:
     chat = ChatSession(model, tokenizer, template, session_args, decoding)
 
     if args.cli:
-        run_cli(chat, args.save_dir)
+        run_cli(chat, args.save_dir, ui.ui_language)
         return
     from chinese_vicuna.infer.webui import launch
 
     title = f"Chinese-Vicuna chat · {model_args.lora_weights or model_args.base_model}"
-    launch(build_page(chat, title), server.server_name, server.server_port, server.share)
+    launch(build_page(chat, title, ui.ui_language), server.server_name, server.server_port, server.share)
 
 
 if __name__ == "__main__":

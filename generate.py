@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from chinese_vicuna.args import DecodingArguments, ModelArguments, ServerArguments, TemplateArguments, parse_args
+from chinese_vicuna.args import DecodingArguments, ModelArguments, ServerArguments, TemplateArguments, UIArguments, parse_args
 from chinese_vicuna.data.records import read_records
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.generation import GenerationStats, generate_answer, prompt_ids, stream_generate
@@ -48,37 +48,41 @@ def run_batch(model: Any, tokenizer: Any, template: PromptTemplate, decoding: De
     logger.info("wrote %d lines to %s", len(records), output_file)
 
 
-def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, title: str) -> Any:
+def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, title: str, language: str = "zh") -> Any:
+    from chinese_vicuna.infer.i18n import Messages
     from chinese_vicuna.infer.webui import SessionStops, decoding_controls, decoding_from_values, gr
 
+    t = Messages(language)
     stops = SessionStops()
 
     def respond(session: str, instruction: str, inp: str, *values: object) -> Iterator[tuple[str, str]]:
         if not instruction.strip():
-            raise gr.Error("Type an instruction first.")
+            raise gr.Error(t("generate.need_instruction"))
         settings = decoding_from_values(values)
         ids = prompt_ids(tokenizer, template, instruction, inp)
         stats, text = GenerationStats(), ""
-        yield "", "generating…" if settings.streams else "beam search: the answer shows when it is complete"
+        yield "", t("generating") if settings.streams else t("beam_search")
         for piece in stream_generate(model, tokenizer, ids, settings, template.stop_strings, template.is_chat, stops.start(session), stats):
             text += piece
-            yield text, "generating…"
-        yield text, f"{len(ids)} prompt tokens; {stats.summary()}"
+            yield text, t("generating")
+        yield text, t("generate.done", prompt_tokens=len(ids), stats=t.stats(stats))
 
     with gr.Blocks(title=title) as demo:
         session = stops.session_state(demo)
-        gr.Markdown(f"## {title}\nTemplate `{template.name}`. Greedy decoding reproduces what the model was trained to say.")
+        gr.Markdown(t("generate.intro", title=title, template=template.name))
         with gr.Row():
             with gr.Column():
-                instruction = gr.Textbox(lines=3, label="Instruction", placeholder="告诉我和上海有关的诗句", elem_id="instruction")
-                inp = gr.Textbox(lines=2, label="Input (optional)", elem_id="input")
+                instruction = gr.Textbox(
+                    lines=3, label=t("generate.instruction"), placeholder=t("generate.instruction_placeholder"), elem_id="instruction"
+                )
+                inp = gr.Textbox(lines=2, label=t("generate.input"), elem_id="input")
                 with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate-btn")
-                    stop = gr.Button("Stop", elem_id="stop-btn")
-                with gr.Accordion("Decoding", open=False):
-                    controls = decoding_controls(decoding)
+                    run = gr.Button(t("generate.run"), variant="primary", elem_id="generate-btn")
+                    stop = gr.Button(t("stop"), elem_id="stop-btn")
+                with gr.Accordion(t("decoding"), open=False):
+                    controls = decoding_controls(decoding, t)
             with gr.Column():
-                output = gr.Textbox(lines=12, label="Answer", elem_id="answer", interactive=False)
+                output = gr.Textbox(lines=12, label=t("generate.answer"), elem_id="answer", interactive=False)
                 status = gr.Markdown(elem_id="status")
         run.click(respond, [session, instruction, inp, *controls], [output, status])
         instruction.submit(respond, [session, instruction, inp, *controls], [output, status])
@@ -88,8 +92,8 @@ def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: D
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, template_args, decoding, server, args = parse_args(
-        (ModelArguments, TemplateArguments, DecodingArguments, ServerArguments, BatchFileArguments), argv
+    model_args, template_args, decoding, server, ui, args = parse_args(
+        (ModelArguments, TemplateArguments, DecodingArguments, ServerArguments, UIArguments, BatchFileArguments), argv
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     decoding.validate()
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     from chinese_vicuna.infer.webui import launch
 
     title = f"Chinese-Vicuna · {model_args.lora_weights or model_args.base_model}"
-    launch(build_page(model, tokenizer, template, decoding, title), server.server_name, server.server_port, server.share)
+    launch(build_page(model, tokenizer, template, decoding, title, ui.ui_language), server.server_name, server.server_port, server.share)
 
 
 if __name__ == "__main__":

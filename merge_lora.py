@@ -48,7 +48,7 @@ class MergeArguments:
     dtype: str = field(default="auto", metadata={"help": "Output dtype: auto (the base's), fp32, fp16, bf16."})
     num_shards: int | None = field(default=None, metadata={"help": "pth output: model-parallel shards (default by size, as Meta)."})
     verify: bool = field(default=False, metadata={"help": "Compare merged logits with base + LoRAs; exit 1 above tolerance."})
-    tolerance: float | None = field(default=None, metadata={"help": "--verify limit (default 1e-4 for fp32, 1% of the logit range else)."})
+    tolerance: float | None = field(default=None, metadata={"help": "--verify limit (default 1e-4 for fp32, 1 percent of the logit range else)."})
     low_mem: bool = field(default=False, metadata={"help": "Stream the base one shard at a time (peak ≈ one shard + adapters)."})
     overwrite: bool = field(default=False, metadata={"help": "Replace weights already in --output_dir."})
 

@@ -154,6 +154,17 @@ class ServerArguments:
 
 
 @dataclass
+class UIArguments:
+    """The language of the web pages and the terminal chat (chinese_vicuna/infer/i18n.py)."""
+
+    ui_language: str = field(default="zh", metadata={"help": "Language of the page / terminal chat: zh (中文) or en (English)."})
+
+    def __post_init__(self) -> None:
+        if self.ui_language not in ("zh", "en"):
+            raise UserError(f"--ui_language {self.ui_language!r}: use zh or en")
+
+
+@dataclass
 class LoraArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling alpha."})

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_generate_app import browser_page, screenshot, serve
+from test_generate_app import browser_page, page_words, screenshot, serve
 
 from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.infer.generation import chat_prompt_ids, generate_text
@@ -83,11 +83,13 @@ def test_chat_page_holds_a_two_turn_conversation(tiny_model_dir: Path, memorized
             wait_until_answered(page, turn + 1)
             assert bot.nth(turn).inner_text().strip() == conversation[2 * turn + 1]["content"]
         screenshot(page, "chat.png")
+        assert page_words(page, CHAT_WORDS) == CHAT_WORDS_ZH  # the default language
+        assert page.locator("#message textarea").get_attribute("placeholder") == "输入消息，按 Enter 发送"
         assert [users.nth(i).inner_text().strip() for i in range(2)] == [conversation[0]["content"], conversation[2]["content"]]
 
         # save: the conversation as one JSONL line in the chat data format
         page.locator("#save-btn").click()
-        page.wait_for_function("document.querySelector('#status').innerText.includes('saved 2 turn')")
+        page.wait_for_function("document.querySelector('#status').innerText.includes('已保存 2 轮')")
         with page.expect_download() as download:
             page.locator("#saved a").first.click()
         saved = [json.loads(line) for line in Path(download.value.path()).read_text(encoding="utf-8").splitlines()]
@@ -107,22 +109,81 @@ def test_terminal_chat_two_turns_undo_save(tiny_model_dir: Path, memorized_lora:
     args += ["--prompt_template", str(chat_template)]
     child = pexpect.spawn(sys.executable, args, cwd=str(REPO), encoding="utf-8", timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
-        child.expect_exact("User: ")
+        child.expect_exact("用户：")  # the default language
         for turn in range(2):
             child.sendline(conversation[2 * turn]["content"])
-            child.expect_exact("Assistant: ")
-            child.expect_exact("User: ")
+            child.expect_exact("助手：")
+            child.expect_exact("用户：")
             assert child.before.strip() == conversation[2 * turn + 1]["content"]
         saved = tmp_path / "saved.jsonl"
         child.sendline(f"/save {saved}")
-        child.expect_exact(f"[saved to {saved}]")
+        child.expect_exact(f"[已保存到 {saved}]")
         child.sendline("/undo")
-        child.expect_exact("[undone; 1 turn(s) left]")
+        child.expect_exact("[已撤销；剩余 1 轮]")
         child.sendline(f"/save {saved}")  # a second line: the same file collects conversations
-        child.expect_exact(f"[saved to {saved}]")
+        child.expect_exact(f"[已保存到 {saved}]")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
     assert read_jsonl(saved) == [{"messages": conversation}, {"messages": conversation[:2]}]
+
+
+CHAT_WORDS = {
+    "#chatbot": "label",
+    "#send-btn": "text",
+    "#stop-btn": "text",
+    "#regen-btn": "text",
+    "#undo-btn": "text",
+    "#clear-btn": "text",
+    "#save-btn": "text",
+}
+CHAT_WORDS_ZH = {
+    "#chatbot": "对话",
+    "#send-btn": "发送",
+    "#stop-btn": "停止",
+    "#regen-btn": "重新生成",
+    "#undo-btn": "撤销上一轮",
+    "#clear-btn": "清空",
+    "#save-btn": "保存为 JSONL",
+}
+CHAT_WORDS_EN = {
+    "#chatbot": "Conversation",
+    "#send-btn": "Send",
+    "#stop-btn": "Stop",
+    "#regen-btn": "Regenerate",
+    "#undo-btn": "Undo last turn",
+    "#clear-btn": "Clear",
+    "#save-btn": "Save JSONL",
+}
+
+
+def test_chat_page_in_english_with_ui_language_en(tiny_model_dir: Path):
+    with serve("chat.py", "--base_model", str(tiny_model_dir), "--ui_language", "en") as (url, _), browser_page() as page:
+        page.goto(url)
+        page.locator("#send-btn").wait_for()
+        screenshot(page, "chat-en.png")
+        assert page_words(page, CHAT_WORDS) == CHAT_WORDS_EN
+        assert page.locator("#message textarea").get_attribute("placeholder") == "Type a message, Enter to send"
+        page.locator("#regen-btn").click()  # nothing said yet: the error in English
+        page.get_by_text("Nothing to regenerate yet.").wait_for()
+
+
+def test_terminal_chat_in_english(tiny_model_dir: Path):
+    pexpect = pytest.importorskip("pexpect")
+    args = ["chat.py", "--cli", "--base_model", str(tiny_model_dir), "--ui_language", "en"]
+    child = pexpect.spawn(sys.executable, args, cwd=str(REPO), encoding="utf-8", timeout=240, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        child.expect_exact("User: ")
+        child.sendline("/undo")
+        child.expect_exact("[undone; 0 turn(s) left]")
+        child.sendline("/regen")
+        child.expect_exact("[nothing to regenerate]")
+        child.sendline("/frobnicate")
+        child.expect_exact("[unknown command /frobnicate; commands: /reset")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0

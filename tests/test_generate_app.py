@@ -151,7 +151,41 @@ def test_page_streams_the_memorized_answer(tiny_model_dir: Path, memorized_lora:
             values = [v for v in page.evaluate("window.__answerValues") if v]
             assert len(values) >= 3, values  # it arrived piece by piece
             assert all(record["output"].startswith(v) for v in values)
-            assert "ended by eos" in page.locator("#status").inner_text()
+            assert "结束原因：eos" in page.locator("#status").inner_text()  # the status line in the default language
+            assert page_words(page, GENERATE_WORDS) == GENERATE_WORDS_ZH
+
+
+# What the generate page shows, by elem_id, in each language (--ui_language zh is the default).
+GENERATE_WORDS = {"#instruction": "label", "#input": "label", "#answer": "label", "#generate-btn": "text", "#stop-btn": "text"}
+GENERATE_WORDS_ZH = {"#instruction": "指令", "#input": "输入（可选）", "#answer": "回答", "#generate-btn": "生成", "#stop-btn": "停止"}
+GENERATE_WORDS_EN = {
+    "#instruction": "Instruction",
+    "#input": "Input (optional)",
+    "#answer": "Answer",
+    "#generate-btn": "Generate",
+    "#stop-btn": "Stop",
+}
+
+
+def page_words(page, where: dict[str, str]) -> dict[str, str]:
+    """The label of each component or the text of each button, by elem_id."""
+    words = {}
+    for selector, kind in where.items():
+        element = page.locator(selector)
+        if kind == "label":
+            element = element.locator("[data-testid=block-info], [data-testid=block-label]").first  # textbox, chatbot
+        words[selector] = element.inner_text().strip()
+    return words
+
+
+def test_page_in_english_with_ui_language_en(tiny_model_dir: Path):
+    with serve("generate.py", "--base_model", str(tiny_model_dir), "--ui_language", "en") as (url, _), browser_page() as page:
+        page.goto(url)
+        page.locator("#generate-btn").wait_for()
+        screenshot(page, "generate-en.png")
+        assert page_words(page, GENERATE_WORDS) == GENERATE_WORDS_EN
+        page.locator("#generate-btn").click()  # no instruction: the error in English
+        page.get_by_text("Type an instruction first.").wait_for()
 
 
 def test_batch_mode_resumes_after_sigkill(tiny_model_dir: Path, memorized_lora: Path, memorized_data: Path, tmp_path: Path):

@@ -1,5 +1,6 @@
 """Gradio pieces shared by generate.py and chat.py: decoding controls, a stop button per
-browser session, launching on 127.0.0.1 unless told otherwise.
+browser session, launching on 127.0.0.1 unless told otherwise. Their words come from
+chinese_vicuna/infer/i18n.py in the language of --ui_language.
 """
 
 from __future__ import annotations
@@ -18,27 +19,39 @@ import gradio as gr  # re-exported: scripts import it from here, after the setti
 
 from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.infer.i18n import Messages
 
 logger = logging.getLogger(__name__)
 
 
-def decoding_controls(defaults: DecodingArguments) -> list[gr.components.Component]:
+def decoding_controls(defaults: DecodingArguments, t: Messages | None = None) -> list[gr.components.Component]:
     """One control per DecodingArguments field, in field order, starting from the flags."""
+    t = t or Messages()
     return [
         gr.Slider(
-            1, max(2048, defaults.max_new_tokens), value=defaults.max_new_tokens, step=1, label="max_new_tokens", elem_id="max_new_tokens"
+            1,
+            max(2048, defaults.max_new_tokens),
+            value=defaults.max_new_tokens,
+            step=1,
+            label=t("decoding.max_new_tokens"),
+            elem_id="max_new_tokens",
         ),
         gr.Slider(
-            0, max(512, defaults.min_new_tokens), value=defaults.min_new_tokens, step=1, label="min_new_tokens", elem_id="min_new_tokens"
+            0,
+            max(512, defaults.min_new_tokens),
+            value=defaults.min_new_tokens,
+            step=1,
+            label=t("decoding.min_new_tokens"),
+            elem_id="min_new_tokens",
         ),
-        gr.Checkbox(value=defaults.do_sample, label="do_sample (off = greedy)", elem_id="do_sample"),
-        gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="temperature (sampling)", elem_id="temperature"),
-        gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label="top_p (sampling)", elem_id="top_p"),
-        gr.Slider(0, 200, value=defaults.top_k, step=1, label="top_k (sampling, 0 = all)", elem_id="top_k"),
+        gr.Checkbox(value=defaults.do_sample, label=t("decoding.do_sample"), elem_id="do_sample"),
+        gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label=t("decoding.temperature"), elem_id="temperature"),
+        gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.01, label=t("decoding.top_p"), elem_id="top_p"),
+        gr.Slider(0, 200, value=defaults.top_k, step=1, label=t("decoding.top_k"), elem_id="top_k"),
+        gr.Slider(1, max(8, defaults.num_beams), value=defaults.num_beams, step=1, label=t("decoding.num_beams"), elem_id="num_beams"),
         gr.Slider(
-            1, max(8, defaults.num_beams), value=defaults.num_beams, step=1, label="num_beams (>1: no streaming)", elem_id="num_beams"
+            1.0, 2.0, value=defaults.repetition_penalty, step=0.01, label=t("decoding.repetition_penalty"), elem_id="repetition_penalty"
         ),
-        gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.01, label="repetition_penalty", elem_id="repetition_penalty"),
     ]
 
 

@@ -1,0 +1,100 @@
+"""The words of the front ends (the two web pages and the terminal chat) in Chinese and English.
+
+One table holds both languages, so a label added in one is added in the other (a test checks
+that every key has both). `--ui_language zh|en` (UIArguments) picks one; `zh` is the default
+because the project's users are Chinese-speaking. Flag and parameter names (max_new_tokens,
+top_p, ...) stay as they are in both languages: they are what the command line and the docs say.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LANGUAGES = ("zh", "en")
+
+MESSAGES: dict[str, dict[str, str]] = {
+    # generate.py page
+    "generate.intro": {
+        "zh": "## {title}\n模板 `{template}`。贪心解码会复现模型训练时学到的回答。",
+        "en": "## {title}\nTemplate `{template}`. Greedy decoding reproduces what the model was trained to say.",
+    },
+    "generate.instruction": {"zh": "指令", "en": "Instruction"},
+    "generate.instruction_placeholder": {"zh": "告诉我和上海有关的诗句", "en": "告诉我和上海有关的诗句"},
+    "generate.input": {"zh": "输入（可选）", "en": "Input (optional)"},
+    "generate.run": {"zh": "生成", "en": "Generate"},
+    "generate.answer": {"zh": "回答", "en": "Answer"},
+    "generate.need_instruction": {"zh": "请先输入指令。", "en": "Type an instruction first."},
+    "generate.done": {"zh": "提示 {prompt_tokens} 个 token；{stats}", "en": "{prompt_tokens} prompt tokens; {stats}"},
+    # chat.py page
+    "chat.conversation": {"zh": "对话", "en": "Conversation"},
+    "chat.message_placeholder": {"zh": "输入消息，按 Enter 发送", "en": "Type a message, Enter to send"},
+    "chat.send": {"zh": "发送", "en": "Send"},
+    "chat.regenerate": {"zh": "重新生成", "en": "Regenerate"},
+    "chat.undo": {"zh": "撤销上一轮", "en": "Undo last turn"},
+    "chat.clear": {"zh": "清空", "en": "Clear"},
+    "chat.save": {"zh": "保存为 JSONL", "en": "Save JSONL"},
+    "chat.saved_file": {"zh": "已保存的对话", "en": "Saved conversation"},
+    "chat.settings": {"zh": "对话设置", "en": "Conversation settings"},
+    "chat.template": {"zh": "模板", "en": "Template"},
+    "chat.system": {"zh": "系统提示", "en": "System prompt"},
+    "chat.max_memory": {"zh": "max_memory（提示的 token 数）", "en": "max_memory (prompt tokens)"},
+    "chat.need_message": {"zh": "请先输入消息。", "en": "Type a message first."},
+    "chat.nothing_to_regenerate": {"zh": "还没有可以重新生成的回答。", "en": "Nothing to regenerate yet."},
+    "chat.turns": {"zh": "{turns} 轮", "en": "{turns} turn(s)"},
+    "chat.new_conversation": {"zh": "新对话", "en": "new conversation"},
+    "chat.saved_turns": {"zh": "已保存 {turns} 轮", "en": "saved {turns} turn(s)"},
+    # both pages
+    "stop": {"zh": "停止", "en": "Stop"},
+    "decoding": {"zh": "解码参数", "en": "Decoding"},
+    "generating": {"zh": "生成中…", "en": "generating…"},
+    "beam_search": {"zh": "beam search：回答完成后一次显示", "en": "beam search: the answer shows when it is complete"},
+    "stats": {
+        "zh": "生成 {new_tokens} 个 token，用时 {seconds:.1f} 秒（{tokens_per_second:.1f} tokens/s），结束原因：{stopped_by}",
+        "en": "{new_tokens} tokens in {seconds:.1f} s ({tokens_per_second:.1f} tokens/s), ended by {stopped_by}",
+    },
+    "decoding.max_new_tokens": {"zh": "max_new_tokens（最多生成的 token 数）", "en": "max_new_tokens"},
+    "decoding.min_new_tokens": {"zh": "min_new_tokens（至少生成的 token 数）", "en": "min_new_tokens"},
+    "decoding.do_sample": {"zh": "do_sample（关 = 贪心解码）", "en": "do_sample (off = greedy)"},
+    "decoding.temperature": {"zh": "temperature（采样时）", "en": "temperature (sampling)"},
+    "decoding.top_p": {"zh": "top_p（采样时）", "en": "top_p (sampling)"},
+    "decoding.top_k": {"zh": "top_k（采样时，0 = 全部）", "en": "top_k (sampling, 0 = all)"},
+    "decoding.num_beams": {"zh": "num_beams（>1 时不能流式输出）", "en": "num_beams (>1: no streaming)"},
+    "decoding.repetition_penalty": {"zh": "repetition_penalty（重复惩罚）", "en": "repetition_penalty"},
+    # terminal chat (chat.py --cli)
+    "cli.help": {
+        "zh": "命令：/reset（新对话），/undo（撤销上一轮），/regen（重新回答上一个问题），/save [文件]，/exit（退出）—— Ctrl-C 停止当前回答",
+        "en": "commands: /reset (new conversation), /undo (drop the last turn), /regen (answer the last question again), /save [FILE], /exit — Ctrl-C stops an answer",
+    },
+    "cli.start": {"zh": "使用模板 {template} 对话；{help}", "en": "chat with template {template}; {help}"},
+    "cli.user": {"zh": "用户：", "en": "User: "},
+    "cli.assistant": {"zh": "助手：", "en": "Assistant: "},
+    "cli.new_conversation": {"zh": "[新对话]", "en": "[new conversation]"},
+    "cli.undone": {"zh": "[已撤销；剩余 {turns} 轮]", "en": "[undone; {turns} turn(s) left]"},
+    "cli.saved": {"zh": "[已保存到 {path}]", "en": "[saved to {path}]"},
+    "cli.not_saved": {"zh": "[未保存：{error}]", "en": "[not saved: {error}]"},
+    "cli.nothing_to_regenerate": {"zh": "[没有可以重新生成的回答]", "en": "[nothing to regenerate]"},
+    "cli.unknown_command": {"zh": "[未知命令 {command}；{help}]", "en": "[unknown command {command}; {help}]"},
+    "cli.stopped": {"zh": " [已停止]", "en": " [stopped]"},
+}
+
+
+class Messages:
+    """The table in one language: `t("chat.send")`, `t("chat.turns", turns=2)`."""
+
+    def __init__(self, language: str = "zh") -> None:
+        if language not in LANGUAGES:
+            raise ValueError(f"ui language {language!r}: use one of {', '.join(LANGUAGES)}")
+        self.language = language
+
+    def __call__(self, key: str, **values: Any) -> str:
+        return MESSAGES[key][self.language].format(**values)
+
+    def stats(self, stats: Any) -> str:
+        """A GenerationStats in words (the status line)."""
+        return self(
+            "stats",
+            new_tokens=stats.new_tokens,
+            seconds=stats.seconds,
+            tokens_per_second=stats.tokens_per_second,
+            stopped_by=stats.stopped_by,
+        )
