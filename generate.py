@@ -20,8 +20,9 @@ from tqdm import tqdm
 from chinese_vicuna.batch import JsonlAppender, instruction_of, resume_point
 from chinese_vicuna.data import read_records
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.generation import DecodingArguments, GenerationStats, answer, load_from_args, prompt_ids, stream_generate
+from chinese_vicuna.generation import DecodingArguments, GenerationStats, load_from_args, prompt_ids, stream_generate
 from chinese_vicuna.prompts import PromptTemplate, load_template
+from chinese_vicuna.serving.batch_generate import answer_in_batches
 from chinese_vicuna.training import ModelArguments, parse_args
 
 logger = logging.getLogger("generate")
@@ -35,19 +36,34 @@ class GenerateArguments:
     share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
     data_file: str | None = field(default=None, metadata={"help": "Batch mode: alpaca records (.jsonl/.json) to answer."})
     output_file: str | None = field(default=None, metadata={"help": "Batch mode: each input record + its 'output', one JSON line each."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Batch mode: records answered together (length-sorted, left-padded); 1 = one at a time."}
+    )
 
 
-def run_batch(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, data_file: str, output_file: str) -> None:
+def run_batch(
+    model: Any,
+    tokenizer: Any,
+    template: PromptTemplate,
+    decoding: DecodingArguments,
+    data_file: str,
+    output_file: str,
+    batch_size: int = 16,
+) -> None:
     records = read_records(data_file)
     questions = [instruction_of(r) for r in records]  # check every record before generating
     done = resume_point(output_file, records)
     if done:
         logger.info("%s: %d of %d records already answered; resuming", output_file, done, len(records))
-    with JsonlAppender(output_file) as out:
-        for record, (instruction, inp) in tqdm(
-            zip(records[done:], questions[done:]), total=len(records), initial=done, desc="generate", unit="record"
-        ):
-            out.write({**record.data, "output": answer(model, tokenizer, template, instruction, inp, decoding)})
+    prompts = [prompt_ids(tokenizer, template, instruction, inp) for instruction, inp in questions[done:]]
+    with JsonlAppender(output_file) as out, tqdm(total=len(records), initial=done, desc="generate", unit="record") as bar:
+
+        def write(start: int, answers: list[str]) -> None:
+            for record, text in zip(records[done + start :], answers):
+                out.write({**record.data, "output": text})
+            bar.update(len(answers))
+
+        answer_in_batches(model, tokenizer, prompts, decoding, template.stop_strings, template.is_chat, batch_size, write)
     logger.info("wrote %d lines to %s", len(records), output_file)
 
 
@@ -101,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     template = load_template(args.prompt_template, tokenizer)
 
     if args.data_file:
-        run_batch(model, tokenizer, template, decoding, args.data_file, args.output_file)
+        run_batch(model, tokenizer, template, decoding, args.data_file, args.output_file, args.batch_size)
         return
     from chinese_vicuna.webui import launch
 

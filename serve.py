@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,7 +78,7 @@ def hand_off(model_args: ModelArguments, args: ServeArguments) -> None:
     print(" ".join(command), flush=True)  # the key travels in the environment, never on the command line
     if args.dry_run:
         return
-    raise SystemExit(subprocess.call(command, env={**os.environ, **env}))
+    os.execvpe(command[0], command, {**os.environ, **env})  # replaced: signals reach the server itself
 
 
 @exit_on_user_error

@@ -107,3 +107,12 @@ def expanded_tokenizer_dir(english_base_dir: Path, tmp_path_factory: pytest.Temp
     assert proc.returncode == 0, proc.stderr[-3000:]
     (root / "merge_report.json").write_text(proc.stdout.strip().splitlines()[-1], encoding="utf-8")
     return out
+
+
+@pytest.fixture(scope="session")
+def two_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRAs memorized on the same 4 questions with different answers ("a": alpaca,
+    "b": chinese-vicuna-chat, each with its prompt_template.json); see tests/serve_helpers.py."""
+    from serve_helpers import train_two_loras
+
+    return train_two_loras(tiny_model_dir, tmp_path_factory.mktemp("two-loras"))

@@ -147,6 +147,7 @@ class BatchEngine:
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, [batch, heads, T, dim]
         self._mask: torch.Tensor | None = None  # [batch, T]: 1 = a real token
         self._closed = False
+        self._inflight = 0  # taken from the queue and not finished (in prefill or active)
         self.steps = 0
         self.finished = 0
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
@@ -158,7 +159,7 @@ class BatchEngine:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            if len(self._waiting) >= self.max_queue + max(0, self.max_batch_size - len(self._slots)):
+            if len(self._waiting) + self._inflight >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max_queue {self.max_queue}); retry later")
             self._waiting.append(request)
             self._cond.notify()
@@ -168,6 +169,7 @@ class BatchEngine:
         with self._cond:
             return {
                 "active": len(self._slots),
+                "inflight": self._inflight,
                 "waiting": len(self._waiting),
                 "steps": self.steps,
                 "finished": self.finished,
@@ -230,8 +232,9 @@ class BatchEngine:
                 if not self._waiting:
                     break
                 request = self._waiting.popleft()
+                self._inflight += 1
             if request.cancelled.is_set():
-                request.sink(Event(finish_reason="cancelled"))
+                self._end_early(request, Event(finish_reason="cancelled"))
                 continue
             if request.adapter is not None:
                 try:
@@ -239,16 +242,23 @@ class BatchEngine:
                         deferred.append(request)  # every loaded LoRA is busy: wait for one to finish
                         continue
                 except UserError as exc:
-                    request.sink(Event(finish_reason="error", error=str(exc)))
+                    self._end_early(request, Event(finish_reason="error", error=str(exc)))
                     continue
             try:
                 self._prefill(request)
             except Exception as exc:  # this request fails; the batch carries on
                 logger.exception("prefill failed")
-                request.sink(Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                self._end_early(request, Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
         if deferred:
             with self._cond:
                 self._waiting.extendleft(reversed(deferred))
+                self._inflight -= len(deferred)
+
+    def _end_early(self, request: GenerationRequest, event: Event) -> None:
+        """A request taken from the queue that ends before it has a slot."""
+        with self._cond:
+            self._inflight -= 1
+        request.sink(event)
 
     def _forward(self, input_ids: torch.Tensor, adapters: list[str | None], **kwargs: Any) -> Any:
         names = self.registry.adapter_names(adapters)
@@ -259,12 +269,12 @@ class BatchEngine:
     def _prefill(self, request: GenerationRequest) -> None:
         slot = _Slot(request, self.tokenizer)
         ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        out = self._forward(ids, [request.adapter], attention_mask=torch.ones_like(ids), past_key_values=DynamicCache())
+        out = self._forward(ids, [request.adapter], attention_mask=torch.ones_like(ids), cache=DynamicCache())
         token = pick_tokens(out.logits[:, -1, :], [slot])[0]
         self._accept(slot, token)
         if slot.done:
             return
-        cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        cache = [(layer.keys, layer.values) for layer in out.cache.layers]
         self._add_row(slot, cache)
 
     def _add_row(self, slot: _Slot, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -305,9 +315,9 @@ class BatchEngine:
             [s.request.adapter for s in slots],
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=DynamicCache(self._cache),
+            cache=DynamicCache(self._cache),
         )
-        self._cache = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        self._cache = [(layer.keys, layer.values) for layer in out.cache.layers]
         self._mask = mask
         self.steps += 1
         for slot, token in zip(slots, pick_tokens(out.logits[:, -1, :], slots)):
@@ -342,7 +352,9 @@ class BatchEngine:
         text = ""
         if flush and reason in ("stop", "length") and not slot.filter.stopped:
             text = slot.filter.push(slot.decoder.flush()) + slot.filter.flush()
-        self.finished += 1
+        with self._cond:
+            self.finished += 1
+            self._inflight -= 1
         slot.request.sink(
             Event(
                 text=text,
