@@ -112,7 +112,7 @@ def expanded_tokenizer_dir(english_base_dir: Path, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def two_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two LoRAs memorized on the same 4 questions with different answers ("a": alpaca,
-    "b": chinese-vicuna-chat, each with its prompt_template.json); see tests/serve_helpers.py."""
+    "b": vicuna_v1.1, each with its prompt_template.json); see tests/serve_helpers.py."""
     from serve_helpers import train_two_loras
 
     return train_two_loras(tiny_model_dir, tmp_path_factory.mktemp("two-loras"))

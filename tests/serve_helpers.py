@@ -21,17 +21,17 @@ from conftest import REPO, SAMPLE_INSTRUCT, memorize_args, read_jsonl, run_scrip
 QUESTIONS = 4
 RECORDS = read_jsonl(SAMPLE_INSTRUCT)
 # the same questions; LoRA "a" learns the sample answers, LoRA "b" the answers of the next
-# four records (alpaca template for a, chinese-vicuna-chat saved with b)
+# four records (alpaca template for a, vicuna_v1.1 saved with b: its turns end in EOS)
 ANSWERS_A = [r["output"] for r in RECORDS[:QUESTIONS]]
 ANSWERS_B = [r["output"] for r in RECORDS[QUESTIONS : 2 * QUESTIONS]]
 INSTRUCTIONS = [r["instruction"] for r in RECORDS[:QUESTIONS]]
-KEY = "test-key-不要记录"
+KEY = "sk-test-5f2c9a71"
 
 
 def train_two_loras(base: Path, root: Path) -> dict[str, Path]:
     """finetune.py twice on the same instructions with two answer sets."""
     out = {}
-    for name, answers, template in (("a", ANSWERS_A, "alpaca"), ("b", ANSWERS_B, "chinese-vicuna-chat")):
+    for name, answers, template in (("a", ANSWERS_A, "alpaca"), ("b", ANSWERS_B, "vicuna_v1.1")):
         data = root / f"{name}.jsonl"
         rows = [{"instruction": q, "input": "", "output": a} for q, a in zip(INSTRUCTIONS, answers)]
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

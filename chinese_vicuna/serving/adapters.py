@@ -75,6 +75,10 @@ class AdapterRegistry:
         self._paths: dict[str, str] = {}
         self._templates: dict[str, PromptTemplate] = {}
         self._loaded: OrderedDict[str, str] = OrderedDict()  # name → path, least recently used first
+        # PEFT names of loaded adapters: served names may hold dots or be substrings of "lora_",
+        # which PEFT cannot take as adapter names
+        self._peft_names: dict[str, str] = {}
+        self._loads = 0
         for name, path in modules.items():
             self.register(name, path)
 
@@ -153,16 +157,19 @@ class AdapterRegistry:
 
         check_adapter_fits(self.base, path)
         check_adapter_matches_base(path, self.base, self.tokenizer)
+        self._loads += 1
+        peft_name = f"cv{self._loads}"
         try:
             if self.model is self.base:
-                self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name)
+                self.model = PeftModel.from_pretrained(self.base, path, adapter_name=peft_name)
             else:
-                self.model.load_adapter(path, adapter_name=name)
+                self.model.load_adapter(path, adapter_name=peft_name)
         except (OSError, ValueError, RuntimeError) as exc:
             raise UserError(f"LoRA {name!r}: cannot load {path} ({str(exc).splitlines()[0]})") from None
         self.model.eval()
         with self._lock:
             self._loaded[name] = path
+            self._peft_names[name] = peft_name
         logger.info("loaded LoRA %s from %s (%d of at most %d loaded)", name, path, len(self._loaded), self.max_loras)
 
     def _evict(self, name: str) -> None:
@@ -171,13 +178,15 @@ class AdapterRegistry:
             self.model = self.model.unload()
             self.base = self.model
         else:
-            self.model.delete_adapter(name)
+            self.model.delete_adapter(self._peft_names[name])
         with self._lock:
             del self._loaded[name]
+            del self._peft_names[name]
         logger.info("evicted LoRA %s", name)
 
     def adapter_names(self, names: list[str | None]) -> list[str] | None:
         """PEFT's per-row `adapter_names` for a batch (None when no adapter is loaded)."""
         if self.model is self.base:
             return None
-        return [n if n is not None else BASE for n in names]
+        with self._lock:
+            return [self._peft_names[n] if n is not None else BASE for n in names]

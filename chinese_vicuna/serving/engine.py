@@ -281,29 +281,29 @@ class BatchEngine:
         """Append one request's cache to the batch, left-padding whichever side is shorter."""
         length = cache[0][0].shape[2]
         mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        if self._mask is None:
-            self._cache, self._mask = cache, mask
-        else:
+        if self._mask is not None:
             width = max(length, self._mask.shape[1])
             old = [(_pad_left(k, width), _pad_left(v, width)) for k, v in self._cache]
             new = [(_pad_left(k, width), _pad_left(v, width)) for k, v in cache]
-            self._cache = [(torch.cat([ko, kn]), torch.cat([vo, vn])) for (ko, vo), (kn, vn) in zip(old, new)]
-            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+            cache = [(torch.cat([ko, kn]), torch.cat([vo, vn])) for (ko, vo), (kn, vn) in zip(old, new)]
+            mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
         with self._cond:
+            self._cache, self._mask = cache, mask
             self._slots.append(slot)
 
     def _keep_rows(self, rows: list[int]) -> None:
         """Keep only `rows` of the batch, and cut the padding columns no kept row needs."""
+        if not rows:
+            cache, mask = [], None
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            mask = self._mask.index_select(0, index)
+            start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row still uses
+            mask = mask[:, start:]
+            cache = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._cache]
         with self._cond:
             self._slots = [self._slots[i] for i in rows]
-        if not rows:
-            self._cache, self._mask = [], None
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        mask = self._mask.index_select(0, index)
-        start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row still uses
-        self._mask = mask[:, start:]
-        self._cache = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._cache]
+            self._cache, self._mask = cache, mask
 
     def _step(self) -> None:
         slots = self._slots
