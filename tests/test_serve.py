@@ -34,7 +34,8 @@ def client(server):
 
 
 def ask(client, model: str, question: str, **kw) -> str:
-    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], temperature=0, **kw)
+    kw.setdefault("temperature", 0)
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}], **kw)
     return reply.choices[0].message.content
 
 
