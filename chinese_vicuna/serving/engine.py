@@ -64,6 +64,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    client_error: bool = False  # the request was at fault (e.g. its LoRA cannot load): a 400
 
 
 _ids = itertools.count(1)
@@ -242,7 +243,7 @@ class BatchEngine:
                         deferred.append(request)  # every loaded LoRA is busy: wait for one to finish
                         continue
                 except UserError as exc:
-                    self._end_early(request, Event(finish_reason="error", error=str(exc)))
+                    self._end_early(request, Event(finish_reason="error", error=str(exc), client_error=True))
                     continue
             try:
                 self._prefill(request)

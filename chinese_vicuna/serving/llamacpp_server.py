@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
     model = ModelSettings(model=args.gguf, model_alias=alias, n_ctx=args.n_ctx, chat_format=chat_format, verbose=False)
     if args.n_threads:
         model.n_threads = args.n_threads
-    server = ServerSettings(host=args.host, port=args.port, api_key=os.environ.get(API_KEY_ENV) or None)
+    # queue concurrent requests (llama-cpp-python interrupts the running one by default)
+    server = ServerSettings(host=args.host, port=args.port, api_key=os.environ.get(API_KEY_ENV) or None, interrupt_requests=False)
     app = create_app(server_settings=server, model_settings=[model])
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

@@ -220,7 +220,7 @@ class OpenAIServer:
             raise ApiError(429, str(exc), code="queue_full") from None
         first = await self.next_event(request, gen, events)
         if first.finish_reason == "error":
-            raise ApiError(400 if first.error and "LoRA" in first.error else 500, first.error or "generation failed")
+            raise ApiError(400 if first.client_error else 500, first.error or "generation failed")
         return gen, events, first
 
     @staticmethod
