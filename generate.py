@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     model_args, decoding, args = parse_args((ModelArguments, DecodingArguments, GenerateArguments), argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     decoding.validate()
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {args.batch_size})")
     if bool(args.data_file) != bool(args.output_file):
         raise UserError("batch mode needs both --data_file and --output_file (or neither, for the web page)")
 
