@@ -20,6 +20,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.generation import load_from_args
 from chinese_vicuna.serving.adapters import AdapterRegistry, parse_lora_modules
@@ -53,6 +55,9 @@ class ServeArguments:
     default_max_tokens: int = field(default=256, metadata={"help": "max_tokens of a chat request that gives none."})
     n_ctx: int = field(default=2048, metadata={"help": "--engine llamacpp: context length."})
     dry_run: bool = field(default=False, metadata={"help": "--engine vllm/llamacpp: print the command instead of running it."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "CPU: torch threads for decoding (default: the cores less one, kept for the HTTP side)."}
+    )
 
 
 def api_key_of(args: ServeArguments) -> str | None:
@@ -93,6 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     if model_args.lora_weights:
         raise UserError("serve.py serves LoRAs by name: use --lora_modules NAME=DIR instead of --lora_weights")
 
+    if not torch.cuda.is_available():
+        # decoding threads wait for each other every step: one busy with HTTP stalls them all
+        torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) - 1))
     model, tokenizer = load_from_args(model_args)
     registry = AdapterRegistry(model, tokenizer, parse_lora_modules(args.lora_modules), args.prompt_template, args.max_loras)
     engine = BatchEngine(registry, tokenizer, args.max_batch_size, args.max_queue)
