@@ -20,7 +20,8 @@ from tqdm import tqdm
 from chinese_vicuna.args import DecodingArguments, ModelArguments, ServerArguments, TemplateArguments, UIArguments, parse_args
 from chinese_vicuna.data.records import read_records
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.infer.generation import GenerationStats, generate_answer, prompt_ids, stream_generate
+from chinese_vicuna.infer.batch_generate import answer_in_batches
+from chinese_vicuna.infer.generation import GenerationStats, prompt_ids, stream_generate
 from chinese_vicuna.infer.jsonl import JsonlAppender, question_of, resume_point
 from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import PromptTemplate, load_template
@@ -32,19 +33,34 @@ logger = logging.getLogger("generate")
 class BatchFileArguments:
     data_file: str | None = field(default=None, metadata={"help": "Batch mode: alpaca records (.jsonl/.json) to answer."})
     output_file: str | None = field(default=None, metadata={"help": "Batch mode: each input record + its 'output', one JSON line each."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Batch mode: records answered together (length-sorted, left-padded); 1 = one at a time."}
+    )
 
 
-def run_batch(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, data_file: str, output_file: str) -> None:
+def run_batch(
+    model: Any,
+    tokenizer: Any,
+    template: PromptTemplate,
+    decoding: DecodingArguments,
+    data_file: str,
+    output_file: str,
+    batch_size: int = 16,
+) -> None:
     records = read_records(data_file)
     questions = [question_of(r) for r in records]  # check every record before generating
     done = resume_point(output_file, records)
     if done:
         logger.info("%s: %d of %d records already answered; resuming", output_file, done, len(records))
-    with JsonlAppender(output_file) as out:
-        for record, (instruction, inp) in tqdm(
-            zip(records[done:], questions[done:]), total=len(records), initial=done, desc="generate", unit="record"
-        ):
-            out.write({**record.data, "output": generate_answer(model, tokenizer, template, instruction, inp, decoding)})
+    prompts = [prompt_ids(tokenizer, template, instruction, inp) for instruction, inp in questions[done:]]
+    with JsonlAppender(output_file) as out, tqdm(total=len(records), initial=done, desc="generate", unit="record") as bar:
+
+        def write(start: int, answers: list[str]) -> None:
+            for record, text in zip(records[done + start :], answers):
+                out.write({**record.data, "output": text})
+            bar.update(len(answers))
+
+        answer_in_batches(model, tokenizer, prompts, decoding, template.stop_strings, template.is_chat, batch_size, write)
     logger.info("wrote %d lines to %s", len(records), output_file)
 
 
@@ -97,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     decoding.validate()
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be at least 1 (got {args.batch_size})")
     if bool(args.data_file) != bool(args.output_file):
         raise UserError("batch mode needs both --data_file and --output_file (or neither, for the web page)")
 
@@ -104,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     template = load_template(template_args.prompt_template, tokenizer)
 
     if args.data_file:
-        run_batch(model, tokenizer, template, decoding, args.data_file, args.output_file)
+        run_batch(model, tokenizer, template, decoding, args.data_file, args.output_file, args.batch_size)
         return
     from chinese_vicuna.infer.webui import launch
 

@@ -113,3 +113,12 @@ def manifest_problems(out_dir: Path) -> list[str]:
 
     manifest = json.loads((Path(out_dir) / "manifest.json").read_text(encoding="utf-8"))
     return [name for name, entry in manifest["files"].items() if sha256_file(Path(out_dir) / name) != entry["sha256"]]
+
+
+@pytest.fixture(scope="session")
+def two_loras(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two LoRAs memorized on the same 4 questions with different answers ("a": alpaca,
+    "b": vicuna_v1.1, each with its prompt_template.json); see tests/serve_helpers.py."""
+    from serve_helpers import train_two_loras
+
+    return train_two_loras(tiny_model_dir, tmp_path_factory.mktemp("two-loras"))

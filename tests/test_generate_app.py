@@ -195,7 +195,8 @@ def test_batch_mode_resumes_after_sigkill(tiny_model_dir: Path, memorized_lora: 
     data.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in questions), encoding="utf-8")
     out = tmp_path / "answers.jsonl"
     cmd = ["generate.py", "--base_model", str(tiny_model_dir), "--lora_weights", str(memorized_lora)]
-    cmd += ["--data_file", str(data), "--output_file", str(out)]
+    # micro-batches of 2, windows of 8 records: lines come 8 at a time, in input order
+    cmd += ["--data_file", str(data), "--output_file", str(out), "--batch_size", "2"]
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, *cmd], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

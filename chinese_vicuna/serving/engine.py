@@ -1,0 +1,378 @@
+"""Step-level batched decoding over one base model and many LoRAs (the API server's engine).
+
+One scheduler thread owns the model. Each turn of its loop it
+1. drops requests whose client went away (their slot is free at once),
+2. admits waiting requests up to `max_batch_size`: loads the request's LoRA if needed
+   (`AdapterRegistry`, LRU), runs its prompt alone (prefill, batch of one) and adds its KV
+   cache to the batch, left-padded to the batch's length,
+3. runs ONE decoding step for every active request together: the last token of each row,
+   a 2-D attention mask that hides the padding, per-row positions, and PEFT's
+   `adapter_names=` so that rows of different LoRAs (and of the bare base) share the step.
+
+Finished rows leave the batch at once and padding columns no row needs any more are cut, so
+a request never waits for a longer neighbour. Prefill alone and left padding with a mask
+make a greedy answer the same as the request decoded by itself.
+
+Text goes out through the same `IncrementalDecoder` + `StopStringFilter` as the web pages:
+no broken UTF-8, no stop string shown, and the streamed pieces joined equal the whole answer.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from chinese_vicuna.errors import UserError
+from chinese_vicuna.infer.generation import IncrementalDecoder, StopStringFilter, model_device
+from chinese_vicuna.serving.adapters import AdapterRegistry
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """More requests wait than `max_queue` allows (the API answers 429)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request decodes. `temperature` 0 is greedy; `seed` makes sampling repeatable
+    whatever else is in the batch (each request samples from its own generator)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    strip: bool = False
+
+
+@dataclass
+class Event:
+    """What a request's consumer receives: text pieces, then one event with `finish_reason`."""
+
+    text: str = ""
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    client_error: bool = False  # the request was at fault (e.g. its LoRA cannot load): a 400
+
+
+_ids = itertools.count(1)
+
+
+class GenerationRequest:
+    """One prompt for one model (`adapter` None = the base). `sink` gets every `Event`,
+    called on the scheduler thread; it must not block."""
+
+    def __init__(self, prompt_ids: list[int], adapter: str | None, params: SamplingParams, sink: Callable[[Event], None]) -> None:
+        self.id = next(_ids)
+        self.prompt_ids = list(prompt_ids)
+        self.adapter = adapter
+        self.params = params
+        self.sink = sink
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+
+    def cancel(self) -> None:
+        """The client is gone: the engine frees the slot before its next step."""
+        self.cancelled.set()
+
+
+class _Slot:
+    """An active request: its decoding state between steps."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: Any) -> None:
+        self.request = request
+        self.params = request.params
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.filter = StopStringFilter(request.params.stop, request.params.strip)
+        self.length = len(request.prompt_ids)  # real tokens in the KV cache
+        self.next_token = -1  # sampled, not yet fed to the model
+        self.generated = 0  # tokens produced (EOS included)
+        self.done = False
+        self.generator: torch.Generator | None = None
+        if request.params.temperature > 0:
+            self.generator = torch.Generator()
+            if request.params.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(int(request.params.seed))
+
+
+def pick_tokens(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
+    """One token per row: argmax for greedy rows, temperature + top-p sampling for the others."""
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = []
+    for row, slot in enumerate(slots):
+        p = slot.params
+        if p.temperature <= 0:
+            tokens.append(int(greedy[row]))
+            continue
+        scores = logits[row].float() / p.temperature
+        probs = torch.softmax(scores, dim=-1)
+        if p.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            cumulative = sorted_probs.cumsum(-1)
+            drop = cumulative - sorted_probs >= p.top_p  # keep the smallest set reaching top_p
+            sorted_probs[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+        tokens.append(int(torch.multinomial(probs, 1, generator=slot.generator).item()))
+    return tokens
+
+
+class BatchEngine:
+    """Requests in (`submit`), events out; decoding runs on one background thread."""
+
+    def __init__(self, registry: AdapterRegistry, tokenizer: Any, max_batch_size: int = 16, max_queue: int = 64) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise UserError(f"--max_batch_size must be >= 1 and --max_queue >= 0 (got {max_batch_size}, {max_queue})")
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.eos_id = tokenizer.eos_token_id
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.device = model_device(registry.model)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._slots: list[_Slot] = []
+        self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, [batch, heads, T, dim]
+        self._mask: torch.Tensor | None = None  # [batch, T]: 1 = a real token
+        self._closed = False
+        self._inflight = 0  # taken from the queue and not finished (in prefill or active)
+        self.steps = 0
+        self.finished = 0
+        self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
+        self._thread.start()
+
+    # --- public ------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request; raises QueueFull beyond `max_queue` waiting requests."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            if len(self._waiting) + self._inflight >= self.max_batch_size + self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max_queue {self.max_queue}); retry later")
+            self._waiting.append(request)
+            self._cond.notify()
+
+    def stats(self) -> dict[str, Any]:
+        """Counts for /health and the load test: a leaked slot shows as `active` > 0 when idle."""
+        with self._cond:
+            return {
+                "active": len(self._slots),
+                "inflight": self._inflight,
+                "waiting": len(self._waiting),
+                "steps": self.steps,
+                "finished": self.finished,
+                "cache_tokens": 0 if self._mask is None else int(self._mask.shape[1]),
+                "loaded_loras": self.registry.loaded(),
+            }
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # --- the scheduler thread ----------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._slots:
+                    self._cond.wait()
+                if self._closed:
+                    break
+            try:
+                with torch.inference_mode():
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._slots:
+                        self._step()
+            except Exception as exc:  # a failed step fails its requests, never the server
+                logger.exception("decoding step failed")
+                with self._cond:
+                    slots, self._slots = self._slots, []
+                    self._cache, self._mask = [], None
+                for slot in slots:
+                    self._finish(slot, "error", error=f"{type(exc).__name__}: {exc}")
+        with self._cond:
+            leftover = list(self._waiting) + [s.request for s in self._slots]
+            self._waiting.clear()
+        for request in leftover:
+            request.sink(Event(finish_reason="error", error="the server is shutting down"))
+
+    def _in_use(self) -> set[str]:
+        return {s.request.adapter for s in self._slots if s.request.adapter is not None}
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            for request in [r for r in self._waiting if r.cancelled.is_set()]:
+                self._waiting.remove(request)
+                request.sink(Event(finish_reason="cancelled"))
+        gone = [i for i, s in enumerate(self._slots) if s.request.cancelled.is_set()]
+        for i in gone:
+            self._slots[i].done = True
+            self._finish(self._slots[i], "cancelled")
+        if gone:
+            self._keep_rows([i for i, s in enumerate(self._slots) if not s.done])
+
+    def _admit(self) -> None:
+        deferred: list[GenerationRequest] = []
+        while len(self._slots) < self.max_batch_size:
+            with self._cond:
+                if not self._waiting:
+                    break
+                request = self._waiting.popleft()
+                self._inflight += 1
+            if request.cancelled.is_set():
+                self._end_early(request, Event(finish_reason="cancelled"))
+                continue
+            if request.adapter is not None:
+                try:
+                    if not self.registry.ensure_loaded(request.adapter, self._in_use()):
+                        deferred.append(request)  # every loaded LoRA is busy: wait for one to finish
+                        continue
+                except UserError as exc:
+                    self._end_early(request, Event(finish_reason="error", error=str(exc), client_error=True))
+                    continue
+            try:
+                self._prefill(request)
+            except Exception as exc:  # this request fails; the batch carries on
+                logger.exception("prefill failed")
+                self._end_early(request, Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+        if deferred:
+            with self._cond:
+                self._waiting.extendleft(reversed(deferred))
+                self._inflight -= len(deferred)
+
+    def _end_early(self, request: GenerationRequest, event: Event) -> None:
+        """A request taken from the queue that ends before it has a slot."""
+        with self._cond:
+            self._inflight -= 1
+        request.sink(event)
+
+    def _forward(self, input_ids: torch.Tensor, adapters: list[str | None], **kwargs: Any) -> Any:
+        names = self.registry.adapter_names(adapters)
+        if names is not None:
+            kwargs["adapter_names"] = names
+        return self.registry.model(input_ids=input_ids, use_cache=True, **kwargs)
+
+    def _prefill(self, request: GenerationRequest) -> None:
+        slot = _Slot(request, self.tokenizer)
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
+        out = self._forward(ids, [request.adapter], attention_mask=torch.ones_like(ids), cache=DynamicCache())
+        token = pick_tokens(out.logits[:, -1, :], [slot])[0]
+        self._accept(slot, token)
+        if slot.done:
+            return
+        cache = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self._add_row(slot, cache)
+
+    def _add_row(self, slot: _Slot, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Append one request's cache to the batch, left-padding whichever side is shorter."""
+        length = cache[0][0].shape[2]
+        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        if self._mask is not None:
+            width = max(length, self._mask.shape[1])
+            old = [(_pad_left(k, width), _pad_left(v, width)) for k, v in self._cache]
+            new = [(_pad_left(k, width), _pad_left(v, width)) for k, v in cache]
+            cache = [(torch.cat([ko, kn]), torch.cat([vo, vn])) for (ko, vo), (kn, vn) in zip(old, new)]
+            mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+        with self._cond:
+            self._cache, self._mask = cache, mask
+            self._slots.append(slot)
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        """Keep only `rows` of the batch, and cut the padding columns no kept row needs."""
+        if not rows:
+            cache, mask = [], None
+        else:
+            index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            mask = self._mask.index_select(0, index)
+            start = int((mask.sum(0) > 0).nonzero()[0])  # first column some row still uses
+            mask = mask[:, start:]
+            cache = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._cache]
+        with self._cond:
+            self._slots = [self._slots[i] for i in rows]
+            self._cache, self._mask = cache, mask
+
+    def _step(self) -> None:
+        slots = self._slots
+        tokens = torch.tensor([[s.next_token] for s in slots], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.length] for s in slots], dtype=torch.long, device=self.device)
+        mask = torch.cat([self._mask, torch.ones(len(slots), 1, dtype=torch.long, device=self.device)], dim=1)
+        out = self._forward(
+            tokens,
+            [s.request.adapter for s in slots],
+            attention_mask=mask,
+            position_ids=positions,
+            cache=DynamicCache(self._cache),
+        )
+        self._cache = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self._mask = mask
+        self.steps += 1
+        for slot, token in zip(slots, pick_tokens(out.logits[:, -1, :], slots)):
+            slot.length += 1
+            self._accept(slot, token)
+        if any(s.done for s in slots):
+            self._keep_rows([i for i, s in enumerate(slots) if not s.done])
+
+    def _accept(self, slot: _Slot, token: int) -> None:
+        """A new token: emit the text it makes visible, and end the request when it should."""
+        slot.generated += 1
+        if token == self.eos_id:
+            self._finish(slot, "stop")
+            return
+        piece = slot.filter.push(slot.decoder.push([token]))
+        if slot.filter.stopped:
+            if piece:
+                slot.request.sink(Event(text=piece))
+            self._finish(slot, "stop", flush=False)
+            return
+        if slot.generated >= slot.params.max_tokens:
+            if piece:
+                slot.request.sink(Event(text=piece))
+            self._finish(slot, "length")
+            return
+        slot.next_token = token
+        if piece or slot.generated == 1:  # the first event tells the client its request started
+            slot.request.sink(Event(text=piece))
+
+    def _finish(self, slot: _Slot, reason: str, flush: bool = True, error: str | None = None) -> None:
+        slot.done = True
+        text = ""
+        if flush and reason in ("stop", "length") and not slot.filter.stopped:
+            text = slot.filter.push(slot.decoder.flush()) + slot.filter.flush()
+        with self._cond:
+            self.finished += 1
+            self._inflight -= 1
+        slot.request.sink(
+            Event(
+                text=text,
+                finish_reason=reason,
+                prompt_tokens=len(slot.request.prompt_ids),
+                completion_tokens=slot.generated,
+                error=error,
+            )
+        )
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the sequence dimension (dim 2 of a KV tensor, dim 1 of a mask) up to `width`."""
+    dim = 2 if t.dim() == 4 else 1
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

@@ -1,0 +1,169 @@
+"""Hand-off to the engines users outgrow to: vLLM's OpenAI server (GPU) and llama-cpp-python's
+(a GGUF on the CPU), started with the same model names, template and key as serve.py.
+
+The key never goes on a command line (visible to every user in `ps`): vLLM reads it from
+`VLLM_API_KEY`, and our llama.cpp runner (`python -m chinese_vicuna.serving.llamacpp_server`)
+from `CHINESE_VICUNA_API_KEY`.
+
+Both servers render chats with a Jinja `chat_template`; `template_to_jinja` writes one from a
+template of our registry that renders byte-identically to `PromptTemplate` (BOS included,
+as vLLM and llama.cpp tokenize a rendered chat without adding special tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from chinese_vicuna.errors import UserError
+from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.prompts import PLACEHOLDER, PromptTemplate, load_template
+from chinese_vicuna.serving.adapters import template_for_adapter
+
+API_KEY_ENV = "CHINESE_VICUNA_API_KEY"
+
+
+def _jinja_text(fmt: str, values: dict[str, str]) -> str:
+    """A template string with {placeholders} → Jinja output statements (literals quoted)."""
+    parts = PLACEHOLDER.split(fmt)
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2 == 0:
+            if part:
+                out.append("{{ " + json.dumps(part, ensure_ascii=False) + " }}")
+        else:
+            out.append("{{ " + values.get(part, json.dumps("{" + part + "}")) + " }}")
+    return "".join(out)
+
+
+def template_to_jinja(template: PromptTemplate) -> str:
+    """A Jinja chat template (Hugging Face's `chat_template` conventions) equal to `template`.
+
+    Instruction templates take one user message, after an optional system message, as the
+    instruction (as serve.py does) and raise an error for anything else.
+    """
+    if template.is_auto:
+        raise UserError("template 'auto' is already the tokenizer's own chat_template; give that to the server directly")
+    special = {"bos": "bos_token", "eos": "eos_token", "system": "system", "content": "message['content']"}
+    head = (
+        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}{%- set msgs = messages[1:] -%}"
+        "{%- else -%}{%- set system = "
+        + json.dumps(template.default_system, ensure_ascii=False)
+        + " -%}{%- set msgs = messages -%}{%- endif -%}"
+        "{{ bos_token }}"
+    )
+    spec = template.spec
+    if not template.is_chat:
+        prefix, _, suffix = spec["prompt_no_input"].partition("{instruction}")
+        return head + (
+            "{%- if msgs | length != 1 or msgs[0]['role'] != 'user' -%}"
+            "{{ raise_exception('this model uses an instruction template: send one user message (after an optional system message)') }}"
+            "{%- endif -%}{%- set message = msgs[0] -%}"
+            + _jinja_text(prefix, special)
+            + "{{ message['content'] }}"
+            + _jinja_text(suffix, special)
+        )
+    first_user = "first_user_format" in spec
+    body = head
+    if spec.get("system_format") and not first_user:
+        body += "{%- if system -%}" + _jinja_text(spec["system_format"], special) + "{%- endif -%}"
+    body += "{%- for message in msgs -%}{%- if message['role'] == 'user' -%}"
+    user = _jinja_text(spec["user_format"], special)
+    if first_user:
+        body += (
+            "{%- if loop.first -%}{%- if system -%}" + _jinja_text(spec["first_user_format"], special)
+            + "{%- else -%}" + _jinja_text(spec.get("first_user_format_no_system", spec["user_format"]), special)
+            + "{%- endif -%}{%- else -%}" + user + "{%- endif -%}"
+        )  # fmt: skip
+    else:
+        body += user
+    body += "{%- if not loop.last or add_generation_prompt -%}" + _jinja_text(spec.get("assistant_prefix", ""), special) + "{%- endif -%}"
+    body += "{%- else -%}" + _jinja_text(spec["assistant_format"], special) + "{%- endif -%}{%- endfor -%}"
+    return body
+
+
+def write_chat_template(template: PromptTemplate, folder: Path | None = None) -> Path:
+    """The Jinja of `template` in a file (the servers take a path)."""
+    folder = folder or Path(tempfile.mkdtemp(prefix="cv-serve-"))
+    path = folder / f"{template.name}.jinja"
+    atomic_write_text(path, template_to_jinja(template))
+    return path
+
+
+def tensor_parallel_size(tot_cuda: str | None) -> int:
+    """`TOT_CUDA="0,1"` → 2 (the launchers' variable); unset → 1."""
+    return max(1, len([d for d in (tot_cuda or "").split(",") if d.strip()]))
+
+
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def vllm_command(
+    base_model: str,
+    lora_modules: dict[str, str],
+    prompt_template: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str | None = None,
+    max_loras: int = 4,
+    api_key: str | None = None,
+    tot_cuda: str | None = None,
+    precision: str = "auto",
+    template_dir: Path | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """`vllm serve BASE --enable-lora --lora-modules NAME=DIR ... --chat-template FILE ...` and
+    the environment it needs (the key). vLLM has one chat template per server: the base's;
+    a LoRA saved with another template is an error (serve it with the built-in engine)."""
+    if not base_model:
+        raise UserError("--base_model is required")
+    tokenizer = None
+    template = load_template(prompt_template, tokenizer)
+    for name, path in lora_modules.items():
+        theirs = template_for_adapter(path, prompt_template, tokenizer)
+        if theirs.spec != template.spec:
+            raise UserError(
+                f"LoRA {name!r} was trained with the template {theirs.name!r} but vLLM renders every model with one chat template "
+                f"({template.name!r}): serve them with the built-in engine, or one vLLM server per template"
+            )
+    command = [shutil.which("vllm") or "vllm", "serve", base_model, "--host", host, "--port", str(port)]
+    command += ["--served-model-name", served_model_name or Path(base_model.rstrip("/")).name]
+    command += ["--chat-template", str(write_chat_template(template, template_dir))]
+    command += ["--tensor-parallel-size", str(tensor_parallel_size(tot_cuda))]
+    if precision in VLLM_DTYPES:
+        command += ["--dtype", VLLM_DTYPES[precision]]
+    if lora_modules:
+        command += ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(max_lora_rank(lora_modules))]
+        command += ["--lora-modules", *(f"{n}={p}" for n, p in lora_modules.items())]
+    env = {"VLLM_API_KEY": api_key} if api_key else {}
+    if tot_cuda:
+        env["CUDA_VISIBLE_DEVICES"] = tot_cuda
+    return command, env
+
+
+def max_lora_rank(lora_modules: dict[str, str]) -> int:
+    """The largest `r` among the adapters (vLLM sizes its LoRA buffers by it), at least 8."""
+    ranks = [8]
+    for path in lora_modules.values():
+        cfg = Path(path) / "adapter_config.json"
+        if cfg.is_file():
+            ranks.append(int(json.loads(cfg.read_text(encoding="utf-8")).get("r", 8)))
+    return max(ranks)
+
+
+def llamacpp_command(
+    gguf: str,
+    prompt_template: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    served_model_name: str | None = None,
+    n_ctx: int = 2048,
+    api_key: str | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """Our llama.cpp runner: llama-cpp-python's OpenAI app with the GGUF and our template."""
+    command = [sys.executable, "-m", "chinese_vicuna.serving.llamacpp_server", "--gguf", gguf, "--host", host, "--port", str(port)]
+    command += ["--prompt_template", prompt_template, "--n_ctx", str(n_ctx)]
+    command += ["--served_model_name", served_model_name or Path(gguf).stem]
+    return command, ({API_KEY_ENV: api_key} if api_key else {})

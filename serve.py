@@ -1,0 +1,125 @@
+"""An OpenAI-compatible API over one base model and many LoRAs, with batched decoding.
+
+    python serve.py --base_model BASE --lora_modules medical=./lora-med legal=./lora-law \\
+        [--api_key KEY] [--host 127.0.0.1] [--port 8000] [--served_model_name NAME] \\
+        [--max_loras 4] [--prompt_template alpaca]
+    python serve.py --engine vllm --base_model BASE --lora_modules ...        # hand off to vLLM (GPU)
+    python serve.py --engine llamacpp --gguf model.gguf                       # llama.cpp on the CPU
+
+Clients pick a model by name (`model`: the base's served name or a LoRA's); each LoRA is asked
+in the template saved with it (`prompt_template.json` in its folder), the base in
+--prompt_template. The key comes from --api_key or $CHINESE_VICUNA_API_KEY and is never logged.
+See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from chinese_vicuna.args import ModelArguments, parse_args
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.serving.adapters import AdapterRegistry, parse_lora_modules
+from chinese_vicuna.serving.engine import BatchEngine
+from chinese_vicuna.serving.launch import API_KEY_ENV, llamacpp_command, vllm_command
+from chinese_vicuna.serving.openai_api import OpenAIServer, ServeLimits, create_app, serve_app
+
+logger = logging.getLogger("serve")
+
+
+@dataclass
+class ServeArguments:
+    lora_modules: list[str] = field(
+        default_factory=list, metadata={"help": "LoRAs to serve: NAME=DIR ... (the name is the API's `model`).", "nargs": "*"}
+    )
+    api_key: str | None = field(
+        default=None, metadata={"help": f"Require this key (Bearer) on every request; default ${API_KEY_ENV}, else none."}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0 = every network: set a key)."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+    served_model_name: str | None = field(default=None, metadata={"help": "The base model's name in the API (default: its folder name)."})
+    max_loras: int = field(default=4, metadata={"help": "Most LoRAs held in memory at once; the least recently used goes first."})
+    prompt_template: str = field(default="alpaca", metadata={"help": "Template of the base model, and of LoRAs saved without one."})
+    engine: str = field(default="builtin", metadata={"help": "builtin (this process), vllm (GPU) or llamacpp (a GGUF on the CPU)."})
+    gguf: str | None = field(default=None, metadata={"help": "--engine llamacpp: the GGUF file to serve."})
+    max_batch_size: int = field(default=16, metadata={"help": "Most requests decoded together in one step."})
+    max_queue: int = field(default=64, metadata={"help": "Most requests waiting for a batch slot; beyond it a 429."})
+    max_prompt_tokens: int = field(default=1024, metadata={"help": "Longest prompt accepted (tokens); beyond it a 400."})
+    max_tokens_limit: int = field(default=1024, metadata={"help": "Largest max_tokens a request may ask for."})
+    default_max_tokens: int = field(default=256, metadata={"help": "max_tokens of a chat request that gives none."})
+    n_ctx: int = field(default=2048, metadata={"help": "--engine llamacpp: context length."})
+    dry_run: bool = field(default=False, metadata={"help": "--engine vllm/llamacpp: print the command instead of running it."})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "CPU: torch threads for decoding (default: the cores less one, kept for the HTTP side)."}
+    )
+
+
+def api_key_of(args: ServeArguments) -> str | None:
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def hand_off(model_args: ModelArguments, args: ServeArguments) -> None:
+    """Run vLLM's or llama-cpp-python's OpenAI server with the same names and key."""
+    modules = parse_lora_modules(args.lora_modules)
+    if args.engine == "vllm":
+        command, env = vllm_command(
+            model_args.base_model, modules, args.prompt_template, args.host, args.port, args.served_model_name,
+            args.max_loras, api_key_of(args), os.environ.get("TOT_CUDA"), model_args.precision,
+        )  # fmt: skip
+    else:
+        if not args.gguf or not Path(args.gguf).is_file():
+            raise UserError(f"--engine llamacpp needs --gguf FILE (a GGUF made by tools/convert_to_gguf.py); got {args.gguf!r}")
+        if modules:
+            raise UserError("--engine llamacpp serves one GGUF: merge the LoRA first (merge_lora.py, then tools/convert_to_gguf.py)")
+        command, env = llamacpp_command(
+            args.gguf, args.prompt_template, args.host, args.port, args.served_model_name, args.n_ctx, api_key_of(args)
+        )
+    print(" ".join(command), flush=True)  # the key travels in the environment, never on the command line
+    if args.dry_run:
+        return
+    os.execvpe(command[0], command, {**os.environ, **env})  # replaced: signals reach the server itself
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    model_args, args = parse_args((ModelArguments, ServeArguments), argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.engine not in ("builtin", "vllm", "llamacpp"):
+        raise UserError(f"--engine {args.engine!r}: use builtin, vllm or llamacpp")
+    if args.engine != "builtin":
+        hand_off(model_args, args)
+        return
+    if model_args.lora_weights:
+        raise UserError("serve.py serves LoRAs by name: use --lora_modules NAME=DIR instead of --lora_weights")
+
+    if not torch.cuda.is_available():
+        # decoding threads wait for each other every step: one busy with HTTP stalls them all
+        torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) - 1))
+    model, tokenizer = load_from_args(model_args)
+    registry = AdapterRegistry(model, tokenizer, parse_lora_modules(args.lora_modules), args.prompt_template, args.max_loras)
+    engine = BatchEngine(registry, tokenizer, args.max_batch_size, args.max_queue)
+    limits = ServeLimits(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        default_max_tokens=args.default_max_tokens,
+        max_model_len=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+    )
+    base_name = args.served_model_name or Path(model_args.base_model.rstrip("/")).name
+    server = OpenAIServer(engine, base_name, limits, api_key_of(args))
+    if args.host not in ("127.0.0.1", "localhost", "::1") and server._key is None:
+        logger.warning("listening on %s without an API key: anyone who can reach this port can use the model", args.host)
+    logger.info("models: %s", ", ".join([base_name, *registry.names()]))
+    try:
+        serve_app(create_app(server), args.host, args.port)
+    finally:
+        engine.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
