@@ -104,3 +104,72 @@ def test_store_writer_arrays_and_views(tmp_path: Path) -> None:
     assert len(view) == 1 and view[0]["input_ids"].tolist() == [4, 5, 6, 7]
     with pytest.raises(IndexError):
         view[1]
+
+
+PRETRAIN_DIR = SAMPLE_INSTRUCT.parent.parent / "pretrain"
+
+
+def test_text_corpus_blocks_stream_and_store_alike(tok, tmp_path: Path) -> None:
+    from chinese_vicuna.data.datasets import load_pretrain_dataset, pretrain_files
+    from chinese_vicuna.data.pretrain import StreamingBlocks, TextBlocks
+
+    files = pretrain_files(PRETRAIN_DIR)
+    stored = load_pretrain_dataset(PRETRAIN_DIR, tok, 32, use_cache=False)
+    every = [b["input_ids"].tolist() for b in stored]
+    # small batches of lines (many carries between batches) cut the same blocks
+    assert [b.tolist() for batch in TextBlocks(tok, files, 32, batch_lines=3) for b in batch] == every
+    in_order = [b["input_ids"].tolist() for b in StreamingBlocks(tok, files, 32, shuffle_buffer=1, skip=5)]
+    assert in_order == every[5:]
+    shuffled = [b["input_ids"].tolist() for b in StreamingBlocks(tok, files, 32, shuffle_buffer=16, seed=7, skip=5)]
+    assert shuffled != in_order and sorted(shuffled) == sorted(in_order)
+    again = StreamingBlocks(tok, files, 32, shuffle_buffer=16, seed=7, skip=5)
+    assert [b["input_ids"].tolist() for b in again] == shuffled  # deterministic: what resuming relies on
+    again.set_epoch(1)
+    assert [b["input_ids"].tolist() for b in again] != shuffled
+    # a .jsonl corpus: one document per record's "text"
+    lines = [line for p in files for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    assert load_pretrain_dataset(corpus, tok, 32, use_cache=False).to_list() == stored.to_list()
+
+
+def test_streamed_pretraining_resumes_after_a_kill_at_the_same_block(tiny_model_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import pretrain
+
+    from chinese_vicuna.train.packing import PackedTrainer
+
+    seen: list[list[int]] = []
+    kill_at: list[int] = []
+    real_step = PackedTrainer.training_step
+
+    def recording_step(self, model, inputs, *args, **kwargs):
+        if kill_at and len(seen) == kill_at[0]:
+            raise KeyboardInterrupt("killed")  # as a kill: after checkpoint-2, before step 3
+        seen.append(inputs["input_ids"][0, :16].tolist())
+        return real_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(PackedTrainer, "training_step", recording_step)
+
+    def run(out: Path, *extra: str) -> None:
+        pretrain.main([
+            "--base_model", str(tiny_model_dir), "--dataset_dir", str(PRETRAIN_DIR), "--output_dir", str(out),
+            "--streaming", "true", "--shuffle_buffer", "16", "--block_size", "32", "--val_set_size", "0",
+            "--micro_batch_size", "2", "--batch_size", "2", "--max_steps", "4", "--save_steps", "2",
+            "--learning_rate", "1e-3", "--logging_steps", "1", "--disable_tqdm", "true", *extra,
+        ])  # fmt: skip
+
+    run(tmp_path / "whole")
+    uninterrupted, seen[:] = list(seen), []
+    assert len(uninterrupted) == 4 and uninterrupted[2] != uninterrupted[0]
+    kill_at.append(2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed")
+    assert seen == uninterrupted[:2] and (tmp_path / "killed" / "checkpoint-2").is_dir()
+    kill_at.clear()
+    seen.clear()
+    run(tmp_path / "killed", "--resume_from_checkpoint", "true")
+    assert seen == uninterrupted[2:]  # the blocks of steps 3 and 4, not the stream's first ones
+    with pytest.raises(SystemExit):
+        pretrain.main(["--base_model", str(tiny_model_dir), "--dataset_dir", str(PRETRAIN_DIR), "--output_dir", str(tmp_path / "x"),
+                       "--streaming", "true"])  # fmt: skip
+    assert "--streaming true: pass --max_steps" in capsys.readouterr().err

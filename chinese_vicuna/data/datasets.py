@@ -144,8 +144,8 @@ def load_pretrain_dataset(
 
 
 def pretrain_files(dataset_dir: str | os.PathLike) -> list[Path]:
-    """The .txt files of a pretraining corpus (a folder, or one file)."""
-    return data_files(dataset_dir, (".txt",), "--dataset_dir")
+    """The .txt and .jsonl ({"text": ...} per line) files of a pretraining corpus (a folder, or one file)."""
+    return data_files(dataset_dir, (".txt", ".jsonl"), "--dataset_dir")
 
 
 T = TypeVar("T")

@@ -19,7 +19,7 @@ import numpy as np
 from torch.utils.data import IterableDataset
 
 from chinese_vicuna.data.fast_tokenize import BatchEncoder
-from chinese_vicuna.data.records import iter_text_lines
+from chinese_vicuna.data.records import iter_records, iter_text_lines
 from chinese_vicuna.data.store import TOKEN_DTYPE
 from chinese_vicuna.errors import UserError
 
@@ -29,6 +29,21 @@ def group_into_blocks(token_lists: Iterable[Sequence[int]], block_size: int) -> 
     cutter = BlockCutter(block_size)
     blocks = [b.tolist() for b in cutter.add(token_lists)]
     return blocks, len(cutter.carry)
+
+
+def iter_documents(files: Iterable[str | Path]) -> Iterator[str]:
+    """Documents of a corpus, one at a time: every non-empty line of a `.txt` file, the "text"
+    of every record of a `.jsonl` file."""
+    for path in map(Path, files):
+        if path.suffix != ".jsonl":
+            yield from iter_text_lines([path])
+            continue
+        for record in iter_records(path):
+            text = record.data.get("text") if isinstance(record.data, dict) else None
+            if not isinstance(text, str):
+                raise UserError(f"{record.where}: a pretraining .jsonl record needs a string field 'text'")
+            if text.strip():
+                yield text
 
 
 class BlockCutter:
@@ -65,7 +80,7 @@ class TextBlocks:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
         cutter = BlockCutter(self.block_size)
-        lines = iter_text_lines(self.files)
+        lines = iter_documents(self.files)
         self.documents = 0
 
         def batches() -> Iterator[list[str]]:
