@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,8 @@ def test_store_writer_arrays_and_views(tmp_path: Path) -> None:
     assert len(view) == 1 and view[0]["input_ids"].tolist() == [4, 5, 6, 7]
     with pytest.raises(IndexError):
         view[1]
+    # pickled (a spawned DataLoader worker) as its folder and indices, not its data
+    assert len(pickle.dumps(view)) < 1000 and pickle.loads(pickle.dumps(view)).to_list() == view.to_list()
 
 
 PRETRAIN_DIR = SAMPLE_INSTRUCT.parent.parent / "pretrain"

@@ -3,6 +3,7 @@ template and settings; written atomically, checked before every use."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -68,11 +69,10 @@ def build_or_load(
     """
     if not use_cache:
         tmp = Path(tempfile.mkdtemp(prefix="chinese_vicuna-tokenized-"))
-        try:
-            _write(tmp, build, labels_are_input_ids)
-            return TokenizedDataset(tmp)  # mapped: the files stay readable after the folder is removed
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Removed when this process ends (kept until then: a spawned DataLoader worker reopens it).
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _write(tmp, build, labels_are_input_ids)
+        return TokenizedDataset(tmp)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     folder = root / cache_key(files, tokenizer, settings)
     if folder.is_dir():

@@ -128,6 +128,13 @@ class TokenizedDataset(Dataset):
         base = np.asarray(indices, dtype=np.int64)
         return TokenizedDataset(self.folder, self.indices[base] if self.indices is not None else base, self._arrays)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickled (DataLoader workers started by spawn) as its folder and indices, not the data.
+        return {"folder": self.folder, "indices": self.indices}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["folder"], state["indices"])
+
     def to_list(self) -> list[dict[str, list[int]]]:
         """Every sample as Python lists (small sets: tests, comparisons)."""
         return [{k: v.tolist() for k, v in s.items()} for s in self]
