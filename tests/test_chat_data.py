@@ -207,11 +207,11 @@ def test_split_counts_in_log_and_single_long_turn_truncated(tmp_path: Path, toke
 
 def test_dataset_cache_reuses_samples(tmp_path: Path, tokenizer, caplog: pytest.LogCaptureFixture) -> None:
     template = load_template("chinese-vicuna-chat", tokenizer)
-    first = load_chat_dataset(CHAT / "role_text_sample.jsonl", tokenizer, template, 2048, cache_dir=tmp_path)
+    first = load_chat_dataset(CHAT / "role_text_sample.jsonl", tokenizer, template, 2048, cache_dir=tmp_path).to_list()
     with caplog.at_level(logging.INFO):
-        again = load_chat_dataset(CHAT / "role_text_sample.jsonl", tokenizer, template, 2048, cache_dir=tmp_path)
+        again = load_chat_dataset(CHAT / "role_text_sample.jsonl", tokenizer, template, 2048, cache_dir=tmp_path).to_list()
     assert again == first and "loaded from cache" in caplog.text
-    last = load_chat_dataset(CHAT / "role_text_sample.jsonl", tokenizer, template, 2048, False, True, cache_dir=tmp_path)
+    last = load_chat_dataset(CHAT / "role_text_sample.jsonl", tokenizer, template, 2048, False, True, cache_dir=tmp_path).to_list()
     assert [s["input_ids"] for s in last] == [s["input_ids"] for s in first] and last != first
 
 

@@ -90,10 +90,10 @@ def test_cache_second_run_does_not_tokenize(tok, tmp_path: Path, caplog) -> None
         assert "loaded from cache" not in caplog.text
         second = load_instruction_dataset(data, tok, template, 256, cache_dir=tmp_path / "cache")
     assert "10 tokenized samples loaded from cache" in caplog.text
-    assert first == second
-    assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 1
+    assert first.to_list() == second.to_list()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
     load_instruction_dataset(data, tok, template, 128, cache_dir=tmp_path / "cache")  # other settings → other key
-    assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 2
+    assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
 def test_json_list_and_folder_inputs(tok, tmp_path: Path) -> None:

@@ -84,18 +84,18 @@ def test_chat_path_reproduces_every_assistant_turn(chat_run, tiny_model_dir: Pat
 
 
 def test_chat_defaults_and_shared_flags() -> None:
-    from chinese_vicuna.args import BatchArguments, LoraArguments, ModelArguments, parse_args
+    from chinese_vicuna.args import BatchArguments, ChatTemplateArguments, LoraArguments, TrainModelArguments, parse_args
     from finetune_chat import ChatDataArguments, ChatTrainArguments
 
-    types = (ModelArguments, ChatDataArguments, LoraArguments, BatchArguments, ChatTrainArguments)
-    model, data, lora, batch, train = parse_args(types, [])
-    assert (data.cutoff_len, data.prompt_template, data.train_on_last_turn_only) == (2048, "chinese-vicuna-chat", False)
+    types = (TrainModelArguments, ChatTemplateArguments, ChatDataArguments, LoraArguments, BatchArguments, ChatTrainArguments)
+    model, template, data, lora, batch, train = parse_args(types, [])
+    assert (data.cutoff_len, template.prompt_template, data.train_on_last_turn_only) == (2048, "chinese-vicuna-chat", False)
     assert train.gradient_checkpointing is True and data.data_path == "sample/chat/chat_sample.jsonl"
     flags = "--base_model m --load_in_4bit true --lora_r 4 --lora_target_modules all-linear --micro_batch_size 2 --batch_size 8"
     flags += " --num_epochs 2 --learning_rate 1e-4 --gradient_checkpointing false --train_on_last_turn_only true --prompt_template llama2"
-    model, data, lora, batch, train = parse_args(types, flags.split())
+    model, template, data, lora, batch, train = parse_args(types, flags.split())
     assert model.load_in_4bit and lora.lora_r == 4 and batch.batch_size == 8 and train.learning_rate == 1e-4
-    assert train.gradient_checkpointing is False and data.train_on_last_turn_only is True and data.prompt_template == "llama2"
+    assert train.gradient_checkpointing is False and data.train_on_last_turn_only is True and template.prompt_template == "llama2"
 
 
 def test_bad_data_is_one_clear_error(tiny_model_dir: Path, tmp_path: Path) -> None:

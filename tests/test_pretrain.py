@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -41,7 +42,7 @@ def embeddings_run(english_base_dir: Path, expanded_tokenizer_dir: Path, tmp_pat
 
 def test_text_blocks_are_concatenated_documents_and_cached(expanded_tokenizer_dir: Path, tmp_path: Path) -> None:
     tok = load_tokenizer(str(expanded_tokenizer_dir))
-    blocks = load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path)
+    blocks = load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path).to_list()
     # every paragraph is [bos] ids [eos]; the stream is cut into 64-token blocks, the tail dropped
     stream: list[int] = []
     for path in sorted(PRETRAIN_DIR.glob("*.txt")):
@@ -52,10 +53,14 @@ def test_text_blocks_are_concatenated_documents_and_cached(expanded_tokenizer_di
     assert [b["input_ids"] for b in blocks] == [stream[i * 64 : (i + 1) * 64] for i in range(len(blocks))]
     assert all(b["labels"] == b["input_ids"] and IGNORE_INDEX not in b["labels"] for b in blocks)
     # the second load comes from the cache file (same blocks), a new block size does not
-    (cached,) = tmp_path.glob("*.jsonl")
-    assert load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path) == blocks
-    cached.write_text(json.dumps({"input_ids": [7], "labels": [7]}) + "\n")  # proof that the cache is what is read
-    assert load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path) == [{"input_ids": [7], "labels": [7]}]
+    (cached,) = tmp_path.iterdir()
+    assert load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path).to_list() == blocks
+    assert not (cached / "labels.bin").exists()  # labels are the ids: stored once
+    first = np.memmap(cached / "input_ids.bin", dtype=np.int32, mode="r+", shape=(1,))
+    first[0] = 7  # proof that the cache is what is read
+    first.flush()
+    del first
+    assert load_pretrain_dataset(PRETRAIN_DIR, tok, 64, cache_dir=tmp_path)[0]["labels"][0] == 7
     assert len(load_pretrain_dataset(PRETRAIN_DIR, tok, 32, cache_dir=tmp_path)) == len(stream) // 32
     assert group_into_blocks([[1, 2, 3], [4, 5]], 2) == ([[1, 2], [3, 4]], 1)
 

@@ -73,3 +73,42 @@ def test_fast_path_falls_back_to_hf_when_sentencepiece_disagrees(tiny_model_dir:
         got = [ids for batch in encoder.map([texts[:50], texts[50:]]) for ids in batch]
     assert got == tokenizer(texts, add_special_tokens=False)["input_ids"]
     assert not encoder.fast and "disagree" in caplog.text
+
+
+class _DisagreeingSentencepiece:
+    """A sentencepiece processor that adds an id to the first text of every batch it encodes."""
+
+    def __init__(self, sp: object) -> None:
+        self.sp = sp
+
+    def get_piece_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, texts: list[str], **kwargs: object) -> list[list[int]]:
+        ids = self.sp.encode(texts, **kwargs)
+        return [[*ids[0], 5], *ids[1:]] if ids else ids
+
+
+def test_fallback_while_many_batches_are_in_flight_never_crashes(tiny_model_dir: Path, monkeypatch, caplog) -> None:
+    """The fallback used to clear the encoder's processor while worker threads still used it
+    (AttributeError on later batches); every batch must now come out with the HF ids."""
+    from chinese_vicuna.data import fast_tokenize
+    from chinese_vicuna.data.encode import tokenize_segment_lists
+    from chinese_vicuna.prompts import load_template
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    real = fast_tokenize._sentencepiece_for(tokenizer)
+    monkeypatch.setattr(fast_tokenize, "_sentencepiece_for", lambda tok: _DisagreeingSentencepiece(real))
+    texts = [f"第{i}个问题：一年有几个季节？" for i in range(120)]
+    encoder = fast_tokenize.BatchEncoder(tokenizer, num_threads=3)
+    with caplog.at_level("WARNING"):
+        got = [ids for batch in encoder.map([texts[i : i + 4] for i in range(0, len(texts), 4)]) for ids in batch]
+    assert got == tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert not encoder.fast and "disagree" in caplog.text
+    # the whole pipeline (threads, many small batches) gives the samples of the HF tokenizer
+    template = load_template("alpaca", tokenizer)
+    records = [{"instruction": t, "input": "", "output": "四个。"} for t in texts]
+    segments = [template.instruction_segments(r["instruction"], r["input"], r["output"]) for r in records]
+    samples = tokenize_segment_lists(tokenizer, segments, 256, add_eos=True, batch_size=3)
+    monkeypatch.setattr(fast_tokenize, "_sentencepiece_for", lambda tok: None)
+    assert samples == tokenize_segment_lists(tokenizer, segments, 256, add_eos=True, batch_size=3)

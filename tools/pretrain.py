@@ -8,10 +8,14 @@
         --dataset_dir sample/pretrain --output_dir pt-lora --stage lora --block_size 512
 
 The embeddings are resized to the tokenizer (new rows = mean of the old ones). Every .txt file
-of --dataset_dir is tokenized, concatenated and cut into --block_size blocks (cached on disk);
---val_set_size blocks are held out, and the held-out perplexity before and after training is
-printed and written to OUTPUT_DIR/perplexity.json. Batch, checkpoint, resume and reporting
-flags are finetune.py's (`python tools/pretrain.py --help`).
+(one document a line) and .jsonl file ({"text": ...} a line) of --dataset_dir is tokenized,
+concatenated and cut into --block_size blocks, written to a memory-mapped cache on disk a batch
+at a time (the corpus may be larger than memory); --val_set_size blocks are held out, and the
+held-out perplexity before and after training is printed and written to OUTPUT_DIR/perplexity.json.
+With `--streaming true --max_steps N` nothing is prepared first: blocks are tokenized as training
+reads them, shuffled by a buffer of --shuffle_buffer blocks (seeded), the first --val_set_size
+blocks held out; a resumed run reads the stream again up to where it stopped (docs/data_scale.md).
+Batch, checkpoint, resume and reporting flags are finetune.py's (`python tools/pretrain.py --help`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chinese_vicuna.args import BatchArguments, LoraArguments, TrainArguments, TrainModelArguments, parse_args
-from chinese_vicuna.data.datasets import load_pretrain_dataset, split_train_val
+from chinese_vicuna.data.datasets import load_pretrain_dataset, pretrain_files, split_train_val
+from chinese_vicuna.data.pretrain import StreamingBlocks
 from chinese_vicuna.devices import is_main_process
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.files import atomic_write_bytes
@@ -42,7 +47,9 @@ EMBEDDING_MODULES = ("embed_tokens", "lm_head")
 
 @dataclass
 class PretrainArguments:
-    dataset_dir: str = field(default="sample/pretrain", metadata={"help": "A folder of UTF-8 .txt files (or one .txt file)."})
+    dataset_dir: str = field(
+        default="sample/pretrain", metadata={"help": 'A folder of UTF-8 .txt / .jsonl ({"text": ...}) files, or one file.'}
+    )
     block_size: int = field(default=512, metadata={"help": "Tokens per training block (text is concatenated and cut)."})
     stage: str = field(
         default="lora", metadata={"help": "embeddings: train only embed_tokens and lm_head; lora: LoRA + both in full (modules_to_save)."}
@@ -50,6 +57,8 @@ class PretrainArguments:
     val_set_size: int = field(default=20, metadata={"help": "Blocks held out for perplexity (0 = none)."})
     cache_dir: str | None = field(default=None, metadata={"help": "Tokenized-data cache (default ~/.cache/chinese_vicuna)."})
     use_data_cache: bool = field(default=True, metadata={"help": "Reuse tokenized blocks from the cache."})
+    streaming: bool = field(default=False, metadata={"help": "Tokenize blocks while training (no pass first); needs --max_steps."})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "--streaming: blocks in the shuffle buffer (1 = corpus order)."})
 
 
 def freeze_all_but_embeddings(model: object) -> None:
@@ -79,10 +88,21 @@ def main(argv: list[str] | None = None) -> None:
         model_args.precision = "fp32"  # auto's 8-bit on a GPU: the whole model is trained and saved here
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
 
-    # 1. data first (a bad path fails before a 13B model loads): text → blocks (cached), a held-out part
-    with train_args.main_process_first(desc="tokenize"):
-        blocks = load_pretrain_dataset(pt_args.dataset_dir, tokenizer, pt_args.block_size, pt_args.cache_dir, pt_args.use_data_cache)
-    train_data, val_data = split_train_val(blocks, pt_args.val_set_size, train_args.seed)
+    # 1. data first (a bad path fails before a 13B model loads): text → blocks on disk (cached,
+    #    memory-mapped by every process) and a held-out part; or a stream of blocks
+    if pt_args.streaming:
+        if train_args.max_steps <= 0:
+            raise UserError("--streaming true: pass --max_steps (a stream has no length to count epochs by)")
+        files = pretrain_files(pt_args.dataset_dir)
+        held_out = StreamingBlocks(tokenizer, files, pt_args.block_size, shuffle_buffer=1, take=pt_args.val_set_size)
+        val_data = list(held_out) if pt_args.val_set_size > 0 else []
+        train_data = StreamingBlocks(
+            tokenizer, files, pt_args.block_size, pt_args.shuffle_buffer, train_args.seed, skip=pt_args.val_set_size
+        )  # fmt: skip
+    else:
+        with train_args.main_process_first(desc="tokenize"):
+            blocks = load_pretrain_dataset(pt_args.dataset_dir, tokenizer, pt_args.block_size, pt_args.cache_dir, pt_args.use_data_cache)
+        train_data, val_data = split_train_val(blocks, pt_args.val_set_size, train_args.seed)
 
     # 2. the model, its embeddings resized to the (expanded) tokenizer, and what trains
     if pt_args.stage == "embeddings":

@@ -1,23 +1,26 @@
-"""The tokenized-data cache: keyed by the data bytes, tokenizer, template and settings; written atomically."""
+"""The tokenized-data cache: memory-mapped stores (data/store.py) keyed by the data bytes, tokenizer,
+template and settings; written atomically, checked before every use."""
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.data.encode import gc_paused
-from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.data.store import StoreWriter, TokenizedDataset, check_store, publish
 
 logger = logging.getLogger(__name__)
 
 
 # Bump when the tokenized form changes, so old caches are not reused.
-CACHE_FORMAT_VERSION = "1"
+CACHE_FORMAT_VERSION = "2"  # 2: memory-mapped stores (data/store.py) instead of JSONL
 
 
 def default_cache_dir() -> Path:
@@ -40,26 +43,12 @@ def cache_key(data_files: Sequence[str | os.PathLike], tokenizer: Any, settings:
     h = hashlib.sha256()
     h.update(CACHE_FORMAT_VERSION.encode())
     for path in data_files:
-        h.update(Path(path).read_bytes())
+        with Path(path).open("rb") as f:  # in pieces: a data file may be larger than memory
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()[:24]
-
-
-def cached_samples(
-    key: str,
-    build: Callable[[], list[dict[str, list[int]]]],
-    cache_dir: str | os.PathLike | None = None,
-) -> tuple[list[dict[str, list[int]]], bool]:
-    """Samples from the cache, or built and written atomically. Returns (samples, from_cache)."""
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = root / f"{key}.jsonl"
-    if path.is_file():
-        with path.open(encoding="utf-8") as f, gc_paused():
-            return [json.loads(line) for line in f], True
-    samples = build()
-    atomic_write_text(path, "".join(json.dumps(s, separators=(",", ":")) + "\n" for s in samples))
-    return samples, False
 
 
 def build_or_load(
@@ -67,14 +56,46 @@ def build_or_load(
     files: Sequence[str | os.PathLike],
     tokenizer: Any,
     settings: dict[str, Any],
-    build: Callable[[], list[dict[str, list[int]]]],
+    build: Callable[[StoreWriter], None],
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-) -> list[dict[str, list[int]]]:
-    """`build()`, or its earlier result from the cache while files, tokenizer and settings are unchanged."""
+    labels_are_input_ids: bool = False,
+) -> TokenizedDataset:
+    """The samples `build(writer)` writes, as a memory-mapped dataset; from the cache while the
+    files, tokenizer and settings are unchanged (a damaged cache entry is rebuilt).
+
+    A store is written into a private temporary folder and renamed into place when complete,
+    so other processes (ranks, other runs) see either nothing or the whole of it.
+    """
     if not use_cache:
-        return build()
-    samples, hit = cached_samples(cache_key(files, tokenizer, settings), build, cache_dir)
-    if hit:
-        logger.info("%s: %d tokenized samples loaded from cache", name, len(samples))
-    return samples
+        tmp = Path(tempfile.mkdtemp(prefix="chinese_vicuna-tokenized-"))
+        # Removed when this process ends (kept until then: a spawned DataLoader worker reopens it).
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _write(tmp, build, labels_are_input_ids)
+        return TokenizedDataset(tmp)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = root / cache_key(files, tokenizer, settings)
+    if folder.is_dir():
+        problem = check_store(folder)
+        if problem is None:
+            dataset = TokenizedDataset(folder)
+            logger.info("%s: %d tokenized samples loaded from cache %s", name, len(dataset), folder)
+            return dataset
+        logger.warning("%s: the cache folder %s is damaged (%s); tokenizing again", name, folder, problem)
+        shutil.rmtree(folder, ignore_errors=True)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=root))
+    try:
+        _write(tmp, build, labels_are_input_ids)
+        publish(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+    return TokenizedDataset(folder)
+
+
+def _write(folder: Path, build: Callable[[StoreWriter], None], labels_are_input_ids: bool) -> None:
+    writer = StoreWriter(folder, labels_are_input_ids)
+    try:
+        build(writer)
+    finally:
+        writer.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from chinese_vicuna.data.encode import IGNORE_INDEX
@@ -34,30 +35,27 @@ class PaddingCollator:
         attention_mask = torch.zeros((n, longest), dtype=torch.long)
         for i, f in enumerate(features):
             k = len(f["input_ids"])
-            input_ids[i, :k] = torch.as_tensor(f["input_ids"])
-            labels[i, :k] = torch.as_tensor(f["labels"])
+            input_ids[i, :k] = torch.as_tensor(np.asarray(f["input_ids"], dtype=np.int64))
+            labels[i, :k] = torch.as_tensor(np.asarray(f["labels"], dtype=np.int64))
             attention_mask[i, :k] = 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
 @dataclass
 class PackedCollator:
-    """A micro-batch of samples → one row: input_ids, position_ids, labels, shift_labels."""
+    """A micro-batch of samples → one row: input_ids, position_ids, labels, shift_labels.
+
+    Samples may be lists or numpy arrays (TokenizedDataset); the row is built with numpy."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        input_ids: list[int] = []
-        position_ids: list[int] = []
-        labels: list[int] = []
-        shift_labels: list[int] = []
-        for f in features:
-            ids, lab = list(f["input_ids"]), list(f["labels"])
-            input_ids.extend(ids)
-            labels.extend(lab)
-            position_ids.extend(range(len(ids)))
-            # Position t predicts label t+1 of the SAME sample; a sample's last token predicts nothing.
-            shift_labels.extend([*lab[1:], IGNORE_INDEX])
+        ids = [np.asarray(f["input_ids"], dtype=np.int64) for f in features]
+        labels = [np.asarray(f["labels"], dtype=np.int64) for f in features]
+        # Position t predicts label t+1 of the SAME sample; a sample's last token predicts nothing.
+        ignore = np.array([IGNORE_INDEX], dtype=np.int64)
+        shift_labels = [part for lab in labels for part in (lab[1:], ignore)]
+        position_ids = [np.arange(len(x), dtype=np.int64) for x in ids]
 
-        def row(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).unsqueeze(0)
+        def row(parts: list[np.ndarray]) -> torch.Tensor:
+            return torch.from_numpy(np.concatenate(parts)).unsqueeze(0)
 
-        return {"input_ids": row(input_ids), "position_ids": row(position_ids), "labels": row(labels), "shift_labels": row(shift_labels)}
+        return {"input_ids": row(ids), "position_ids": row(position_ids), "labels": row(labels), "shift_labels": row(shift_labels)}

@@ -1,23 +1,30 @@
 """Datasets of the training stages: instruction, chat and pretraining samples (read, validate,
 tokenize or load from the cache), and the seeded train/validation split.
+
+Every loader returns a `TokenizedDataset` (data/store.py): samples memory-mapped from a store
+folder, written once by the main process in batches (records are streamed from `.jsonl` files)
+and read by index by every process.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 from chinese_vicuna.data.cache import build_or_load
 from chinese_vicuna.data.chat import CHAT_DATA_VERSION, tokenize_conversations
-from chinese_vicuna.data.encode import TokenizeStats, tokenize_instructions
+from chinese_vicuna.data.encode import TokenizeStats, instruction_batches
 from chinese_vicuna.data.formats import read_conversations
-from chinese_vicuna.data.pretrain import encode_documents, group_into_blocks
-from chinese_vicuna.data.records import data_files, read_records, read_text_lines, validate_instruction
+from chinese_vicuna.data.pretrain import TextBlocks
+from chinese_vicuna.data.records import data_files, iter_records, validate_instruction
+from chinese_vicuna.data.store import StoreWriter, TokenizedDataset
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.prompts import PromptTemplate
 
@@ -33,16 +40,19 @@ def load_chat_dataset(
     train_on_last_turn_only: bool = False,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-) -> list[dict[str, list[int]]]:
-    """Read, validate, split and tokenize (or load from the cache) chat data files."""
+) -> TokenizedDataset:
+    """Read, validate, split and tokenize (or load from the cache) chat data files.
+
+    The conversations of all files are read and tokenized in memory (then stored and mapped)."""
     files = data_files(data_path)
 
-    def build() -> list[dict[str, list[int]]]:
+    def build(writer: StoreWriter) -> None:
         stats = TokenizeStats()
         conversations = [c for path in files for c in read_conversations(path, stats)]
-        samples = tokenize_conversations(conversations, tokenizer, template, cutoff_len, train_on_inputs, train_on_last_turn_only, stats)
+        writer.add_samples(
+            tokenize_conversations(conversations, tokenizer, template, cutoff_len, train_on_inputs, train_on_last_turn_only, stats)
+        )
         stats.log(str(data_path))
-        return samples
 
     settings = {
         "kind": "chat",
@@ -63,31 +73,40 @@ def load_instruction_dataset(
     train_on_inputs: bool = False,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-) -> list[dict[str, list[int]]]:
-    """Read, validate, tokenize (or load from cache) an alpaca-format file or a folder of them."""
+) -> TokenizedDataset:
+    """Read, validate, tokenize (or load from cache) an alpaca-format file or a folder of them.
+
+    Records are read, validated, tokenized and written to the store a batch at a time."""
     files = data_files(data_path)
 
-    def build() -> list[dict[str, list[int]]]:
-        records = [validate_instruction(r) for path in files for r in read_records(path)]
+    def build(writer: StoreWriter) -> None:
+        records = (validate_instruction(r) for path in files for r in iter_records(path))
         stats = TokenizeStats()
-        samples = tokenize_instructions(records, tokenizer, template, cutoff_len, train_on_inputs, stats)
+        for samples in instruction_batches(
+            _progress(records, str(data_path), "records"), tokenizer, template, cutoff_len, train_on_inputs, stats
+        ):
+            writer.add_samples(samples)
         stats.log(str(data_path))
-        return samples
 
     settings = {"kind": "instruct", **_template_settings(template, tokenizer), "cutoff_len": cutoff_len, "train_on_inputs": train_on_inputs}
     return _load(str(data_path), files, tokenizer, settings, build, cache_dir, use_cache)
 
 
-def split_train_val(samples: list[dict[str, Any]], val_set_size: int, seed: int = 42) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A seeded random hold-out of `val_set_size` samples (0: no validation set)."""
+Samples = TypeVar("Samples", TokenizedDataset, list)
+
+
+def split_train_val(samples: Samples, val_set_size: int, seed: int = 42) -> tuple[Samples, Samples]:
+    """A seeded random hold-out of `val_set_size` samples (0: no validation set); a
+    TokenizedDataset is split into two views by index (no sample is read)."""
     if val_set_size <= 0:
-        return samples, []
+        return samples, samples[:0] if isinstance(samples, list) else samples.select([])
     if val_set_size >= len(samples):
         raise UserError(f"--val_set_size {val_set_size} leaves no training data ({len(samples)} samples); lower it or pass 0")
-    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed)).tolist()
-    val = [samples[i] for i in order[:val_set_size]]
-    train = [samples[i] for i in sorted(order[val_set_size:])]
-    return train, val
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    val_idx, train_idx = order[:val_set_size], order[val_set_size:].sort().values
+    if isinstance(samples, TokenizedDataset):
+        return samples.select(train_idx.numpy()), samples.select(val_idx.numpy())
+    return [samples[i] for i in train_idx.tolist()], [samples[i] for i in val_idx.tolist()]
 
 
 def load_pretrain_dataset(
@@ -96,31 +115,63 @@ def load_pretrain_dataset(
     block_size: int,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-) -> list[dict[str, list[int]]]:
-    """Blocks as training samples (labels = input_ids: every token is trained), cached on disk."""
-    files = data_files(dataset_dir, (".txt",), "--dataset_dir")
+) -> TokenizedDataset:
+    """Blocks as training samples (labels = input_ids: every token is trained), cached on disk.
 
-    def build() -> list[dict[str, list[int]]]:
-        documents = read_text_lines(files)
-        blocks, dropped = group_into_blocks(encode_documents(tokenizer, documents), block_size)
+    The text is read and tokenized a batch of lines at a time and the blocks written to the
+    store as they complete: the corpus may be larger than memory (its blocks must fit on disk)."""
+    files = pretrain_files(dataset_dir)
+
+    def build(writer: StoreWriter) -> None:
+        text_blocks = TextBlocks(tokenizer, files, block_size)
+        for blocks in _progress(text_blocks, str(dataset_dir), "blocks", len):
+            writer.add_arrays(blocks.reshape(-1), [block_size] * len(blocks))
         logger.info(
             "%s: %d files, %d paragraphs → %d blocks of %d tokens; %d tokens at the end dropped",
             dataset_dir,
             len(files),
-            len(documents),
-            len(blocks),
+            text_blocks.documents,
+            len(writer),
             block_size,
-            dropped,
+            text_blocks.dropped,
         )
-        return [{"input_ids": b, "labels": b} for b in blocks]
 
     settings = {"kind": "pretrain", "block_size": block_size}
-    return _load(f"--dataset_dir {dataset_dir}", files, tokenizer, settings, build, cache_dir, use_cache, "the text is shorter than one block; lower --block_size")
+    return _load(
+        f"--dataset_dir {dataset_dir}", files, tokenizer, settings, build, cache_dir, use_cache,
+        "the text is shorter than one block; lower --block_size", labels_are_input_ids=True,
+    )  # fmt: skip
+
+
+def pretrain_files(dataset_dir: str | os.PathLike) -> list[Path]:
+    """The .txt and .jsonl ({"text": ...} per line) files of a pretraining corpus (a folder, or one file)."""
+    return data_files(dataset_dir, (".txt", ".jsonl"), "--dataset_dir")
+
+
+T = TypeVar("T")
+
+
+def _progress(items: Iterable[T], name: str, unit: str, count: Callable[[T], int] = lambda _: 1) -> Iterator[T]:
+    """`items`, with a progress bar (units per second) on a terminal and a rate in the log at the end."""
+    start = time.perf_counter()
+    done = 0
+    with tqdm(desc=f"tokenizing {name}", unit=f" {unit}", unit_scale=True, mininterval=1.0, disable=None) as bar:
+        for item in items:
+            n = count(item)
+            done += n
+            bar.update(n)
+            yield item
+    seconds = time.perf_counter() - start
+    logger.info("%s: %d %s tokenized in %.1f s (%.0f %s/s)", name, done, unit, seconds, done / max(seconds, 1e-9), unit)
 
 
 def _template_settings(template: PromptTemplate, tokenizer: Any) -> dict[str, Any]:
     """What of a template shapes the samples (part of the cache key); `auto` is the tokenizer's chat_template."""
-    return {"template": template.name, "spec": template.spec, "chat_template": getattr(tokenizer, "chat_template", None) if template.is_auto else None}
+    return {
+        "template": template.name,
+        "spec": template.spec,
+        "chat_template": getattr(tokenizer, "chat_template", None) if template.is_auto else None,
+    }
 
 
 def _load(
@@ -128,13 +179,14 @@ def _load(
     files: list[Path],
     tokenizer: Any,
     settings: dict[str, Any],
-    build: Callable[[], list[dict[str, list[int]]]],
+    build: Callable[[StoreWriter], None],
     cache_dir: str | os.PathLike | None,
     use_cache: bool,
     empty_hint: str = "no sample has a trainable token left after truncation; raise --cutoff_len",
-) -> list[dict[str, list[int]]]:
-    """`build()` or its cached result; an empty result is a UserError."""
-    samples = build_or_load(name, files, tokenizer, settings, build, cache_dir, use_cache)
+    labels_are_input_ids: bool = False,
+) -> TokenizedDataset:
+    """`build(writer)`'s samples, or their cached store; an empty result is a UserError."""
+    samples = build_or_load(name, files, tokenizer, settings, build, cache_dir, use_cache, labels_are_input_ids)
     if not samples:
         raise UserError(f"{name}: {empty_hint}")
     return samples

@@ -113,8 +113,22 @@ def tokenize_segment_lists(
     batch_size: int = 4000,
 ) -> list[dict[str, list[int]]]:
     """Encode many rendered samples (batched), truncate at `cutoff_len`, drop untrainable ones."""
+    batches = tokenized_batches(tokenizer, segment_lists, cutoff_len, add_eos, train_on_inputs, stats, batch_size)
+    return [sample for batch in batches for sample in batch]
+
+
+def tokenized_batches(
+    tokenizer: Any,
+    segment_lists: Iterable[Sequence[Segment]],
+    cutoff_len: int,
+    add_eos: bool,
+    train_on_inputs: bool = False,
+    stats: TokenizeStats | None = None,
+    batch_size: int = 4000,
+) -> Iterator[list[dict[str, list[int]]]]:
+    """`tokenize_segment_lists` one batch at a time: `segment_lists` is consumed lazily, so a
+    caller that writes each batch away holds only a few batches in memory."""
     stats = stats if stats is not None else TokenizeStats()
-    samples: list[dict[str, list[int]]] = []
     # sentencepiece on worker threads where it gives the tokenizer's ids (data/fast_tokenize.py).
     encoder = BatchEncoder(tokenizer)
     # Looked up once: these tokenizer properties are slow attribute lookups in transformers 5.
@@ -134,6 +148,7 @@ def tokenize_segment_lists(
             pending = batches.pop(0)
             pos = 0
             truncated = dropped = 0
+            samples: list[dict[str, list[int]]] = []
             for segs in pending:
                 input_ids, labels = assemble(ids[pos : pos + len(segs)], [s.trainable for s in segs], bos_id, eos_id, train_on_inputs)
                 pos += len(segs)
@@ -148,11 +163,11 @@ def tokenize_segment_lists(
             stats.truncated += truncated
             stats.dropped_no_trainable += dropped
             stats.kept += len(pending) - dropped
-    return samples
+            yield samples
 
 
 def tokenize_instructions(
-    records: Sequence[dict[str, str]],
+    records: Iterable[dict[str, str]],
     tokenizer: Any,
     template: PromptTemplate,
     cutoff_len: int,
@@ -160,8 +175,20 @@ def tokenize_instructions(
     stats: TokenizeStats | None = None,
 ) -> list[dict[str, list[int]]]:
     """Alpaca records → samples with `[bos] prompt response [eos]` and masked labels."""
+    return [s for batch in instruction_batches(records, tokenizer, template, cutoff_len, train_on_inputs, stats) for s in batch]
+
+
+def instruction_batches(
+    records: Iterable[dict[str, str]],
+    tokenizer: Any,
+    template: PromptTemplate,
+    cutoff_len: int,
+    train_on_inputs: bool = False,
+    stats: TokenizeStats | None = None,
+) -> Iterator[list[dict[str, list[int]]]]:
+    """`tokenize_instructions` one batch at a time, records read lazily (bounded memory)."""
     segment_lists = (template.instruction_segments(r["instruction"], r["input"], r["output"]) for r in records)
     # Chat templates carry their own end-of-turn marker; instruction templates end with EOS.
-    return tokenize_segment_lists(
+    return tokenized_batches(
         tokenizer, segment_lists, cutoff_len, add_eos=not template.is_chat, train_on_inputs=train_on_inputs, stats=stats
     )

@@ -77,8 +77,11 @@ class BatchEncoder:
         """How many leading texts of a batch to compare with HF: 32 until a batch has agreed."""
         return 1 if self.verified else 32
 
-    def _encode_sp(self, texts: Sequence[str], threads: int, probe_first: int) -> _SpResult:
-        """The sentencepiece part of a batch (safe on a worker thread: no shared state changes)."""
+    def _encode_sp(self, sp: Any, texts: Sequence[str], threads: int, probe_first: int) -> _SpResult:
+        """The sentencepiece part of a batch, with the processor `sp` the caller chose for this batch.
+
+        Safe on a worker thread: it reads no state that the main thread changes (a fallback
+        clears `self.sp` while other batches are still being encoded)."""
         # Added tokens are split out by HF only; text that starts with whitespace is where the
         # converted HF tokenizer and sentencepiece are known to disagree: both go to HF.
         has_added = self.added_pattern.search if self.added_pattern is not None else lambda _: None
@@ -86,11 +89,12 @@ class BatchEncoder:
         # Probes as positions in `plain` (= in the sentencepiece output).
         probe = [*range(min(probe_first, len(plain))), *range(0, len(plain), PROBE_EVERY)]
         reference = dict(zip(probe, encode_texts(self.tokenizer, [texts[plain[k]] for k in probe]), strict=True))
-        return plain, self.sp.encode([texts[i] for i in plain], num_threads=threads), reference
+        return plain, sp.encode([texts[i] for i in plain], num_threads=threads), reference
 
-    def _finish(self, texts: Sequence[str], sp_result: _SpResult) -> list[list[int]]:
-        """Check the probes, fill in the texts that HF encodes; HF for all after a disagreement."""
-        if self.sp is None:
+    def _finish(self, texts: Sequence[str], sp_result: _SpResult | None) -> list[list[int]]:
+        """Check the probes, fill in the texts that HF encodes; HF for all after a disagreement
+        (also for batches that were already encoded by sentencepiece when it happened)."""
+        if self.sp is None or sp_result is None:
             return encode_texts(self.tokenizer, texts)
         plain, ids, reference = sp_result
         for k, want in reference.items():
@@ -109,9 +113,10 @@ class BatchEncoder:
         return out  # type: ignore[return-value]
 
     def __call__(self, texts: Sequence[str]) -> list[list[int]]:
-        if self.sp is None or not texts:
+        sp = self.sp
+        if sp is None or not texts:
             return encode_texts(self.tokenizer, texts)
-        return self._finish(texts, self._encode_sp(texts, self.num_threads, self._probe_first()))
+        return self._finish(texts, self._encode_sp(sp, texts, self.num_threads, self._probe_first()))
 
     def map(self, batches: Iterable[Sequence[str]]) -> Iterator[list[list[int]]]:
         """The ids of each batch, in order. With sentencepiece, up to `num_threads` batches are
@@ -121,16 +126,20 @@ class BatchEncoder:
         if self.sp is None:
             yield from (encode_texts(self.tokenizer, texts) for texts in batches)
             return
-        in_flight: collections.deque[tuple[Sequence[str], Future]] = collections.deque()
+        # `self.sp` and `self.verified` are read and changed on this thread only: each batch is
+        # handed the processor chosen when it is submitted (None after a fallback: no worker).
+        in_flight: collections.deque[tuple[Sequence[str], Future | None]] = collections.deque()
         with ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="tokenize") as pool:
             for texts in batches:
-                in_flight.append((texts, pool.submit(self._encode_sp, texts, 1, self._probe_first())))
+                sp = self.sp
+                future = pool.submit(self._encode_sp, sp, texts, 1, self._probe_first()) if sp is not None else None
+                in_flight.append((texts, future))
                 if len(in_flight) > self.num_threads:
-                    texts_done, future = in_flight.popleft()
-                    yield self._finish(texts_done, future.result())
+                    texts_done, future_done = in_flight.popleft()
+                    yield self._finish(texts_done, future_done.result() if future_done else None)
             while in_flight:
-                texts_done, future = in_flight.popleft()
-                yield self._finish(texts_done, future.result())
+                texts_done, future_done = in_flight.popleft()
+                yield self._finish(texts_done, future_done.result() if future_done else None)
 
 
 _SpResult = tuple[list[int], list[list[int]], dict[int, list[int]]]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,39 +27,61 @@ def read_records(path: str | os.PathLike) -> list[Record]:
 
     Every problem ends in a UserError naming the file and the line or record.
     """
+    return list(iter_records(path))
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[Record]:
+    """`read_records`, one record at a time: a `.jsonl` file is read line by line, so its size
+    does not bound memory; a `.json` file (one list) is parsed whole."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: data file not found")
+    if path.suffix == ".jsonl":
+        yield from _iter_jsonl(path)
+        return
+    if path.suffix != ".json":
+        raise UserError(f"{path}: unknown data file type {path.suffix!r}; use .json (a list of records) or .jsonl")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise UserError(f"{path}:{line}: bytes that are not UTF-8 (at byte {exc.start}); save the file as UTF-8") from None
+    del raw
     if not text.strip():
         raise UserError(f"{path}: the file is empty; it needs at least one record")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, list):
+        raise UserError(f"{path}: a .json data file must hold a list of records, got {type(value).__name__}; or use .jsonl")
+    if not value:
+        raise UserError(f"{path}: the list of records is empty")
+    for i, v in enumerate(value):
+        yield Record(v, f"{path} record {i + 1}")
 
-    if path.suffix == ".jsonl":
-        records = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+
+def _iter_jsonl(path: Path) -> Iterator[Record]:
+    count = 0
+    offset = 0  # bytes before the current line, for the error message
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                where = offset + exc.start
+                raise UserError(f"{path}:{lineno}: bytes that are not UTF-8 (at byte {where}); save the file as UTF-8") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
-                records.append(Record(json.loads(line), f"{path}:{lineno}"))
+                yield Record(json.loads(line), f"{path}:{lineno}")
             except json.JSONDecodeError as exc:
                 raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        return records
-    if path.suffix == ".json":
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(value, list):
-            raise UserError(f"{path}: a .json data file must hold a list of records, got {type(value).__name__}; or use .jsonl")
-        if not value:
-            raise UserError(f"{path}: the list of records is empty")
-        return [Record(v, f"{path} record {i + 1}") for i, v in enumerate(value)]
-    raise UserError(f"{path}: unknown data file type {path.suffix!r}; use .json (a list of records) or .jsonl")
+            count += 1
+    if not count:
+        raise UserError(f"{path}: the file is empty; it needs at least one record")
 
 
 def validate_instruction(record: Record, require_output: bool = True) -> dict[str, str]:
@@ -98,13 +120,22 @@ def data_files(data_path: str | os.PathLike, suffixes: tuple[str, ...] = (".json
 
 def read_text_lines(files: Iterable[str | os.PathLike]) -> list[str]:
     """Non-empty lines of UTF-8 text files; a missing or non-UTF-8 file is a UserError."""
-    lines: list[str] = []
+    return list(iter_text_lines(files))
+
+
+def iter_text_lines(files: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """`read_text_lines`, one line at a time (a corpus larger than memory is fine)."""
     for path in map(Path, files):
         if not path.is_file():
             raise UserError(f"{path}: text file not found")
-        try:
-            text = path.read_text(encoding="utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise UserError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
-        lines.extend(line for line in text.splitlines() if line.strip())
-    return lines
+        offset = 0
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    raise UserError(f"{path}: not UTF-8 text (byte {offset + exc.start}); save it as UTF-8") from None
+                offset += len(raw)
+                for part in line.splitlines():  # str.splitlines also splits at \u2028, \x1c...: as before
+                    if part.strip():
+                        yield part

@@ -83,7 +83,19 @@ def build_trainer(
     data_collator: Any = None,
     callbacks: list[TrainerCallback] | None = None,
 ) -> Trainer:
-    """`trainer_class` as given, logging to trainer_log.jsonl; every checkpoint is a loadable adapter."""
+    """`trainer_class` as given, logging to trainer_log.jsonl; every checkpoint is a loadable adapter.
+
+    A `train_dataset` without a length (a stream: data/pretrain.py StreamingBlocks) needs --max_steps."""
+    if not hasattr(train_dataset, "__len__"):
+        if args.max_steps <= 0:
+            raise UserError("streamed training data has no length: pass --max_steps (optimizer steps to train)")
+        logger.info(
+            "streamed training data, %d eval samples; global batch %d; %d optimizer steps",
+            len(eval_dataset or []),
+            args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size(),
+            args.max_steps,
+        )
+        return _make_trainer(trainer_class, model, tokenizer, args, train_dataset, eval_dataset, data_collator, callbacks)
     if len(train_dataset) == 0:
         raise UserError("no training samples left; check the data file and --cutoff_len")
     steps_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * world_size() * args.gradient_accumulation_steps))
@@ -97,6 +109,19 @@ def build_trainer(
         world_size(),
         steps_per_epoch,
     )
+    return _make_trainer(trainer_class, model, tokenizer, args, train_dataset, eval_dataset, data_collator, callbacks)
+
+
+def _make_trainer(
+    trainer_class: type[Trainer],
+    model: Any,
+    tokenizer: Any,
+    args: TrainingArguments,
+    train_dataset: Any,
+    eval_dataset: Any,
+    data_collator: Any,
+    callbacks: list[TrainerCallback] | None,
+) -> Trainer:
     return trainer_class(
         model=model,
         args=args,
