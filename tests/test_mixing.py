@@ -86,14 +86,14 @@ def test_finetune_mixes_files_caches_each_and_uses_the_validation_file(tiny_mode
     assert f"{medical}: 4 samples, weight 0.75 (75.0%) → 12 drawn (3.00 passes over it)" in log
     assert "data mix: 16 training samples, 3 validation samples" in log
     assert "16 training samples, 3 eval" in log
-    assert len(list(cache.glob("*.jsonl"))) == 3  # each file tokenized and cached on its own
+    assert len([p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".")]) == 3  # each file tokenized and cached on its own
 
     # in process, from the cache: the same mixture again
     tokenizer = load_tokenizer(str(tiny_model_dir))
     template = load_template("alpaca", tokenizer)
 
     def load(path: str) -> list:
-        return load_instruction_dataset(path, tokenizer, template, 256, cache_dir=cache)
+        return load_instruction_dataset(path, tokenizer, template, 256, cache_dir=cache).to_list()
 
     caplog.set_level(logging.INFO)
     first = load_train_val(mixture(f"{general},{medical}", "0.25,0.75", val_data_path=str(val), val_set_size=5), load, 42)
