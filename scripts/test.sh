@@ -13,4 +13,4 @@ ruff check .
 echo "== shellcheck"
 shellcheck scripts/*.sh scripts/lib/*.sh .ci/run
 echo "== pytest"
-python -m pytest "$@"
+python -m pytest --durations=20 "$@"
