@@ -11,7 +11,8 @@ model is always asked in exactly the format it was trained on. Two kinds:
 - `auto`: the tokenizer's own `chat_template`.
 
 Rendering produces `Segment`s: text plus whether its tokens are trained. Training and
-inference both encode segment by segment (see `data.encode_segments`), so the ids the model
+inference both encode segment by segment (see `data.encode.encode_segments`: the first segment
+whole, later ones as continuations of the text before them), so the ids the model
 sees at inference equal those it was trained on.
 """
 

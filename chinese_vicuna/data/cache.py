@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 # Bump when the tokenized form changes, so old caches are not reused.
-CACHE_FORMAT_VERSION = "1"
+CACHE_FORMAT_VERSION = "2"  # 2: later segments encoded as continuations (no dummy-prefix token)
 
 
 def default_cache_dir() -> Path:
