@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. tokenizer and data first: a bad data line fails in seconds, before a 13B model loads
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
-    template = load_template(template_args.prompt_template, tokenizer)
+    template = load_template(template_args.template_or_fallback, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
         samples = load_instruction_dataset(
             data_args.data_path,

@@ -70,7 +70,9 @@ def encode_continuations(tokenizer: Any, texts: Sequence[str]) -> list[list[int]
     if todo:
         # No probe stayed intact (a tokenizer that merges across all of them): the text's own
         # ids are the closest there is; say so rather than fail a whole dataset.
-        logger.warning("%d segment(s) could not be encoded as continuations, e.g. %r; encoded as whole texts", len(todo), texts[todo[0]][:60])
+        logger.warning(
+            "%d segment(s) could not be encoded as continuations, e.g. %r; encoded as whole texts", len(todo), texts[todo[0]][:60]
+        )
         for i, ids in zip(todo, encode_texts(tokenizer, [texts[i] for i in todo]), strict=True):
             out[i] = ids
     return out  # type: ignore[return-value]
