@@ -210,6 +210,9 @@ def test_stock_transformers_on_merged_model_reproduce_memorized_answers(
 
     import merge_lora
 
+    # the template travels: the adapter and every checkpoint-N carry the one it was trained with
+    checkpoints = list(memorized_lora.glob("checkpoint-*"))
+    assert checkpoints and all((c / "prompt_template.json").is_file() for c in [memorized_lora, *checkpoints])
     out = tmp_path / "merged"
     merge_lora.main(["--base_model", str(tiny_model_dir), "--lora_weights", str(memorized_lora), "--output_dir", str(out)])
     model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
