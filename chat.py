@@ -19,21 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.args import (
-    ChatSessionArguments,
-    ChatTemplateArguments,
-    DecodingArguments,
-    ModelArguments,
-    ServerArguments,
-    UIArguments,
-    parse_args,
-)
+from chinese_vicuna.args import ChatSessionArguments, ChatTemplateArguments, DecodingArguments, ModelArguments, ServerArguments, UIArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.i18n import Messages
 from chinese_vicuna.infer.session import ChatSession, Message, save_conversation
 from chinese_vicuna.model.build import load_from_args
-from chinese_vicuna.prompts import load_template
+from chinese_vicuna.prompts import resolve_template, saved_template
 
 logger = logging.getLogger("chat")
 
@@ -215,10 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore")
 
     model, tokenizer = load_from_args(model_args)
-    template = load_template(template_args.prompt_template, tokenizer)
+    saved = saved_template([model_args.lora_weights, model_args.base_model], tokenizer)
+    template = resolve_template(template_args.prompt_template, saved, template_args.fallback_template, tokenizer)
     if not template.is_chat:
         raise UserError(
-            f"--prompt_template {template_args.prompt_template!r} is an instruction template; chat needs a chat template (e.g. chinese-vicuna-chat)"
+            f"template {template.name!r} is an instruction template; chat needs a chat template (e.g. --prompt_template chinese-vicuna-chat)"
         )
     chat = ChatSession(model, tokenizer, template, session_args, decoding)
 

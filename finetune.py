@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from chinese_vicuna.args import (
-    BatchArguments,
-    DataArguments,
-    LoraArguments,
-    TemplateArguments,
-    TrainArguments,
-    TrainModelArguments,
-    parse_args,
-)
+from chinese_vicuna.args import BatchArguments, DataArguments, LoraArguments, TemplateArguments, TrainArguments, TrainModelArguments, parse_args
 from chinese_vicuna.data.datasets import load_instruction_dataset
 from chinese_vicuna.data.mixing import load_train_val
 from chinese_vicuna.errors import exit_on_user_error
@@ -39,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. tokenizer and data first: a bad data line fails in seconds, before a 13B model loads
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
-    template = load_template(template_args.prompt_template, tokenizer)
+    template = load_template(template_args.template_or_fallback, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
         # one file, or several mixed by --data_weights (each tokenized and cached on its own); --val_data_path or a split
         def load(path: str) -> Any:

@@ -13,15 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from chinese_vicuna.args import (
-    BatchArguments,
-    ChatTemplateArguments,
-    DataArguments,
-    LoraArguments,
-    TrainArguments,
-    TrainModelArguments,
-    parse_args,
-)
+from chinese_vicuna.args import BatchArguments, ChatTemplateArguments, DataArguments, LoraArguments, TrainArguments, TrainModelArguments, parse_args
 from chinese_vicuna.data.datasets import load_chat_dataset
 from chinese_vicuna.data.mixing import load_train_val
 from chinese_vicuna.errors import exit_on_user_error
@@ -63,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 1. tokenizer and data first: a bad record fails in seconds, before a 13B model loads
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
-    template = load_template(template_args.prompt_template, tokenizer)
+    template = load_template(template_args.template_or_fallback, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
         # conversations → samples with labels on assistant turns only, long ones split at turn boundaries;
         # one file, or several mixed by --data_weights; --val_data_path or a split

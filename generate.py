@@ -24,7 +24,7 @@ from chinese_vicuna.infer.batch_generate import answer_in_batches
 from chinese_vicuna.infer.generation import GenerationStats, prompt_ids, stream_generate
 from chinese_vicuna.infer.jsonl import JsonlAppender, question_of, resume_point
 from chinese_vicuna.model.build import load_from_args
-from chinese_vicuna.prompts import PromptTemplate, load_template
+from chinese_vicuna.prompts import PromptTemplate, resolve_template, saved_template
 
 logger = logging.getLogger("generate")
 
@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError("batch mode needs both --data_file and --output_file (or neither, for the web page)")
 
     model, tokenizer = load_from_args(model_args)
-    template = load_template(template_args.prompt_template, tokenizer)
+    # the template the adapter (or merged model) was trained with, unless one is named
+    saved = saved_template([model_args.lora_weights, model_args.base_model], tokenizer)
+    template = resolve_template(template_args.prompt_template, saved, template_args.fallback_template, tokenizer)
 
     if args.data_file:
         run_batch(model, tokenizer, template, decoding, args.data_file, args.output_file, args.batch_size)

@@ -20,20 +20,12 @@ import torch
 
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.export.merge import (
-    config_for_output,
-    copy_tokenizer,
-    max_diff,
-    merge_low_mem,
-    merge_with_peft,
-    plan_merge,
-    prompt_logits,
-    verify_ids,
-)
+from chinese_vicuna.export.merge import config_for_output, copy_tokenizer, max_diff, merge_low_mem, merge_with_peft, plan_merge, prompt_logits, verify_ids, write_template
 from chinese_vicuna.export.meta import save_meta
 from chinese_vicuna.export.tensors import DTYPE_NAMES, StagingDir, parse_size, resolve_dtype, split_list, write_manifest
 from chinese_vicuna.files import write_json
 from chinese_vicuna.model.loading import load_tokenizer
+from chinese_vicuna.prompts import resolve_template, saved_template
 
 logger = logging.getLogger("merge_lora")
 
@@ -50,6 +42,17 @@ class MergeArguments:
     verify: bool = field(default=False, metadata={"help": "Compare merged logits with base + LoRAs; exit 1 above tolerance."})
     tolerance: float | None = field(default=None, metadata={"help": "--verify limit (default 1e-4 for fp32, 1 percent of the logit range else)."})
     low_mem: bool = field(default=False, metadata={"help": "Stream the base one shard at a time (peak ≈ one shard + adapters)."})
+    lora_config: str | None = field(
+        default=None,
+        metadata={"help": "adapter_config.json for an adapter folder that has none (a Chinese-Vicuna checkpoint-N: pytorch_model.bin)."},
+    )
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Template written into the merged model (prompt_template.json + Jinja chat_template). Default: the one "
+            "saved with the last adapter (or the base); none written when there is none."
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace weights already in --output_dir."})
 
     def __post_init__(self) -> None:
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
 
     # 1. every size checked from file headers, before any weight is loaded
-    plan = plan_merge(args.base_model, split_list(args.lora_weights))
+    plan = plan_merge(args.base_model, split_list(args.lora_weights), args.lora_config)
     for note in plan.notes:
         logger.info(note)
     dtype = resolve_dtype(args.dtype, plan.config)
@@ -122,6 +125,16 @@ def main(argv: list[str] | None = None) -> None:
                 shards = save_meta(state, config, stage.path, args.num_shards)
                 logger.info("wrote %d consolidated shard(s) + params.json", len(shards))
         copy_tokenizer(plan, stage.path)
+        template = resolve_template(
+            args.prompt_template, saved_template([*(a.path for a in reversed(plan.adapters)), plan.base], tokenizer), None, tokenizer
+        )
+        if template is not None and not template.is_auto:
+            write_template(stage.path, template)
+            info["prompt_template"] = template.name
+        elif template is None:
+            logger.info(
+                "no prompt template saved with the adapters or base: the merged model gets no chat_template (--prompt_template sets one)"
+            )
 
         # 3. verify what was written (hf), then the manifest, then move into place
         result = {"steps": steps}

@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
@@ -83,10 +83,19 @@ class DecodingArguments:
 class ModelArguments:
     """Which model to load and how: shared by every script that loads one."""
 
-    base_model: str = field(default="", metadata={"help": "Base model: a local HF folder or a hub id (LLaMA-family); a merged model works too."})
+    base_model: str = field(
+        default="", metadata={"help": "Base model: a local HF folder or a hub id (LLaMA-family); a merged model works too."}
+    )
     tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder if not the base model's."})
     lora_weights: str | None = field(
         default=None, metadata={"help": "A LoRA adapter folder (output_dir or a checkpoint-N), a stock PEFT adapter or a hub id."}
+    )
+    lora_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "adapter_config.json for a --lora_weights folder that has none (a Chinese-Vicuna checkpoint-N with only "
+            "pytorch_model.bin), e.g. config-sample/adapter_config.json; the folder is read in place."
+        },
     )
     precision: str = field(
         default="auto", metadata={"help": "Weights: auto (8bit on GPU, fp32 on CPU), fp32, bf16, fp16, half, 8bit, 4bit."}
@@ -116,20 +125,34 @@ class TrainModelArguments(ModelArguments):
 class TemplateArguments:
     """The prompt template (chinese_vicuna/templates/*.json, a .json path, or auto)."""
 
-    prompt_template: str = field(
-        default="alpaca",
-        metadata={"help": "Template name (alpaca, chinese-alpaca, a chat template, auto) or a .json path; inference: the one the model was trained with."},
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Template name (alpaca, chinese-alpaca, a chat template, auto) or a .json path. Default: inference uses the "
+            "prompt_template.json saved with the adapter or merged model, training and models without one use alpaca."
+        },
     )
+    # used where no template is given and none was saved with the model
+    fallback_template: ClassVar[str] = "alpaca"
+
+    @property
+    def template_or_fallback(self) -> str:
+        """The template to train with: the one given, else the fallback."""
+        return self.prompt_template or self.fallback_template
 
 
 @dataclass
 class ChatTemplateArguments(TemplateArguments):
     """TemplateArguments of the chat scripts: a chat template by default."""
 
-    prompt_template: str = field(
-        default="chinese-vicuna-chat",
-        metadata={"help": "Chat template: chinese-vicuna-chat, vicuna_v1.1, chatml, llama2, llama3, auto, or a .json path."},
+    prompt_template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template: chinese-vicuna-chat, vicuna_v1.1, chatml, llama2, llama3, auto, or a .json path. Default: the "
+            "prompt_template.json saved with the adapter, merged model or GGUF, else chinese-vicuna-chat."
+        },
     )
+    fallback_template: ClassVar[str] = "chinese-vicuna-chat"
 
 
 @dataclass
@@ -259,14 +282,48 @@ class TrainArguments(TrainingArguments):
         super().__post_init__()
 
 
+# Flag names of Chinese-Vicuna's and Chinese-LLaMA-Alpaca's own scripts → ours. Accepted where the
+# script has our flag (with a note in the log); named in the error where it has not.
+UPSTREAM_FLAGS = {
+    "--model_path": "--base_model",
+    "--output_path": "--output_dir",
+    "--test_size": "--val_set_size",
+    "--total_batch": "--batch_size",
+    "--micro_batch": "--micro_batch_size",
+    "--peft_path": "--lora_weights",
+    "--lora_model": "--lora_weights",
+    "--lora_path": "--lora_weights",
+}
+
+
+def translate_upstream_flags(argv: list[str], known: set[str]) -> tuple[list[str], list[str]]:
+    """argv with upstream flag names replaced by ours where this script takes them; and a
+    note for each upstream flag it does not take (for the error)."""
+    out, unknown = [], []
+    for arg in argv:
+        flag, sep, value = arg.partition("=")
+        ours = UPSTREAM_FLAGS.get(flag)
+        if ours is None or flag in known:
+            out.append(arg)
+        elif ours in known:
+            logger.info("%s is Chinese-Vicuna / Chinese-LLaMA-Alpaca's name for %s here", flag, ours)
+            out.append(ours + sep + value)
+        else:
+            out.append(arg)
+            unknown.append(f"{flag} (upstream name of {ours}, which this script does not take)")
+    return out, unknown
+
+
 def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None, pass_through: bool = False) -> tuple[Any, ...]:
     """Parse command-line flags (or a single .json/.yaml file) into the dataclasses, then derive
-    what follows from them (`finalize`): after this, nothing changes an argument.
+    what follows from them (`finalize`): after this, nothing changes an argument. Upstream flag
+    names (`UPSTREAM_FLAGS`) are accepted as aliases.
 
     `pass_through`: flags the dataclasses do not know are returned last, as a list (a tool that
     hands them on to another script), instead of being an error."""
     parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
+    argv, upstream_unknown = translate_upstream_flags(list(argv), set(parser._option_string_actions))
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             parsed = parser.parse_json_file(argv[0])
@@ -275,7 +332,10 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None,
         else:
             parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=pass_through)
     except ValueError as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+        message = str(exc).splitlines()[0]
+        if upstream_unknown:
+            message += "; " + "; ".join(upstream_unknown)
+        raise UserError(message) from None
     if pass_through and isinstance(parsed[-1], list):
         *parsed, extra = parsed
         finalize(parsed)

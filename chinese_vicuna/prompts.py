@@ -11,14 +11,17 @@ model is always asked in exactly the format it was trained on. Two kinds:
 - `auto`: the tokenizer's own `chat_template`.
 
 Rendering produces `Segment`s: text plus whether its tokens are trained. Training and
-inference both encode segment by segment (see `data.encode_segments`), so the ids the model
+inference both encode segment by segment (see `data.encode.encode_segments`: the first segment
+whole, later ones as continuations of the text before them), so the ids the model
 sees at inference equal those it was trained on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,11 @@ from typing import Any
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import atomic_write_text
 
+logger = logging.getLogger(__name__)
+
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE_FILE = "prompt_template.json"  # the template saved beside a trained adapter
+GGUF_TEMPLATE_KEY = "chinese_vicuna.prompt_template"  # the same JSON inside a GGUF file
 AUTO = "auto"
 ROLES = ("system", "user", "assistant")
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
@@ -130,6 +136,81 @@ class PromptTemplate:
         atomic_write_text(Path(folder) / TEMPLATE_FILE, json.dumps({**self.spec, "name": self.name}, ensure_ascii=False, indent=2) + "\n")
         return True
 
+    # --- the template as a Jinja chat_template (merged models, GGUF files) ---------------
+    def _jinja_format(self, key: str, names: dict[str, str]) -> str:
+        """One format string as Jinja: literal text as quoted expressions (so no Jinja syntax or
+        whitespace control can touch it), placeholders as the variables in `names`."""
+        parts = PLACEHOLDER.split(self.spec.get(key, ""))
+        out = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                if part:
+                    out.append("{{ " + json.dumps(part, ensure_ascii=False) + " }}")
+            elif part in names:
+                out.append("{{ " + names[part] + " }}")
+            else:  # as _fmt: an unknown placeholder stays as typed
+                out.append("{{ " + json.dumps("{" + part + "}") + " }}")
+        return "".join(out)
+
+    def jinja(self) -> str:
+        """A Jinja `chat_template` that renders exactly what this template renders (tested on the
+        same matrix as the encoding): `apply_chat_template`, vLLM, TGI and llama.cpp servers then
+        ask the model in its training format. Instruction templates: a user message is the
+        instruction (no input), an assistant message the response. BOS is not part of the text,
+        as in training: `tokenizer(text)` adds it (docs/export.md)."""
+        if self.is_auto:
+            tpl = getattr(self.tokenizer, "chat_template", None)
+            if not tpl:
+                raise UserError("template 'auto' has no chat_template of its own; the tokenizer has none")
+            return tpl
+        special = {"bos": "bos_token", "eos": "eos_token"}
+        gen = "(add_generation_prompt is defined and add_generation_prompt)"
+        if not self.is_chat:
+            prompt = self._jinja_format("prompt_no_input", {**special, "instruction": "message['content']", "input": "''"})
+            return (
+                "{%- for message in messages -%}"
+                "{%- if message['role'] == 'user' -%}"
+                + prompt
+                + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{%- endif -%}"
+                "{%- endfor -%}"
+            )
+        stripping = bool(self.spec.get("strip_content"))
+        names = {**special, "system": "system", "content": "message['content'] | trim" if stripping else "message['content']"}
+        empty_counts = "true" if self.spec.get("render_empty_system") else "false"
+        given = "messages[0]['content'] | trim" if self.spec.get("strip_system") else "messages[0]['content']"
+        head = (
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set system = " + given + " -%}{%- set loop_messages = messages[1:] -%}"
+            "{%- set has_system = (system | length > 0) or " + empty_counts + " -%}"
+            "{%- else -%}{%- set system = " + json.dumps(self.default_system, ensure_ascii=False) + " -%}"
+            "{%- set loop_messages = messages -%}{%- set has_system = system | length > 0 -%}"
+            "{%- endif -%}"
+        )
+        if self.spec.get("system_format") and "first_user_format" not in self.spec:
+            head += "{%- if has_system -%}" + self._jinja_format("system_format", names) + "{%- endif -%}"
+        user = self._jinja_format("user_format", names)
+        if "first_user_format" in self.spec:
+            # Meta strips the joined "<<SYS>>…<</SYS>>\n\n" + message: only the message's end
+            first_names = {**names, "content": "message['content'].rstrip()"} if stripping else names
+            first = self._jinja_format("first_user_format", first_names)
+            first_no_system = self._jinja_format("first_user_format_no_system", names)
+            user = (
+                "{%- if loop.first -%}{%- if has_system -%}" + first + "{%- else -%}" + first_no_system + "{%- endif -%}"
+                "{%- else -%}" + user + "{%- endif -%}"
+            )
+        return (
+            head + "{%- for message in loop_messages -%}"
+            "{%- if message['role'] == 'user' -%}"
+            + user
+            + "{%- if not loop.last or "
+            + gen
+            + " -%}"
+            + self._jinja_format("assistant_prefix", names)
+            + "{%- endif -%}"
+            "{%- else -%}" + self._jinja_format("assistant_format", names) + "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+
     @property
     def stop_strings(self) -> list[str]:
         """Strings that end generation; they are never shown to the user."""
@@ -178,6 +259,7 @@ class PromptTemplate:
         if not self.is_chat:
             raise UserError(f"template {self.name!r} is an instruction template; use a chat template for conversations")
         validate_messages(messages)
+        explicit_system = system is not None or messages[0]["role"] == "system"
         if messages[0]["role"] == "system":
             system, messages = messages[0]["content"], messages[1:]
         elif system is None:
@@ -185,19 +267,27 @@ class PromptTemplate:
         if self.is_auto:
             return self._auto_segments(messages, system, add_generation_prompt)
 
+        # Llama-2/3's official templates strip each message (Llama-3 the system prompt too)
+        strip = str.strip if self.spec.get("strip_content") else str
+        system = str.strip(system) if self.spec.get("strip_system") else system
+        # an explicitly empty system prompt is rendered where the reference does (FastChat's
+        # vicuna_v1.1: its separator, a leading space; Llama-2/3: an empty system block)
+        has_system = bool(system) or (explicit_system and bool(self.spec.get("render_empty_system")))
         segments: list[Segment] = []
-        if system and self.spec.get("system_format") and "first_user_format" not in self.spec:
+        if has_system and self.spec.get("system_format") and "first_user_format" not in self.spec:
             segments.append(Segment(self._fmt("system_format", system=system), False))
         for i, msg in enumerate(messages):
             if msg["role"] == "user":
-                key = "user_format"
+                key, content = "user_format", strip(msg["content"])
                 if i == 0 and "first_user_format" in self.spec:
-                    key = "first_user_format" if system else "first_user_format_no_system"
-                segments.append(Segment(self._fmt(key, system=system or "", content=msg["content"]), False))
+                    key = "first_user_format" if has_system else "first_user_format_no_system"
+                    if has_system and self.spec.get("strip_content"):
+                        content = msg["content"].rstrip()  # Meta strips "<<SYS>>…<</SYS>>\n\n" + message as one text
+                segments.append(Segment(self._fmt(key, system=system, content=content), False))
                 if i + 1 < len(messages) or add_generation_prompt:
                     segments.append(Segment(self._fmt("assistant_prefix"), False))
             else:
-                segments.append(Segment(self._fmt("assistant_format", content=msg["content"]), True))
+                segments.append(Segment(self._fmt("assistant_format", content=strip(msg["content"])), True))
         return merge_segments(segments)
 
     def _auto_segments(self, messages: list[dict[str, str]], system: str, add_generation_prompt: bool) -> list[Segment]:
@@ -251,3 +341,52 @@ def load_template(name_or_path: str, tokenizer: Any = None) -> PromptTemplate:
     if not ("prompt_no_input" in spec or "user_format" in spec):
         raise UserError(f"{path}: a template needs 'prompt_input'/'prompt_no_input' (instruction) or 'user_format' (chat)")
     return PromptTemplate(spec.get("name", path.stem), spec, tokenizer)
+
+
+def _rendering_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a template that change what is rendered (not its name or description)."""
+    return {k: v for k, v in spec.items() if k not in ("name", "description")}
+
+
+def saved_template(folders: Sequence[str | Path | None], tokenizer: Any = None) -> PromptTemplate | None:
+    """The template saved in the first folder that has a `prompt_template.json` (adapter first, then the model)."""
+    for folder in folders:
+        if folder and (Path(folder) / TEMPLATE_FILE).is_file():
+            return load_template(str(Path(folder) / TEMPLATE_FILE), tokenizer)
+    return None
+
+
+def template_from_json(text: str, where: str, tokenizer: Any = None) -> PromptTemplate:
+    """A template from the text of a `prompt_template.json` (as a GGUF file carries it)."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where}: not a valid JSON template ({exc})") from None
+    return PromptTemplate(spec.get("name", "saved"), spec, tokenizer)
+
+
+def resolve_template(
+    requested: str | None, saved: PromptTemplate | None, fallback: str | None, tokenizer: Any = None
+) -> PromptTemplate | None:
+    """The template to ask a model in: the one it was trained with (`saved`) by default.
+
+    `requested` (--prompt_template) wins when given, with a warning if it renders differently
+    from the saved one; without it the saved one is used, and `fallback` only where nothing
+    was saved (a model trained elsewhere); None when there is neither.
+    """
+    if requested is None:
+        if saved is None:
+            if fallback is not None:
+                logger.info("no %s with the model; using the %r template (pass --prompt_template to choose)", TEMPLATE_FILE, fallback)
+            return load_template(fallback, tokenizer) if fallback is not None else None
+        logger.info("prompt template %r, saved with the model", saved.name)
+        return saved
+    template = load_template(requested, tokenizer)
+    if saved is not None and _rendering_spec(saved.spec) != _rendering_spec(template.spec):
+        logger.warning(
+            "--prompt_template %s differs from the template the model was trained with (%r); using %s as asked",
+            requested,
+            saved.name,
+            requested,
+        )
+    return template

@@ -13,6 +13,7 @@ from test_prompts import CV_SYSTEM
 from chinese_vicuna.data.chat import conversation_segment_lists, plan_chunks, tokenize_conversations
 from chinese_vicuna.data.datasets import load_chat_dataset
 from chinese_vicuna.data.encode import IGNORE_INDEX, TokenizeStats
+from chinese_vicuna.data.fast_tokenize import encode_continuations
 from chinese_vicuna.data.formats import Conversation, read_conversations
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.model.loading import load_tokenizer
@@ -173,7 +174,7 @@ def test_long_conversation_split_at_turn_boundaries(tokenizer, caplog: pytest.Lo
         assert sample["input_ids"][-1] == tokenizer.eos_token_id and sample["labels"][-1] == tokenizer.eos_token_id
         assert (
             sum(label != IGNORE_INDEX for label in sample["labels"])
-            == sum(len(tokenizer(s.text, add_special_tokens=False)["input_ids"]) for s in segments if s.trainable) + 1
+            == sum(len(ids) for ids in encode_continuations(tokenizer, [s.text for s in segments if s.trainable])) + 1
         )
     assert [i for chunk in chunks for i in chunk] == list(range(5))
     # greedy: a sample takes the next round whenever it fits

@@ -1,9 +1,9 @@
 """Chat templates: byte-exact rendering and exact label masks for a 3-turn conversation.
 
 The trained characters are rebuilt from the token pieces themselves (`▁` → space, `<0xNN>`
-byte pieces → bytes), so the check does not go through the encoding it tests. Each segment
-is encoded on its own (design.md), so SentencePiece puts its dummy-prefix space in front of
-every segment that does not start with a space: an answer `X` is trained as ` X`.
+byte pieces → bytes), so the check does not go through the encoding it tests. Later segments
+are encoded as continuations (design.md, Tokenization rules): no SentencePiece dummy-prefix
+space before an answer, so an answer `X` is trained as `X` (as whole-text tokenization has it).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ CASES = {
         None,
         CV_SYSTEM + "".join(f"User:{u}\n\nAssistant:{a}\n\n" for u, a in zip(U, A)),
         CV_SYSTEM + f"User:{U[0]}\n\nAssistant:{A[0]}\n\nUser:{U[1]}\n\nAssistant:",
-        [f" {A[0]}\n\n", f" {A[1]}\n\n", f" {A[2]}\n\n</s>"],
+        [f"{A[0]}\n\n", f"{A[1]}\n\n", f"{A[2]}\n\n</s>"],
     ),
     "vicuna_v1.1": (
         None,
@@ -66,7 +66,7 @@ CASES = {
         None,
         chatml("You are a helpful assistant.", list(zip(U, A))),
         chatml("You are a helpful assistant.", [(U[0], A[0]), (U[1], None)]),
-        [f" {A[0]}<|im_end|>\n", f" {A[1]}<|im_end|>\n", f" {A[2]}<|im_end|>\n</s>"],
+        [f"{A[0]}<|im_end|>\n", f"{A[1]}<|im_end|>\n", f"{A[2]}<|im_end|>\n</s>"],
     ),
     "llama3": (
         SYSTEM,
@@ -78,13 +78,13 @@ CASES = {
         f"<|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>"
         f"<|start_header_id|>user<|end_header_id|>\n\n{U[0]}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n{A[0]}<|eot_id|>"
         f"<|start_header_id|>user<|end_header_id|>\n\n{U[1]}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-        [f" {A[0]}<|eot_id|>", f" {A[1]}<|eot_id|>", f" {A[2]}<|eot_id|></s>"],
+        [f"{A[0]}<|eot_id|>", f"{A[1]}<|eot_id|>", f"{A[2]}<|eot_id|></s>"],
     ),
     "auto": (
         SYSTEM,
         chatml(SYSTEM, list(zip(U, A))),
         chatml(SYSTEM, [(U[0], A[0]), (U[1], None)]),
-        [f" {A[0]}<|im_end|>\n", f" {A[1]}<|im_end|>\n", f" {A[2]}<|im_end|>\n</s>"],
+        [f"{A[0]}<|im_end|>\n", f"{A[1]}<|im_end|>\n", f"{A[2]}<|im_end|>\n</s>"],
     ),
 }
 
@@ -180,7 +180,7 @@ def test_last_turn_only_keeps_ids_and_trains_last_answer(tokenizer) -> None:
     [full] = tokenize_conversations(conv, tokenizer, template, 2048)
     [last] = tokenize_conversations(conv, tokenizer, template, 2048, train_on_last_turn_only=True)
     assert last["input_ids"] == full["input_ids"]
-    assert trained_runs(tokenizer, last) == [f" {A[2]}\n\n</s>"]
+    assert trained_runs(tokenizer, last) == [f"{A[2]}\n\n</s>"]
     [everything] = tokenize_conversations(conv, tokenizer, template, 2048, train_on_inputs=True)
     assert everything["labels"][1:] == everything["input_ids"][1:]
 

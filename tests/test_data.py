@@ -41,7 +41,11 @@ def test_exact_labels_bos_prompt_masked_response_and_eos_trained(tok) -> None:
     rec = {"instruction": "中国的首都是哪里？", "input": "", "output": "北京是中国的首都。"}
     [sample] = tokenize_instructions([rec], tok, template, cutoff_len=256)
     prompt = tok(template.instruction_prompt(rec["instruction"]), add_special_tokens=False)["input_ids"]
-    answer = tok(rec["output"], add_special_tokens=False)["input_ids"]
+    # the answer is a continuation of the prompt: whole-text tokenization, no dummy-prefix "▁" (pitfall 16)
+    whole = tok(template.instruction_prompt(rec["instruction"]) + rec["output"], add_special_tokens=False)["input_ids"]
+    assert whole[: len(prompt)] == prompt
+    answer = whole[len(prompt) :]
+    assert tok.convert_ids_to_tokens(answer)[0] != "▁"
     assert sample["input_ids"] == [BOS, *prompt, *answer, EOS]
     assert sample["labels"] == [IGNORE_INDEX] * (1 + len(prompt)) + answer + [EOS]
     [with_inputs] = tokenize_instructions([rec], tok, template, cutoff_len=256, train_on_inputs=True)

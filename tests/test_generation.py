@@ -15,19 +15,9 @@ import torch
 
 from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.data.encode import encode_segments
+from chinese_vicuna.data.fast_tokenize import encode_continuations
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.infer.generation import (
-    GenerationStats,
-    IncrementalDecoder,
-    StopStringFilter,
-    _QueueStreamer,
-    chat_prompt_ids,
-    finish_text,
-    generate_answer,
-    generate_text,
-    prompt_ids,
-    stream_generate,
-)
+from chinese_vicuna.infer.generation import GenerationStats, IncrementalDecoder, StopStringFilter, _QueueStreamer, chat_prompt_ids, finish_text, generate_answer, generate_text, prompt_ids, stream_generate
 from chinese_vicuna.model.build import load_for_inference
 from chinese_vicuna.prompts import load_template
 
@@ -74,7 +64,8 @@ def test_greedy_stream_equals_generate_and_memorized_answers(memorized, records)
         plain = raw_generate(model, tok, ids, max_new_tokens=256, do_sample=False)
         assert "".join(pieces) == plain == rec["output"]
         assert len(pieces) > 1  # it streamed, piece by piece
-        assert stats.stopped_by == "eos" and stats.new_tokens == len(tok(rec["output"], add_special_tokens=False)["input_ids"]) + 1
+        # the answer's tokens as trained: a continuation of the prompt (no dummy-prefix "▁")
+        assert stats.stopped_by == "eos" and stats.new_tokens == len(encode_continuations(tok, [rec["output"]])[0]) + 1
         assert generate_answer(model, tok, template, rec["instruction"], rec["input"]) == rec["output"]
 
 

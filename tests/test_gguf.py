@@ -16,10 +16,11 @@ from conftest import MEMORIZED_COUNT, REPO, SAMPLE_INSTRUCT, read_jsonl
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="optional group: bash scripts/setup_env.sh --llamacpp")
 
+from chinese_vicuna.data.fast_tokenize import encode_continuations  # noqa: E402
 from chinese_vicuna.export.gguf import convert  # noqa: E402
-from chinese_vicuna.infer.generation import prompt_ids  # noqa: E402
+from chinese_vicuna.infer.generation import chat_prompt_ids, prompt_ids  # noqa: E402
 from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, greedy_answer, load_gguf  # noqa: E402
-from chinese_vicuna.prompts import load_template  # noqa: E402
+from chinese_vicuna.prompts import available_templates, load_template  # noqa: E402
 
 RECORDS = read_jsonl(SAMPLE_INSTRUCT)
 
@@ -85,7 +86,7 @@ def test_top1_agreement_with_hf(f16_gguf: Path, hf) -> None:
     template = load_template("alpaca", tokenizer)
     agree = total = 0
     for r in RECORDS:
-        ids = prompt_ids(tokenizer, template, r["instruction"], r["input"]) + tokenizer(r["output"], add_special_tokens=False)["input_ids"]
+        ids = prompt_ids(tokenizer, template, r["instruction"], r["input"]) + encode_continuations(tokenizer, [r["output"]])[0]
         hf_top = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
         llm.reset()
         llm.eval(ids)
@@ -109,9 +110,54 @@ def test_quantized_files(merged_dir: Path, f16_gguf: Path) -> None:
 
 def test_cpu_chat_terminal(f16_gguf: Path) -> None:
     questions = "".join(r["instruction"] + "\n" for r in RECORDS[:2])
-    proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf), "--prompt_template", "alpaca", "--show_speed", stdin=questions)
+    # no --prompt_template: the alpaca template the LoRA was trained with travels inside the GGUF
+    # (cpu_chat's own default is chinese-vicuna-chat, which would not give these answers)
+    proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf), "--show_speed", stdin=questions)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[1]["output"]]
     assert "tokens/s" in proc.stderr
     proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf.parent / "missing.gguf"), stdin="")
     assert proc.returncode == 2 and "GGUF file not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_merged_model_and_gguf_carry_the_template(merged_dir: Path, f16_gguf: Path, hf) -> None:
+    """merge_lora.py writes the training template as the merged tokenizer's chat_template, the GGUF
+    converter as tokenizer.chat_template; both render the registry's text byte for byte (with
+    transformers and with llama-cpp-python's Jinja chat handler)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    _, tokenizer = hf
+    template = load_template("alpaca", tokenizer)
+    assert (merged_dir / "prompt_template.json").is_file()
+    assert (merged_dir / "chat_template.jinja").read_text(encoding="utf-8") == template.jinja()
+    llm = load_gguf(str(f16_gguf), n_ctx=256)
+    assert llm.metadata["tokenizer.chat_template"] == template.jinja()
+    assert load_template("alpaca").spec == {**__import__("json").loads(llm.metadata["chinese_vicuna.prompt_template"]), "name": "alpaca"}
+    formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
+    for r in RECORDS[:MEMORIZED_COUNT]:
+        messages = [{"role": "user", "content": r["instruction"]}]
+        want = template.instruction_prompt(r["instruction"])
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
+        assert formatter(messages=messages).prompt == want
+
+
+@pytest.mark.parametrize("name", [t for t in available_templates() if t != "auto"])
+def test_cpu_chat_prompt_ids_equal_hf(f16_gguf: Path, hf, name: str) -> None:
+    """tools/cpu_chat.py builds prompts with llama.cpp's tokenizer: the same ids as HF for every
+    template, special tokens (</s>, <s> in vicuna_v1.1 and llama2 history) included."""
+    _, tokenizer = hf
+    llm = load_gguf(str(f16_gguf), n_ctx=512)
+    history = [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "你好！有什么可以帮你？"},
+        {"role": "user", "content": " What is 2+2? "},
+        {"role": "assistant", "content": "4"},
+    ]
+    hf_template, cpp_template = load_template(name, tokenizer), load_template(name, None)
+    if hf_template.is_chat:
+        want, _ = chat_prompt_ids(tokenizer, hf_template, history, "写一首诗。", None, 400)
+        got, _ = chat_prompt_ids(LlamaCppTokenizer(llm), cpp_template, history, "写一首诗。", None, 400)
+    else:
+        want = prompt_ids(tokenizer, hf_template, "写一首诗。", "关于春天")
+        got = prompt_ids(LlamaCppTokenizer(llm), cpp_template, "写一首诗。", "关于春天")
+    assert got == want

@@ -14,7 +14,7 @@ from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.generation import generate_answer
 from chinese_vicuna.model.adapters import load_lora
 from chinese_vicuna.model.build import load_for_inference
-from chinese_vicuna.prompts import load_template
+from chinese_vicuna.prompts import resolve_template, saved_template
 
 
 @dataclass
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
 
     records = [validate_instruction(r) for r in read_records(args.data_path)[: args.num]]
     model, tokenizer = load_for_inference(model_args.base_model, None, model_args.precision, tokenizer_path=model_args.tokenizer_path)
-    template = load_template(template_args.prompt_template, tokenizer)
+    saved = saved_template([model_args.lora_weights, model_args.base_model], tokenizer)
+    template = resolve_template(template_args.prompt_template, saved, template_args.fallback_template, tokenizer)
     greedy = DecodingArguments(max_new_tokens=args.max_new_tokens)
     before = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], greedy) for r in records]
     model = load_lora(model, model_args.lora_weights).eval()

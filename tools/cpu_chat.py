@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from chinese_vicuna.args import ChatSessionArguments, ChatTemplateArguments, DecodingArguments, parse_args
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.infer.generation import chat_prompt_ids, prompt_ids
-from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, load_gguf, stream_answer
-from chinese_vicuna.prompts import load_template
+from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, gguf_template, load_gguf, stream_answer
 
 
 @dataclass
@@ -42,13 +41,15 @@ class CpuChatSessionArguments(ChatSessionArguments):
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, template_args, session_args, decoding = parse_args((LlamaCppArguments, ChatTemplateArguments, CpuChatSessionArguments, DecodingArguments), argv)
+    model_args, template_args, session_args, decoding = parse_args(
+        (LlamaCppArguments, ChatTemplateArguments, CpuChatSessionArguments, DecodingArguments), argv
+    )
     decoding.validate()
     logging.basicConfig(level=logging.WARNING)
 
     llm = load_gguf(model_args.gguf, model_args.n_ctx, model_args.threads)
     tokenizer = LlamaCppTokenizer(llm)
-    template = load_template(template_args.prompt_template, None)
+    template = gguf_template(llm, model_args.gguf, template_args.prompt_template, template_args.fallback_template)
     budget = session_args.max_memory or model_args.n_ctx - decoding.max_new_tokens
     sampling = {
         "max_new_tokens": decoding.max_new_tokens,

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 # Bump when the tokenized form changes, so old caches are not reused.
-CACHE_FORMAT_VERSION = "2"  # 2: memory-mapped stores (data/store.py) instead of JSONL
+CACHE_FORMAT_VERSION = "3"  # 2: memory-mapped stores (data/store.py); 3: later segments encoded as continuations
 
 
 def default_cache_dir() -> Path:

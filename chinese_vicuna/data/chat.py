@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from chinese_vicuna.data.encode import TokenizeStats, tokenize_segment_lists
-from chinese_vicuna.data.fast_tokenize import encode_texts
+from chinese_vicuna.data.fast_tokenize import encode_segment_texts, sample_starts
 from chinese_vicuna.data.formats import Conversation
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.prompts import PromptTemplate, Segment
@@ -63,7 +63,7 @@ def _lengths(tokenizer: Any, segment_lists: Sequence[Sequence[Segment]], batch_s
     out: list[list[int]] = []
     for start in range(0, len(segment_lists), batch_size):
         batch = segment_lists[start : start + batch_size]
-        ids = encode_texts(tokenizer, [s.text for segs in batch for s in segs])
+        ids = encode_segment_texts(tokenizer, [s.text for segs in batch for s in segs], sample_starts(len(segs) for segs in batch))
         pos = 0
         for segs in batch:
             out.append([len(x) for x in ids[pos : pos + len(segs)]])

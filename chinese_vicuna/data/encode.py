@@ -1,7 +1,12 @@
 """Encoding rendered prompts into input_ids and labels.
 
-Tokenization rules (docs/architecture.md): `[bos] + prompt + response + [eos]`; labels are -100 on text
+Tokenization rules (docs/design.md): `[bos] + prompt + response + [eos]`; labels are -100 on text
 that is not trained; a sample with no trainable token after truncation is dropped and counted.
+Prefix consistency: a sample's first segment is encoded as the tokenizer encodes the whole
+text, every later segment as a continuation (no sentencepiece dummy-prefix `▁`), so the ids
+before each answer are `tokenizer(rendered prompt)`: what vLLM, TGI, llama.cpp or
+`apply_chat_template` feed the model. Training (`tokenize_segment_lists`) and inference
+(`encode_segments`, used by infer/generation.py and infer/llamacpp.py) share this one rule.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chinese_vicuna.data.fast_tokenize import BatchEncoder, encode_texts
+from chinese_vicuna.data.fast_tokenize import BatchEncoder, encode_segment_texts, sample_starts
 from chinese_vicuna.prompts import PromptTemplate, Segment
 
 logger = logging.getLogger(__name__)
@@ -70,8 +75,9 @@ def encode_segments(
     add_eos: bool = False,
     train_on_inputs: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """input_ids and labels of one rendered prompt (see `assemble`)."""
-    ids = encode_texts(tokenizer, [s.text for s in segments])
+    """input_ids and labels of one rendered prompt (see `assemble`); the first segment whole,
+    the others as continuations."""
+    ids = encode_segment_texts(tokenizer, [s.text for s in segments], sample_starts([len(segments)]))
     return assemble(
         ids,
         [s.trainable for s in segments],
@@ -141,7 +147,7 @@ def tokenized_batches(
         segment_iter = iter(segment_lists)
         while batch := list(itertools.islice(segment_iter, batch_size)):
             batches.append(batch)
-            yield [s.text for segs in batch for s in segs]
+            yield [s.text for segs in batch for s in segs], sample_starts(len(segs) for segs in batch)
 
     with gc_paused():
         for ids in encoder.map(texts_of_batches()):

@@ -1,5 +1,13 @@
 """Fast batched encoding of many texts, with the same ids as the tokenizer.
 
+Two kinds of text (docs/design.md, Tokenization rules): the first segment of a sample is
+encoded as the tokenizer encodes a whole string (with sentencepiece's dummy-prefix `▁`);
+every later segment is encoded as a *continuation* of the text before it, with no dummy
+prefix. A continuation is encoded by tokenizing a fixed probe text followed by the segment
+and removing the probe's ids; that is only accepted when the probe's ids come out unchanged,
+i.e. no token spans the probe/segment boundary, in which case (BPE merges only ever grow)
+the segment's ids are exactly what the tokenizer gives that text inside a longer string.
+
 transformers 5 converts a LLaMA `tokenizer.model` into a `tokenizers` BPE whose Metaspace
 pre-tokenizer does not split (`split=False`): a whole segment is one "word", and that BPE
 is slow on long words, several times slower than sentencepiece itself (docs/benchmarks.md).
@@ -25,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 
 PROBE_EVERY = 256  # also compare one text in every PROBE_EVERY of each batch with the HF ids
+# Texts put before a continuation, tried in order until the probe's ids survive intact: a
+# newline (a byte token in LLaMA vocabularies, merged with nothing), then texts that cannot
+# merge with what a newline can (BPE vocabularies such as Llama-3's have "\n\n" tokens).
+CONTINUATION_PROBES = ("\n", "a", "。", "0")
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -32,6 +44,58 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def strip_probe(ids: list[int], probe_ids: list[int]) -> list[int] | None:
+    """`ids` without the leading `probe_ids`, or None when the probe did not survive intact."""
+    n = len(probe_ids)
+    return ids[n:] if ids[:n] == probe_ids else None
+
+
+def encode_continuations(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Ids of texts that continue earlier text (no dummy-prefix `▁`), HF tokenizer, batched.
+
+    Works with anything that has the HF `tokenizer(texts, add_special_tokens=False)` call
+    (the llama.cpp adapter too).
+    """
+    out: list[list[int] | None] = [None] * len(texts)
+    todo = list(range(len(texts)))
+    for probe in CONTINUATION_PROBES:
+        if not todo:
+            break
+        probe_ids = encode_texts(tokenizer, [probe])[0]
+        for i, ids in zip(todo, encode_texts(tokenizer, [probe + texts[i] for i in todo]), strict=True):
+            out[i] = strip_probe(ids, probe_ids)
+        todo = [i for i in todo if out[i] is None]
+    if todo:
+        # No probe stayed intact (a tokenizer that merges across all of them): the text's own
+        # ids are the closest there is; say so rather than fail a whole dataset.
+        logger.warning(
+            "%d segment(s) could not be encoded as continuations, e.g. %r; encoded as whole texts", len(todo), texts[todo[0]][:60]
+        )
+        for i, ids in zip(todo, encode_texts(tokenizer, [texts[i] for i in todo]), strict=True):
+            out[i] = ids
+    return out  # type: ignore[return-value]
+
+
+def encode_segment_texts(tokenizer: Any, texts: Sequence[str], starts: Sequence[bool] | None = None) -> list[list[int]]:
+    """Ids of segment texts: `starts[i]` marks a text that begins a sample (encoded whole, as
+    `tokenizer(text)` does), the others are continuations (`encode_continuations`)."""
+    if starts is None or all(starts):
+        return encode_texts(tokenizer, texts)
+    out: list[list[int] | None] = [None] * len(texts)
+    first = [i for i, s in enumerate(starts) if s]
+    rest = [i for i, s in enumerate(starts) if not s]
+    for i, ids in zip(first, encode_texts(tokenizer, [texts[i] for i in first]), strict=True):
+        out[i] = ids
+    for i, ids in zip(rest, encode_continuations(tokenizer, [texts[i] for i in rest]), strict=True):
+        out[i] = ids
+    return out  # type: ignore[return-value]
+
+
+def sample_starts(segment_counts: Iterable[int]) -> list[bool]:
+    """`starts` for samples of the given segment counts, flattened: True on each sample's first segment."""
+    return [j == 0 for n in segment_counts for j in range(n)]
 
 
 def _sentencepiece_for(tokenizer: Any) -> Any:
@@ -52,7 +116,8 @@ def _sentencepiece_for(tokenizer: Any) -> Any:
 
 
 class BatchEncoder:
-    """`encoder(texts) -> ids`, `encoder.map(batches)`; sentencepiece where it agrees with the HF tokenizer."""
+    """`encoder(texts, starts) -> ids`, `encoder.map(batches)`; sentencepiece where it agrees
+    with the HF tokenizer, the same whole-text / continuation rule as `encode_segment_texts`."""
 
     def __init__(self, tokenizer: Any, num_threads: int | None = None) -> None:
         self.tokenizer = tokenizer
@@ -62,6 +127,7 @@ class BatchEncoder:
         added = sorted((t for t in tokenizer.get_added_vocab() if t), key=len, reverse=True)
         self.added_pattern = re.compile("|".join(map(re.escape, added))) if added else None
         self.verified = False
+        self.sp_probe_ids: list[int] = self.sp.encode(CONTINUATION_PROBES[0]) if self.sp is not None else []
 
     @property
     def fast(self) -> bool:
@@ -77,30 +143,43 @@ class BatchEncoder:
         """How many leading texts of a batch to compare with HF: 32 until a batch has agreed."""
         return 1 if self.verified else 32
 
-    def _encode_sp(self, sp: Any, texts: Sequence[str], threads: int, probe_first: int) -> _SpResult:
+    def _encode_sp(self, sp: Any, texts: Sequence[str], starts: Sequence[bool], threads: int, probe_first: int) -> _SpResult:
         """The sentencepiece part of a batch, with the processor `sp` the caller chose for this batch.
 
         Safe on a worker thread: it reads no state that the main thread changes (a fallback
         clears `self.sp` while other batches are still being encoded)."""
-        # Added tokens are split out by HF only; text that starts with whitespace is where the
-        # converted HF tokenizer and sentencepiece are known to disagree: both go to HF.
+        # Added tokens are split out by HF only; a whole text that starts with whitespace is
+        # where the converted HF tokenizer and sentencepiece are known to disagree (HF adds no
+        # dummy prefix before a leading space): both go to HF. Continuations are encoded after
+        # the probe, whose ids are removed (a text whose probe did not survive goes to HF).
         has_added = self.added_pattern.search if self.added_pattern is not None else lambda _: None
-        plain = [i for i, t in enumerate(texts) if not t[:1].isspace() and not has_added(t)]
-        # Probes as positions in `plain` (= in the sentencepiece output).
-        probe = [*range(min(probe_first, len(plain))), *range(0, len(plain), PROBE_EVERY)]
-        reference = dict(zip(probe, encode_texts(self.tokenizer, [texts[plain[k]] for k in probe]), strict=True))
-        return plain, sp.encode([texts[i] for i in plain], num_threads=threads), reference
+        candidates = [i for i, t in enumerate(texts) if not has_added(t) and not (starts[i] and t[:1].isspace())]
+        probe = CONTINUATION_PROBES[0]
+        raw = sp.encode([texts[i] if starts[i] else probe + texts[i] for i in candidates], num_threads=threads)
+        plain: list[int] = []
+        ids: list[list[int]] = []
+        for i, seq in zip(candidates, raw, strict=True):
+            if not starts[i]:
+                seq = strip_probe(seq, self.sp_probe_ids)
+                if seq is None:
+                    continue
+            plain.append(i)
+            ids.append(seq)
+        # Probes as positions in `plain` (= in `ids`).
+        checks = [*range(min(probe_first, len(plain))), *range(0, len(plain), PROBE_EVERY)]
+        want = encode_segment_texts(self.tokenizer, [texts[plain[k]] for k in checks], [starts[plain[k]] for k in checks])
+        return plain, ids, dict(zip(checks, want, strict=True))
 
-    def _finish(self, texts: Sequence[str], sp_result: _SpResult | None) -> list[list[int]]:
+    def _finish(self, texts: Sequence[str], starts: Sequence[bool], sp_result: _SpResult | None) -> list[list[int]]:
         """Check the probes, fill in the texts that HF encodes; HF for all after a disagreement
         (also for batches that were already encoded by sentencepiece when it happened)."""
         if self.sp is None or sp_result is None:
-            return encode_texts(self.tokenizer, texts)
+            return encode_segment_texts(self.tokenizer, texts, starts)
         plain, ids, reference = sp_result
         for k, want in reference.items():
             if ids[k] != want:
                 self._disable(texts[plain[k]], want, ids[k])
-                return encode_texts(self.tokenizer, texts)
+                return encode_segment_texts(self.tokenizer, texts, starts)
         self.verified = True
         if len(plain) == len(texts):  # the usual case: every text went to sentencepiece
             return ids
@@ -108,38 +187,47 @@ class BatchEncoder:
         for i, seq in zip(plain, ids, strict=True):
             out[i] = seq
         rest = [i for i in range(len(texts)) if out[i] is None]
-        for i, seq in zip(rest, encode_texts(self.tokenizer, [texts[i] for i in rest]), strict=True):
+        for i, seq in zip(rest, encode_segment_texts(self.tokenizer, [texts[i] for i in rest], [starts[i] for i in rest]), strict=True):
             out[i] = seq
         return out  # type: ignore[return-value]
 
-    def __call__(self, texts: Sequence[str]) -> list[list[int]]:
+    def __call__(self, texts: Sequence[str], starts: Sequence[bool] | None = None) -> list[list[int]]:
+        """Ids of `texts`; `starts` as in `encode_segment_texts` (None: all whole texts)."""
+        starts = [True] * len(texts) if starts is None else starts
         sp = self.sp
         if sp is None or not texts:
-            return encode_texts(self.tokenizer, texts)
-        return self._finish(texts, self._encode_sp(sp, texts, self.num_threads, self._probe_first()))
+            return encode_segment_texts(self.tokenizer, texts, starts)
+        return self._finish(texts, starts, self._encode_sp(sp, texts, starts, self.num_threads, self._probe_first()))
 
-    def map(self, batches: Iterable[Sequence[str]]) -> Iterator[list[list[int]]]:
-        """The ids of each batch, in order. With sentencepiece, up to `num_threads` batches are
-        encoded at once on worker threads (one sentencepiece thread each; it releases the GIL)
-        while the caller renders the next batches and assembles earlier ones (faster than one batch
-        at a time: docs/benchmarks.md, tokenization)."""
+    def map(self, batches: Iterable[Sequence[str] | tuple[Sequence[str], Sequence[bool]]]) -> Iterator[list[list[int]]]:
+        """The ids of each batch (texts, or (texts, starts)), in order. With sentencepiece, up to
+        `num_threads` batches are encoded at once on worker threads (one sentencepiece thread
+        each; it releases the GIL) while the caller renders the next batches and assembles
+        earlier ones (measured gain: docs/benchmarks.md, tokenization)."""
+
+        def split(batch: Sequence[str] | tuple[Sequence[str], Sequence[bool]]) -> tuple[Sequence[str], Sequence[bool]]:
+            if isinstance(batch, tuple):
+                return batch
+            return batch, [True] * len(batch)
+
         if self.sp is None:
-            yield from (encode_texts(self.tokenizer, texts) for texts in batches)
+            yield from (encode_segment_texts(self.tokenizer, *split(b)) for b in batches)
             return
         # `self.sp` and `self.verified` are read and changed on this thread only: each batch is
         # handed the processor chosen when it is submitted (None after a fallback: no worker).
-        in_flight: collections.deque[tuple[Sequence[str], Future | None]] = collections.deque()
+        in_flight: collections.deque[tuple[Sequence[str], Sequence[bool], Future | None]] = collections.deque()
         with ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="tokenize") as pool:
-            for texts in batches:
+            for batch in batches:
+                texts, starts = split(batch)
                 sp = self.sp
-                future = pool.submit(self._encode_sp, sp, texts, 1, self._probe_first()) if sp is not None else None
-                in_flight.append((texts, future))
+                future = pool.submit(self._encode_sp, sp, texts, starts, 1, self._probe_first()) if sp is not None else None
+                in_flight.append((texts, starts, future))
                 if len(in_flight) > self.num_threads:
-                    texts_done, future_done = in_flight.popleft()
-                    yield self._finish(texts_done, future_done.result() if future_done else None)
+                    texts_done, starts_done, future_done = in_flight.popleft()
+                    yield self._finish(texts_done, starts_done, future_done.result() if future_done else None)
             while in_flight:
-                texts_done, future_done = in_flight.popleft()
-                yield self._finish(texts_done, future_done.result() if future_done else None)
+                texts_done, starts_done, future_done = in_flight.popleft()
+                yield self._finish(texts_done, starts_done, future_done.result() if future_done else None)
 
 
 _SpResult = tuple[list[int], list[list[int]], dict[int, list[int]]]

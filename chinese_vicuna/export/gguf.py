@@ -21,10 +21,13 @@ from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.names import gguf_name, unpermute_qk
 from chinese_vicuna.export.tensors import TensorIndex
 from chinese_vicuna.files import read_json
+from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, TEMPLATE_FILE
 
 logger = logging.getLogger(__name__)
 
 OUTTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_* values
+
+
 def sentencepiece_vocab(model_dir: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
     """Pieces, scores and token types as llama.cpp's SPM tokenizer expects them."""
     import sentencepiece as spm
@@ -83,6 +86,16 @@ def special_ids(model_dir: Path) -> dict[str, Any]:
     }
 
 
+def model_chat_template(model_dir: Path) -> str | None:
+    """The model folder's Jinja chat template (chat_template.jinja, else tokenizer_config.json)."""
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if (model_dir / "tokenizer_config.json").is_file():
+        tpl = read_json(model_dir / "tokenizer_config.json").get("chat_template")
+        return tpl if isinstance(tpl, str) else None
+    return None
+
+
 def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
     """Write an unquantized (f16 or f32) GGUF file."""
     import gguf
@@ -132,6 +145,11 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
         writer.add_pad_token_id(int(ids["pad"]))
     writer.add_add_bos_token(ids["add_bos"])
     writer.add_add_eos_token(ids["add_eos"])
+    chat_template = model_chat_template(model_dir)
+    if chat_template:
+        writer.add_chat_template(chat_template)  # tokenizer.chat_template: llama.cpp, Ollama, LM Studio
+    if (model_dir / TEMPLATE_FILE).is_file():
+        writer.add_string(GGUF_TEMPLATE_KEY, (model_dir / TEMPLATE_FILE).read_text(encoding="utf-8"))
 
     index = TensorIndex(model_dir)
     float_dtype = np.float16 if float_type == "f16" else np.float32

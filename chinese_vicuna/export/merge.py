@@ -4,6 +4,7 @@ verification, and a low-memory merge that streams one tensor at a time.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,8 +18,8 @@ import torch
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.tensors import DTYPE_NAMES, TOKENIZER_FILES, ShardWriter, TensorIndex
-from chinese_vicuna.files import read_json
-from chinese_vicuna.model.adapters import AdapterInfo, _lora_module_checks, inner_name, read_adapter
+from chinese_vicuna.files import atomic_write_text, read_json
+from chinese_vicuna.model.adapters import AdapterInfo, _lora_module_checks, inner_name, load_adapter_tensors, read_adapter
 from chinese_vicuna.model.loading import has_tokenizer, tokenizer_length, unused_vocab_rows
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str]) -> MergePlan:
+def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str], lora_config: str | None = None) -> MergePlan:
     """Check tokenizers, embeddings and every adapter against each other; say which file disagrees."""
     base = Path(base_model)
     if not base.is_dir():
@@ -66,7 +67,7 @@ def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str]) -> MergePlan
     plan = MergePlan(base, config, [], [], vocab, base, base_tok or 0)
     tokenizer_dir, tokenizer_len = (base, base_tok) if base_tok is not None else (None, None)
     for folder in lora_dirs:
-        info = read_adapter(folder)
+        info = read_adapter(folder, lora_config)
         rows = info.embed_rows
         if rows is not None and rows != vocab:
             if info.head_rows is None and not tied:
@@ -131,6 +132,21 @@ def copy_tokenizer(plan: MergePlan, out: Path) -> None:
             return
 
 
+def write_template(out: Path, template: Any) -> None:
+    """The training template travels with the merged model (pitfall 17): `prompt_template.json`
+    for this toolkit, and the same template as a Jinja `chat_template.jinja` (how transformers 5
+    saves a chat template) for apply_chat_template, vLLM, TGI and the GGUF converter. A
+    `chat_template` copied from the base's tokenizer_config.json is replaced, not kept beside it."""
+    template.save(out)
+    config_path = out / "tokenizer_config.json"
+    if config_path.is_file():
+        config = read_json(config_path)
+        if config.pop("chat_template", None) is not None:
+            atomic_write_text(config_path, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    (out / "chat_template.json").unlink(missing_ok=True)
+    atomic_write_text(out / "chat_template.jinja", template.jinja())
+
+
 def sentencepiece_matches(sp_model: Path, tokenizer_dir: Path) -> bool:
     import sentencepiece as spm
 
@@ -178,7 +194,7 @@ def merge_with_peft(plan: MergePlan, tokenizer: Any, verify: bool = False) -> tu
         if model.get_input_embeddings().weight.shape[0] != vocab:
             # The adapter's full embed_tokens/lm_head (modules_to_save) fill every row.
             model.resize_token_embeddings(vocab, mean_resizing=False)
-        peft_model = load_lora(model, str(info.path))
+        peft_model = load_lora(model, str(info.path), lora_config=info.lora_config)
         peft_model.eval()
         ids = verify_ids(tokenizer, vocab) if verify else []
         before = prompt_logits(peft_model, ids) if verify else []
@@ -210,13 +226,16 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 def adapter_ops(info: AdapterInfo) -> dict[str, list[tuple[str, Any]]]:
     """Per base tensor name, what this adapter does to it: ("add", (A, B, scale, transpose)) or ("replace", tensor)."""
-    from safetensors.torch import load_file
-
     cfg = info.config
-    for flag in ("use_dora",):
+    # what W + scale·B·A does not cover: refused, never dropped (a dropped lora_bias moves the logits)
+    for flag in ("use_dora", "lora_bias", "layer_replication"):
         if cfg.get(flag):
             raise UserError(f"{info.path}/adapter_config.json: {flag} is set; --low_mem merges plain LoRA only: drop --low_mem")
-    tensors = {inner_name(k): v for k, v in load_file(str(info.weights)).items()}
+    if cfg.get("bias", "none") != "none":
+        raise UserError(
+            f"{info.path}/adapter_config.json: bias={cfg['bias']!r} (trained biases); --low_mem merges plain LoRA only: drop --low_mem"
+        )
+    tensors = {inner_name(k): v for k, v in load_adapter_tensors(info.weights).items()}
     ops: dict[str, list[tuple[str, Any]]] = {}
     for name, t in tensors.items():
         m = re.match(r"(.*)\.(lora_A|lora_embedding_A)(?:\.[^.]+)?(\.weight)?$", name)
@@ -230,7 +249,11 @@ def adapter_ops(info: AdapterInfo) -> dict[str, list[tuple[str, Any]]]:
             # the full-size delta is computed when its tensor streams by, never all at once
             transpose = kind == "lora_embedding_A" or bool(cfg.get("fan_in_fan_out"))
             ops.setdefault(module + ".weight", []).append(("add", (a, b, scale, transpose)))
-        elif ".lora_" not in name and name.endswith(".weight") and ".original_module." not in name:
+        elif re.search(r"\.(lora_B|lora_embedding_B)(\.weight)?$", name) or ".original_module." in name:
+            continue  # B goes with its A; the untouched original of a modules_to_save copy
+        elif ".lora_" in name or not name.endswith(".weight"):
+            raise UserError(f"{info.weights}: {name} is not a plain LoRA A/B or a saved module; --low_mem cannot merge it: drop --low_mem")
+        else:
             # modules_to_save: a full trained copy (PEFT may store it both as X.weight and
             # X.modules_to_save.weight, next to the untouched X.original_module.weight)
             target = name.replace(".modules_to_save.", ".")

@@ -90,11 +90,22 @@ def hf_to_meta(state: dict[str, torch.Tensor], config: dict[str, Any], num_shard
             for shard in shards:
                 shard[name] = t.clone()
         else:
-            if t.shape[dim] % num_shards:
-                raise UserError(f"{name}: dimension {t.shape[dim]} does not split into {num_shards} shards")
-            for shard, piece in zip(shards, t.chunk(num_shards, dim=dim), strict=True):
+            for shard, piece in zip(shards, t.split(split_sizes(name, t.shape[dim], num_shards), dim=dim), strict=True):
                 shard[name] = piece.clone()
     return shards
+
+
+def split_sizes(name: str, size: int, num_shards: int) -> list[int]:
+    """Sizes of the shard pieces of a `size`-long dimension: equal; for a vocabulary that does not
+    divide (Chinese-LLaMA's 49953 rows over 13B's 2 shards) the last shard takes the remainder,
+    as Chinese-LLaMA-Alpaca's merge script splits `output.weight` ([24976, 24977])."""
+    if size % num_shards == 0:
+        return [size // num_shards] * num_shards
+    if name != "output.weight":
+        raise UserError(f"{name}: dimension {size} does not split into {num_shards} shards; pass --num_shards 1")
+    sizes = [size // num_shards] * num_shards
+    sizes[-1] += size % num_shards
+    return sizes
 
 
 def meta_to_hf(shards: list[dict[str, torch.Tensor]], params: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -134,9 +145,56 @@ def save_meta(state: dict[str, torch.Tensor], config: dict[str, Any], out: Path,
     return written
 
 
-def load_meta(folder: str | os.PathLike) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
-    folder = Path(folder)
-    paths = sorted(folder.glob("consolidated.*.pth"))
+def meta_shard_paths(folder: str | os.PathLike) -> list[Path]:
+    paths = sorted(Path(folder).glob("consolidated.*.pth"))
     if not paths:
-        raise UserError(f"{folder}: no consolidated.NN.pth files")
-    return [torch.load(p, map_location="cpu", weights_only=True) for p in paths], read_json(folder / "params.json")
+        raise UserError(f"{folder}: no consolidated.NN.pth files (a Meta checkpoint folder has consolidated.00.pth and params.json)")
+    return paths
+
+
+def load_meta(folder: str | os.PathLike, mmap: bool = False) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """The shards (weights only, no code runs) and params.json. With `mmap`, tensors stay on disk
+    until read: converting touches one tensor of every shard at a time."""
+    folder = Path(folder)
+    if not (folder / "params.json").is_file():
+        raise UserError(f"{folder}: no params.json beside the consolidated.NN.pth files")
+    shards = []
+    for p in meta_shard_paths(folder):
+        try:
+            shards.append(torch.load(p, map_location="cpu", weights_only=True, mmap=mmap))
+        except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped
+            shards.append(torch.load(p, map_location="cpu", weights_only=True))
+    return shards, read_json(folder / "params.json")
+
+
+def hf_config_from_params(params: dict[str, Any], vocab_size: int, max_position_embeddings: int, dtype: str) -> dict[str, Any]:
+    """config.json of the HF LlamaForCausalLM for Meta's params.json (`vocab_size` from the
+    embedding: LLaMA-1's params.json says -1)."""
+    dim, n_heads = int(params["dim"]), int(params["n_heads"])
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": dim,
+        "intermediate_size": meta_ffn_dim(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
+        "num_hidden_layers": int(params["n_layers"]),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": int(params.get("n_kv_heads") or n_heads),
+        "rms_norm_eps": float(params.get("norm_eps", 1e-6)),
+        "rope_theta": float(params.get("rope_theta", 10000.0)),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings,
+        "hidden_act": "silu",
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "dtype": dtype,
+    }
+    return config
+
+
+def iter_meta_as_hf(shards: list[dict[str, torch.Tensor]], params: dict[str, Any]) -> Any:
+    """(HF name, tensor) one at a time (`meta_to_hf` without holding the whole model)."""
+    for name in shards[0]:
+        if name == "rope.freqs":
+            continue
+        yield from meta_to_hf([{name: s[name]} for s in shards], params).items()

@@ -17,6 +17,7 @@ from chinese_vicuna.devices import DTYPES
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import read_json, write_json
 
+DELTA_MANIFEST = "delta_manifest.json"  # written by export/delta.py; named here so tensors.py needs no import of it
 SAFE_INDEX = "model.safetensors.index.json"
 
 
@@ -218,5 +219,3 @@ class ShardWriter:
                 self.out / f"{self.prefix}.safetensors.index.json", {"metadata": {"total_size": self.total}, "weight_map": weight_map}
             )
         return final
-
-

@@ -15,7 +15,6 @@ template the last message is the question and the ones before it the history.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.args import DecodingArguments
@@ -23,7 +22,7 @@ from chinese_vicuna.devices import resolve_precision
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.generation import chat_prompt_ids, generate_text, prompt_ids, stream_generate
 from chinese_vicuna.model.build import load_for_inference
-from chinese_vicuna.prompts import TEMPLATE_FILE, load_template
+from chinese_vicuna.prompts import resolve_template, saved_template
 
 
 class Engine:
@@ -38,12 +37,9 @@ class Engine:
         device_map: Any = None,
         tokenizer_path: str | None = None,
     ) -> None:
-        self.model, self.tokenizer = load_for_inference(
-            base_model, lora_weights, resolve_precision(precision), device_map, tokenizer_path
-        )
-        saved = Path(lora_weights or base_model) / TEMPLATE_FILE
-        name = prompt_template or (str(saved) if saved.is_file() else "alpaca")
-        self.template = load_template(name, self.tokenizer)
+        self.model, self.tokenizer = load_for_inference(base_model, lora_weights, resolve_precision(precision), device_map, tokenizer_path)
+        saved = saved_template([lora_weights, base_model], self.tokenizer)
+        self.template = resolve_template(prompt_template, saved, "alpaca", self.tokenizer)
 
     def prompt_ids(self, messages: Sequence[dict[str, str]], max_memory: int | None = None) -> list[int]:
         """The ids the model is given for `messages` (see the module docstring)."""

@@ -5,12 +5,15 @@ built exactly as in training, and streamed answers with the same UTF-8 and stop-
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from chinese_vicuna.data.fast_tokenize import encode_continuations
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.generation import IncrementalDecoder, StopStringFilter, prompt_ids
+from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, PromptTemplate, resolve_template, saved_template, template_from_json
 
 
 class LlamaCppTokenizer:
@@ -22,9 +25,22 @@ class LlamaCppTokenizer:
         self.eos_token_id = llm.token_eos()
         self.pad_token_id = self.eos_token_id
         self.specials = {self.bos_token_id, self.eos_token_id}
+        self.special_ids = {llm._model.token_get_text(i): i for i in self.specials}
+        self.special_split = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=False)
+        """As the HF tokenizer: "<s>" / "</s>" in the text (vicuna_v1.1, llama2 templates) become
+        their ids, and the text after one gets no space prefix (llama.cpp's own special=True
+        parsing adds one there, so ids would differ from training)."""
+        ids = [self.bos_token_id] if add_special_tokens else []
+        for i, part in enumerate(self.special_split.split(text)):
+            if i % 2:
+                ids.append(self.special_ids[part])
+            elif part and i == 0:
+                ids.extend(self.llm.tokenize(part.encode("utf-8"), add_bos=False, special=False))
+            elif part:
+                ids.extend(encode_continuations(self, [part])[0])
+        return ids
 
     def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = False) -> dict[str, Any]:
         if isinstance(texts, str):
@@ -46,6 +62,14 @@ def load_gguf(path: str, n_ctx: int = 2048, threads: int | None = None, logits_a
     if not Path(path).is_file():
         raise UserError(f"{path}: GGUF file not found (make one with tools/convert_to_gguf.py)")
     return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), logits_all=logits_all, verbose=False)
+
+
+def gguf_template(llm: Any, path: str, requested: str | None, fallback: str) -> PromptTemplate:
+    """The template a GGUF file was trained with (carried in its metadata by export/gguf.py, or a
+    prompt_template.json beside it), unless --prompt_template names one."""
+    text = (getattr(llm, "metadata", None) or {}).get(GGUF_TEMPLATE_KEY)
+    saved = template_from_json(text, f"{path}: {GGUF_TEMPLATE_KEY}") if text else saved_template([Path(path).parent])
+    return resolve_template(requested, saved, fallback)
 
 
 def stream_tokens(

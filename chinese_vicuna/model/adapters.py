@@ -15,17 +15,79 @@ from typing import Any
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import read_json
-from chinese_vicuna.model.loading import (
-    _full_shape,
-    _is_quantized,
-    embedding_rows,
-    has_tokenizer,
-    resize_embeddings,
-    tokenizer_length,
-    unused_vocab_rows,
-)
+from chinese_vicuna.model.loading import _full_shape, _is_quantized, embedding_rows, has_tokenizer, resize_embeddings, tokenizer_length, unused_vocab_rows
 
 logger = logging.getLogger(__name__)
+
+# Adapter weight files, in the order they are looked for: PEFT writes safetensors; the LoRAs
+# Chinese-Vicuna and Chinese-LLaMA-Alpaca published (PEFT of 2023) ship adapter_model.bin.
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+# adapter_config.json keys of that old PEFT which today's PEFT does not know (it would warn that
+# the adapter was "saved using a higher version"): dropped when the config is read.
+OBSOLETE_CONFIG_KEYS = ("enable_lora", "merge_weights")
+
+
+def adapter_weights_file(folder: str | os.PathLike) -> Path | None:
+    """The adapter's weights file (safetensors, else .bin), or None."""
+    for name in ADAPTER_WEIGHT_FILES:
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return None
+
+
+def read_adapter_config(config_file: str | os.PathLike) -> dict[str, Any]:
+    """An adapter_config.json without the obsolete keys (the file itself is left as it is)."""
+    config = read_json(Path(config_file))
+    return {k: v for k, v in config.items() if k not in OBSOLETE_CONFIG_KEYS}
+
+
+def load_adapter_tensors(weights: Path) -> dict[str, Any]:
+    """All tensors of an adapter weights file; a .bin is unpickled with weights_only (no code runs)."""
+    if weights.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(weights))
+    import torch
+
+    try:
+        return torch.load(str(weights), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{weights}: cannot be read as a weights-only PyTorch file ({str(exc).splitlines()[0]})") from None
+
+
+def adapter_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Key → shape of every tensor in an adapter weights file (safetensors: headers only)."""
+    if weights.suffix != ".safetensors":
+        return {k: tuple(v.shape) for k, v in load_adapter_tensors(weights).items()}
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+
+
+CHECKPOINT_WEIGHTS = "pytorch_model.bin"  # what a Chinese-Vicuna checkpoint-N holds: the LoRA state dict only
+
+
+def _missing_adapter_config(path: Path) -> UserError:
+    if (path / CHECKPOINT_WEIGHTS).is_file():
+        return UserError(
+            f"{path}: {CHECKPOINT_WEIGHTS} without adapter_config.json (a Chinese-Vicuna checkpoint-N): name the LoRA config it "
+            "was trained with, e.g. --lora_config config-sample/adapter_config.json"
+        )
+    return UserError(f"{path}: no adapter_config.json; --lora_weights must be a PEFT adapter folder (the output_dir or a checkpoint-N)")
+
+
+def adapter_files(folder: str | os.PathLike, lora_config: str | None = None) -> tuple[Path, Path | None]:
+    """(adapter config file, weights file) of an adapter folder, read in place: the folder's own
+    adapter_config.json, or `lora_config` for a checkpoint-N holding only pytorch_model.bin."""
+    path = Path(folder)
+    if (path / "adapter_config.json").is_file():
+        return path / "adapter_config.json", adapter_weights_file(path)
+    if lora_config and (path / CHECKPOINT_WEIGHTS).is_file():
+        if not Path(lora_config).is_file():
+            raise UserError(f"--lora_config {lora_config}: file not found")
+        return Path(lora_config), path / CHECKPOINT_WEIGHTS
+    raise _missing_adapter_config(path)
 
 
 @dataclass
@@ -37,6 +99,7 @@ class AdapterInfo:
     embed_rows: int | None = None  # full embed_tokens saved (modules_to_save, resized vocabulary)
     head_rows: int | None = None  # full lm_head saved
     tokenizer_len: int | None = None
+    lora_config: str | None = None  # the named config of a checkpoint-N without adapter_config.json
 
 
 def inner_name(adapter_key: str) -> str:
@@ -44,27 +107,18 @@ def inner_name(adapter_key: str) -> str:
     return adapter_key.split("base_model.model.", 1)[-1]
 
 
-def read_adapter(folder: str | os.PathLike) -> AdapterInfo:
-    from safetensors import safe_open
-
+def read_adapter(folder: str | os.PathLike, lora_config: str | None = None) -> AdapterInfo:
     path = Path(folder)
     if not path.is_dir():
         raise UserError(f"--lora_weights {path}: folder not found (give a PEFT adapter folder: the output_dir or a checkpoint-N)")
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise UserError(f"{path}: no adapter_config.json; --lora_weights must be a PEFT adapter folder")
-    config = read_json(cfg_path)
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        hint = " (only adapter_model.bin: load it with PEFT and save_pretrained it again)" if (path / "adapter_model.bin").is_file() else ""
-        raise UserError(f"{path}: no adapter_model.safetensors; the adapter folder is incomplete{hint}")
+    cfg_path, weights = adapter_files(path, lora_config)
+    config = read_adapter_config(cfg_path)
+    if weights is None:
+        raise UserError(f"{path}: no adapter_model.safetensors or adapter_model.bin; the adapter folder is incomplete")
     if config.get("peft_type", "LORA") != "LORA":
         raise UserError(f"{cfg_path}: peft_type {config.get('peft_type')!r}; only LoRA adapters can be merged")
-    shapes = {}
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            shapes[inner_name(key)] = tuple(f.get_slice(key).get_shape())
-    info = AdapterInfo(path, config, weights, shapes)
+    shapes = {inner_name(key): shape for key, shape in adapter_tensor_shapes(weights).items()}
+    info = AdapterInfo(path, config, weights, shapes, lora_config=None if cfg_path.parent == path else str(cfg_path))
     for name, shape in shapes.items():
         if name.endswith("embed_tokens.weight"):
             info.embed_rows = shape[0]
@@ -146,15 +200,12 @@ def check_adapter_matches_base(adapter_dir: str, model: Any, tokenizer: Any, voc
 
 def adapter_vocab_rows(adapter_dir: str) -> int | None:
     """Rows of the full embed_tokens / lm_head an adapter saved (modules_to_save), if any."""
-    weights = Path(adapter_dir) / "adapter_model.safetensors"
-    if not weights.is_file():
+    weights = adapter_weights_file(adapter_dir)
+    if weights is None:
         return None
-    from safetensors import safe_open
-
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            if key.endswith(("embed_tokens.weight", "lm_head.weight")) and "lora_" not in key:
-                return int(f.get_slice(key).get_shape()[0])
+    for key, shape in adapter_tensor_shapes(weights).items():
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")) and "lora_" not in key:
+            return int(shape[0])
     return None
 
 
@@ -170,7 +221,7 @@ def resize_to_adapter(model: Any, adapter_dir: str, tokenizer: Any = None) -> No
         return
     if tokenizer is not None and (len(tokenizer) > rows or unused_vocab_rows(len(tokenizer), rows)):
         raise UserError(
-            f"{adapter_dir}/adapter_model.safetensors has {rows} embedding rows but the tokenizer "
+            f"{adapter_weights_file(adapter_dir)} has {rows} embedding rows but the tokenizer "
             f"{getattr(tokenizer, 'name_or_path', '')} has {len(tokenizer)} tokens: "
             f"use the tokenizer saved with the adapter (--tokenizer_path {adapter_dir})"
         )
@@ -200,55 +251,58 @@ def parse_target_modules(value: str | list[str]) -> str | list[str]:
     return modules
 
 
-def check_adapter_fits(model: Any, adapter_dir: str) -> None:
+def check_adapter_fits(model: Any, adapter_dir: str, lora_config: str | None = None) -> None:
     """A LoRA made for another base (other shapes or vocabulary) → a clear error, not garbage."""
     path = Path(adapter_dir)
     if not path.is_dir():
         return  # a hub id: PEFT resolves and checks it
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"{path}: no adapter_config.json; --lora_weights must be a PEFT adapter folder (the output_dir or a checkpoint-N)")
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        if (path / "adapter_model.bin").is_file():
-            return
-        raise UserError(f"{path}: no adapter_model.safetensors; the adapter folder is incomplete")
-    from safetensors import safe_open
-
+    _, weights = adapter_files(path, lora_config)
+    if weights is None:
+        raise UserError(f"{path}: no adapter_model.safetensors or adapter_model.bin; the adapter folder is incomplete")
     params = dict(model.named_parameters())
     by_suffix = {name.split("base_model.model.")[-1]: p for name, p in params.items()}
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-            shape = tuple(f.get_slice(key).get_shape())
-            inner = key.split("base_model.model.", 1)[-1]
-            # embed_tokens / lm_head saved in full (modules_to_save, resized vocabularies)
-            if inner.endswith(("embed_tokens.weight", "lm_head.weight")):
-                target = by_suffix.get(inner)
-                if target is not None and _full_shape(target) != shape and len(shape) == 2 and shape[0] != _full_shape(target)[0]:
-                    raise UserError(
-                        f"{weights}: {inner} has {shape[0]} rows but the base model's vocabulary has {_full_shape(target)[0]}: "
-                        "this LoRA was trained with another tokenizer/base; load the matching base model or tokenizer"
-                    )
-                continue
-            if ".lora_A." in inner:
-                module = inner.split(".lora_A.")[0]
-                base = by_suffix.get(module + ".weight")
-                if base is None:
-                    base = by_suffix.get(module + ".base_layer.weight")
-                if base is not None and len(_full_shape(base)) == 2 and not _is_quantized(base) and shape[1] != _full_shape(base)[1]:
-                    raise UserError(
-                        f"{weights}: {module} expects inputs of size {shape[1]} but the base model's layer has {_full_shape(base)[1]}: "
-                        "this LoRA was made for another base model"
-                    )
+    for key, shape in adapter_tensor_shapes(weights).items():
+        inner = key.split("base_model.model.", 1)[-1]
+        # embed_tokens / lm_head saved in full (modules_to_save, resized vocabularies)
+        if inner.endswith(("embed_tokens.weight", "lm_head.weight")):
+            target = by_suffix.get(inner)
+            if target is not None and _full_shape(target) != shape and len(shape) == 2 and shape[0] != _full_shape(target)[0]:
+                raise UserError(
+                    f"{weights}: {inner} has {shape[0]} rows but the base model's vocabulary has {_full_shape(target)[0]}: "
+                    "this LoRA was trained with another tokenizer/base; load the matching base model or tokenizer"
+                )
+            continue
+        if ".lora_A." in inner:
+            module = inner.split(".lora_A.")[0]
+            base = by_suffix.get(module + ".weight")
+            if base is None:
+                base = by_suffix.get(module + ".base_layer.weight")
+            if base is not None and len(_full_shape(base)) == 2 and not _is_quantized(base) and shape[1] != _full_shape(base)[1]:
+                raise UserError(
+                    f"{weights}: {module} expects inputs of size {shape[1]} but the base model's layer has {_full_shape(base)[1]}: "
+                    "this LoRA was made for another base model"
+                )
 
 
-def load_lora(model: Any, adapter_dir: str, is_trainable: bool = False) -> Any:
+def load_lora(model: Any, adapter_dir: str, is_trainable: bool = False, lora_config: str | None = None) -> Any:
     """PeftModel from an adapter folder (ours, a checkpoint-N, stock PEFT's, or a hub id).
 
     A base for a LoRA trained on an expanded vocabulary is grown first by `model.build.load_checked_model`."""
     from peft import PeftModel
 
-    check_adapter_fits(model, adapter_dir)
+    check_adapter_fits(model, adapter_dir, lora_config)
+    config = None
+    if Path(adapter_dir).is_dir():
+        from peft import PeftConfig
+
+        # read here, without the obsolete keys PEFT would warn about
+        cfg_file, weights = adapter_files(adapter_dir, lora_config)
+        config = PeftConfig.from_peft_type(**read_adapter_config(cfg_file))
+        if weights is not None and weights.name == CHECKPOINT_WEIGHTS:
+            return _load_checkpoint_state(model, config, weights, is_trainable)
     try:
+        if config is not None:
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable, config=config)
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=is_trainable)
     except (OSError, ValueError) as exc:
         raise UserError(f"{adapter_dir}: cannot load the LoRA ({str(exc).splitlines()[0]})") from None
@@ -256,6 +310,23 @@ def load_lora(model: Any, adapter_dir: str, is_trainable: bool = False) -> Any:
         if "size mismatch" in str(exc):
             raise UserError(f"{adapter_dir}: this LoRA was made for another base model ({str(exc).splitlines()[-1].strip()})") from None
         raise
+
+
+def _load_checkpoint_state(model: Any, config: Any, weights: Path, is_trainable: bool) -> Any:
+    """A LoRA from a bare state dict (Chinese-Vicuna's checkpoint-N/pytorch_model.bin) and its named config."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    config.inference_mode = not is_trainable
+    peft_model = get_peft_model(model, config)
+    state = load_adapter_tensors(weights)
+    result = set_peft_model_state_dict(peft_model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or any("lora_" in k for k in result.unexpected_keys) or not any("lora_" in k for k in state):
+        raise UserError(
+            f"{weights}: its tensors do not fit the LoRA config given with --lora_config "
+            f"({len(missing)} LoRA weights missing, e.g. {(missing or result.unexpected_keys or ['none'])[0]}): name the config it was trained with"
+        )
+    return peft_model
 
 
 def add_lora(

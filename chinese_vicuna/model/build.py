@@ -10,13 +10,7 @@ from typing import Any
 
 from chinese_vicuna.args import ModelArguments
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.model.adapters import (
-    adapter_tokenizer_path,
-    adapter_vocab_rows,
-    check_adapter_matches_base,
-    load_lora,
-    resize_to_adapter,
-)
+from chinese_vicuna.model.adapters import adapter_tokenizer_path, adapter_vocab_rows, check_adapter_matches_base, load_lora, resize_to_adapter
 from chinese_vicuna.model.loading import check_special_tokens, check_vocab, load_base_model, load_tokenizer, resize_embeddings_to_tokenizer
 
 
@@ -55,6 +49,7 @@ def load_for_inference(
     tokenizer_path: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    lora_config: str | None = None,
 ) -> tuple[Any, Any]:
     """Model (base, base + LoRA, or a merged model) and tokenizer, in eval mode.
 
@@ -70,7 +65,7 @@ def load_for_inference(
     if lora_weights:
         resized = Path(lora_weights).is_dir() and adapter_vocab_rows(lora_weights) is not None
         check_adapter_matches_base(lora_weights, model, tokenizer, vocab_resized=resized)
-        model = load_lora(model, lora_weights)
+        model = load_lora(model, lora_weights, lora_config=lora_config)
     model.eval()
     return model, tokenizer
 
@@ -85,4 +80,5 @@ def load_from_args(model_args: ModelArguments) -> tuple[Any, Any]:
         model_args.tokenizer_path,
         model_args.trust_remote_code,
         model_args.attn_implementation,
+        model_args.lora_config,
     )

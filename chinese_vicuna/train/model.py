@@ -39,7 +39,7 @@ def load_model_for_training(
     )
     model = prepare_for_training(model, train_args.gradient_checkpointing)
     if model_args.lora_weights:
-        model = load_lora(model, model_args.lora_weights, is_trainable=True)
+        model = load_lora(model, model_args.lora_weights, is_trainable=True, lora_config=model_args.lora_config)
     else:
         modules = parse_modules_to_save(lora_args.modules_to_save, default_modules_to_save)
         model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules, modules)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from chinese_vicuna.args import ModelArguments
 from chinese_vicuna.devices import is_main_process, world_size
@@ -133,12 +134,29 @@ def _make_trainer(
     )
 
 
-def train_and_save(trainer: Trainer, tokenizer: Any, template: PromptTemplate | None = None, resume_from_checkpoint: str | None = None) -> None:
+class TemplateSaveCallback(TrainerCallback):
+    """Writes `prompt_template.json` into every `checkpoint-N`, so a checkpoint used for
+    inference, merged or exported is asked in the format it was trained on (pitfall 17)."""
+
+    def __init__(self, template: PromptTemplate) -> None:
+        self.template = template
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            self.template.save(folder)
+
+
+def train_and_save(
+    trainer: Trainer, tokenizer: Any, template: PromptTemplate | None = None, resume_from_checkpoint: str | None = None
+) -> None:
     """Train (or resume) and save the final adapter through the Trainer (ZeRO-3 safe), with its
-    tokenizer and the template it was trained with (`prompt_template.json`)."""
+    tokenizer and the template it was trained with (`prompt_template.json`, also in every checkpoint)."""
     args = trainer.args
     if is_main_process():
         log_trainable(trainer.model)
+    if template is not None:
+        trainer.add_callback(TemplateSaveCallback(template))
     trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     # Trainer.save_model gathers ZeRO-3 shards and calls PEFT's save_pretrained on the
     # unwrapped (uncompiled) model: adapter_config.json + adapter_model.safetensors.
