@@ -19,7 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.args import ChatSessionArguments, ChatTemplateArguments, DecodingArguments, ModelArguments, ServerArguments, UIArguments, parse_args
+from chinese_vicuna.args import (
+    ChatSessionArguments,
+    ChatTemplateArguments,
+    DecodingArguments,
+    ModelArguments,
+    ServerArguments,
+    UIArguments,
+    parse_args,
+)
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.i18n import Messages

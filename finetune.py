@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from chinese_vicuna.args import BatchArguments, DataArguments, LoraArguments, TemplateArguments, TrainArguments, TrainModelArguments, parse_args
+from chinese_vicuna.args import (
+    BatchArguments,
+    DataArguments,
+    LoraArguments,
+    TemplateArguments,
+    TrainArguments,
+    TrainModelArguments,
+    parse_args,
+)
 from chinese_vicuna.data.datasets import load_instruction_dataset
 from chinese_vicuna.data.mixing import load_train_val
 from chinese_vicuna.errors import exit_on_user_error

@@ -13,7 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from chinese_vicuna.args import BatchArguments, ChatTemplateArguments, DataArguments, LoraArguments, TrainArguments, TrainModelArguments, parse_args
+from chinese_vicuna.args import (
+    BatchArguments,
+    ChatTemplateArguments,
+    DataArguments,
+    LoraArguments,
+    TrainArguments,
+    TrainModelArguments,
+    parse_args,
+)
 from chinese_vicuna.data.datasets import load_chat_dataset
 from chinese_vicuna.data.mixing import load_train_val
 from chinese_vicuna.errors import exit_on_user_error

@@ -20,7 +20,17 @@ import torch
 
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.export.merge import config_for_output, copy_tokenizer, max_diff, merge_low_mem, merge_with_peft, plan_merge, prompt_logits, verify_ids, write_template
+from chinese_vicuna.export.merge import (
+    config_for_output,
+    copy_tokenizer,
+    max_diff,
+    merge_low_mem,
+    merge_with_peft,
+    plan_merge,
+    prompt_logits,
+    verify_ids,
+    write_template,
+)
 from chinese_vicuna.export.meta import save_meta
 from chinese_vicuna.export.tensors import DTYPE_NAMES, StagingDir, parse_size, resolve_dtype, split_list, write_manifest
 from chinese_vicuna.files import write_json

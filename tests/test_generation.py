@@ -17,7 +17,18 @@ from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.data.encode import encode_segments
 from chinese_vicuna.data.fast_tokenize import encode_continuations
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.infer.generation import GenerationStats, IncrementalDecoder, StopStringFilter, _QueueStreamer, chat_prompt_ids, finish_text, generate_answer, generate_text, prompt_ids, stream_generate
+from chinese_vicuna.infer.generation import (
+    GenerationStats,
+    IncrementalDecoder,
+    StopStringFilter,
+    _QueueStreamer,
+    chat_prompt_ids,
+    finish_text,
+    generate_answer,
+    generate_text,
+    prompt_ids,
+    stream_generate,
+)
 from chinese_vicuna.model.build import load_for_inference
 from chinese_vicuna.prompts import load_template
 

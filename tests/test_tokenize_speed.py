@@ -84,8 +84,10 @@ class _DisagreeingSentencepiece:
     def get_piece_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, texts: list[str], **kwargs: object) -> list[list[int]]:
+    def encode(self, texts: str | list[str], **kwargs: object) -> list[int] | list[list[int]]:
         ids = self.sp.encode(texts, **kwargs)
+        if isinstance(texts, str):  # one text (the continuation probe): as it is
+            return ids
         return [[*ids[0], 5], *ids[1:]] if ids else ids
 
 

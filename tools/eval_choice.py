@@ -19,7 +19,18 @@ from pathlib import Path
 
 from chinese_vicuna.args import ModelArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.evaluation.choice import aggregate, find_subjects, get_benchmark, load_questions, plot_results, prepare, read_predictions, score, submission, summary_markdown
+from chinese_vicuna.evaluation.choice import (
+    aggregate,
+    find_subjects,
+    get_benchmark,
+    load_questions,
+    plot_results,
+    prepare,
+    read_predictions,
+    score,
+    submission,
+    summary_markdown,
+)
 from chinese_vicuna.files import atomic_write_text
 from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import load_template

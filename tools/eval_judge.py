@@ -20,7 +20,20 @@ from pathlib import Path
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.endpoint import chat_completion, openai_client, resolve_api_key
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.evaluation.judge import load_judge_prompts, pair_jobs, pair_outcomes, pair_results, pair_summary, read_answers, read_judgments, read_questions, run_jobs, single_jobs, single_results, single_summary
+from chinese_vicuna.evaluation.judge import (
+    load_judge_prompts,
+    pair_jobs,
+    pair_outcomes,
+    pair_results,
+    pair_summary,
+    read_answers,
+    read_judgments,
+    read_questions,
+    run_jobs,
+    single_jobs,
+    single_results,
+    single_summary,
+)
 from chinese_vicuna.files import atomic_write_text
 
 logger = logging.getLogger("eval_judge")

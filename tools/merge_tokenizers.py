@@ -20,7 +20,13 @@ from pathlib import Path
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.data.records import read_text_lines
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.model.vocab import merge_sentencepiece_models, sp_hf_mismatches, sp_model_path, tokens_per_chinese_char, write_hf_tokenizer
+from chinese_vicuna.model.vocab import (
+    merge_sentencepiece_models,
+    sp_hf_mismatches,
+    sp_model_path,
+    tokens_per_chinese_char,
+    write_hf_tokenizer,
+)
 
 logger = logging.getLogger("merge_tokenizers")
 

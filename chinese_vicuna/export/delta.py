@@ -9,7 +9,15 @@ from typing import Any
 import torch
 
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.export.tensors import DELTA_MANIFEST, ShardWriter, StagingDir, TensorIndex, copy_side_files, tensor_sha256, write_manifest
+from chinese_vicuna.export.tensors import (
+    DELTA_MANIFEST,
+    ShardWriter,
+    StagingDir,
+    TensorIndex,
+    copy_side_files,
+    tensor_sha256,
+    write_manifest,
+)
 from chinese_vicuna.files import read_json, write_json
 
 

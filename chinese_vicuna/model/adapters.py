@@ -15,7 +15,15 @@ from typing import Any
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import read_json
-from chinese_vicuna.model.loading import _full_shape, _is_quantized, embedding_rows, has_tokenizer, resize_embeddings, tokenizer_length, unused_vocab_rows
+from chinese_vicuna.model.loading import (
+    _full_shape,
+    _is_quantized,
+    embedding_rows,
+    has_tokenizer,
+    resize_embeddings,
+    tokenizer_length,
+    unused_vocab_rows,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,13 @@ from typing import Any
 
 from chinese_vicuna.args import ModelArguments
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.model.adapters import adapter_tokenizer_path, adapter_vocab_rows, check_adapter_matches_base, load_lora, resize_to_adapter
+from chinese_vicuna.model.adapters import (
+    adapter_tokenizer_path,
+    adapter_vocab_rows,
+    check_adapter_matches_base,
+    load_lora,
+    resize_to_adapter,
+)
 from chinese_vicuna.model.loading import check_special_tokens, check_vocab, load_base_model, load_tokenizer, resize_embeddings_to_tokenizer
 
 
