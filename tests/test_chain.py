@@ -64,7 +64,7 @@ def test_expand_pretrain_merge_sft_generate(
     # embed_tokens and lm_head train in full: the new rows, born equal (the mean), are still close
     # after a short pretraining, and a LoRA alone cannot pull lm_head's rows apart
     sft = tmp_path / "sft"
-    proc = run_script(*memorize_args(merged, memorized_data, sft, epochs=40, save_steps=1000), "--modules_to_save", "embed_tokens,lm_head")
+    proc = run_script(*memorize_args(merged, memorized_data, sft, epochs=60, save_steps=1000), "--modules_to_save", "embed_tokens,lm_head")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     # 4. greedy generation reproduces the memorized answers, tokenized with the new pieces
