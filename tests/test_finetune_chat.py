@@ -89,7 +89,8 @@ def test_chat_defaults_and_shared_flags() -> None:
 
     types = (TrainModelArguments, ChatTemplateArguments, ChatDataArguments, LoraArguments, BatchArguments, ChatTrainArguments)
     model, template, data, lora, batch, train = parse_args(types, [])
-    assert (data.cutoff_len, template.prompt_template, data.train_on_last_turn_only) == (2048, "chinese-vicuna-chat", False)
+    assert (data.cutoff_len, template.prompt_template, data.train_on_last_turn_only) == (2048, None, False)
+    assert template.fallback_template == "chinese-vicuna-chat"  # None: the saved template, else this one
     assert train.gradient_checkpointing is True and data.data_path == "sample/chat/chat_sample.jsonl"
     flags = "--base_model m --load_in_4bit true --lora_r 4 --lora_target_modules all-linear --micro_batch_size 2 --batch_size 8"
     flags += " --num_epochs 2 --learning_rate 1e-4 --gradient_checkpointing false --train_on_last_turn_only true --prompt_template llama2"
