@@ -2,16 +2,18 @@
 
 One scheduler thread owns the model. Each turn of its loop it
 1. drops requests whose client went away (their slot is free at once),
-2. admits waiting requests up to `max_batch_size`: loads the request's LoRA if needed
-   (`AdapterRegistry`, LRU), runs its prompt alone (prefill, batch of one) and adds its KV
-   cache to the batch, left-padded to the batch's length,
+2. admits waiting requests up to `max_batch_size`: loads each request's LoRA if needed
+   (`AdapterRegistry`, LRU), runs the new prompts together (prefill, left-padded, with a mask)
+   and adds their KV caches to the batch, left-padded to the batch's length,
 3. runs ONE decoding step for every active request together: the last token of each row,
    a 2-D attention mask that hides the padding, per-row positions, and PEFT's
    `adapter_names=` so that rows of different LoRAs (and of the bare base) share the step.
+   The step's cache keeps spare columns (`GrowingLayer`), so a step writes one column
+   instead of copying the whole cache.
 
 Finished rows leave the batch at once and padding columns no row needs any more are cut, so
-a request never waits for a longer neighbour. Prefill alone and left padding with a mask
-make a greedy answer the same as the request decoded by itself.
+a request never waits for a longer neighbour. Padding is masked everywhere, so a greedy answer
+is the one the request gets decoded by itself (tests compare them token for token).
 
 Text goes out through the same `IncrementalDecoder` + `StopStringFilter` as the web pages:
 no broken UTF-8, no stop string shown, and the streamed pieces joined equal the whole answer.
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.generation import IncrementalDecoder, StopStringFilter, model_device
@@ -147,6 +150,7 @@ class BatchEngine:
         self._slots: list[_Slot] = []
         self._cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer, [batch, heads, T, dim]
         self._mask: torch.Tensor | None = None  # [batch, T]: 1 = a real token
+        self._step_cache: DynamicCache | None = None  # the decoding steps' cache; rebuilt when rows change
         self._closed = False
         self._inflight = 0  # taken from the queue and not finished (in prefill or active)
         self.steps = 0
@@ -202,7 +206,7 @@ class BatchEngine:
                 logger.exception("decoding step failed")
                 with self._cond:
                     slots, self._slots = self._slots, []
-                    self._cache, self._mask = [], None
+                    self._cache, self._mask, self._step_cache = [], None, None
                 for slot in slots:
                     self._finish(slot, "error", error=f"{type(exc).__name__}: {exc}")
         with self._cond:
@@ -228,7 +232,8 @@ class BatchEngine:
 
     def _admit(self) -> None:
         deferred: list[GenerationRequest] = []
-        while len(self._slots) < self.max_batch_size:
+        admitted: list[GenerationRequest] = []
+        while len(self._slots) + len(admitted) < self.max_batch_size:
             with self._cond:
                 if not self._waiting:
                     break
@@ -238,18 +243,22 @@ class BatchEngine:
                 self._end_early(request, Event(finish_reason="cancelled"))
                 continue
             if request.adapter is not None:
+                in_use = self._in_use() | {r.adapter for r in admitted if r.adapter is not None}
                 try:
-                    if not self.registry.ensure_loaded(request.adapter, self._in_use()):
+                    if not self.registry.ensure_loaded(request.adapter, in_use):
                         deferred.append(request)  # every loaded LoRA is busy: wait for one to finish
                         continue
                 except UserError as exc:
                     self._end_early(request, Event(finish_reason="error", error=str(exc), client_error=True))
                     continue
+            admitted.append(request)
+        if admitted:
             try:
-                self._prefill(request)
-            except Exception as exc:  # this request fails; the batch carries on
+                self._prefill(admitted)
+            except Exception as exc:  # these requests fail; the batch carries on
                 logger.exception("prefill failed")
-                self._end_early(request, Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                for request in admitted:
+                    self._end_early(request, Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
         if deferred:
             with self._cond:
                 self._waiting.extendleft(reversed(deferred))
@@ -267,30 +276,36 @@ class BatchEngine:
             kwargs["adapter_names"] = names
         return self.registry.model(input_ids=input_ids, use_cache=True, **kwargs)
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        slot = _Slot(request, self.tokenizer)
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long, device=self.device)
-        out = self._forward(ids, [request.adapter], attention_mask=torch.ones_like(ids), cache=DynamicCache())
-        token = pick_tokens(out.logits[:, -1, :], [slot])[0]
-        self._accept(slot, token)
-        if slot.done:
-            return
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        """The prompts of newly admitted requests in one forward pass, left-padded to the longest
+        (the mask hides the padding, positions count real tokens only), then their caches join the batch."""
+        width = max(len(r.prompt_ids) for r in requests)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], dtype=torch.long, device=self.device)
+        mask = torch.tensor(
+            [[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in requests], dtype=torch.long, device=self.device
+        )
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = self._forward(ids, [r.adapter for r in requests], attention_mask=mask, position_ids=positions, cache=DynamicCache())
+        slots = [_Slot(r, self.tokenizer) for r in requests]
+        for slot, token in zip(slots, pick_tokens(out.logits[:, -1, :], slots)):
+            self._accept(slot, token)
         cache = [(layer.keys, layer.values) for layer in out.cache.layers]
-        self._add_row(slot, cache)
+        self._add_rows(slots, cache, mask)
+        if any(s.done for s in slots):  # answered by their first token
+            self._keep_rows([i for i, s in enumerate(self._slots) if not s.done])
 
-    def _add_row(self, slot: _Slot, cache: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Append one request's cache to the batch, left-padding whichever side is shorter."""
-        length = cache[0][0].shape[2]
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+    def _add_rows(self, slots: list[_Slot], cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
+        """Append new rows' caches to the batch, left-padding whichever side is shorter."""
         if self._mask is not None:
-            width = max(length, self._mask.shape[1])
+            width = max(mask.shape[1], self._mask.shape[1])
             old = [(_pad_left(k, width), _pad_left(v, width)) for k, v in self._cache]
             new = [(_pad_left(k, width), _pad_left(v, width)) for k, v in cache]
             cache = [(torch.cat([ko, kn]), torch.cat([vo, vn])) for (ko, vo), (kn, vn) in zip(old, new)]
             mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
         with self._cond:
-            self._cache, self._mask = cache, mask
-            self._slots.append(slot)
+            self._cache, self._mask, self._step_cache = cache, mask, None
+            self._slots.extend(slots)
 
     def _keep_rows(self, rows: list[int]) -> None:
         """Keep only `rows` of the batch, and cut the padding columns no kept row needs."""
@@ -304,21 +319,24 @@ class BatchEngine:
             cache = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:]) for k, v in self._cache]
         with self._cond:
             self._slots = [self._slots[i] for i in rows]
-            self._cache, self._mask = cache, mask
+            self._cache, self._mask, self._step_cache = cache, mask, None
 
     def _step(self) -> None:
         slots = self._slots
         tokens = torch.tensor([[s.next_token] for s in slots], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.length] for s in slots], dtype=torch.long, device=self.device)
         mask = torch.cat([self._mask, torch.ones(len(slots), 1, dtype=torch.long, device=self.device)], dim=1)
+        if self._step_cache is None:
+            self._step_cache = DynamicCache()
+            self._step_cache.layers = [GrowingLayer(k, v) for k, v in self._cache]
         out = self._forward(
             tokens,
             [s.request.adapter for s in slots],
             attention_mask=mask,
             position_ids=positions,
-            cache=DynamicCache(self._cache),
+            cache=self._step_cache,
         )
-        self._cache = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self._cache = [(layer.keys, layer.values) for layer in self._step_cache.layers]
         self._mask = mask
         self.steps += 1
         for slot, token in zip(slots, pick_tokens(out.logits[:, -1, :], slots)):
@@ -365,6 +383,39 @@ class BatchEngine:
                 error=error,
             )
         )
+
+
+class GrowingLayer(DynamicLayer):
+    """One layer's keys and values in a buffer with spare columns: a decoding step writes its
+    column in place, where `DynamicLayer` copies the whole cache (`torch.cat`) every step, the
+    largest cost of a batched step on the CPU. `keys` / `values` are views of the filled part."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.device = keys.device
+        self.is_initialized = True
+        self._fill(keys, values)
+
+    def _fill(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        length = keys.shape[2]
+        spare = max(64, length)  # doubling: each column is copied O(1) times on average
+        self._key_buffer = keys.new_empty(*keys.shape[:2], length + spare, keys.shape[3])
+        self._value_buffer = values.new_empty(*values.shape[:2], length + spare, values.shape[3])
+        self._key_buffer[:, :, :length] = keys
+        self._value_buffer[:, :, :length] = values
+        self._length = length
+        self.keys, self.values = self._key_buffer[:, :, :length], self._value_buffer[:, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[2]
+        if self._length + new > self._key_buffer.shape[2]:
+            self._fill(self.keys, self.values)
+        end = self._length + new
+        self._key_buffer[:, :, self._length : end] = key_states
+        self._value_buffer[:, :, self._length : end] = value_states
+        self._length = end
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
