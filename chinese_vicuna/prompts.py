@@ -113,6 +113,11 @@ class PromptTemplate:
             }
         return self._special_tokens
 
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The text `{bos}` / `{eos}` stand for: the tokenizer's tokens (`<s>` / `</s>` without one)."""
+        return dict(self._special())
+
     def _fmt(self, key: str, **values: str) -> str:
         # One pass over the template's own placeholders: user text may contain braces or
         # "{input}", which must stay as typed. The template string is split once and cached
