@@ -113,6 +113,11 @@ class PromptTemplate:
             }
         return self._special_tokens
 
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """The text `{bos}` / `{eos}` stand for: the tokenizer's tokens (`<s>` / `</s>` without one)."""
+        return dict(self._special())
+
     def _fmt(self, key: str, **values: str) -> str:
         # One pass over the template's own placeholders: user text may contain braces or
         # "{input}", which must stay as typed. The template string is split once and cached
@@ -152,23 +157,36 @@ class PromptTemplate:
                 out.append("{{ " + json.dumps("{" + part + "}") + " }}")
         return "".join(out)
 
-    def jinja(self) -> str:
+    def jinja(self, bos: bool = False, single_instruction: bool = False) -> str:
         """A Jinja `chat_template` that renders exactly what this template renders (tested on the
         same matrix as the encoding): `apply_chat_template`, vLLM, TGI and llama.cpp servers then
         ask the model in its training format. Instruction templates: a user message is the
         instruction (no input), an assistant message the response. BOS is not part of the text,
-        as in training: `tokenizer(text)` adds it (docs/export.md)."""
+        as in training: `tokenizer(text)` adds it (docs/export.md).
+
+        `bos`: begin the text with `{{ bos_token }}`, for servers that tokenize a rendered chat
+        without special tokens (vLLM, llama-cpp-python). `single_instruction`: an instruction
+        template accepts exactly one user message (after an optional system message) and raises
+        otherwise, where a server cannot answer a multi-turn chat in an instruction format."""
         if self.is_auto:
             tpl = getattr(self.tokenizer, "chat_template", None)
             if not tpl:
                 raise UserError("template 'auto' has no chat_template of its own; the tokenizer has none")
             return tpl
+        start = "{{ bos_token }}" if bos else ""
         special = {"bos": "bos_token", "eos": "eos_token"}
         gen = "(add_generation_prompt is defined and add_generation_prompt)"
         if not self.is_chat:
             prompt = self._jinja_format("prompt_no_input", {**special, "instruction": "message['content']", "input": "''"})
+            if single_instruction:
+                start += (
+                    "{%- set turns = messages[1:] if messages and messages[0]['role'] == 'system' else messages -%}"
+                    "{%- if turns | length != 1 or turns[0]['role'] != 'user' -%}"
+                    "{{ raise_exception('this model uses an instruction template: send one user message (after an optional system message)') }}"
+                    "{%- endif -%}"
+                )
             return (
-                "{%- for message in messages -%}"
+                start + "{%- for message in messages -%}"
                 "{%- if message['role'] == 'user' -%}"
                 + prompt
                 + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{%- endif -%}"
@@ -199,7 +217,7 @@ class PromptTemplate:
                 "{%- else -%}" + user + "{%- endif -%}"
             )
         return (
-            head + "{%- for message in loop_messages -%}"
+            start + head + "{%- for message in loop_messages -%}"
             "{%- if message['role'] == 'user' -%}"
             + user
             + "{%- if not loop.last or "

@@ -13,7 +13,7 @@ import torch
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.prompts import available_templates, load_template
-from chinese_vicuna.serving.launch import template_to_jinja, vllm_command
+from chinese_vicuna.serving.launch import vllm_command
 from conftest import REPO, run_script
 from serve_helpers import ANSWERS_A, INSTRUCTIONS, KEY, running_server
 
@@ -34,7 +34,7 @@ def test_jinja_chat_template_renders_like_the_template(name: str, tiny_model_dir
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     template = load_template(name, tok)
-    jinja = template_to_jinja(template)
+    jinja = template.jinja(bos=True, single_instruction=True)
     for messages in CONVERSATIONS:
         user_turns = [m for m in messages if m["role"] != "system"]
         if not template.is_chat and len(user_turns) > 1:
@@ -70,12 +70,14 @@ def test_vllm_command(tmp_path: Path) -> None:
         "--chat-template", str(jinja), "--tensor-parallel-size", "2", "--dtype", "bfloat16",
         "--enable-lora", "--max-loras", "3", "--max-lora-rank", "64", "--lora-modules", f"med={med}", f"law={law}",
     ]  # fmt: skip
-    assert jinja.read_text(encoding="utf-8") == template_to_jinja(load_template("alpaca"))
+    assert jinja.read_text(encoding="utf-8") == load_template("alpaca").jinja(bos=True, single_instruction=True)
     assert env == {"VLLM_API_KEY": "k-123", "CUDA_VISIBLE_DEVICES": "0,1"}  # the key never on the command line
     assert "k-123" not in " ".join(command)
     chat = fake_adapter(tmp_path / "chat", 8, "chinese-vicuna-chat")
     with pytest.raises(UserError, match="one chat template"):
         vllm_command("/models/llama-7b", {"med": str(med), "chat": str(chat)}, "alpaca")
+    command, _ = vllm_command("/models/llama-7b", {}, "auto", template_dir=tmp_path)
+    assert "--chat-template" not in command  # vLLM keeps the tokenizer's own chat_template
 
 
 def test_serve_dry_run_prints_the_vllm_command(tmp_path: Path) -> None:

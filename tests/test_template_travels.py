@@ -5,6 +5,7 @@ the template saved beside the adapter or model unless one is named."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from test_prefix_consistency import ANSWERS, USERS, conversations
 
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import TEMPLATE_FILE, available_templates, load_template, resolve_template, saved_template
+from conftest import SAMPLE_INSTRUCT, memorize_args, read_jsonl, run_script
 
 NAMED = [t for t in available_templates() if t != "auto"]
 
@@ -71,6 +73,33 @@ def test_saved_template_is_used_and_an_explicit_one_wins_with_a_warning(tmp_path
     with caplog.at_level(logging.WARNING):
         assert resolve_template("alpaca", saved, "alpaca").name == "alpaca"
     assert "differs from the template the model was trained with ('chinese-alpaca'" in caplog.text
+
+
+def test_a_lora_trained_with_chinese_alpaca_answers_through_generate_without_naming_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The issue's end to end: finetune.py --prompt_template chinese-alpaca, then generate.py's
+    file mode with no --prompt_template gives back the memorized answers (greedy)."""
+    records = [read_jsonl(SAMPLE_INSTRUCT)[i] for i in (0, 1, 2, 12)]  # the last one has an input
+    assert records[-1]["input"]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    lora = tmp_path / "lora"
+    proc = run_script(*memorize_args(tiny_model_dir, data, lora, save_steps=1000), "--prompt_template", "chinese-alpaca")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((lora / TEMPLATE_FILE).read_text(encoding="utf-8"))["name"] == "chinese-alpaca"
+
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"instruction": r["instruction"], "input": r["input"]}, ensure_ascii=False) + "\n" for r in records), "utf-8"
+    )
+    ask = ["generate.py", "--base_model", str(tiny_model_dir), "--lora_weights", str(lora), "--data_file", str(questions)]
+    proc = run_script(*ask, "--output_file", str(tmp_path / "answers.jsonl"), "--max_new_tokens", "96")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "prompt template 'chinese-alpaca', saved with the model" in proc.stderr
+    assert [r["output"] for r in read_jsonl(tmp_path / "answers.jsonl")] == [r["output"] for r in records]
+
+    proc = run_script(*ask, "--output_file", str(tmp_path / "alpaca.jsonl"), "--max_new_tokens", "1", "--prompt_template", "alpaca")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--prompt_template alpaca differs from the template the model was trained with ('chinese-alpaca'); using alpaca" in proc.stderr
 
 
 # The reference renderings (the leading BOS, which training adds as an id, is cut off).

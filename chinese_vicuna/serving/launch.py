@@ -5,9 +5,9 @@ The key never goes on a command line (visible to every user in `ps`): vLLM reads
 `VLLM_API_KEY`, and our llama.cpp runner (`python -m chinese_vicuna.serving.llamacpp_server`)
 from `CHINESE_VICUNA_API_KEY`.
 
-Both servers render chats with a Jinja `chat_template`; `template_to_jinja` writes one from a
-template of our registry that renders byte-identically to `PromptTemplate` (BOS included,
-as vLLM and llama.cpp tokenize a rendered chat without adding special tokens).
+Both servers render chats with a Jinja `chat_template`: `PromptTemplate.jinja(bos=True,
+single_instruction=True)`, which renders byte-identically to the registry template with BOS
+in front (vLLM and llama.cpp tokenize a rendered chat without adding special tokens).
 """
 
 from __future__ import annotations
@@ -20,76 +20,18 @@ from pathlib import Path
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import atomic_write_text
-from chinese_vicuna.prompts import PLACEHOLDER, PromptTemplate, load_template
+from chinese_vicuna.prompts import PromptTemplate, load_template
 from chinese_vicuna.serving.adapters import template_for_adapter
 
 API_KEY_ENV = "CHINESE_VICUNA_API_KEY"
 
 
-def _jinja_text(fmt: str, values: dict[str, str]) -> str:
-    """A template string with {placeholders} → Jinja output statements (literals quoted)."""
-    parts = PLACEHOLDER.split(fmt)
-    out = []
-    for i, part in enumerate(parts):
-        if i % 2 == 0:
-            if part:
-                out.append("{{ " + json.dumps(part, ensure_ascii=False) + " }}")
-        else:
-            out.append("{{ " + values.get(part, json.dumps("{" + part + "}")) + " }}")
-    return "".join(out)
-
-
-def template_to_jinja(template: PromptTemplate) -> str:
-    """A Jinja chat template (Hugging Face's `chat_template` conventions) equal to `template`.
-
-    Instruction templates take one user message, after an optional system message, as the
-    instruction (as serve.py does) and raise an error for anything else.
-    """
-    if template.is_auto:
-        raise UserError("template 'auto' is already the tokenizer's own chat_template; give that to the server directly")
-    special = {"bos": "bos_token", "eos": "eos_token", "system": "system", "content": "message['content']"}
-    head = (
-        "{%- if messages[0]['role'] == 'system' -%}{%- set system = messages[0]['content'] -%}{%- set msgs = messages[1:] -%}"
-        "{%- else -%}{%- set system = "
-        + json.dumps(template.default_system, ensure_ascii=False)
-        + " -%}{%- set msgs = messages -%}{%- endif -%}"
-        "{{ bos_token }}"
-    )
-    spec = template.spec
-    if not template.is_chat:
-        prefix, _, suffix = spec["prompt_no_input"].partition("{instruction}")
-        return head + (
-            "{%- if msgs | length != 1 or msgs[0]['role'] != 'user' -%}"
-            "{{ raise_exception('this model uses an instruction template: send one user message (after an optional system message)') }}"
-            "{%- endif -%}{%- set message = msgs[0] -%}"
-            + _jinja_text(prefix, special)
-            + "{{ message['content'] }}"
-            + _jinja_text(suffix, special)
-        )
-    first_user = "first_user_format" in spec
-    body = head
-    if spec.get("system_format") and not first_user:
-        body += "{%- if system -%}" + _jinja_text(spec["system_format"], special) + "{%- endif -%}"
-    body += "{%- for message in msgs -%}{%- if message['role'] == 'user' -%}"
-    user = _jinja_text(spec["user_format"], special)
-    if first_user:
-        body += (
-            "{%- if loop.first -%}{%- if system -%}" + _jinja_text(spec["first_user_format"], special)
-            + "{%- else -%}" + _jinja_text(spec.get("first_user_format_no_system", spec["user_format"]), special)
-            + "{%- endif -%}{%- else -%}" + user + "{%- endif -%}"
-        )  # fmt: skip
-    else:
-        body += user
-    body += "{%- if not loop.last or add_generation_prompt -%}" + _jinja_text(spec.get("assistant_prefix", ""), special) + "{%- endif -%}"
-    body += "{%- else -%}" + _jinja_text(spec["assistant_format"], special) + "{%- endif -%}{%- endfor -%}"
-    return body
-
-
 def write_chat_template(template: PromptTemplate, folder: Path | None = None) -> Path:
-    """The Jinja of `template` in a file (the servers take a path)."""
+    """The Jinja of `template` in a file (the servers take a path): BOS in the text, and an
+    instruction template answers one user message (`PromptTemplate.jinja`)."""
     folder = folder or Path(tempfile.mkdtemp(prefix="cv-serve-"))
     path = folder / f"{template.name}.jinja"
-    atomic_write_text(path, template_to_jinja(template))
+    atomic_write_text(path, template.jinja(bos=True, single_instruction=True))
     return path
 
 
@@ -130,7 +72,8 @@ def vllm_command(
             )
     command = [shutil.which("vllm") or "vllm", "serve", base_model, "--host", host, "--port", str(port)]
     command += ["--served-model-name", served_model_name or Path(base_model.rstrip("/")).name]
-    command += ["--chat-template", str(write_chat_template(template, template_dir))]
+    if not template.is_auto:  # auto: vLLM renders with the tokenizer's own chat_template
+        command += ["--chat-template", str(write_chat_template(template, template_dir))]
     command += ["--tensor-parallel-size", str(tensor_parallel_size(tot_cuda))]
     if precision in VLLM_DTYPES:
         command += ["--dtype", VLLM_DTYPES[precision]]

@@ -4,7 +4,7 @@
 
 (`serve.py --engine llamacpp --gguf FILE` runs this.) The app is llama-cpp-python's own
 (`llama_cpp.server.app.create_app`); what this adds is a chat format named after the template,
-rendered by llama-cpp-python's Jinja formatter from `template_to_jinja`, with the template's stop
+rendered by llama-cpp-python's Jinja formatter from `PromptTemplate.jinja`, with the template's stop
 strings, so that a client gets the same answers as from serve.py. The key is read from
 $CHINESE_VICUNA_API_KEY (never from the command line).
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.prompts import load_template
-from chinese_vicuna.serving.launch import API_KEY_ENV, template_to_jinja
+from chinese_vicuna.serving.launch import API_KEY_ENV
 
 
 def register_template_format(template_name: str) -> str:
@@ -35,7 +35,8 @@ def register_template_format(template_name: str) -> str:
             return response
 
     name = f"chinese-vicuna-{template.name}"
-    formatter = TemplateFormatter(template=template_to_jinja(template), eos_token="</s>", bos_token="<s>")
+    # BOS in the text: llama-cpp-python tokenizes a rendered chat without adding special tokens
+    formatter = TemplateFormatter(template=template.jinja(bos=True, single_instruction=True), eos_token="</s>", bos_token="<s>")
     llama_chat_format.LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(
         name, formatter.to_chat_handler(), overwrite=True
     )
