@@ -293,7 +293,7 @@ def test_convert_to_gguf_without_gguf_says_what_to_install(tiny_model_dir: Path,
 # --- 4. files others can read ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask022", "umask027"])
 def test_written_files_follow_the_umask(umask: int, tmp_path: Path) -> None:
     code = textwrap.dedent(f"""
         import os, stat
