@@ -135,6 +135,16 @@ def test_each_bad_record_is_one_line_naming_file_and_line(name: str, tok, tmp_pa
     assert re.search(pattern, str(exc.value)) and "\n" not in str(exc.value), str(exc.value)
 
 
+def test_surrogate_escapes_in_a_json_list(tmp_path: Path) -> None:
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps([{"instruction": "😀", "output": "中"}, {"instruction": "a", "output": "b"}]), encoding="utf-8")
+    assert "\\ud83d\\ude00" in path.read_text(encoding="utf-8")  # ensure_ascii: a surrogate pair, one character
+    assert read_records(path)[0].data["instruction"] == "😀"
+    path.write_text('[{"instruction": "a", "output": "b"}, {"instruction": "\\udfff", "output": "b"}]', encoding="utf-8")
+    with pytest.raises(UserError, match=r"list\.json record 2: a lone surrogate \(\\udfff\)"):
+        read_records(path)
+
+
 def test_null_input_means_no_input(tok) -> None:
     from chinese_vicuna.data.records import Record, validate_instruction
 

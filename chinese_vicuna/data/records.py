@@ -78,10 +78,13 @@ def _at(where: str | os.PathLike, line: int | None) -> str:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def check_text(value: Any, where: str, raw: str) -> None:
-    """No lone surrogate (`"\\ud800"`, which no tokenizer or file can encode) in a record parsed from `raw`."""
-    if "\\u" not in raw or not _SURROGATE_ESCAPE.search(raw):
-        return  # the usual case, found without walking the record
+def may_hold_surrogates(raw: str) -> bool:
+    """Whether JSON text has a surrogate escape: only then can a parsed value hold a lone one."""
+    return "\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None
+
+
+def check_text(value: Any, where: str) -> None:
+    """No lone surrogate (`"\\ud800"`, which no tokenizer or file can encode) in a parsed record."""
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -124,9 +127,11 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
         raise UserError(f"{path}: a .json data file must hold a list of records, got {type(value).__name__}; or use .jsonl")
     if not value:
         raise UserError(f"{path}: the list of records is empty")
+    check = may_hold_surrogates(text)  # once for the file, not per record
     for i, v in enumerate(value):
         where = f"{path} record {i + 1}"
-        check_text(v, where, text)
+        if check:
+            check_text(v, where)
         yield Record(v, where)
 
 
@@ -147,7 +152,8 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
                 continue
             where = f"{path}:{lineno}"
             value = parse_json(line, where, first_line=lineno)
-            check_text(value, where, line)
+            if may_hold_surrogates(line):
+                check_text(value, where)
             yield Record(value, where)
             count += 1
     if not count:
