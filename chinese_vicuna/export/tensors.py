@@ -110,7 +110,7 @@ class StagingDir:
             raise UserError(f"--output_dir {self.out}: exists and is not a folder")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         clean_leftovers(self.out)
-        held = sorted(p.name for p in self.out.iterdir() if not p.name.startswith(".")) if self.out.is_dir() else []
+        held = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []  # hidden ones too: all is replaced
         weights = [n for n in held if n.endswith(WEIGHT_SUFFIXES)]
         if weights and not overwrite:
             raise UserError(f"--output_dir {self.out}: already holds weights ({weights[0]}, ...); pick an empty folder or pass --overwrite")
