@@ -64,14 +64,18 @@ class LiteralSpecials:
     """Marks the special-token text in user strings for one tokenizer (`literal_specials(tokenizer)`)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-        specials = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+        decoder = getattr(tokenizer, "added_tokens_decoder", None)
+        if decoder is not None:  # HF: special added tokens are kept as text; every added one is split out of the template's
+            specials = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+            self.added_ids: dict[str, int] = {t: i for t, i in tokenizer.get_added_vocab().items() if t}
+        else:  # infer/llamacpp.LlamaCppTokenizer: its BOS and EOS text
+            self.added_ids = dict(getattr(tokenizer, "special_ids", {}))
+            specials = set(self.added_ids)
         ordered = sorted(specials, key=len, reverse=True)  # "</s>" before "<s>" where one contains another
         self.pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self.code = {t: ESCAPE + chr(0xF0001 + i) for i, t in enumerate(ordered)}
         self.text = {code[1]: t for t, code in self.code.items()} | {ESCAPE: ESCAPE}
-        # every added token (special or not) is split out of the template's text, as HF does
-        added = sorted((t for t in getattr(tokenizer, "get_added_vocab", dict)() if t), key=len, reverse=True)
+        added = sorted(self.added_ids, key=len, reverse=True)
         self.added = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
 
     def protect(self, text: str) -> str:
@@ -93,7 +97,7 @@ class LiteralSpecials:
         ids: list[int] = []
         for j, part in enumerate(parts):
             if j % 2:
-                ids.append(tokenizer.convert_tokens_to_ids(part))
+                ids.append(self.added_ids[part])
             elif part and start and j == 0:
                 ids.extend(encode_texts(tokenizer, [self.restore(part)], split_special_tokens=True)[0])
             elif part:
