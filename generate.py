@@ -18,11 +18,11 @@ from typing import Any
 from tqdm import tqdm
 
 from chinese_vicuna.args import DecodingArguments, ModelArguments, ServerArguments, TemplateArguments, UIArguments, parse_args
-from chinese_vicuna.data.records import read_records
+from chinese_vicuna.data.records import Record, read_records
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.batch_generate import answer_in_batches
 from chinese_vicuna.infer.generation import GenerationStats, prompt_ids, stream_generate
-from chinese_vicuna.infer.jsonl import JsonlAppender, question_of, resume_point
+from chinese_vicuna.infer.jsonl import JsonlAppender, check_output_file, question_of, resume_point
 from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import PromptTemplate, resolve_template, saved_template
 
@@ -38,6 +38,15 @@ class BatchFileArguments:
     )
 
 
+def read_batch_input(data_file: str, output_file: str) -> tuple[list[Record], list[tuple[str, str]], int]:
+    """The records, their questions and how many the output file already answers: every record
+    and the output file checked before any model is loaded."""
+    check_output_file(output_file, data_file)
+    records = read_records(data_file)
+    questions = [question_of(r) for r in records]  # check every record before generating
+    return records, questions, resume_point(output_file, records)
+
+
 def run_batch(
     model: Any,
     tokenizer: Any,
@@ -47,9 +56,7 @@ def run_batch(
     output_file: str,
     batch_size: int = 16,
 ) -> None:
-    records = read_records(data_file)
-    questions = [question_of(r) for r in records]  # check every record before generating
-    done = resume_point(output_file, records)
+    records, questions, done = read_batch_input(data_file, output_file)
     if done:
         logger.info("%s: %d of %d records already answered; resuming", output_file, done, len(records))
     prompts = [prompt_ids(tokenizer, template, instruction, inp) for instruction, inp in questions[done:]]
@@ -117,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--batch_size must be at least 1 (got {args.batch_size})")
     if bool(args.data_file) != bool(args.output_file):
         raise UserError("batch mode needs both --data_file and --output_file (or neither, for the web page)")
+
+    if args.data_file:
+        read_batch_input(args.data_file, args.output_file)  # data and output file problems before minutes of loading
 
     model, tokenizer = load_from_args(model_args)
     # the template the adapter (or merged model) was trained with, unless one is named

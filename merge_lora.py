@@ -21,6 +21,7 @@ import torch
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.export.merge import (
+    adapter_fingerprint,
     config_for_output,
     copy_tokenizer,
     max_diff,
@@ -28,6 +29,7 @@ from chinese_vicuna.export.merge import (
     merge_with_peft,
     plan_merge,
     prompt_logits,
+    repeated_adapters,
     verify_ids,
     write_template,
 )
@@ -63,7 +65,14 @@ class MergeArguments:
             "saved with the last adapter (or the base); none written when there is none."
         },
     )
-    overwrite: bool = field(default=False, metadata={"help": "Replace weights already in --output_dir."})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Replace the model in --output_dir (the new one is swapped in by renames once complete)."},
+    )
+    allow_repeated_lora: bool = field(
+        default=False,
+        metadata={"help": "Merge a LoRA that is named twice or already merged into --base_model (its effect is added again)."},
+    )
 
     def __post_init__(self) -> None:
         if self.output_type not in ("hf", "pth"):
@@ -99,12 +108,22 @@ def main(argv: list[str] | None = None) -> None:
     plan = plan_merge(args.base_model, split_list(args.lora_weights), args.lora_config)
     for note in plan.notes:
         logger.info(note)
+    repeats = repeated_adapters(plan)
+    if repeats and not args.allow_repeated_lora:
+        raise UserError(
+            f"--lora_weights: {repeats[0]}: this LoRA would be merged twice (its delta added again); "
+            "drop it, or pass --allow_repeated_lora true if that is meant"
+        )
+    for repeat in repeats:
+        logger.warning("merging a LoRA again (--allow_repeated_lora): %s", repeat)
     dtype = resolve_dtype(args.dtype, plan.config)
     max_shard = parse_size(args.max_shard_size)
     tokenizer = load_tokenizer(str(plan.tokenizer_dir))
     info = {
         "base_model": str(plan.base),
         "lora_weights": [str(a.path) for a in plan.adapters],
+        # adapters by content, so a later merge into this model can tell one that is already in it
+        "lora_sha256": [adapter_fingerprint(a) for a in plan.adapters],
         "tokenizer_from": str(plan.tokenizer_dir),
         "output_type": args.output_type,
         "dtype": DTYPE_NAMES[dtype],

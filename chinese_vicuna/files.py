@@ -4,19 +4,50 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.errors import UserError
 
+_UMASK: int | None = None
+
+
+def process_umask() -> int:
+    """The process's umask, read once. Linux shows it in /proc/self/status; elsewhere it can only
+    be read by setting it, which is done once here (at the first write, before worker threads
+    write files) and never again, so no other thread creates a file under a zero umask later."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            status = Path("/proc/self/status").read_text(encoding="ascii")
+            _UMASK = int(re.search(r"^Umask:\s*([0-7]+)", status, re.M).group(1), 8)  # type: ignore[union-attr]
+        except (OSError, AttributeError, ValueError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The permissions `open()` / `mkdir()` would give a new file (0o666) or folder (0o777) under the umask."""
+    return (0o777 if directory else 0o666) & ~process_umask()
+
+
+def make_readable(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file or folder made private by `tempfile.mkstemp` / `mkdtemp` (0600 / 0700) the
+    permissions the umask asks for, so others can read a model as with any file the user writes."""
+    os.chmod(path, umask_mode(directory))
+
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place."""
+    """Write `data` to a temporary file beside `path`, then rename it into place (with the
+    umask's permissions, not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

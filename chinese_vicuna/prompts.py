@@ -354,11 +354,50 @@ def load_template(name_or_path: str, tokenizer: Any = None) -> PromptTemplate:
         )
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise UserError(f"{path}: not a valid JSON template ({exc})") from None
-    if not ("prompt_no_input" in spec or "user_format" in spec):
-        raise UserError(f"{path}: a template needs 'prompt_input'/'prompt_no_input' (instruction) or 'user_format' (chat)")
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the template ({exc.strerror or exc})") from None
+    validate_spec(spec, str(path))
     return PromptTemplate(spec.get("name", path.stem), spec, tokenizer)
+
+
+# What each kind of template must have, and the placeholder each of those strings must use
+# (a prompt_input without {input} would silently drop every record's input).
+INSTRUCTION_KEYS = {"prompt_input": ("{instruction}", "{input}"), "prompt_no_input": ("{instruction}",)}
+CHAT_KEYS = {"user_format": ("{content}",), "assistant_prefix": (), "assistant_format": ("{content}",)}
+STRING_KEYS = ("name", "description", "system", "system_format", "first_user_format", "first_user_format_no_system")
+BOOL_KEYS = ("strip_content", "strip_system", "render_empty_system")
+
+
+def validate_spec(spec: Any, where: str) -> None:
+    """A template's JSON: an object of one kind (instruction or chat) with all of that kind's
+    strings, each with its placeholders, and the optional keys of the right JSON types."""
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: a template must be a JSON object, got {type(spec).__name__}")
+    kind, required = ("chat", CHAT_KEYS) if "user_format" in spec else ("instruction", INSTRUCTION_KEYS)
+    if kind == "instruction" and not any(k in spec for k in INSTRUCTION_KEYS):
+        raise UserError(f"{where}: a template needs 'prompt_input' and 'prompt_no_input' (instruction) or 'user_format' (chat)")
+    if "first_user_format" in spec:
+        required = {**required, "first_user_format_no_system": ("{content}",)}
+    for key, placeholders in required.items():
+        if key not in spec:
+            article = "an" if kind == "instruction" else "a"
+            raise UserError(f"{where}: {article} {kind} template needs {key!r} (it has {', '.join(sorted(spec))})")
+        if not isinstance(spec[key], str):
+            raise UserError(f"{where}: {key!r} must be a string, got {type(spec[key]).__name__}")
+        missing = [p for p in placeholders if p not in spec[key]]
+        if missing:
+            raise UserError(f"{where}: {key!r} has no {missing[0]} placeholder, so that text would never be in the prompt")
+    for key in STRING_KEYS:
+        if key in spec and not isinstance(spec[key], str):
+            raise UserError(f"{where}: {key!r} must be a string, got {type(spec[key]).__name__}")
+    for key in BOOL_KEYS:
+        if key in spec and not isinstance(spec[key], bool):
+            raise UserError(f"{where}: {key!r} must be true or false, got {json.dumps(spec[key])}")
+    stop = spec.get("stop", [])
+    if not (isinstance(stop, list) and all(isinstance(x, str) and x for x in stop)):
+        raise UserError(f"{where}: 'stop' must be a list of non-empty strings, got {json.dumps(stop, ensure_ascii=False)}")
 
 
 def _rendering_spec(spec: dict[str, Any]) -> dict[str, Any]:
@@ -378,8 +417,9 @@ def template_from_json(text: str, where: str, tokenizer: Any = None) -> PromptTe
     """A template from the text of a `prompt_template.json` (as a GGUF file carries it)."""
     try:
         spec = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise UserError(f"{where}: not a valid JSON template ({exc})") from None
+    validate_spec(spec, where)
     return PromptTemplate(spec.get("name", "saved"), spec, tokenizer)
 
 

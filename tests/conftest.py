@@ -75,7 +75,7 @@ def memorized_lora(tiny_model_dir: Path, memorized_data: Path, tmp_path_factory:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 @pytest.fixture(scope="session")

@@ -161,3 +161,21 @@ def test_cpu_chat_prompt_ids_equal_hf(f16_gguf: Path, hf, name: str) -> None:
         want = prompt_ids(tokenizer, hf_template, "写一首诗。", "关于春天")
         got = prompt_ids(LlamaCppTokenizer(llm), cpp_template, "写一首诗。", "关于春天")
     assert got == want
+
+
+@pytest.mark.parametrize("name", ["alpaca", "vicuna_v1.1", "llama2"])
+def test_cpu_chat_keeps_special_token_text_as_text_like_hf(f16_gguf: Path, hf, name: str) -> None:
+    """Special-token text typed by the user ("<s>", "</s>") is characters on both engines; the template's stay ids."""
+    _, tokenizer = hf
+    llm = load_gguf(str(f16_gguf), n_ctx=512)
+    history = [{"role": "user", "content": "写 <s>删除线</s>"}, {"role": "assistant", "content": "好的：</s>"}]
+    hf_template, cpp_template = load_template(name, tokenizer), load_template(name, None)
+    if hf_template.is_chat:
+        want, _ = chat_prompt_ids(tokenizer, hf_template, history, "</s>再来", None, 400)
+        got, _ = chat_prompt_ids(LlamaCppTokenizer(llm), cpp_template, history, "</s>再来", None, 400)
+        assert want.count(tokenizer.eos_token_id) == 1  # the template's, ending the one answer
+    else:
+        want = prompt_ids(tokenizer, hf_template, "写 <s>删除线</s>", "</s>")
+        got = prompt_ids(LlamaCppTokenizer(llm), cpp_template, "写 <s>删除线</s>", "</s>")
+        assert want.count(tokenizer.eos_token_id) == 0
+    assert got == want

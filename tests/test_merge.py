@@ -272,3 +272,34 @@ def test_clear_errors(tiny_model_dir: Path, loras: dict[str, Path], tmp_path: Pa
             err = capsys.readouterr().err
         assert message in err, err[-1000:]
         assert not out.exists() or not any(out.glob("*.safetensors"))
+
+
+def test_repeated_lora_is_refused_unless_asked(
+    tiny_model_dir: Path, loras: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import shutil
+
+    twice = f"{loras['A']},{loras['B']},{loras['A']}"
+    with pytest.raises(SystemExit) as exc:
+        merge("--base_model", str(tiny_model_dir), "--lora_weights", twice, "--output_dir", str(tmp_path / "twice"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"error: --lora_weights: {loras['A']} is {loras['A']}: this LoRA would be merged twice (its delta added again); "
+        "drop it, or pass --allow_repeated_lora true if that is meant"
+    )
+    merged = tmp_path / "merged-A"
+    merge("--base_model", str(tiny_model_dir), "--lora_weights", str(loras["A"]), "--output_dir", str(merged))
+    moved = shutil.copytree(loras["A"], tmp_path / "A-copy")  # the same LoRA under another name: found by its weights
+    with pytest.raises(SystemExit):
+        merge("--base_model", str(merged), "--lora_weights", str(moved), "--output_dir", str(tmp_path / "again"))
+    assert f"already merged into {merged}, see its manifest.json" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+    with caplog.at_level(logging.WARNING):
+        merge(
+            "--base_model", str(merged), "--lora_weights", str(moved), "--output_dir", str(tmp_path / "again"),
+            "--allow_repeated_lora", "true",
+        )  # fmt: skip
+    assert f"merging a LoRA again (--allow_repeated_lora): {moved} is {loras['A']}" in caplog.text
+    assert (tmp_path / "again" / "model.safetensors").is_file()

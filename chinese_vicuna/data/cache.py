@@ -15,12 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.data.store import StoreWriter, TokenizedDataset, check_store, publish
+from chinese_vicuna.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 
 # Bump when the tokenized form changes, so old caches are not reused.
-CACHE_FORMAT_VERSION = "3"  # 2: memory-mapped stores (data/store.py); 3: later segments encoded as continuations
+# 2: memory-mapped stores (data/store.py); 3: later segments encoded as continuations;
+# 4: special-token text in data kept as text, stricter record validation, file types in the key
+CACHE_FORMAT_VERSION = "4"
 
 
 def default_cache_dir() -> Path:
@@ -39,13 +42,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def cache_key(data_files: Sequence[str | os.PathLike], tokenizer: Any, settings: dict[str, Any]) -> str:
-    """A key that changes when the data bytes, tokenizer, template or settings change."""
+    """A key that changes when the data bytes, the files' types, tokenizer, template or settings change.
+
+    A file's type (its suffix) decides how its bytes are read: the same bytes as `.jsonl` and
+    as `.json` are different data (the second an error), so a cache hit never stands in for a
+    check that would fail. Each file's size is hashed before its bytes (no two file lists collide)."""
     h = hashlib.sha256()
     h.update(CACHE_FORMAT_VERSION.encode())
-    for path in data_files:
-        with Path(path).open("rb") as f:  # in pieces: a data file may be larger than memory
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+    for path in map(Path, data_files):
+        try:
+            with path.open("rb") as f:  # in pieces: a data file may be larger than memory
+                h.update(f"\0{path.suffix}\0{os.fstat(f.fileno()).st_size}\0".encode())
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read the file ({exc.strerror or exc}); check its permissions") from None
     h.update(tokenizer_fingerprint(tokenizer).encode())
     h.update(json.dumps(settings, sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()[:24]

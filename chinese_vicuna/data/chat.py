@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from chinese_vicuna.data.encode import TokenizeStats, tokenize_segment_lists
-from chinese_vicuna.data.fast_tokenize import encode_segment_texts, sample_starts
+from chinese_vicuna.data.fast_tokenize import encode_segment_texts, protect_messages, sample_starts
 from chinese_vicuna.data.formats import Conversation
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.prompts import PromptTemplate, Segment
@@ -142,6 +142,8 @@ def tokenize_conversations(
         raise UserError("--train_on_inputs and --train_on_last_turn_only contradict each other; pick one")
     stats = stats if stats is not None else TokenizeStats()
     add_eos = not template_trains_eos(template, tokenizer)
+    # "<s>" / "</s>" typed in a message stay text; the template's special tokens stay ids
+    conversations = [Conversation(protect_messages(tokenizer, c.messages), c.where) for c in conversations]
     segment_lists = conversation_segment_lists(conversations, tokenizer, template, cutoff_len, add_eos, train_on_last_turn_only, stats)
     before = stats.total
     samples = tokenize_segment_lists(tokenizer, segment_lists, cutoff_len, add_eos, train_on_inputs, stats)

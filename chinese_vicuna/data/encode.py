@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from chinese_vicuna.data.fast_tokenize import BatchEncoder, encode_segment_texts, sample_starts
+from chinese_vicuna.data.fast_tokenize import BatchEncoder, encode_segment_texts, literal_specials, sample_starts
 from chinese_vicuna.prompts import PromptTemplate, Segment
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,9 @@ def instruction_batches(
     stats: TokenizeStats | None = None,
 ) -> Iterator[list[dict[str, list[int]]]]:
     """`tokenize_instructions` one batch at a time, records read lazily (bounded memory)."""
-    segment_lists = (template.instruction_segments(r["instruction"], r["input"], r["output"]) for r in records)
+    # user text keeps "<s>" / "</s>" as text; the template's special tokens stay ids (fast_tokenize.LiteralSpecials)
+    p = literal_specials(tokenizer).protect
+    segment_lists = (template.instruction_segments(p(r["instruction"]), p(r["input"]), p(r["output"])) for r in records)
     # Chat templates carry their own end-of-turn marker; instruction templates end with EOS.
     return tokenized_batches(
         tokenizer, segment_lists, cutoff_len, add_eos=not template.is_chat, train_on_inputs=train_on_inputs, stats=stats

@@ -24,6 +24,7 @@ import collections
 import logging
 import os
 import re
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -39,11 +40,86 @@ PROBE_EVERY = 256  # also compare one text in every PROBE_EVERY of each batch wi
 CONTINUATION_PROBES = ("\n", "a", "。", "0")
 
 
-def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Ids of many texts in one batched call of the HF tokenizer (no special tokens added)."""
+def encode_texts(tokenizer: Any, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
+    """Ids of many texts in one batched call of the HF tokenizer (no special tokens added);
+    `split_special_tokens`: special-token text ("<s>") is encoded as the characters it is."""
     if not texts:
         return []
+    if split_special_tokens:
+        return tokenizer(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+# Literal special-token text in user data (HTML strikethrough "<s>", "</s>" in code) must stay
+# text, while the template's own "{eos}" / "<|im_end|>" are the special ids. User strings are
+# marked before rendering (`LiteralSpecials.protect`: each special token's text → ESCAPE + a
+# code character, a native ESCAPE → ESCAPE ESCAPE) and `encode_segment_texts` encodes a marked
+# text as HF would with the template's special tokens split out and the user's kept as text.
+# Text without a marker (almost all) takes the usual path unchanged.
+ESCAPE = "\U000f0000"  # Supplementary Private Use Area-A: no meaning in any data
+_ESCAPED = re.compile(ESCAPE + "(.)", re.S)
+
+
+class LiteralSpecials:
+    """Marks the special-token text in user strings for one tokenizer (`literal_specials(tokenizer)`)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        decoder = getattr(tokenizer, "added_tokens_decoder", None)
+        if decoder is not None:  # HF: special added tokens are kept as text; every added one is split out of the template's
+            specials = {t.content for t in decoder.values() if getattr(t, "special", False) and t.content}
+            self.added_ids: dict[str, int] = {t: i for t, i in tokenizer.get_added_vocab().items() if t}
+        else:  # infer/llamacpp.LlamaCppTokenizer: its BOS and EOS text
+            self.added_ids = dict(getattr(tokenizer, "special_ids", {}))
+            specials = set(self.added_ids)
+        ordered = sorted(specials, key=len, reverse=True)  # "</s>" before "<s>" where one contains another
+        self.pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+        self.code = {t: ESCAPE + chr(0xF0001 + i) for i, t in enumerate(ordered)}
+        self.text = {code[1]: t for t, code in self.code.items()} | {ESCAPE: ESCAPE}
+        added = sorted(self.added_ids, key=len, reverse=True)
+        self.added = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
+
+    def protect(self, text: str) -> str:
+        """`text` with its special-token strings marked as literal text."""
+        if ESCAPE in text:
+            text = text.replace(ESCAPE, ESCAPE + ESCAPE)
+        if self.pattern is None or not self.pattern.search(text):
+            return text
+        return self.pattern.sub(lambda m: self.code[m.group()], text)
+
+    def restore(self, text: str) -> str:
+        return _ESCAPED.sub(lambda m: self.text.get(m.group(1), m.group()), text)
+
+    def encode(self, tokenizer: Any, text: str, start: bool) -> list[int]:
+        """Ids of a marked text: split at the (template's) added tokens as HF does, the pieces
+        between encoded with special-token text kept as text; as HF, a piece after a special
+        token continues the text (no dummy prefix)."""
+        parts = self.added.split(text) if self.added is not None else [text]
+        ids: list[int] = []
+        for j, part in enumerate(parts):
+            if j % 2:
+                ids.append(self.added_ids[part])
+            elif part and start and j == 0:
+                ids.extend(encode_texts(tokenizer, [self.restore(part)], split_special_tokens=True)[0])
+            elif part:
+                ids.extend(encode_continuations(tokenizer, [self.restore(part)], split_special_tokens=True)[0])
+        return ids
+
+
+_LITERALS: weakref.WeakKeyDictionary[Any, LiteralSpecials] = weakref.WeakKeyDictionary()
+
+
+def literal_specials(tokenizer: Any) -> LiteralSpecials:
+    """The tokenizer's `LiteralSpecials` (built once per tokenizer)."""
+    found = _LITERALS.get(tokenizer)
+    if found is None:
+        found = _LITERALS[tokenizer] = LiteralSpecials(tokenizer)
+    return found
+
+
+def protect_messages(tokenizer: Any, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """Messages whose contents keep special-token text as text when rendered and encoded."""
+    literals = literal_specials(tokenizer)
+    return [{**m, "content": literals.protect(m["content"])} if isinstance(m.get("content"), str) else dict(m) for m in messages]
 
 
 def strip_probe(ids: list[int], probe_ids: list[int]) -> list[int] | None:
@@ -52,7 +128,7 @@ def strip_probe(ids: list[int], probe_ids: list[int]) -> list[int] | None:
     return ids[n:] if ids[:n] == probe_ids else None
 
 
-def encode_continuations(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+def encode_continuations(tokenizer: Any, texts: Sequence[str], split_special_tokens: bool = False) -> list[list[int]]:
     """Ids of texts that continue earlier text (no dummy-prefix `▁`), HF tokenizer, batched.
 
     Works with anything that has the HF `tokenizer(texts, add_special_tokens=False)` call
@@ -64,7 +140,8 @@ def encode_continuations(tokenizer: Any, texts: Sequence[str]) -> list[list[int]
         if not todo:
             break
         probe_ids = encode_texts(tokenizer, [probe])[0]
-        for i, ids in zip(todo, encode_texts(tokenizer, [probe + texts[i] for i in todo]), strict=True):
+        encoded = encode_texts(tokenizer, [probe + texts[i] for i in todo], split_special_tokens)
+        for i, ids in zip(todo, encoded, strict=True):
             out[i] = strip_probe(ids, probe_ids)
         todo = [i for i in todo if out[i] is None]
     if todo:
@@ -73,17 +150,29 @@ def encode_continuations(tokenizer: Any, texts: Sequence[str]) -> list[list[int]
         logger.warning(
             "%d segment(s) could not be encoded as continuations, e.g. %r; encoded as whole texts", len(todo), texts[todo[0]][:60]
         )
-        for i, ids in zip(todo, encode_texts(tokenizer, [texts[i] for i in todo]), strict=True):
+        for i, ids in zip(todo, encode_texts(tokenizer, [texts[i] for i in todo], split_special_tokens), strict=True):
             out[i] = ids
     return out  # type: ignore[return-value]
 
 
 def encode_segment_texts(tokenizer: Any, texts: Sequence[str], starts: Sequence[bool] | None = None) -> list[list[int]]:
     """Ids of segment texts: `starts[i]` marks a text that begins a sample (encoded whole, as
-    `tokenizer(text)` does), the others are continuations (`encode_continuations`)."""
-    if starts is None or all(starts):
+    `tokenizer(text)` does), the others are continuations (`encode_continuations`). Texts with
+    literal special-token text marked (`LiteralSpecials.protect`) keep it as text."""
+    starts = [True] * len(texts) if starts is None else starts
+    marked = [i for i, t in enumerate(texts) if ESCAPE in t]
+    if marked:
+        literals = literal_specials(tokenizer)
+        out: list[list[int] | None] = [None] * len(texts)
+        for i in marked:
+            out[i] = literals.encode(tokenizer, texts[i], starts[i])
+        rest = [i for i in range(len(texts)) if out[i] is None]
+        for i, ids in zip(rest, encode_segment_texts(tokenizer, [texts[i] for i in rest], [starts[i] for i in rest]), strict=True):
+            out[i] = ids
+        return out  # type: ignore[return-value]
+    if all(starts):
         return encode_texts(tokenizer, texts)
-    out: list[list[int] | None] = [None] * len(texts)
+    out = [None] * len(texts)
     first = [i for i, s in enumerate(starts) if s]
     rest = [i for i, s in enumerate(starts) if not s]
     for i, ids in zip(first, encode_texts(tokenizer, [texts[i] for i in first]), strict=True):
@@ -153,7 +242,7 @@ class BatchEncoder:
         # dummy prefix before a leading space): both go to HF. Continuations are encoded after
         # the probe, whose ids are removed (a text whose probe did not survive goes to HF).
         has_added = self.added_pattern.search if self.added_pattern is not None else lambda _: None
-        candidates = [i for i, t in enumerate(texts) if not has_added(t) and not (starts[i] and t[:1].isspace())]
+        candidates = [i for i, t in enumerate(texts) if not has_added(t) and ESCAPE not in t and not (starts[i] and t[:1].isspace())]
         probe = CONTINUATION_PROBES[0]
         raw = sp.encode([texts[i] if starts[i] else probe + texts[i] for i in candidates], num_threads=threads)
         plain: list[int] = []

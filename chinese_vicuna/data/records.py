@@ -4,14 +4,20 @@ is a UserError naming the file and the line or record.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,6 +26,72 @@ class Record:
 
     data: Any
     where: str  # "data.jsonl:12" or "data.json record 3"
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Errors of the operating system while reading `path` as one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the file ({exc.strerror or exc}); check its permissions") from None
+
+
+def check_readable(path: Path, what: str) -> None:
+    """`path` is a regular file this process may open: else a UserError saying what it is instead."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        broken = " (a symlink to nothing)" if path.is_symlink() else ""
+        raise UserError(f"{path}: {what} not found{broken}") from None
+    except OSError as exc:  # a symlink loop (ELOOP), a name too long...
+        raise UserError(f"{path}: cannot open ({exc.strerror or exc}); fix or remove it") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{path}: is a folder, not a {what}; rename it or give a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path}: is not a regular file; give a {what}")
+    with _reading(path), path.open("rb"):
+        pass
+
+
+def parse_json(text: str, where: str | os.PathLike, first_line: int | None = None) -> Any:
+    """`json.loads`, every failure a UserError naming `where` (and the line): invalid JSON, an
+    integer too long for Python's int-string limit (a ValueError), nesting deeper than the
+    recursion limit (a RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        line = first_line if first_line is not None else exc.lineno
+        raise UserError(f"{_at(where, line)}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError as exc:
+        raise UserError(f"{_at(where, first_line)}: a value JSON allows but Python cannot read ({exc}); fix the record") from None
+    except RecursionError:
+        raise UserError(f"{_at(where, first_line)}: JSON nested too deeply to read; fix the record") from None
+
+
+def _at(where: str | os.PathLike, line: int | None) -> str:
+    where = str(where)
+    return f"{where}:{line}" if line is not None and not where.endswith(f":{line}") else where
+
+
+# A lone surrogate can only come from a "\udXXX" escape (UTF-8 text cannot hold one).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def may_hold_surrogates(raw: str) -> bool:
+    """Whether JSON text has a surrogate escape: only then can a parsed value hold a lone one."""
+    return "\\u" in raw and _SURROGATE_ESCAPE.search(raw) is not None
+
+
+def check_text(value: Any, where: str) -> None:
+    """No lone surrogate (`"\\ud800"`, which no tokenizer or file can encode) in a parsed record."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end].encode("unicode_escape").decode()
+        raise UserError(f"{where}: a lone surrogate ({bad}) in a string, not a character; fix the record") from None
+    except (ValueError, RecursionError):
+        pass  # parse_json already read it; nothing more to find here
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
@@ -34,14 +106,14 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
     """`read_records`, one record at a time: a `.jsonl` file is read line by line, so its size
     does not bound memory; a `.json` file (one list) is parsed whole."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found")
+    check_readable(path, "data file")
     if path.suffix == ".jsonl":
         yield from _iter_jsonl(path)
         return
     if path.suffix != ".json":
         raise UserError(f"{path}: unknown data file type {path.suffix!r}; use .json (a list of records) or .jsonl")
-    raw = path.read_bytes()
+    with _reading(path):
+        raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -50,22 +122,25 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
     del raw
     if not text.strip():
         raise UserError(f"{path}: the file is empty; it needs at least one record")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    value = parse_json(text, path)
     if not isinstance(value, list):
         raise UserError(f"{path}: a .json data file must hold a list of records, got {type(value).__name__}; or use .jsonl")
     if not value:
         raise UserError(f"{path}: the list of records is empty")
+    check = may_hold_surrogates(text)  # once for the file, not per record
     for i, v in enumerate(value):
-        yield Record(v, f"{path} record {i + 1}")
+        where = f"{path} record {i + 1}"
+        if check:
+            check_text(v, where)
+        yield Record(v, where)
 
 
 def _iter_jsonl(path: Path) -> Iterator[Record]:
     count = 0
     offset = 0  # bytes before the current line, for the error message
-    with path.open("rb") as f:
+    with _reading(path), path.open("rb") as f:
+        # A binary file iterates at b"\n" only: U+2028, U+2029 and U+0085 inside a JSON string
+        # (json.dumps(ensure_ascii=False) writes them as they are) stay in their line.
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
@@ -75,10 +150,11 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
             offset += len(raw)
             if not line.strip():
                 continue
-            try:
-                yield Record(json.loads(line), f"{path}:{lineno}")
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            where = f"{path}:{lineno}"
+            value = parse_json(line, where, first_line=lineno)
+            if may_hold_surrogates(line):
+                check_text(value, where)
+            yield Record(value, where)
             count += 1
     if not count:
         raise UserError(f"{path}: the file is empty; it needs at least one record")
@@ -87,7 +163,9 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
 def validate_instruction(record: Record, require_output: bool = True) -> dict[str, str]:
     """An alpaca record: `instruction` and `output` strings, optional `input` string.
 
-    `require_output=False` (questions to answer, generate.py's batch mode): `output` may be absent.
+    `require_output=False` (questions to answer, generate.py's batch mode): `output` may be absent
+    or null. A null `input` means no input; a null `instruction` or `output`, or an empty
+    `output` to train on, is a UserError (consistent with chat data: an empty turn is an error).
     """
     rec = record.data
     required = ("instruction", "output") if require_output else ("instruction",)
@@ -97,23 +175,46 @@ def validate_instruction(record: Record, require_output: bool = True) -> dict[st
         if key not in rec:
             raise UserError(f"{record.where}: missing field {key!r} (an alpaca record needs {' and '.join(map(repr, required))})")
     for key in ("instruction", "input", "output"):
-        if key in rec and rec[key] is not None and not isinstance(rec[key], str):
-            raise UserError(f"{record.where}: field {key!r} must be a string, got {type(rec[key]).__name__}")
+        value = rec.get(key)
+        if value is None and key in rec and key != "input":
+            if key == "output" and not require_output:
+                continue  # a question to answer: its output is what will be written
+            raise UserError(f"{record.where}: field {key!r} is null; give it a string (or remove the record)")
+        if value is not None and not isinstance(value, str):
+            raise UserError(f"{record.where}: field {key!r} must be a string, got {type(value).__name__}")
     if not rec["instruction"].strip():
         raise UserError(f"{record.where}: field 'instruction' is empty")
+    if require_output and not rec["output"].strip():
+        # an empty answer would train nothing but EOS: the model would learn to say nothing
+        raise UserError(f"{record.where}: field 'output' is empty; give the answer to train on (or remove the record)")
     return {"instruction": rec["instruction"], "input": rec.get("input") or "", "output": rec.get("output") or ""}
 
 
 def data_files(data_path: str | os.PathLike, suffixes: tuple[str, ...] = (".json", ".jsonl"), flag: str = "--data_path") -> list[Path]:
-    """A data file, or every file with one of `suffixes` in a folder (sorted; hidden files skipped)."""
+    """A data file, or every file with one of `suffixes` in a folder (sorted). In a folder, hidden
+    files are skipped, other files are skipped and counted in the log, and an entry named like a
+    data file that is not a readable file (a folder, a dangling or looping symlink) is a UserError."""
     path = Path(data_path)
     kinds = " or ".join(suffixes)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in suffixes and p.is_file() and not p.name.startswith("."))
+        files, hidden, other = [], [], []
+        for p in sorted(path.iterdir()):
+            if p.name.startswith("."):
+                hidden.append(p.name)
+            elif p.suffix in suffixes:
+                check_readable(p, "data file")
+                files.append(p)
+            else:
+                other.append(p.name)
+        if hidden or other:
+            logger.info(
+                "%s %s: %d %s files read; skipped %d hidden and %d other entries%s",
+                flag, path, len(files), kinds, len(hidden), len(other), f" ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''})" if other else "",
+            )  # fmt: skip
         if not files:
             raise UserError(f"{flag} {path}: the folder has no {kinds} files")
         return files
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         raise UserError(f"{flag} {path}: {'file' if path.suffix else 'folder'} not found")
     return [path]
 
@@ -126,10 +227,9 @@ def read_text_lines(files: Iterable[str | os.PathLike]) -> list[str]:
 def iter_text_lines(files: Iterable[str | os.PathLike]) -> Iterator[str]:
     """`read_text_lines`, one line at a time (a corpus larger than memory is fine)."""
     for path in map(Path, files):
-        if not path.is_file():
-            raise UserError(f"{path}: text file not found")
+        check_readable(path, "text file")
         offset = 0
-        with path.open("rb") as f:
+        with _reading(path), path.open("rb") as f:
             for lineno, raw in enumerate(f, 1):
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")

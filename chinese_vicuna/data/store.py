@@ -26,6 +26,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.files import make_readable
 
 STORE_FORMAT = 1
 TOKEN_DTYPE = np.int32  # ids and labels (-100); every vocabulary here is far below 2**31
@@ -181,11 +182,9 @@ def check_store(folder: str | os.PathLike) -> str | None:
 def publish(tmp_folder: Path, folder: Path) -> None:
     """Move a finished store into place in one rename, readable as the umask allows (a
     temporary folder is created private); if another process published it first, keep theirs."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_folder, 0o777 & ~umask)
+    make_readable(tmp_folder, directory=True)
     for path in tmp_folder.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+        make_readable(path)
     try:
         os.rename(tmp_folder, folder)
     except OSError:

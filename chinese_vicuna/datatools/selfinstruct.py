@@ -323,7 +323,7 @@ def read_existing(path: Path) -> list[dict[str, str]]:
             f.truncate(cut)
         raw = raw[:cut]
     records = []
-    for lineno, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+    for lineno, line in enumerate(raw.decode("utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

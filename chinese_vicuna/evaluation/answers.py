@@ -77,7 +77,7 @@ def answered_ids(path: Path, model_id: str) -> set[Any]:
             f.truncate(data.rfind(b"\n") + 1)
         data = data[: data.rfind(b"\n") + 1]
     ids = set()
-    for line in data.decode("utf-8").splitlines():
+    for line in data.decode("utf-8").split("\n"):
         if line.strip():
             rec = json.loads(line)
             if rec.get("model_id") == model_id:

@@ -629,4 +629,4 @@ def read_predictions(path: Path) -> list[dict[str, Any]]:
         with path.open("r+b") as f:
             f.truncate(cut)
         data = data[:cut]
-    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in data.decode("utf-8").split("\n") if line.strip()]

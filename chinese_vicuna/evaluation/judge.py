@@ -160,7 +160,7 @@ def load_judge_prompts(path: str | Path | None) -> dict[str, JudgePrompt]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--judge_prompts {path}: no such file (FastChat's fastchat/llm_judge/data/judge_prompts.jsonl)")
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -207,7 +207,7 @@ def read_jsonl(path: str | Path, what: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"{path}: no such {what} file")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -400,7 +400,7 @@ def read_judgments(path: Path) -> list[dict[str, Any]]:
         with path.open("r+b") as f:
             f.truncate(cut)
         data = data[:cut]
-    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in data.decode("utf-8").split("\n") if line.strip()]
 
 
 def run_jobs(

@@ -20,7 +20,7 @@ import numpy as np
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.names import gguf_name, unpermute_qk
 from chinese_vicuna.export.tensors import TensorIndex
-from chinese_vicuna.files import read_json
+from chinese_vicuna.files import make_readable, read_json
 from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, TEMPLATE_FILE
 
 logger = logging.getLogger(__name__)
@@ -98,7 +98,10 @@ def model_chat_template(model_dir: Path) -> str | None:
 
 def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
     """Write an unquantized (f16 or f32) GGUF file."""
-    import gguf
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("writing GGUF files needs the gguf package: pip install -r requirements-llamacpp.txt") from None
 
     config = read_json(model_dir / "config.json")
     if config.get("model_type") != "llama":
@@ -210,6 +213,7 @@ def convert(model_dir: str | os.PathLike, outfile: str | os.PathLike, outtype: s
                 quantize(f16, tmp, outtype)
             finally:
                 f16.unlink(missing_ok=True)
+        make_readable(tmp)  # mkstemp made it 0600
         os.replace(tmp, outfile)
     finally:
         tmp.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.export.tensors import DTYPE_NAMES, TOKENIZER_FILES, ShardWriter, TensorIndex
+from chinese_vicuna.export.tensors import DTYPE_NAMES, TOKENIZER_FILES, ShardWriter, TensorIndex, sha256_file
 from chinese_vicuna.files import atomic_write_text, read_json
 from chinese_vicuna.model.adapters import AdapterInfo, _lora_module_checks, inner_name, load_adapter_tensors, read_adapter
 from chinese_vicuna.model.loading import has_tokenizer, tokenizer_length, unused_vocab_rows
@@ -109,6 +109,35 @@ def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str], lora_config:
         )
     plan.final_vocab, plan.tokenizer_dir, plan.tokenizer_len = vocab, tokenizer_dir, tokenizer_len or 0
     return plan
+
+
+def adapter_fingerprint(info: AdapterInfo) -> str:
+    """SHA-256 of an adapter's weights file: the same LoRA wherever its folder was moved or copied."""
+    return sha256_file(info.weights)
+
+
+def repeated_adapters(plan: MergePlan) -> list[str]:
+    """Adapters that would be merged a second time: named twice in --lora_weights, or already
+    listed in the base's `manifest.json` (a model this tool merged). Each one's delta would be
+    added again (twice the LoRA's effect), which is never what a plain merge means."""
+    seen: dict[str, str] = {}  # a weights digest or a resolved folder → how to name it
+    manifest = plan.base / "manifest.json"
+    if manifest.is_file():
+        done = read_json(manifest)
+        paths, digests = done.get("lora_weights") or [], done.get("lora_sha256") or []
+        for i, path in enumerate(paths):
+            name = f"{path} (already merged into {plan.base}, see its manifest.json)"
+            seen[str(Path(path).resolve())] = name
+            if i < len(digests):  # manifests of older versions list paths only
+                seen[digests[i]] = name
+    repeats = []
+    for info in plan.adapters:
+        keys = (adapter_fingerprint(info), str(info.path.resolve()))
+        earlier = next((seen[k] for k in keys if k in seen), None)
+        if earlier is not None:
+            repeats.append(f"{info.path} is {earlier}")
+        seen.update(dict.fromkeys(keys, str(info.path)))
+    return repeats
 
 
 def copy_tokenizer(plan: MergePlan, out: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -15,10 +16,12 @@ import torch
 
 from chinese_vicuna.devices import DTYPES
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.files import read_json, write_json
+from chinese_vicuna.files import make_readable, read_json, write_json
 
 DELTA_MANIFEST = "delta_manifest.json"  # written by export/delta.py; named here so tensors.py needs no import of it
 SAFE_INDEX = "model.safetensors.index.json"
+
+logger = logging.getLogger(__name__)
 
 
 DELTA_MANIFEST = "delta_manifest.json"  # export/delta.py's list of tensors and how each was stored
@@ -88,26 +91,51 @@ def write_manifest(out_dir: Path, info: dict[str, Any] | None = None) -> Path:
     return manifest
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".bin")
+
+
 class StagingDir:
-    """Write into `out/.partial-*`, then move finished files into `out` (a crash leaves no half model)."""
+    """Write a model into a staging folder beside `out`, then swap it in with renames.
+
+    `.{name}.partial-*` (the new model, until complete) and `.{name}.old-*` (the model it
+    replaces, during the swap) sit beside `out` on the same file system, so each step is one
+    rename: old → `.old-*`, new → `out`, then the old one is removed. A kill at any point
+    leaves either the old model or the new one at `out` (or the old one in `.old-*`, which the
+    next run puts back); the next run removes the leftovers of killed runs and says so.
+    """
 
     def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False) -> None:
-        self.out = Path(out_dir)
+        self.out = Path(out_dir).absolute()
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--output_dir {self.out}: exists and is not a folder")
-        old = [p.name for p in self.out.glob("*") if p.suffix in (".safetensors", ".pth", ".bin")] if self.out.is_dir() else []
-        if old and not overwrite:
-            raise UserError(f"--output_dir {self.out}: already holds weights ({old[0]}, ...); pick an empty folder or pass --overwrite")
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(dir=self.out, prefix=".partial-"))
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.out)
+        held = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []  # hidden ones too: all is replaced
+        weights = [n for n in held if n.endswith(WEIGHT_SUFFIXES)]
+        if weights and not overwrite:
+            raise UserError(f"--output_dir {self.out}: already holds weights ({weights[0]}, ...); pick an empty folder or pass --overwrite")
+        if held and not overwrite:
+            # the whole folder is replaced: never delete files the user put there without being told to
+            raise UserError(
+                f"--output_dir {self.out}: holds other files ({held[0]}, ...); pick an empty or new folder, or pass --overwrite"
+            )
+        self.path = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.partial-"))
+        make_readable(self.path, directory=True)  # mkdtemp's 0700 would become the model folder's mode
 
     def commit(self) -> None:
-        for old in self.out.glob("*"):
-            if old.is_file() and (old.suffix in (".safetensors", ".pth", ".bin") or old.name in (SAFE_INDEX, "manifest.json")):
-                old.unlink()  # stale shards of an earlier run would shadow the new index
-        for item in self.path.iterdir():
-            os.replace(item, self.out / item.name)
-        self.path.rmdir()
+        old = None
+        if self.out.exists():
+            old = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.old-"))
+            os.replace(self.out, old)  # over the empty placeholder folder: one rename
+        try:
+            os.rename(self.path, self.out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.out)  # put the old model back before anything else
+            self.abort()
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -120,6 +148,22 @@ class StagingDir:
             self.commit()
         else:
             self.abort()
+
+
+def clean_leftovers(out: Path) -> list[Path]:
+    """Remove what killed runs left beside `out` (`.partial-*` staging folders, `.old-*` models
+    being replaced; `out/.partial-*` of older versions) and log each; returns what was removed.
+    A run killed between its two renames left no `out`: its `.old-*` model is put back, never lost."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists():
+        os.rename(olds.pop(), out)
+        logger.warning("%s: put back the model an interrupted run was replacing", out)
+    partials = [*out.parent.glob(f".{out.name}.partial-*"), *(out.glob(".partial-*") if out.is_dir() else [])]
+    removed = [*olds, *partials]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.warning("removed %s, left by an interrupted run", path)
+    return removed
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -135,6 +179,8 @@ class TensorIndex:
 
     def __init__(self, model_dir: str | os.PathLike, what: str = "model") -> None:
         from safetensors import safe_open
+
+        from chinese_vicuna.model.loading import check_safetensors
 
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
@@ -155,6 +201,7 @@ class TensorIndex:
         for path in self.files:
             if not path.is_file():
                 raise UserError(f"{index}: lists {path.name}, which is missing")
+            check_safetensors(path)  # truncated: one line naming the file
             with safe_open(str(path), "pt") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     sl = f.get_slice(name)

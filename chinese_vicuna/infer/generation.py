@@ -29,6 +29,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.data.encode import encode_segments
+from chinese_vicuna.data.fast_tokenize import literal_specials, protect_messages
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.prompts import PromptTemplate
 
@@ -382,8 +383,10 @@ def stream_generate(
 
 
 def prompt_ids(tokenizer: Any, template: PromptTemplate, instruction: str, input: str = "") -> list[int]:
-    """The ids the model saw before its answer in training: `[bos] + prompt` segments."""
-    ids, _ = encode_segments(tokenizer, template.instruction_segments(instruction, input))
+    """The ids the model saw before its answer in training: `[bos] + prompt` segments (special-token
+    text in the user's strings stays text, as in training)."""
+    protect = literal_specials(tokenizer).protect
+    ids, _ = encode_segments(tokenizer, template.instruction_segments(protect(instruction), protect(input)))
     return ids
 
 
@@ -418,7 +421,9 @@ def chat_prompt_ids(
     question_msg = {"role": "user", "content": question}
     for dropped in range(len(turns) + 1):
         messages = [m for turn in turns[dropped:] for m in turn] + [question_msg]
-        ids, _ = encode_segments(tokenizer, template.chat_segments(messages, system=system))
+        messages = protect_messages(tokenizer, messages)  # "<s>" typed by the user stays text
+        system_text = literal_specials(tokenizer).protect(system) if system else system
+        ids, _ = encode_segments(tokenizer, template.chat_segments(messages, system=system_text))
         if max_memory is None or len(ids) <= max_memory:
             return ids, dropped
     raise UserError(

@@ -19,28 +19,52 @@ from chinese_vicuna.errors import UserError
 logger = logging.getLogger(__name__)
 
 
+def check_output_file(output_file: str | os.PathLike, data_file: str | os.PathLike) -> None:
+    """The output file may be written: not the data file itself, not a folder (checked before the model loads)."""
+    out, data = Path(output_file), Path(data_file)
+    if out.resolve() == data.resolve() or (out.exists() and data.exists() and os.path.samefile(out, data)):
+        raise UserError(f"--output_file {out} is the --data_file; answers go to another file (e.g. {data.stem}.answers.jsonl)")
+    if out.is_dir():
+        raise UserError(f"--output_file {out}: is a folder; give a file name")
+    if out.exists() and not out.is_file():
+        raise UserError(f"--output_file {out}: is not a regular file; give a file name")
+
+
 def resume_point(output_file: str | os.PathLike, records: list[Record]) -> int:
     """How many records `output_file` already answers (0 if it does not exist).
 
     A torn last line (a run killed mid-write) is removed. Lines that do not match the
     inputs in order mean the file belongs to other data: a UserError, nothing overwritten.
+    Lines end at b"\\n" only: U+2028, U+2029 and U+0085 inside a JSON string (written as they
+    are with ensure_ascii=False) are not line ends, as `str.splitlines` would take them.
     """
     path = Path(output_file)
     if not path.exists():
         return 0
-    raw = path.read_bytes()
+    if not path.is_file():
+        raise UserError(f"--output_file {path}: is not a regular file; give a file name")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"--output_file {path}: cannot read it ({exc.strerror or exc}); check its permissions") from None
     complete = raw[: raw.rfind(b"\n") + 1]
+    try:
+        text = complete.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"--output_file {path}: not UTF-8 JSON lines (byte {exc.start}), not an answers file; delete it or use another --output_file"
+        ) from None
     if len(complete) != len(raw):
         logger.warning("%s: removing a torn last line (an interrupted run)", path)
         with open(path, "r+b") as f:
             f.truncate(len(complete))
-    lines = complete.decode("utf-8").splitlines()
+    lines = text.split("\n")[:-1]  # the text ends with "\n" (or is empty)
     if len(lines) > len(records):
         raise UserError(f"{path}: has {len(lines)} lines but the data file has only {len(records)} records; use another --output_file")
     for i, line in enumerate(lines):
         try:
             done = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise UserError(f"{path}:{i + 1}: not a JSON line; delete the file or use another --output_file") from None
         if not isinstance(done, dict) or (done.get("instruction"), done.get("input") or "") != question_of(records[i]):
             raise UserError(

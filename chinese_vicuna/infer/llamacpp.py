@@ -28,11 +28,14 @@ class LlamaCppTokenizer:
         self.special_ids = {llm._model.token_get_text(i): i for i in self.specials}
         self.special_split = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> list[int]:
         """As the HF tokenizer: "<s>" / "</s>" in the text (vicuna_v1.1, llama2 templates) become
         their ids, and the text after one gets no space prefix (llama.cpp's own special=True
-        parsing adds one there, so ids would differ from training)."""
+        parsing adds one there, so ids would differ from training); with `split_special_tokens`
+        (user text, data/fast_tokenize.LiteralSpecials) they are encoded as the characters they are."""
         ids = [self.bos_token_id] if add_special_tokens else []
+        if split_special_tokens:
+            return ids + self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         for i, part in enumerate(self.special_split.split(text)):
             if i % 2:
                 ids.append(self.special_ids[part])
@@ -42,10 +45,10 @@ class LlamaCppTokenizer:
                 ids.extend(encode_continuations(self, [part])[0])
         return ids
 
-    def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = False) -> dict[str, Any]:
+    def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = False, split_special_tokens: bool = False) -> dict[str, Any]:
         if isinstance(texts, str):
-            return {"input_ids": self.encode(texts, add_special_tokens)}
-        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
+            return {"input_ids": self.encode(texts, add_special_tokens, split_special_tokens)}
+        return {"input_ids": [self.encode(t, add_special_tokens, split_special_tokens) for t in texts]}
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, clean_up_tokenization_spaces: bool = False) -> str:
         ids = [int(i) for i in ids if not (skip_special_tokens and int(i) in self.specials)]

@@ -18,6 +18,7 @@ from chinese_vicuna.files import read_json
 from chinese_vicuna.model.loading import (
     _full_shape,
     _is_quantized,
+    check_safetensors,
     embedding_rows,
     has_tokenizer,
     resize_embeddings,
@@ -69,6 +70,7 @@ def adapter_tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in load_adapter_tensors(weights).items()}
     from safetensors import safe_open
 
+    check_safetensors(weights)  # truncated or damaged: one line naming the file
     with safe_open(str(weights), "pt") as f:
         return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
 

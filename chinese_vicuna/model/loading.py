@@ -4,6 +4,7 @@ vocabulary checks; embedding resizes; k-bit preparation for training.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer with a pad id set (unk, as alpaca-lora; padding is masked by position)."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not has_tokenizer(Path(path)):
+        raise UserError(
+            f"{path}: no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); copy the model's tokenizer files "
+            "there or pass --tokenizer_path"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # transformers 5 says ValueError when no backend can be built
         raise UserError(f"{path}: cannot load a tokenizer ({str(exc).splitlines()[0]}); check --base_model / the tokenizer path") from None
     if tokenizer.eos_token_id is None:
         raise UserError(f"{path}: the tokenizer has no eos token; set eos_token in tokenizer_config.json")
@@ -168,6 +174,9 @@ def load_base_model(
         raise UserError(f"--base_model {path!r}: not a local folder nor a hub id like 'owner/name'")
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise UserError(f"{path}: no config.json; --base_model must be a Hugging Face model folder")
+    if Path(path).is_dir():
+        for weights in sorted(Path(path).glob("*.safetensors")):
+            check_safetensors(weights)  # a half-copied shard: one line naming it, before transformers reads it
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as exc:
@@ -209,8 +218,31 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     return trainable, total
 
 
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, sentencepiece, byte-level BPE
+
+
 def has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model"))
+    return any((folder / name).is_file() for name in TOKENIZER_VOCAB_FILES)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header agrees with its size (read: 8 bytes + the header, no
+    weights); a truncated or damaged file is a UserError naming it, not a SafetensorError."""
+    redo = "copy or download it again"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                raise UserError(f"{path}: truncated ({size} bytes, shorter than its own header); {redo}")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError):
+        raise UserError(f"{path}: not a readable safetensors file (damaged header); {redo}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror or exc}); check its permissions") from None
+    if 8 + n + end != size:
+        raise UserError(f"{path}: truncated or damaged ({size} bytes; its header describes {8 + n + end}); {redo}")
 
 
 def tokenizer_length(folder: Path) -> int:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from chinese_vicuna.data.encode import encode_segments
+from chinese_vicuna.data.fast_tokenize import protect_messages
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.generation import prompt_ids
 from chinese_vicuna.prompts import PromptTemplate
@@ -164,7 +165,8 @@ class OpenAIServer:
         msgs = [{"role": m.role, "content": m.text()} for m in messages]
         if template.is_chat:
             try:
-                ids, _ = encode_segments(self.tokenizer, template.chat_segments(msgs))
+                # special-token text in messages stays text, as in training
+                ids, _ = encode_segments(self.tokenizer, template.chat_segments(protect_messages(self.tokenizer, msgs)))
             except UserError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
             return ids
