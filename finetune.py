@@ -20,10 +20,10 @@ from chinese_vicuna.args import (
     parse_args,
 )
 from chinese_vicuna.data.datasets import load_instruction_dataset
-from chinese_vicuna.data.mixing import load_train_val
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
+from chinese_vicuna.train.data import load_training_data
 from chinese_vicuna.train.model import load_model_for_training
 from chinese_vicuna.train.packing import packed_or_padded
 from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
                 path, tokenizer, template, data_args.cutoff_len, data_args.train_on_inputs, data_args.cache_dir, data_args.use_data_cache
             )  # fmt: skip
 
-        train_data, val_data = load_train_val(data_args, load, train_args.seed)
+        train_data, val_data = load_training_data(data_args, load, train_args.seed)
 
     # 2. base model (fp32 / bf16 / fp16 / 8-bit / 4-bit) and a new or continued LoRA
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)

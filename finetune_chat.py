@@ -23,10 +23,10 @@ from chinese_vicuna.args import (
     parse_args,
 )
 from chinese_vicuna.data.datasets import load_chat_dataset
-from chinese_vicuna.data.mixing import load_train_val
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
+from chinese_vicuna.train.data import load_training_data
 from chinese_vicuna.train.model import load_model_for_training
 from chinese_vicuna.train.packing import packed_or_padded
 from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
                 path, tokenizer, template, data_args.cutoff_len, data_args.train_on_inputs, data_args.train_on_last_turn_only, data_args.cache_dir, data_args.use_data_cache
             )  # fmt: skip
 
-        train_data, val_data = load_train_val(data_args, load, train_args.seed)
+        train_data, val_data = load_training_data(data_args, load, train_args.seed)
 
     # 2. base model and a new or continued LoRA (gradient checkpointing on by default here)
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)

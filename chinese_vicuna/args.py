@@ -8,20 +8,28 @@ that follow from others (batch arithmetic, evaluation, resume) so no code change
 from __future__ import annotations
 
 import logging
-import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
-from chinese_vicuna.devices import bf16_supported, cpu_has_native_bf16, resolve_precision, world_size
+from chinese_vicuna import checkpoints
+from chinese_vicuna.devices import bf16_supported, cpu_has_native_bf16, is_main_process, resolve_precision, world_size
 from chinese_vicuna.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+
+def check_flags(*checks: tuple[bool, str]) -> None:
+    """The first failed (ok, message) check is a UserError; each message names its flag and the value."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 @dataclass
@@ -208,6 +216,13 @@ class LoraArguments:
         },
     )
 
+    def __post_init__(self) -> None:
+        check_flags(
+            (self.lora_r >= 1, f"--lora_r {self.lora_r}: the LoRA rank must be at least 1 (8-64 are usual)"),
+            (self.lora_alpha > 0, f"--lora_alpha {self.lora_alpha}: must be > 0 (usually 2 × --lora_r)"),
+            (0 <= self.lora_dropout < 1, f"--lora_dropout {self.lora_dropout}: must be in [0, 1)"),
+        )
+
 
 @dataclass
 class DataArguments:
@@ -219,10 +234,19 @@ class DataArguments:
     data_mix_size: int | None = field(default=None, metadata={"help": "Samples in the mixture (default: all files' samples)."})
     val_data_path: str | None = field(default=None, metadata={"help": "Validation file, used instead of a --val_set_size split."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per sample; longer samples are truncated."})
-    val_set_size: int = field(default=200, metadata={"help": "Samples held out for evaluation (a count; 0 = none)."})
+    val_set_size: int | None = field(
+        default=None,
+        metadata={"help": "Samples held out for evaluation (a count; 0 = none). Default: 200, at most a tenth of the samples."},
+    )
     train_on_inputs: bool = field(default=False, metadata={"help": "Also train on the prompt tokens."})
     cache_dir: str | None = field(default=None, metadata={"help": "Tokenized-data cache (default ~/.cache/chinese_vicuna)."})
     use_data_cache: bool = field(default=True, metadata={"help": "Reuse tokenized data from the cache."})
+
+    def __post_init__(self) -> None:
+        check_flags(
+            (self.cutoff_len >= 1, f"--cutoff_len {self.cutoff_len}: must be a positive number of tokens (e.g. 256, 512, 2048)"),
+            (self.val_set_size is None or self.val_set_size >= 0, f"--val_set_size {self.val_set_size}: must be >= 0 (0 = no evaluation)"),
+        )
 
 
 @dataclass
@@ -230,6 +254,13 @@ class BatchArguments:
     micro_batch_size: int = field(default=4, metadata={"help": "Samples per device per step (sets per_device_train_batch_size)."})
     batch_size: int = field(default=128, metadata={"help": "Global batch: micro_batch_size × accumulation × processes."})
     num_epochs: float = field(default=3, metadata={"help": "Epochs (sets num_train_epochs)."})
+
+    def __post_init__(self) -> None:
+        check_flags(
+            (self.micro_batch_size >= 1, f"--micro_batch_size {self.micro_batch_size}: must be at least 1"),
+            (self.batch_size >= 1, f"--batch_size {self.batch_size}: must be at least 1"),
+            (self.num_epochs > 0, f"--num_epochs {self.num_epochs}: must be > 0 (or set --max_steps)"),
+        )
 
 
 @dataclass
@@ -256,8 +287,37 @@ class TrainArguments(TrainingArguments):
         default=None,
         metadata={"help": "Batch samples of similar length (less padding); default: on when packing is off, as the fallback."},
     )
+    # alpaca-lora's names, kept as ours; transformers 5 calls them deprecated aliases of activation_checkpointing*
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in backward: less memory, about a third more compute.", "nargs": "?", "const": True},
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": 'Keyword arguments of gradient checkpointing (default: {"use_reentrant": false}).'}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an --output_dir that holds another run: its checkpoints and adapter are moved to "
+            "OUTPUT_DIR/superseded-<time>/."
+        },
+    )
+    # The run's identity (checkpoints.run_fingerprint), set by `finalize`; not a flag.
+    run_fingerprint: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        check_flags(
+            (self.learning_rate > 0, f"--learning_rate {self.learning_rate}: must be > 0 (LoRA: 1e-4 to 3e-4 are usual)"),
+            (self.warmup_steps >= 0, f"--warmup_steps {self.warmup_steps}: must be >= 0"),
+            (self.save_steps > 0, f"--save_steps {self.save_steps}: must be > 0"),
+            (self.logging_steps > 0, f"--logging_steps {self.logging_steps}: must be > 0"),
+            (self.eval_steps is None or self.eval_steps > 0, f"--eval_steps {self.eval_steps}: must be > 0"),
+        )
+        # Our names set, the new ones not: take them over without transformers' deprecation warning.
+        if self.activation_checkpointing is None and self.gradient_checkpointing is not None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is not None:
+            self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
         cuda = torch.cuda.is_available()
         if self.fp16 and not cuda:
             raise UserError("--fp16 needs a CUDA GPU (fp16 on the CPU gives loss 0/NaN); use --bf16 true on the CPU")
@@ -356,6 +416,7 @@ def finalize(parsed: Sequence[Any]) -> None:
     train = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
     for args in parsed:
         if isinstance(args, ModelArguments):
+            check_lora_weights(args.lora_weights)
             args.precision_requested = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else args.precision
             auto = args.precision_requested == "auto"
             args.precision = resolve_precision(args.precision, args.load_in_8bit, args.load_in_4bit)
@@ -364,6 +425,7 @@ def finalize(parsed: Sequence[Any]) -> None:
             args.load_in_8bit, args.load_in_4bit = args.precision == "8bit", args.precision == "4bit"
     if train is None:
         return
+    configure_logging(train)
     # Seed now: the LoRA is initialised before the Trainer exists (which seeds only in its
     # __init__), so without this two runs with the same --seed start apart.
     from transformers import set_seed
@@ -372,7 +434,8 @@ def finalize(parsed: Sequence[Any]) -> None:
     batch = next((a for a in parsed if isinstance(a, BatchArguments)), None)
     if batch is not None:
         apply_batch_arguments(train, batch)
-    has_eval = any(getattr(a, "val_set_size", 0) > 0 or getattr(a, "val_data_path", None) for a in parsed)
+    # val_set_size None: the default hold-out (train/data.py sizes it to the data)
+    has_eval = any(getattr(a, "val_set_size", 0) != 0 or getattr(a, "val_data_path", None) for a in parsed)
     configure_evaluation(train, has_eval)
     if getattr(train, "group_by_length", False) is None:
         # Without packing, padding is the waste: group similar lengths (HF's LengthGroupedSampler),
@@ -382,16 +445,37 @@ def finalize(parsed: Sequence[Any]) -> None:
             logger.info("packing off: length-grouped batches (--group_by_length false to draw them uniformly at random)")
     if train.group_by_length:
         train.train_sampling_strategy = "group_by_length"
-    train.gradient_checkpointing_kwargs = train.gradient_checkpointing_kwargs or {"use_reentrant": False}
+    kwargs = train.activation_checkpointing_kwargs or {"use_reentrant": False}
+    train.activation_checkpointing_kwargs = train.gradient_checkpointing_kwargs = kwargs
+    # the output folder and the checkpoint to resume from, checked before anything loads
+    train.run_fingerprint = checkpoints.run_fingerprint(parsed)
     train.resume_from_checkpoint = resolve_resume(train)
+    prepare_output_dir(train)
+
+
+def configure_logging(train: TrainingArguments) -> None:
+    """Log lines from here on (the main process at INFO, others at WARNING): what `finalize` decides is shown."""
+    logging.basicConfig(
+        level=logging.INFO if train.should_log else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_lora_weights(value: str | None) -> None:
+    """--lora_weights is a local folder or a hub id: a typo is caught before a base model loads."""
+    if not value or Path(value).exists():
+        return
+    # `out/checkpoint-60x` is shaped like a hub id `user/name`, but its first part is a local folder
+    if not HUB_ID.match(value) or Path(value.split("/")[0]).is_dir():
+        raise UserError(f"--lora_weights {value}: folder not found (give an adapter folder: a run's --output_dir or its checkpoint-N)")
 
 
 def apply_batch_arguments(args: TrainingArguments, batch: BatchArguments) -> None:
     """Global batch stays `batch_size` whatever the number of processes."""
     procs = world_size()
     denominator = batch.micro_batch_size * procs
-    if batch.micro_batch_size < 1 or batch.batch_size < 1:
-        raise UserError("--micro_batch_size and --batch_size must be at least 1")
     if batch.batch_size % denominator:
         raise UserError(
             f"--batch_size {batch.batch_size} is not a multiple of --micro_batch_size {batch.micro_batch_size} × {procs} processes; "
@@ -419,15 +503,51 @@ def configure_evaluation(args: TrainingArguments, has_eval: bool) -> None:
 
 
 def resolve_resume(args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint true|last` means the newest checkpoint in output_dir."""
+    """`--resume_from_checkpoint true|last`: the newest complete checkpoint-N of output_dir (incomplete
+    ones, from an interrupted save of an older version or a damaged disk, are named and passed over);
+    a named checkpoint must be complete. Either way it must belong to this run (`run_fingerprint`)."""
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "false", "no", "0", "none"):
         return None
+    if args.overwrite_output_dir:
+        raise UserError("--overwrite_output_dir true starts over and --resume_from_checkpoint continues: pass only one")
+    needs_optimizer = not args.save_only_model
     if str(value).lower() in ("true", "yes", "1", "last", "latest"):
-        last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
-        if last is None:
-            raise UserError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {args.output_dir}")
-        return last
-    if not os.path.isdir(value):
-        raise UserError(f"--resume_from_checkpoint {value}: folder not found")
-    return value
+        folder, skipped = checkpoints.newest_complete_checkpoint(args.output_dir, needs_optimizer)
+        for reason in skipped:
+            logger.warning("not resuming from %s", reason)
+        if folder is None:
+            found = f" (incomplete: {'; '.join(skipped)})" if skipped else ""
+            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {args.output_dir}{found}")
+        how = "the newest complete checkpoint"
+    else:
+        folder = Path(value)
+        if not folder.is_dir():
+            raise UserError(f"--resume_from_checkpoint {value}: folder not found")
+        problem = checkpoints.checkpoint_problem(folder, needs_optimizer)
+        if problem:
+            raise UserError(
+                f"--resume_from_checkpoint {value}: {problem}; name another checkpoint-N, or pass true for the newest complete one"
+            )
+        how = "as named"
+    if args.run_fingerprint is not None:
+        checkpoints.check_fingerprint(folder, args.run_fingerprint)
+    logger.info("resuming from %s (%s in %s)", folder, how, args.output_dir)
+    return str(folder)
+
+
+def prepare_output_dir(args: TrainingArguments) -> None:
+    """Before anything loads: output_dir is a writable folder, and a fresh run does not write over
+    (nor mix its log and checkpoints with) another run's unless --overwrite_output_dir true."""
+    checkpoints.check_writable(args.output_dir)
+    if args.resume_from_checkpoint or not checkpoints.holds_a_run(args.output_dir):
+        return
+    if not args.overwrite_output_dir:
+        found = [p.name for p in checkpoints.checkpoint_folders(args.output_dir)] or ["a saved adapter"]
+        raise UserError(
+            f"--output_dir {args.output_dir} holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): "
+            "continue it with --resume_from_checkpoint true, start over with --overwrite_output_dir true, or choose another --output_dir"
+        )
+    if is_main_process():
+        moved = checkpoints.move_previous_run_aside(args.output_dir)
+        logger.warning("--overwrite_output_dir true: the previous run's checkpoints and adapter were moved to %s", moved)

@@ -50,6 +50,14 @@ def test_help_texts_fit_the_script(capsys: pytest.CaptureFixture[str]) -> None:
         assert "Continue training" not in text and "--lora_weights" in text and "--attn_implementation" in text
 
 
+def test_training_help_calls_no_flag_of_ours_deprecated(capsys: pytest.CaptureFixture[str]) -> None:
+    # transformers 5 calls gradient_checkpointing a deprecated alias; it is alpaca-lora's name and ours
+    for script in ("finetune.py", "finetune_chat.py", "tools/pretrain.py"):
+        text = " ".join(help_text(script, capsys).split())
+        assert "Deprecated alias" not in text, script
+        assert "--gradient-checkpointing [GRADIENT_CHECKPOINTING] Recompute activations" in text
+
+
 def test_booleans_and_a_json_file_of_flags(tmp_path: Path) -> None:
     from chinese_vicuna.args import ModelArguments, ServerArguments, parse_args
 

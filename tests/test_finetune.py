@@ -122,8 +122,9 @@ def test_interrupted_run_resumes_to_the_same_adapter(tiny_model_dir: Path, tmp_p
 
     original_build = finetune.build_trainer
     monkeypatch.setattr(finetune, "build_trainer", lambda *a, **k: original_build(*a, callbacks=[CrashAfter(7)], **k))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exc:  # Ctrl-C: a clean stop, exit code 130
         finetune.main(args(tmp_path / "broken"))
+    assert exc.value.code == 130
     monkeypatch.setattr(finetune, "build_trainer", original_build)
     assert sorted(p.name for p in (tmp_path / "broken").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
     assert not (tmp_path / "broken" / "adapter_model.safetensors").exists()

@@ -15,6 +15,7 @@ from chinese_vicuna.model.adapters import (
     adapter_vocab_rows,
     check_adapter_matches_base,
     load_lora,
+    read_adapter,
     resize_to_adapter,
 )
 from chinese_vicuna.model.loading import check_special_tokens, check_vocab, load_base_model, load_tokenizer, resize_embeddings_to_tokenizer
@@ -29,6 +30,7 @@ def load_checked_model(
     lora_weights: str | None = None,
     attn_implementation: str | None = None,
     grow_to_tokenizer: bool = False,
+    lora_config: str | None = None,
 ) -> Any:
     """The base model, with its special tokens and vocabulary checked against `tokenizer`.
 
@@ -37,6 +39,9 @@ def load_checked_model(
     `grow_to_tokenizer` (continued pretraining after vocabulary expansion) resizes the base to
     the tokenizer instead of refusing a larger one.
     """
+    if lora_weights and Path(lora_weights).exists():
+        # a missing config or weights file is found now, not after minutes of loading a 13B base
+        read_adapter(lora_weights, lora_config)
     model = load_base_model(base_model, precision, device_map, trust_remote_code, attn_implementation)
     check_special_tokens(model, tokenizer, base_model)
     if lora_weights:
@@ -67,7 +72,9 @@ def load_for_inference(
     # A LoRA trained on an expanded vocabulary (tools/pretrain.py) carries full embeddings and
     # the tokenizer it was trained with: that tokenizer is the one to use.
     tokenizer = load_tokenizer(tokenizer_path or adapter_tokenizer_path(lora_weights) or base_model, trust_remote_code)
-    model = load_checked_model(base_model, tokenizer, precision, device_map, trust_remote_code, lora_weights, attn_implementation)
+    model = load_checked_model(
+        base_model, tokenizer, precision, device_map, trust_remote_code, lora_weights, attn_implementation, lora_config=lora_config
+    )
     if lora_weights:
         resized = Path(lora_weights).is_dir() and adapter_vocab_rows(lora_weights) is not None
         check_adapter_matches_base(lora_weights, model, tokenizer, vocab_resized=resized)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from chinese_vicuna.args import LoraArguments, ModelArguments
-from chinese_vicuna.model.adapters import add_lora, load_lora, parse_modules_to_save
+from chinese_vicuna.errors import UserError
+from chinese_vicuna.model.adapters import add_lora, load_lora, parse_modules_to_save, parse_target_modules
 from chinese_vicuna.model.build import load_checked_model
 from chinese_vicuna.model.loading import prepare_for_training
 from chinese_vicuna.train.fast_lora import use_fast_lora_dropout
@@ -27,6 +29,8 @@ def load_model_for_training(
     `grow_to_tokenizer`: resize the base to an expanded tokenizer (continued pretraining);
     `default_modules_to_save`: modules trained in full when --modules_to_save is not given.
     """
+    if not model_args.lora_weights:
+        check_target_modules(model_args.base_model, lora_args.lora_target_modules, model_args.trust_remote_code)
     model = load_checked_model(
         model_args.base_model,
         tokenizer,
@@ -36,6 +40,7 @@ def load_model_for_training(
         model_args.lora_weights,
         model_args.attn_implementation,
         grow_to_tokenizer,
+        lora_config=model_args.lora_config,
     )
     model = prepare_for_training(model, train_args.gradient_checkpointing)
     if model_args.lora_weights:
@@ -46,3 +51,35 @@ def load_model_for_training(
     if lora_args.fast_lora_dropout:
         use_fast_lora_dropout(model, autocast=bool(train_args.bf16 or train_args.fp16))
     return model
+
+
+def skeleton(base_model: str, trust_remote_code: bool = False) -> torch.nn.Module | None:
+    """The base model's modules without weights (from its config.json, in milliseconds), or None
+    where the config cannot be read here (the real load then says why)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_target_modules(base_model: str, value: str, trust_remote_code: bool = False) -> None:
+    """Every --lora_target_modules name matches a module of the base (PEFT's rule: the name, or a
+    dotted suffix of it), checked on a skeleton before the weights load: PEFT itself silently skips
+    a typo when another name matches."""
+    targets = parse_target_modules(value)
+    model = skeleton(base_model, trust_remote_code) if isinstance(targets, list) else None
+    if model is None:
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(
+            f"--lora_target_modules {value}: {', '.join(unknown)} {'matches' if len(unknown) == 1 else 'match'} no module of "
+            f"{base_model}; its linear modules are {','.join(linear)} (or pass all-linear)"
+        )

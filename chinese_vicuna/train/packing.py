@@ -33,6 +33,7 @@ from transformers import Trainer
 
 from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
 from chinese_vicuna.data.encode import IGNORE_INDEX
+from chinese_vicuna.train.checkpointing import AtomicCheckpointMixin, CheckpointTrainer
 from chinese_vicuna.train.losses import chunked_cross_entropy
 
 logger = logging.getLogger(__name__)
@@ -171,9 +172,10 @@ class PackedLossMixin:
         return (loss, outputs) if return_outputs else loss
 
 
-class PackedTrainer(PackedLossMixin, Trainer):
+class PackedTrainer(PackedLossMixin, AtomicCheckpointMixin, Trainer):
     """The Trainer for packed rows (`data.collate.PackedCollator`): the packed loss, and an sdpa
-    model switched to `packed_sdpa_attention` (attention within each sample, no wasted work)."""
+    model switched to `packed_sdpa_attention` (attention within each sample, no wasted work);
+    checkpoints saved atomically (train/checkpointing.py)."""
 
     def __init__(self, model: Any = None, *args: Any, **kwargs: Any) -> None:
         if model is not None:
@@ -183,7 +185,8 @@ class PackedTrainer(PackedLossMixin, Trainer):
 
 def packed_or_padded(packing: bool, tokenizer: Any) -> tuple[Any, type[Trainer]]:
     """The recipe's choice of collator and Trainer class: packed rows (`--packing true`: one row per
-    micro-batch, attention within each sample) or padded batches with the stock Trainer."""
+    micro-batch, attention within each sample) or padded batches with the stock Trainer (both
+    with atomic checkpoints)."""
     if packing:
         return PackedCollator(), PackedTrainer
-    return PaddingCollator(tokenizer.pad_token_id), Trainer
+    return PaddingCollator(tokenizer.pad_token_id), CheckpointTrainer

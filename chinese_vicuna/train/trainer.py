@@ -12,23 +12,34 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from chinese_vicuna.args import ModelArguments
 from chinese_vicuna.devices import is_main_process, world_size
-from chinese_vicuna.errors import UserError
-from chinese_vicuna.files import save_figure
+from chinese_vicuna.errors import TrainingInterrupted, UserError
+from chinese_vicuna.files import atomic_write_text, save_figure
 from chinese_vicuna.model.loading import trainable_parameters
 from chinese_vicuna.prompts import PromptTemplate
+from chinese_vicuna.train.checkpointing import with_atomic_checkpoints, write_fingerprint
 
 logger = logging.getLogger(__name__)
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Appends every log entry to `trainer_log.jsonl`; writes `training_loss.png` at the end."""
+    """Appends every log entry to `trainer_log.jsonl`; writes `training_loss.png` at the end.
+
+    At the start the log is cut back to the step training starts from (0 for a fresh run, the
+    checkpoint's step on resume), so it tells the one history of the adapter, never `1…6, 1…4`."""
 
     def __init__(self, output_dir: str) -> None:
         self.path = Path(output_dir) / "trainer_log.jsonl"
+
+    def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(kept))
 
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs:
@@ -100,6 +111,13 @@ def build_trainer(
     if len(train_dataset) == 0:
         raise UserError("no training samples left; check the data file and --cutoff_len")
     steps_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * world_size() * args.gradient_accumulation_steps))
+    total = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    if args.get_warmup_steps(total) > total:
+        logger.warning(
+            "warm-up (%d steps) is longer than the whole run (%d optimizer steps): the learning rate never reaches "
+            "--learning_rate %g; lower --warmup_steps (e.g. %d)",
+            args.get_warmup_steps(total), total, args.learning_rate, max(total // 10, 1),
+        )  # fmt: skip
     logger.info(
         "%d training samples, %d eval; global batch %d = %d × %d accumulation × %d processes; %d optimizer steps per epoch",
         len(train_dataset),
@@ -123,7 +141,7 @@ def _make_trainer(
     data_collator: Any,
     callbacks: list[TrainerCallback] | None,
 ) -> Trainer:
-    return trainer_class(
+    return with_atomic_checkpoints(trainer_class)(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -134,30 +152,22 @@ def _make_trainer(
     )
 
 
-class TemplateSaveCallback(TrainerCallback):
-    """Writes `prompt_template.json` into every `checkpoint-N`, so a checkpoint used for
-    inference, merged or exported is asked in the format it was trained on (pitfall 17)."""
-
-    def __init__(self, template: PromptTemplate) -> None:
-        self.template = template
-
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            self.template.save(folder)
-
-
 def train_and_save(
     trainer: Trainer, tokenizer: Any, template: PromptTemplate | None = None, resume_from_checkpoint: str | None = None
 ) -> None:
     """Train (or resume) and save the final adapter through the Trainer (ZeRO-3 safe), with its
-    tokenizer and the template it was trained with (`prompt_template.json`, also in every checkpoint)."""
+    tokenizer, the template it was trained with (`prompt_template.json`, also in every checkpoint,
+    pitfall 17) and the run fingerprint. Ctrl-C ends in one line that says how to resume."""
     args = trainer.args
     if is_main_process():
         log_trainable(trainer.model)
+        write_fingerprint(args.output_dir, getattr(args, "run_fingerprint", None))
     if template is not None:
-        trainer.add_callback(TemplateSaveCallback(template))
-    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        trainer.add_checkpoint_writer(template.save)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(interrupted_message(trainer, resume_from_checkpoint)) from None
     # Trainer.save_model gathers ZeRO-3 shards and calls PEFT's save_pretrained on the
     # unwrapped (uncompiled) model: adapter_config.json + adapter_model.safetensors.
     trainer.save_model(args.output_dir)
@@ -168,10 +178,19 @@ def train_and_save(
         logger.info("adapter saved to %s", args.output_dir)
 
 
+def interrupted_message(trainer: Trainer, resumed_from: str | None) -> str:
+    """What Ctrl-C in training leaves: the step reached and the checkpoint a resume starts from."""
+    last = getattr(trainer, "last_checkpoint", None) or resumed_from
+    step = trainer.state.global_step
+    if last is None:
+        return (
+            f"interrupted at step {step}, before the first checkpoint (every --save_steps {trainer.args.save_steps:g} steps): "
+            "nothing to resume; run again"
+        )
+    return f"interrupted at step {step}; {last} is complete: resume with --resume_from_checkpoint true"
+
+
 def start_run(model_args: ModelArguments, train_args: TrainingArguments) -> None:
-    """Logging, and the flag every training recipe needs."""
-    logging.basicConfig(
-        level=logging.INFO if train_args.should_log else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    """The flag every training recipe needs (logging is set up by `args.finalize`)."""
     if not model_args.base_model:
         raise UserError("--base_model is required: a Hugging Face model folder or hub id, e.g. --base_model ./tiny-llama")
