@@ -531,7 +531,7 @@ def resolve_resume(args: TrainingArguments) -> str | None:
             )
         how = "as named"
     if args.run_fingerprint is not None:
-        checkpoints.check_fingerprint(folder, args.run_fingerprint)
+        checkpoints.check_fingerprint(folder, args.run_fingerprint, new_data=args.ignore_data_skip)
     logger.info("resuming from %s (%s in %s)", folder, how, args.output_dir)
     return str(folder)
 

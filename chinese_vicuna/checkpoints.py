@@ -48,6 +48,8 @@ FINGERPRINT_SETTINGS = (
     "packing", "batch_size", "seed",
 )  # fmt: skip
 DATA_FIELDS = ("data_path", "val_data_path", "dataset_dir")
+# What may change on resume with --ignore_data_skip true (the data starts from its beginning: new data on purpose)
+DATA_CHOICE_FIELDS = (*DATA_FIELDS, "data_weights", "data_mix_size", "val_set_size")
 MODEL_FIELDS = ("base_model", "tokenizer_path", "lora_weights")
 # Files above this size are identified by their size and sampled pieces, not read whole.
 FULL_HASH_LIMIT = 1 << 30
@@ -236,8 +238,11 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
     return out
 
 
-def check_fingerprint(checkpoint: Path, current: dict[str, Any]) -> None:
-    """A UserError when `checkpoint` was written by a run with other data, base, template or settings."""
+def check_fingerprint(checkpoint: Path, current: dict[str, Any], new_data: bool = False) -> None:
+    """A UserError when `checkpoint` was written by a run with other data, base, template or settings.
+
+    `new_data` (--ignore_data_skip true: the resumed run starts its data from the beginning): other
+    data is what the user means, so only the other fields must agree."""
     saved_file = checkpoint / FINGERPRINT_NAME
     if not saved_file.is_file():
         logger.warning("%s has no %s (written by an older version): its data and settings cannot be checked", checkpoint, FINGERPRINT_NAME)
@@ -246,11 +251,15 @@ def check_fingerprint(checkpoint: Path, current: dict[str, Any]) -> None:
         saved = json.loads(saved_file.read_text(encoding="utf-8"))
     except ValueError:
         raise UserError(f"{saved_file} is damaged (not valid JSON); resume from another checkpoint-N") from None
+    if new_data:
+        saved = {k: v for k, v in saved.items() if k not in DATA_CHOICE_FIELDS}
+        current = {k: v for k, v in current.items() if k not in DATA_CHOICE_FIELDS}
     differences = fingerprint_differences(saved, current)
     if differences:
         raise UserError(
             f"--resume_from_checkpoint {checkpoint}: it belongs to a run with other data or settings ({'; '.join(differences)}); "
-            "resume with that run's flags, or start over with --overwrite_output_dir true (or another --output_dir)"
+            "resume with that run's flags (other data on purpose: add --ignore_data_skip true), or start over with "
+            "--overwrite_output_dir true (or another --output_dir)"
         )
 
 

@@ -172,6 +172,8 @@ def test_another_run_in_the_same_folder_is_refused_and_resume_checks_the_fingerp
     # run C resumes with A's data: B's checkpoint is not A's run
     line = user_error(run_args(tiny_model_dir, data_a, out, "--max_steps", "6", "--resume_from_checkpoint", "true"), capsys)
     assert "it belongs to a run with other data or settings (data_path (other content))" in line
+    # other data on purpose: the resumed run starts it from the beginning (Chinese-Vicuna's finetune_continue.sh)
+    parse_args(TRAIN_GROUPS, run_args(tiny_model_dir, data_a, out, "--resume_from_checkpoint", "true", "--ignore_data_skip", "true"))
     line = user_error(
         run_args(tiny_model_dir, data_b, out, "--max_steps", "6", "--cutoff_len", "128", "--resume_from_checkpoint", "true"), capsys
     )

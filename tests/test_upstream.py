@@ -147,7 +147,7 @@ def test_low_mem_refuses_a_lora_bias(tiny_model_dir: Path, tmp_path: Path, capsy
 
 
 def test_upstream_flag_names() -> None:
-    model, data = parse_args((ModelArguments, DataArguments), ["--model_path", "/m", "--test_size", "7", "--lora_model", "/l"])
-    assert (model.base_model, model.lora_weights, data.val_set_size) == ("/m", "/l", 7)
+    model, data = parse_args((ModelArguments, DataArguments), ["--model_path", "/m", "--test_size", "7", "--lora_model", "user/l"])
+    assert (model.base_model, model.lora_weights, data.val_set_size) == ("/m", "user/l", 7)  # a hub id: not checked locally
     with pytest.raises(UserError, match=r"--output_path \(upstream name of --output_dir, which this script does not take\)"):
         parse_args((ModelArguments,), ["--output_path", "/o"])

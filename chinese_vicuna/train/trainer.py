@@ -36,9 +36,9 @@ class JsonlLogCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not self.path.is_file():
             return
-        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= state.global_step]
-        if len(kept) != len(lines):
+        lines = self.path.read_text(encoding="utf-8").split("\n")
+        kept = [line + "\n" for line in lines if _logged_step(line) is not None and _logged_step(line) <= state.global_step]
+        if len(kept) != len([line for line in lines if line]):
             atomic_write_text(self.path, "".join(kept))
 
     def on_log(self, args: TrainingArguments, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -52,6 +52,14 @@ class JsonlLogCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             plot_loss(state.log_history, self.path.parent / "training_loss.png")
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of one trainer_log.jsonl line; None for a blank line or one cut short by a kill."""
+    try:
+        return int(json.loads(line).get("step", 0)) if line.strip() else None
+    except ValueError:
+        return None
 
 
 def plot_loss(log_history: list[dict[str, Any]], out_png: str | os.PathLike) -> bool:
