@@ -27,7 +27,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chinese_vicuna.args import BatchArguments, LoraArguments, TrainArguments, TrainModelArguments, parse_args
+from chinese_vicuna.args import BatchArguments, LoraArguments, TrainArguments, TrainModelArguments, check_flags, parse_args
 from chinese_vicuna.data.datasets import load_pretrain_dataset, pretrain_files, split_train_val
 from chinese_vicuna.data.pretrain import StreamingBlocks
 from chinese_vicuna.devices import is_main_process
@@ -59,6 +59,13 @@ class PretrainArguments:
     use_data_cache: bool = field(default=True, metadata={"help": "Reuse tokenized blocks from the cache."})
     streaming: bool = field(default=False, metadata={"help": "Tokenize blocks while training (no pass first); needs --max_steps."})
     shuffle_buffer: int = field(default=1000, metadata={"help": "--streaming: blocks in the shuffle buffer (1 = corpus order)."})
+
+    def __post_init__(self) -> None:
+        check_flags(
+            (self.block_size >= 2, f"--block_size {self.block_size}: must be at least 2 tokens (e.g. 512)"),
+            (self.val_set_size >= 0, f"--val_set_size {self.val_set_size}: must be >= 0 (0 = no held-out blocks)"),
+            (self.shuffle_buffer >= 1, f"--shuffle_buffer {self.shuffle_buffer}: must be at least 1 (1 = corpus order)"),
+        )
 
 
 def freeze_all_but_embeddings(model: object) -> None:
