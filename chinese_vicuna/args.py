@@ -259,7 +259,7 @@ class BatchArguments:
         check_flags(
             (self.micro_batch_size >= 1, f"--micro_batch_size {self.micro_batch_size}: must be at least 1"),
             (self.batch_size >= 1, f"--batch_size {self.batch_size}: must be at least 1"),
-            (self.num_epochs > 0, f"--num_epochs {self.num_epochs}: must be > 0 (--max_steps N stops earlier)"),
+            (self.num_epochs > 0, f"--num_epochs {self.num_epochs}: must be > 0 (a --max_steps N > 0 overrides it)"),
         )
 
 
