@@ -24,6 +24,7 @@ from chinese_vicuna.datatools.dedupe import (
     rouge_l,
     similarity_floor,
 )
+from chinese_vicuna.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = 500
@@ -155,6 +156,9 @@ def test_other_thresholds() -> None:
     """Lower thresholds use fewer rows per band, so the miss bound holds at any threshold."""
     assert lsh_shape(0.7) == (4, 64) and lsh_shape(0.5) == (2, 128) and lsh_shape(0.9) == (4, 64)
     assert all(recall_bound(t) >= 0.996 for t in (0.3, 0.5, 0.6, 0.7, 0.8, 0.95))
+    for bad in (0, -0.5, 1.2):
+        with pytest.raises(UserError, match="similarity_threshold"):
+            near_duplicate_flags([["a"]], bad)
     rng = random.Random(2)
     base = [chinese(rng, rng.randint(4, 30)) for _ in range(200)]
     texts = base + [edited(rng, rng.choice(base), rng.randint(1, 8)) for _ in range(200)]

@@ -25,6 +25,8 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from chinese_vicuna.errors import UserError
+
 DEFAULT_THRESHOLD = 0.7
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af"
@@ -100,6 +102,9 @@ def similarity_floor(threshold: float) -> float:
 def lsh_shape(threshold: float) -> tuple[int, int]:
     """(rows, bands) for a threshold: ROWS x BANDS at 0.7; fewer rows per band (and more bands,
     the same 256 hashes) where the floor is too low for the miss bound MAX_MISS (below ~0.66)."""
+    if not 0 < threshold <= 1:
+        # at 0 every pair qualifies, even with no token in common, which no index can find
+        raise UserError(f"--similarity_threshold {threshold}: a ROUGE-L threshold must be above 0 and at most 1 (self-instruct uses 0.7)")
     floor = similarity_floor(threshold)
     for rows in range(ROWS, 1, -1):
         bands = ROWS * BANDS // rows
@@ -264,7 +269,8 @@ class NearDuplicateIndex:
         import numpy as np
 
         self.threshold = threshold
-        self.hasher = hasher or MinHasher(*lsh_shape(threshold))
+        shape = lsh_shape(threshold)  # checks the threshold too
+        self.hasher = hasher or MinHasher(*shape)
         self.texts: list[list[str]] = []
         self._lengths = np.empty(64, dtype=np.int64)
         self._sigs = np.empty((64, self.hasher.size), dtype=np.uint32)
@@ -350,6 +356,7 @@ def near_duplicate_flags(
     """
     import numpy as np
 
+    shape = lsh_shape(threshold)  # checks the threshold too
     flags = [False] * len(texts)
     # A later identical token list is always flagged: it has the first copy's candidates, so it
     # matches the first copy (if kept) or whatever kept text the first copy matched.
@@ -364,7 +371,7 @@ def near_duplicate_flags(
             uniq.append(i)
     if len(uniq) < 2:
         return flags
-    hasher = hasher or MinHasher(*lsh_shape(threshold))
+    hasher = hasher or MinHasher(*shape)
     sigs = hasher.signatures([texts[i] for i in uniq])
     keys = hasher.band_keys(sigs)
     count, bands = keys.shape
