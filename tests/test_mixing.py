@@ -11,7 +11,8 @@ import pytest
 
 from chinese_vicuna.args import DataArguments
 from chinese_vicuna.data.datasets import load_instruction_dataset
-from chinese_vicuna.data.mixing import allocate, load_train_val, mix, parse_mixture
+from chinese_vicuna.data.mixing import MixedDataset, allocate, load_train_val, mix, parse_mixture
+from chinese_vicuna.data.store import StoreWriter, TokenizedDataset
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
@@ -63,6 +64,27 @@ def test_single_file_is_unchanged_and_mixtures_hold_out_before_mixing() -> None:
     assert len(val) == 6 and len(train) == 80 and not set(val) & set(train)
     assert Counter(t for t, _ in train) == {"a": 20, "b": 60}
     assert load_train_val(mixture("a,b", "1,3", val_set_size=6, data_mix_size=80), pools.__getitem__, 42) == (train, val)
+
+
+def test_stores_mix_as_views_with_the_same_samples(tmp_path: Path) -> None:
+    """Tokenized stores are mixed by sample number: the mixture and the held-out set are views
+    over the stores (no sample copied) with the same samples, in the same order, as mixing the
+    samples themselves."""
+    stores = {}
+    for name, count, token in (("a", 40, 10), ("b", 7, 20), ("v", 3, 30)):
+        writer = StoreWriter(tmp_path / name)
+        writer.add_samples([{"input_ids": [token, i, i + 1][: 1 + i % 3], "labels": [-100, i, i + 1][: 1 + i % 3]} for i in range(count)])
+        writer.close()
+        stores[name] = TokenizedDataset(tmp_path / name)
+    lists = {k: v.to_list() for k, v in stores.items()}
+    for flags in (dict(val_set_size=5, data_mix_size=60), dict(val_data_path="v"), dict(val_set_size=0)):
+        train, val = load_train_val(mixture("a,b", "1,3", **flags), stores.__getitem__, 42)
+        expected_train, expected_val = load_train_val(mixture("a,b", "1,3", **flags), lists.__getitem__, 42)
+        assert isinstance(train, MixedDataset) and train.to_list() == expected_train
+        assert (val.to_list() if len(val) else []) == list(expected_val)
+        assert train.lengths.tolist() == [len(s["input_ids"]) for s in expected_train]
+    assert Counter(s["input_ids"][0] for s in train.to_list()) == {10: 12, 20: 35}  # 1:3 of 47 (largest remainder)
+    assert train.select([3, 1]).to_list() == [train.to_list()[3], train.to_list()[1]]
 
 
 def write(path: Path, records: list[dict]) -> Path:

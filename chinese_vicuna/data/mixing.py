@@ -8,6 +8,10 @@ has `data_mix_size` samples (default: all files' samples together), of which fil
 share w_i / sum(w), rounded by largest remainder. A file drawn fewer times than it has samples
 gives a seeded random subset; one drawn more often is repeated whole and topped up with a
 random subset. The result is shuffled with the seed: the same seed gives the same data.
+When the files are tokenized stores (what finetune.py loads), the draws are made on sample
+numbers and the mixture is a `MixedDataset`: a view that reads each sample from its file's
+mapped store when the Trainer asks, so no sample is copied (the same samples, in the same order,
+as drawing the samples themselves).
 
 The validation set is the --val_data_path file when given; otherwise --val_set_size samples
 held out (seeded) from all files before mixing, so no repeated sample lands on both sides.
@@ -21,8 +25,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+import numpy as np
+from torch.utils.data import Dataset
+
 from chinese_vicuna.args import DataArguments
 from chinese_vicuna.data.datasets import split_train_val
+from chinese_vicuna.data.store import TokenizedDataset
 from chinese_vicuna.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +96,39 @@ def mix(pools: Sequence[Sequence[T]], weights: Sequence[float], seed: int, total
     return mixed, counts
 
 
+class MixedDataset(Dataset):
+    """Samples of several datasets by number (global numbers: dataset k's sample j is
+    offsets[k] + j): a view; each sample is read from its dataset when asked for."""
+
+    def __init__(self, pools: Sequence[TokenizedDataset], numbers: Sequence[int] | np.ndarray) -> None:
+        self.pools = list(pools)
+        self.offsets = np.cumsum([0] + [len(p) for p in self.pools])
+        self.numbers = np.asarray(numbers, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        g = int(self.numbers[i])
+        k = int(np.searchsorted(self.offsets, g, side="right")) - 1
+        return self.pools[k][g - int(self.offsets[k])]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens of every sample, in this view's order."""
+        return np.concatenate([p.lengths for p in self.pools])[self.numbers]
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> MixedDataset:
+        return MixedDataset(self.pools, self.numbers[np.asarray(indices, dtype=np.int64)])
+
+    def to_list(self) -> list[dict[str, list[int]]]:
+        """Every sample as Python lists (small sets: tests, comparisons)."""
+        return [{k: v.tolist() for k, v in s.items()} for s in self]
+
+
 def load_train_val(data_args: DataArguments, load: Callable[[str], list[T]], seed: int) -> tuple[list[T], list[T]]:
     """Training and validation samples for finetune.py / finetune_chat.py.
 
@@ -107,17 +148,26 @@ def load_train_val(data_args: DataArguments, load: Callable[[str], list[T]], see
         return (samples, val) if val_data_path else split_train_val(samples, val_set_size, seed)
 
     pools = [load(path) for path, _ in parts]
+    # Stores: draw sample numbers and return views (memory flat in the data size); the draws
+    # are the same as on the samples themselves, so the data is the same.
+    stores = all(isinstance(p, TokenizedDataset) for p in pools)
+    offsets = np.cumsum([0] + [len(p) for p in pools]).tolist()
+    sources = [range(offsets[k], offsets[k + 1]) for k in range(len(pools))] if stores else pools
     if val_data_path:
-        train_pools = pools
+        train_pools = [list(p) for p in sources] if stores else pools
     else:
-        tagged = [(i, s) for i, pool in enumerate(pools) for s in pool]
+        tagged = [(i, s) for i, pool in enumerate(sources) for s in pool]
         train_tagged, val_tagged = split_train_val(tagged, val_set_size, seed)
         val = [s for _, s in val_tagged]
         train_pools = [[s for i, s in train_tagged if i == k] for k in range(len(pools))]
+        if stores:
+            val = MixedDataset(pools, val)
     weights = [w if w is not None else float(len(p)) for (_, w), p in zip(parts, train_pools, strict=True)]
     if mix_size is not None and mix_size < 1:
         raise UserError(f"--data_mix_size {mix_size}: must be at least 1")
     train, counts = mix(train_pools, weights, seed, mix_size)
+    if stores:
+        train = MixedDataset(pools, train)
     wsum = sum(weights)
     for (path, _), pool, w, n in zip(parts, train_pools, weights, counts, strict=True):
         logger.info(
