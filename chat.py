@@ -9,10 +9,9 @@ by dropping the oldest whole turns. Saved conversations are JSONL lines {"messag
 the chat data format the fine-tuning scripts read.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Gradio passes `gr.Request` to the page's callbacks by
+# their annotation, which must then be the class itself (gr is imported inside build_page).
 import logging
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +30,8 @@ from chinese_vicuna.args import (
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.i18n import Messages
-from chinese_vicuna.infer.session import ChatSession, Message, save_conversation
+from chinese_vicuna.infer.session import ChatSession, Message, keeps_answer, save_conversation
+from chinese_vicuna.infer.terminal import ChatEnded, enable_line_editing, print_answer, read_line
 from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import resolve_template, saved_template
 
@@ -47,20 +47,22 @@ class ChatFrontArguments:
 # --------------------------------------------------------------------------------------------
 # Terminal
 # --------------------------------------------------------------------------------------------
-def run_cli(chat: ChatSession, save_dir: str, language: str = "zh") -> None:
+def run_cli(chat: ChatSession, save_dir: str, language: str = "zh") -> int:
+    """The terminal chat; returns the exit status (0, or 130 after Ctrl-C at the prompt)."""
     t = Messages(language)
+    enable_line_editing()
     history: list[Message] = []
     system = chat.system_of(chat.default_template, chat.settings.system)
     print(t("cli.start", template=chat.default_template, help=t("cli.help")), flush=True)
     while True:
         try:
-            line = input(t("cli.user"))
-        except EOFError:
-            print()
-            return
+            line = read_line(t("cli.user"), t)
+        except ChatEnded as end:
+            print(t("cli.bye"), flush=True)
+            return end.code
         command, _, rest = line.strip().partition(" ")
         if command in ("/exit", "/quit"):
-            return
+            return 0
         if command == "/help":
             print(t("cli.help"))
             continue
@@ -98,70 +100,98 @@ def run_cli(chat: ChatSession, save_dir: str, language: str = "zh") -> None:
         if note:
             print(f"[{note}]")
         print(t("cli.assistant"), end="", flush=True)
-        text = ""
-        try:
-            for piece in chat.stream(ids, template):
-                print(piece, end="", flush=True)
-                text += piece
-            print(flush=True)
-        except KeyboardInterrupt:  # raised inside the stream: its finally ends generation
+        text, stopped = print_answer(chat.stream(ids, template))
+        if stopped:
             print(t("cli.stopped"), flush=True)
-        history = [*history, {"role": "user", "content": line}, {"role": "assistant", "content": text}]
+        elif not keeps_answer(text):
+            print(t("cli.empty_answer"), flush=True)
+        else:  # a stopped or empty answer is not kept: saved, it would train the model to say nothing
+            history = [*history, {"role": "user", "content": line}, {"role": "assistant", "content": text}]
 
 
 # --------------------------------------------------------------------------------------------
 # Web page
 # --------------------------------------------------------------------------------------------
 def build_page(chat: ChatSession, title: str, language: str = "zh") -> Any:
-    from chinese_vicuna.infer.webui import SessionStops, decoding_controls, decoding_from_values, gr
+    from chinese_vicuna.infer.webui import (
+        SessionFolders,
+        SessionStops,
+        check_context,
+        decoding_controls,
+        decoding_from_values,
+        gr,
+        page_error,
+    )
 
     t = Messages(language)
     stops = SessionStops()
-    save_dir = Path(tempfile.mkdtemp(prefix="chat-saves-"))
+    folders = SessionFolders("chat-saves-")  # a private folder per session, a new file per save
 
     def respond(
-        session: str, message: str, history: list[Message], system: str, template_name: str, max_memory: float, *values: object
+        request: gr.Request,
+        message: str,
+        history: list[Message],
+        system: str,
+        template_name: str,
+        max_memory: float,
+        *values: object,
     ) -> Iterator[tuple[list[Message], list[Message], str, str]]:
-        if not message.strip():
-            raise gr.Error(t("chat.need_message"))
+        if not (message or "").strip():
+            raise page_error(t("chat.need_message"))
+        if template_name not in chat.templates:
+            raise page_error(f"template {template_name!r}: choose one of {', '.join(chat.templates)}")
         settings = decoding_from_values(values)
         try:
             ids, template, note = chat.prompt(history, message, template_name, system, int(max_memory))
+        except (TypeError, ValueError, OverflowError):  # an API client's None or text
+            raise page_error(f"max_memory must be a positive number of tokens (got {max_memory!r})") from None
         except UserError as exc:
-            raise gr.Error(str(exc)) from None
+            raise page_error(exc) from None
+        check_context(chat.model, len(ids), settings)
         user = {"role": "user", "content": message}
         shown = [*history, user, {"role": "assistant", "content": ""}]
         yield shown, history, "", t("generating") if settings.streams else t("beam_search")
         stats, text = GenerationStats(), ""
-        for piece in chat.stream(ids, template, settings, stops.start(session), stats):
+        for piece in chat.stream(ids, template, settings, stops.start(request), stats):
             text += piece
             shown[-1] = {"role": "assistant", "content": text}
             yield shown, history, "", t("generating")
+        if not keeps_answer(text, stats):  # shown, but not part of the conversation (nor of a saved file)
+            yield shown, history, message, "; ".join(x for x in (t("chat.not_kept"), t.stats(stats)) if x)
+            return
         done = [*history, user, {"role": "assistant", "content": text}]
         yield done, done, "", "; ".join(x for x in (note, t.stats(stats)) if x)
 
-    def regenerate(session: str, history: list[Message], *rest: Any) -> Iterator[tuple[list[Message], list[Message], str, str]]:
+    def regenerate(request: gr.Request, history: list[Message], *rest: Any) -> Iterator[tuple[list[Message], list[Message], str, str]]:
         if len(history) < 2:
-            raise gr.Error(t("chat.nothing_to_regenerate"))
-        yield from respond(session, history[-2]["content"], history[:-2], *rest)
+            raise page_error(t("chat.nothing_to_regenerate"))
+        yield from respond(request, history[-2]["content"], history[:-2], *rest)
 
     def undo(history: list[Message]) -> tuple[list[Message], list[Message], str]:
         history = history[:-2]
         return history, history, t("chat.turns", turns=len(history) // 2)
 
-    def clear() -> tuple[list[Message], list[Message], str]:
-        return [], [], t("chat.new_conversation")
+    def clear() -> tuple[list[Message], list[Message], str, None]:
+        return [], [], t("chat.new_conversation"), None
 
-    def save(history: list[Message], system: str) -> tuple[str, str]:
-        try:
-            path = save_conversation(save_dir / f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{len(history) // 2}turns.jsonl", history, system)
-        except UserError as exc:
-            raise gr.Error(str(exc)) from None
-        return str(path), t("chat.saved_turns", turns=len(history) // 2)
+    def save(request: gr.Request, history: list[Message], system: str) -> tuple[str, str]:
+        if not history:
+            raise page_error(t("chat.nothing_to_save"))
+        turns = len(history) // 2
+        path = folders.new_file(request, f"chat-{time.strftime('%Y%m%d-%H%M%S')}-{turns}turns-", ".jsonl")
+        save_conversation(path, history, system, append=False)
+        return str(path), t("chat.saved_turns", turns=turns)
+
+    def default_system(name: str) -> Any:
+        return chat.templates[name].default_system if name in chat.templates else gr.update()
+
+    def end_session(request: gr.Request) -> None:
+        stops.end(request)
+        folders.end(request)
 
     first = chat.templates[chat.default_template]
-    with gr.Blocks(title=title) as demo:
-        session = stops.session_state(demo)
+    # Gradio's own copies of served files go after an hour, and all of them at exit
+    with gr.Blocks(title=title, delete_cache=(600, 3600)) as demo:
         history = gr.State([])
         gr.Markdown(f"## {title}")
         chatbot = gr.Chatbot(label=t("chat.conversation"), height=420, buttons=["copy", "copy_all"], elem_id="chatbot")
@@ -185,15 +215,18 @@ def build_page(chat: ChatSession, title: str, language: str = "zh") -> Any:
 
         settings = [system, template_name, max_memory, *controls]
         outputs = [chatbot, history, message, status]
-        send.click(respond, [session, message, history, *settings], outputs)
-        message.submit(respond, [session, message, history, *settings], outputs)
-        regen.click(regenerate, [session, history, *settings], outputs)
-        stop.click(stops.stop, session, None, queue=False)
-        undo_btn.click(undo, history, [chatbot, history, status])
-        clear_btn.click(clear, None, [chatbot, history, status])
-        chatbot.clear(clear, None, [chatbot, history, status])  # the chatbot's own trash icon
-        save_btn.click(save, [history, system], [saved, status])
-        template_name.change(lambda name: chat.templates[name].default_system, template_name, system)
+        # preprocess=False: respond checks every value itself (one line), not Gradio's component
+        # checks, which print a traceback for an API client's out-of-range value
+        send.click(respond, [message, history, *settings], outputs, api_name="respond", preprocess=False)
+        message.submit(respond, [message, history, *settings], outputs, api_name=False, preprocess=False)
+        regen.click(regenerate, [history, *settings], outputs, api_name="regenerate", preprocess=False)
+        stop.click(stops.stop, None, None, queue=False, api_name="stop")
+        undo_btn.click(undo, history, [chatbot, history, status], api_name="undo")
+        clear_btn.click(clear, None, [chatbot, history, status, saved], api_name="clear")
+        chatbot.clear(clear, None, [chatbot, history, status, saved], api_name=False)  # the chatbot's own trash icon
+        save_btn.click(save, [history, system], [saved, status], api_name="save")
+        template_name.change(default_system, template_name, system, api_name=False)
+        demo.unload(end_session)
     return demo
 
 
@@ -224,7 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     chat = ChatSession(model, tokenizer, template, session_args, decoding)
 
     if args.cli:
-        run_cli(chat, args.save_dir, ui.ui_language)
+        code = run_cli(chat, args.save_dir, ui.ui_language)
+        if code:
+            raise SystemExit(code)
         return
     from chinese_vicuna.infer.webui import launch
 

@@ -8,8 +8,8 @@
 or a hub id; leave it out for a merged model. Decoding flags: `python generate.py --help`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Gradio passes `gr.Request` to the page's callbacks by
+# their annotation, which must then be the class itself (gr is imported inside build_page).
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -73,25 +73,25 @@ def run_batch(
 
 def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, title: str, language: str = "zh") -> Any:
     from chinese_vicuna.infer.i18n import Messages
-    from chinese_vicuna.infer.webui import SessionStops, decoding_controls, decoding_from_values, gr
+    from chinese_vicuna.infer.webui import SessionStops, check_context, decoding_controls, decoding_from_values, gr, page_error
 
     t = Messages(language)
     stops = SessionStops()
 
-    def respond(session: str, instruction: str, inp: str, *values: object) -> Iterator[tuple[str, str]]:
-        if not instruction.strip():
-            raise gr.Error(t("generate.need_instruction"))
+    def respond(request: gr.Request, instruction: str, inp: str, *values: object) -> Iterator[tuple[str, str]]:
+        if not (instruction or "").strip():
+            raise page_error(t("generate.need_instruction"))
         settings = decoding_from_values(values)
-        ids = prompt_ids(tokenizer, template, instruction, inp)
+        ids = prompt_ids(tokenizer, template, instruction, inp or "")
+        check_context(model, len(ids), settings)
         stats, text = GenerationStats(), ""
         yield "", t("generating") if settings.streams else t("beam_search")
-        for piece in stream_generate(model, tokenizer, ids, settings, template.stop_strings, template.is_chat, stops.start(session), stats):
+        for piece in stream_generate(model, tokenizer, ids, settings, template.stop_strings, template.is_chat, stops.start(request), stats):
             text += piece
             yield text, t("generating")
         yield text, t("generate.done", prompt_tokens=len(ids), stats=t.stats(stats))
 
     with gr.Blocks(title=title) as demo:
-        session = stops.session_state(demo)
         gr.Markdown(t("generate.intro", title=title, template=template.name))
         with gr.Row():
             with gr.Column():
@@ -107,9 +107,19 @@ def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: D
             with gr.Column():
                 output = gr.Textbox(lines=12, label=t("generate.answer"), elem_id="answer", interactive=False)
                 status = gr.Markdown(elem_id="status")
-        run.click(respond, [session, instruction, inp, *controls], [output, status])
-        instruction.submit(respond, [session, instruction, inp, *controls], [output, status])
-        stop.click(stops.stop, session, None, queue=False)
+        # Generate is disabled while an answer is generated, so a second click is never silently
+        # dropped, and enabled again however the answer ends: done or stopped (`.then`), or an
+        # error (Gradio 6's page runs `.then` only after a success, so `.failure` too).
+        # preprocess=False: respond checks every value itself (one line), not Gradio's component
+        # checks, which print a traceback for an API client's out-of-range value
+        for trigger, api_name in ((run.click, "generate"), (instruction.submit, False)):
+            answering = trigger(lambda: gr.update(interactive=False), None, run, queue=False, api_name=False).then(
+                respond, [instruction, inp, *controls], [output, status], api_name=api_name, preprocess=False
+            )
+            for ended in (answering.then, answering.failure):
+                ended(lambda: gr.update(interactive=True), None, run, queue=False, api_name=False)
+        stop.click(stops.stop, None, None, queue=False, api_name="stop")
+        demo.unload(stops.end)
     return demo
 
 

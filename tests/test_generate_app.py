@@ -178,14 +178,72 @@ def page_words(page, where: dict[str, str]) -> dict[str, str]:
     return words
 
 
-def test_page_in_english_with_ui_language_en(tiny_model_dir: Path):
-    with serve("generate.py", "--base_model", str(tiny_model_dir), "--ui_language", "en") as (url, _), browser_page() as page:
-        page.goto(url)
-        page.locator("#generate-btn").wait_for()
-        screenshot(page, "generate-en.png")
-        assert page_words(page, GENERATE_WORDS) == GENERATE_WORDS_EN
-        page.locator("#generate-btn").click()  # no instruction: the error in English
-        page.get_by_text("Type an instruction first.").wait_for()
+def server_log(proc: subprocess.Popen) -> str:
+    """What a served script printed (after `serve` has stopped it)."""
+    return proc.stdout.read()
+
+
+def test_page_in_english_user_mistakes_and_sessions(tiny_model_dir: Path):
+    """English words; Generate disabled while answering and enabled again after an error or a
+    Stop; user mistakes in the page and from API clients are page errors with one console
+    line each, no traceback; each API client is its own session, so one's Stop ends only its
+    own answer. --min_new_tokens makes every answer 1900 tokens long, so it is still being
+    generated when the Stop arrives (the prompt + 1900 fits the tiny model's 2048)."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    args = [
+        "generate.py",
+        "--base_model",
+        str(tiny_model_dir),
+        "--ui_language",
+        "en",
+        "--max_new_tokens",
+        "1900",
+        "--min_new_tokens",
+        "1900",
+    ]
+    enabled = "!document.querySelector('#generate-btn').disabled"
+    with serve(*args) as (url, proc):
+        with browser_page() as page:
+            page.goto(url)
+            page.locator("#generate-btn").wait_for()
+            screenshot(page, "generate-en.png")
+            assert page_words(page, GENERATE_WORDS) == GENERATE_WORDS_EN
+            page.locator("#generate-btn").click()  # no instruction: the error in English
+            page.get_by_text("Type an instruction first.").wait_for()
+            page.wait_for_function(enabled)
+
+            page.locator("#instruction textarea").fill("你好")
+            page.locator("#generate-btn").click()
+            page.wait_for_function("document.querySelector('#answer textarea').value.length > 0")
+            assert page.locator("#generate-btn").is_disabled()  # while answering
+            page.locator("#stop-btn").click()
+            page.wait_for_function("document.querySelector('#status').innerText.includes('ended by stop_signal')")
+            page.wait_for_function(enabled)
+
+            page.locator("#instruction textarea").fill("长" * 300)  # with max_new_tokens 1900: past the context
+            page.locator("#generate-btn").click()
+            page.get_by_text("together more than the model's context of 2048 tokens").first.wait_for()
+            page.wait_for_function(enabled)
+
+        a, b = Client(url, verbose=False), Client(url, verbose=False)
+        job = a.submit("你好", "", api_name="/generate")
+        while len(job.outputs()) < 3 and not job.done():
+            time.sleep(0.05)
+        b.predict(api_name="/stop")  # another client's Stop: a's answer goes on
+        seen = len(job.outputs())
+        while len(job.outputs()) < seen + 20 and not job.done():
+            time.sleep(0.05)
+        assert not job.done()
+        a.predict(api_name="/stop")
+        assert job.result()[1].endswith("ended by stop_signal")
+        for bad in ({"param_2": None}, {"param_2": 100000}, {"param_6": 5.0}):  # max_new_tokens None, past the context; top_p 5
+            with pytest.raises(AppError):
+                a.predict("你好", "", api_name="/generate", **bad)
+    log = server_log(proc)
+    assert "Traceback" not in log
+    assert len([line for line in log.splitlines() if " page: " in line]) == 5, log[-3000:]
 
 
 def test_batch_mode_resumes_after_sigkill(tiny_model_dir: Path, memorized_lora: Path, memorized_data: Path, tmp_path: Path):

@@ -116,6 +116,11 @@ def test_cpu_chat_terminal(f16_gguf: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[1]["output"]]
     assert "tokens/s" in proc.stderr
+    # a --max_new_tokens past the context is lowered (to half of it), with a message
+    proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf), "--n_ctx", "512", "--max_new_tokens", "4096", stdin=questions)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[1]["output"]]
+    assert "[max_new_tokens=4096 does not fit the context n_ctx=512; using 256]" in proc.stderr
     proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf.parent / "missing.gguf"), stdin="")
     assert proc.returncode == 2 and "GGUF file not found" in proc.stderr and "Traceback" not in proc.stderr
 

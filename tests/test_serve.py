@@ -184,6 +184,21 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server, client) -> 
     assert ask(client, "b", INSTRUCTIONS[3]) == ANSWERS_B[3]
 
 
+def test_closing_one_stream_leaves_another_clients_stream_running(client) -> None:
+    """Two clients stream at once; one closes its stream (its request is cancelled): the other's
+    request, with an id of its own, runs to the end and equals the same request not streamed."""
+    prompt, kw = "很久很久以前", {"model": BASE, "max_tokens": 300, "temperature": 0}
+    a, b = (client.completions.create(prompt=prompt, stream=True, **kw) for _ in range(2))
+    a_chunks, b_chunks = iter(a), iter(b)
+    first_a, first_b = next(a_chunks), next(b_chunks)
+    assert first_a.id != first_b.id
+    a.close()
+    rest = [first_b, *b_chunks]
+    whole = client.completions.create(prompt=prompt, **kw).choices[0]
+    assert "".join(c.choices[0].text for c in rest if c.choices) == whole.text
+    assert [c.choices[0].finish_reason for c in rest if c.choices and c.choices[0].finish_reason] == [whole.finish_reason]
+
+
 def test_adapters_load_and_unload_at_run_time(server, client, two_loras) -> None:
     url, _ = server
     headers = {"Authorization": f"Bearer {KEY}"}

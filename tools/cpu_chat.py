@@ -6,7 +6,10 @@
 Prompts are built exactly as in training (every template segment tokenized separately, ids
 concatenated), here with llama.cpp's tokenizer read from the GGUF file. A chat template keeps
 the history, dropping the oldest whole turns when it outgrows --max_memory tokens; an
-instruction template answers each line on its own. Commands: /reset, /exit (or Ctrl-D).
+instruction template answers each line on its own. Commands: /reset, /exit (or Ctrl-D, or Ctrl-C
+at the prompt); Ctrl-C during an answer stops that answer. Arrow keys edit the line, ↑/↓ recall
+earlier ones (this chat's only; nothing is written to disk). A --max_new_tokens that leaves no
+room for a prompt in --n_ctx is lowered to half of it, with a message.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import time
 from dataclasses import dataclass, field
 
 from chinese_vicuna.args import ChatSessionArguments, ChatTemplateArguments, DecodingArguments, parse_args
-from chinese_vicuna.errors import exit_on_user_error
+from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.generation import chat_prompt_ids, prompt_ids
+from chinese_vicuna.infer.i18n import Messages
 from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, gguf_template, load_gguf, stream_answer
+from chinese_vicuna.infer.session import keeps_answer
+from chinese_vicuna.infer.terminal import ChatEnded, enable_line_editing, print_answer, read_line
 
 
 @dataclass
@@ -46,13 +52,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     decoding.validate()
     logging.basicConfig(level=logging.WARNING)
+    t = Messages("en")
 
     llm = load_gguf(model_args.gguf, model_args.n_ctx, model_args.threads)
     tokenizer = LlamaCppTokenizer(llm)
     template = gguf_template(llm, model_args.gguf, template_args.prompt_template, template_args.fallback_template)
-    budget = session_args.max_memory or model_args.n_ctx - decoding.max_new_tokens
+    max_new_tokens = decoding.max_new_tokens
+    if max_new_tokens >= model_args.n_ctx:  # no room left for a prompt: half the context each
+        max_new_tokens = model_args.n_ctx // 2
+        print(t("cli.max_new_tokens_clamped", asked=decoding.max_new_tokens, n_ctx=model_args.n_ctx, used=max_new_tokens), file=sys.stderr)
+    budget = session_args.max_memory or model_args.n_ctx - max_new_tokens
     sampling = {
-        "max_new_tokens": decoding.max_new_tokens,
         "temperature": decoding.temperature if decoding.do_sample else 0.0,  # llama.cpp: 0 = greedy
         "top_p": decoding.top_p,
         "top_k": decoding.top_k if decoding.do_sample else 1,
@@ -60,38 +70,52 @@ def main(argv: list[str] | None = None) -> None:
     }
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
+    enable_line_editing()
+    code = 0
     while True:
-        if interactive:
-            print("User: ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        try:
+            question = read_line("User: " if interactive else "", t)
+        except ChatEnded as end:
+            if interactive:
+                print(t("cli.bye"), flush=True)
+            code = end.code
             break
-        question = line.rstrip("\n")
+        if question.strip() == "/exit":
+            break
         if not question.strip():
             continue
         if question.strip() == "/reset":
             history.clear()
             print("(history cleared)", flush=True)
             continue
-        if template.is_chat:
-            ids, dropped = chat_prompt_ids(tokenizer, template, history, question, session_args.system, budget)
-            if dropped:
-                print(f"(dropped the {dropped} oldest turn(s) to fit {budget} tokens)", file=sys.stderr, flush=True)
-        else:
-            ids = prompt_ids(tokenizer, template, question)
+        try:
+            if template.is_chat:
+                ids, dropped = chat_prompt_ids(tokenizer, template, history, question, session_args.system, budget)
+                if dropped:
+                    print(f"(dropped the {dropped} oldest turn(s) to fit {budget} tokens)", file=sys.stderr, flush=True)
+            else:
+                ids = prompt_ids(tokenizer, template, question)
+        except UserError as exc:  # this line is too long: say so, the chat goes on
+            print(f"[{exc}]", flush=True)
+            continue
         if interactive:
             print("Assistant: ", end="", flush=True)
-        start, text = time.time(), ""
-        for piece in stream_answer(llm, tokenizer, ids, template.stop_strings, template.is_chat, **sampling):
-            text += piece
-            print(piece, end="", flush=True)
-        print(flush=True)
+        start = time.time()
+        # what is left of the context after the prompt bounds the answer (a longer one is an error in llama.cpp)
+        room = max(1, min(max_new_tokens, model_args.n_ctx - len(ids)))
+        text, stopped = print_answer(
+            stream_answer(llm, tokenizer, ids, template.stop_strings, template.is_chat, max_new_tokens=room, **sampling)
+        )
+        if stopped:
+            print(t("cli.stopped"), flush=True)
         if model_args.show_speed:
             n = len(tokenizer.encode(text)) if text else 0
             print(f"({n} tokens, {n / max(time.time() - start, 1e-9):.1f} tokens/s)", file=sys.stderr, flush=True)
-        if template.is_chat:
+        if template.is_chat and not stopped and keeps_answer(text):  # a stopped or empty answer is not kept
             history += [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
     llm.close()  # free llama.cpp's model now, not in a destructor at interpreter exit
+    if code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

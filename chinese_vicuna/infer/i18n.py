@@ -43,6 +43,11 @@ MESSAGES: dict[str, dict[str, str]] = {
     "chat.turns": {"zh": "{turns} 轮", "en": "{turns} turn(s)"},
     "chat.new_conversation": {"zh": "新对话", "en": "new conversation"},
     "chat.saved_turns": {"zh": "已保存 {turns} 轮", "en": "saved {turns} turn(s)"},
+    "chat.nothing_to_save": {"zh": "还没有可以保存的对话。", "en": "Nothing to save yet: the conversation is empty."},
+    "chat.not_kept": {
+        "zh": "回答为空或已停止：不计入对话（也不会被保存）",
+        "en": "the answer is empty or was stopped: not kept in the conversation (nor saved)",
+    },
     # both pages
     "stop": {"zh": "停止", "en": "Stop"},
     "decoding": {"zh": "解码参数", "en": "Decoding"},
@@ -74,7 +79,17 @@ MESSAGES: dict[str, dict[str, str]] = {
     "cli.not_saved": {"zh": "[未保存：{error}]", "en": "[not saved: {error}]"},
     "cli.nothing_to_regenerate": {"zh": "[没有可以重新生成的回答]", "en": "[nothing to regenerate]"},
     "cli.unknown_command": {"zh": "[未知命令 {command}；{help}]", "en": "[unknown command {command}; {help}]"},
-    "cli.stopped": {"zh": " [已停止]", "en": " [stopped]"},
+    "cli.stopped": {"zh": " [已停止；本轮不计入对话]", "en": " [stopped; this turn is not kept]"},
+    "cli.empty_answer": {"zh": "[回答为空；本轮不计入对话]", "en": "[empty answer; this turn is not kept]"},
+    "cli.bad_input": {
+        "zh": "[这一行不是有效的 UTF-8 文本，已忽略；请检查终端的编码设置]",
+        "en": "[that line is not valid UTF-8 text and was ignored; check the terminal's encoding]",
+    },
+    "cli.bye": {"zh": "[再见]", "en": "[bye]"},
+    "cli.max_new_tokens_clamped": {
+        "zh": "[max_new_tokens={asked} 超出上下文 n_ctx={n_ctx}，改为 {used}]",
+        "en": "[max_new_tokens={asked} does not fit the context n_ctx={n_ctx}; using {used}]",
+    },
 }
 
 

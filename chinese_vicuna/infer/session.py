@@ -4,12 +4,14 @@ in the chat data format the fine-tuning scripts read (`{"messages": [...]}` JSON
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.args import ChatSessionArguments, DecodingArguments
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.files import atomic_write_text
 from chinese_vicuna.infer.generation import GenerationStats, chat_prompt_ids, stream_generate
 from chinese_vicuna.infer.jsonl import JsonlAppender
 from chinese_vicuna.prompts import PromptTemplate, available_templates, load_template
@@ -68,10 +70,20 @@ def conversation_record(history: list[Message], system: str) -> dict[str, list[M
     return {"messages": ([{"role": "system", "content": system}] if system else []) + [dict(m) for m in history]}
 
 
-def save_conversation(path: str | Path, history: list[Message], system: str) -> Path:
-    """Append the conversation as one JSON line (a file collects many conversations)."""
+def keeps_answer(text: str, stats: GenerationStats | None = None) -> bool:
+    """Whether an answer joins the conversation: an empty or stopped one does not (saved, it
+    would train the model to say nothing or to stop mid-sentence)."""
+    return bool(text.strip()) and (stats is None or stats.stopped_by != "stop_signal")
+
+
+def save_conversation(path: str | Path, history: list[Message], system: str, append: bool = True) -> Path:
+    """The conversation as one JSON line: appended (a file the user names collects many
+    conversations), or with `append=False` as the file's whole content."""
     if not history:
         raise UserError("nothing to save yet: the conversation is empty")
-    with JsonlAppender(path) as out:
-        out.write(conversation_record(history, system))
+    if append:
+        with JsonlAppender(path) as out:
+            out.write(conversation_record(history, system))
+    else:
+        atomic_write_text(path, json.dumps(conversation_record(history, system), ensure_ascii=False) + "\n")
     return Path(path)
