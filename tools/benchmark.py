@@ -11,7 +11,8 @@ same base, data, LoRA config, precision, learning rate and sample order:
 Reported per run: non-padding tokens/s over one epoch, peak memory (RSS on the CPU, max
 allocated on a GPU), loss after the same tokens, and MFU (4·N FLOPs per token for LoRA
 — forward 2N, backward to activations 2N, no weight gradients for the frozen base — plus
-attention) against the bf16 matmul peak measured on the same device.
+attention) against the matmul peak measured on the same device in the run's precision: bf16 where
+the CPU (AVX512-BF16 / AMX) or GPU runs it natively, fp32 otherwise (`--precision` overrides).
 
     python tools/benchmark.py prepare WORK            # ~50M LLaMA (vocab 32000) + data, built locally
     python tools/benchmark.py run WORK --repeats 2    # → WORK/benchmark.json, WORK/benchmark.png
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.args import parse_args
+from chinese_vicuna.devices import this_machine_train_precision
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.files import atomic_write_bytes, save_figure
 
@@ -43,13 +45,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("benchmark")
 
+# "{precision}" is the run's precision (bf16 where the machine runs it natively, else fp32);
+# "{max_tokens}" is micro_batch_size × cutoff_len, the token budget of the "tokens" configuration.
 CONFIGS: dict[str, list[str]] = {
     # alpaca-lora's finetune.py: pad each micro-batch to its longest sample, HF's loss over full
-    # logits, PEFT's own dropout; 16-bit weights (its GPU recipe loads 8-bit weights under fp16
-    # autocast; the CPU has no fast 8-bit kernels, so bf16 weights under bf16 autocast, as ours).
-    "recipe": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "bf16"],
+    # logits, PEFT's own dropout; 16-bit weights under bf16 (its GPU recipe loads 8-bit weights under
+    # fp16 autocast; the CPU has no fast 8-bit kernels, so bf16 weights, as ours), fp32 weights in fp32.
+    "recipe": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "{precision}"],
     # this project's defaults.
     "ours": [],
+    # packed rows filled up to a token budget instead of a fixed number of samples.
+    "tokens": ["--packing_max_tokens", "{max_tokens}"],
     # the recipe with fp32 weights under bf16 autocast (for reference: same speed, more memory).
     "recipe-fp32-weights": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "fp32"],
     # this project's fallback without packing: length-grouped padded batches.
@@ -73,7 +79,14 @@ def build_model(out: Path, shape: str = "50m", seed: int = 0) -> Path:
     dims = dict(MODEL_SHAPES[shape])
     tok_dir = out.parent / f"{out.name}-tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        cmd = [sys.executable, str(REPO / "tools" / "make_tiny_model.py"), "--output_dir", str(tok_dir), "--vocab_size", str(dims["vocab_size"])]
+        cmd = [
+            sys.executable,
+            str(REPO / "tools" / "make_tiny_model.py"),
+            "--output_dir",
+            str(tok_dir),
+            "--vocab_size",
+            str(dims["vocab_size"]),
+        ]
         cmd += ["--corpus", str(synthetic_corpus(out.parent / "corpus.txt")), str(REPO / "sample" / "tokenizer" / "corpus.txt")]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -174,7 +187,7 @@ def make_benchmark_data(
 # --------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------
-def matmul_peak_flops(dtype: str = "bf16", size: int = 2048, seconds: float = 2.0) -> float:
+def matmul_peak_flops(dtype: str = "fp32", size: int = 2048, seconds: float = 2.0) -> float:
     """Best FLOP/s of a square matmul on this device (the MFU denominator)."""
     import torch
 
@@ -267,7 +280,21 @@ atexit.register(_bench_peak)
 """
 
 
-def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str], index: int) -> dict[str, Any]:
+def resolve_bench_precision(precision: str) -> str:
+    """`native` → bf16 where this machine runs it natively, else fp32; bf16/fp32 as given."""
+    if precision == "native":
+        return this_machine_train_precision()
+    if precision not in ("bf16", "fp32"):
+        raise UserError(f"--train_precision {precision!r}: use native, bf16 or fp32")
+    return precision
+
+
+def config_flags(name: str, precision: str, max_tokens: int) -> list[str]:
+    """finetune.py flags of configuration `name` at this precision and token budget."""
+    return [flag.format(precision=precision, max_tokens=max_tokens) for flag in CONFIGS[name]]
+
+
+def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str], index: int, flags: list[str]) -> dict[str, Any]:
     out = work / "runs" / f"{name}-{index}"
     if out.exists():
         import shutil
@@ -285,7 +312,7 @@ def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str
         "CHINESE_VICUNA_CACHE": str(work / "cache"),
     }
     cmd = [sys.executable, str(REPO / "finetune.py"), "--base_model", str(model_dir), "--data_path", str(data)]
-    cmd += ["--output_dir", str(out), *common, *CONFIGS[name]]
+    cmd += ["--output_dir", str(out), *common, *flags]
     t0 = time.perf_counter()
     rc, (peak, cpu, _), stderr = run_finetune(cmd, env)
     wall = time.perf_counter() - t0
@@ -339,13 +366,15 @@ def run_benchmark(
     max_steps: int = -1,
     extra: list[str] | None = None,
     logging_steps: int = 5,
+    precision: str = "native",
 ) -> dict[str, Any]:
     """Interleaved runs (recipe, ours, recipe, ours, ...) so machine noise hits both alike."""
     seed = 42
+    precision = resolve_bench_precision(precision)
     common = [
         "--cutoff_len", str(cutoff_len), "--micro_batch_size", str(micro_batch), "--batch_size", str(batch),
         "--num_epochs", "1", "--learning_rate", "3e-4", "--warmup_steps", "5", "--val_set_size", "0",
-        "--save_strategy", "no", "--logging_steps", str(logging_steps), "--bf16", "true", "--disable_tqdm", "true",
+        "--save_strategy", "no", "--logging_steps", str(logging_steps), "--bf16", str(precision == "bf16").lower(), "--disable_tqdm", "true",
         "--seed", str(seed), "--max_steps", str(max_steps), *(extra or []),
     ]  # fmt: skip
     counts = data_token_counts(model_dir, data, cutoff_len, micro_batch, seed)
@@ -353,20 +382,20 @@ def run_benchmark(
     if max_steps > 0:
         frac = min(1.0, max_steps * batch / counts["samples"])
         counts = {k: (int(v * frac) if k != "samples" else v) for k, v in counts.items()}
-    peak_bf16 = matmul_peak_flops("bf16")
+    peak = matmul_peak_flops(precision)
     flops_per_token = model_flops_per_token(model_dir, lengths)
     runs = []
     for i in range(repeats):
         for name in configs:
-            r = one_run(name, work, model_dir, data, common, i)
+            r = one_run(name, work, model_dir, data, common, i, config_flags(name, precision, micro_batch * cutoff_len))
             r["tokens_per_s"] = counts["tokens"] / r["train_runtime_s"]
             r["tokens_per_cpu_s"] = counts["tokens"] / max(r["train_cpu_s"], 1e-9)
-            r["mfu"] = r["tokens_per_s"] * flops_per_token / peak_bf16
+            r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
             logger.info(
                 "%s #%d: %.0f tokens/s, peak %.0f MiB, final loss %.4f", name, i, r["tokens_per_s"], r["peak_mib"], r["final_loss"] or 0
             )
             runs.append(r)
-    peak_bf16 = max(peak_bf16, matmul_peak_flops("bf16"))
+    peak = max(peak, matmul_peak_flops(precision))
     summary: dict[str, Any] = {}
     for name in configs:
         rs = [r for r in runs if r["config"] == name]
@@ -377,7 +406,7 @@ def run_benchmark(
             "final_loss_median": statistics.median(r["final_loss"] for r in rs),
             "train_loss_median": statistics.median(r["train_loss"] for r in rs),
         }
-        summary[name]["mfu_median"] = summary[name]["tokens_per_s_median"] * flops_per_token / peak_bf16
+        summary[name]["mfu_median"] = summary[name]["tokens_per_s_median"] * flops_per_token / peak
     if "recipe" in summary and "ours" in summary:
         # Ratios within each interleaved pair, so a busy minute affects both sides of a pair.
         pairs = [
@@ -403,7 +432,8 @@ def run_benchmark(
         "data_tokens": counts,
         "recipe_padding_fraction_est": 1 - counts["tokens"] / max(counts["padded_tokens"], 1),
         "flops_per_token": flops_per_token,
-        "matmul_peak_bf16_flops": peak_bf16,
+        "precision": precision,
+        "matmul_peak_flops": peak,
         "runs": runs,
         "summary": summary,
     }
@@ -427,12 +457,12 @@ def plot(result: dict[str, Any], out_png: Path) -> None:
             axes[2].plot(*zip(*r["losses"], strict=True), color="#999" if r["config"] == "recipe" else "#2a7", alpha=0.7)
     axes[2].set_title("train loss vs step (same samples)")
     axes[2].set_xlabel("optimizer step")
-    fig.suptitle(f"{result['device']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']}, bf16")
+    fig.suptitle(f"{result['device']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']}, {result['precision']}")
     save_figure(fig, out_png)
 
 
 def run_sweep(
-    work: Path, model_dir: Path, cutoffs: list[int], samples: int, max_steps: int, extra: list[str] | None = None
+    work: Path, model_dir: Path, cutoffs: list[int], samples: int, max_steps: int, extra: list[str] | None = None, precision: str = "native"
 ) -> dict[str, Any]:
     """Recipe vs ours at each cutoff_len, on data whose length distribution scales with it
     (median ~0.3x, p95 ~cutoff, tail past it): how tokens/s and memory grow with length."""
@@ -441,7 +471,7 @@ def run_sweep(
         data = work / f"data-{samples}-c{cutoff}.jsonl"
         stats = make_benchmark_data(data, model_dir, samples, median=140.0 * cutoff / 512, p95=430.0 * cutoff / 512, cutoff_len=cutoff)
         logger.info("cutoff %d: %s", cutoff, stats)
-        result = run_benchmark(work, model_dir, data, cutoff, max_steps=max_steps, extra=extra)
+        result = run_benchmark(work, model_dir, data, cutoff, max_steps=max_steps, extra=extra, precision=precision)
         points.append(
             {
                 "cutoff_len": cutoff,
@@ -449,8 +479,15 @@ def run_sweep(
                 **{k: result[k] for k in ("data_tokens", "recipe_padding_fraction_est", "summary", "runs")},
             }
         )
-        points[-1]["matmul_peak_bf16_flops"] = result["matmul_peak_bf16_flops"]
-    return {"device": result["device"], "model": str(model_dir), "samples": samples, "max_steps": max_steps, "points": points}
+        points[-1]["matmul_peak_flops"] = result["matmul_peak_flops"]
+    return {
+        "device": result["device"],
+        "precision": result["precision"],
+        "model": str(model_dir),
+        "samples": samples,
+        "max_steps": max_steps,
+        "points": points,
+    }
 
 
 def plot_sweep(result: dict[str, Any], out_png: Path) -> None:
@@ -470,7 +507,7 @@ def plot_sweep(result: dict[str, Any], out_png: Path) -> None:
         ax.set_xlabel("cutoff_len (data lengths scale with it)")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"{result['device']}, micro-batch 4, bf16")
+    fig.suptitle(f"{result['device']}, micro-batch 4, {result['precision']}")
     save_figure(fig, out_png)
 
 
@@ -589,6 +626,9 @@ class RunArguments:
     batch_size: int = field(default=16)
     max_steps: int = field(default=-1, metadata={"help": "Stop early (cutoff sweeps); -1 = one epoch."})
     configs: str = field(default="recipe,ours", metadata={"help": "Which configurations, comma-separated."})
+    train_precision: str = field(
+        default="native", metadata={"help": "native (bf16 where the CPU/GPU runs it natively, else fp32), bf16 or fp32."}
+    )
     model: str | None = field(default=None, metadata={"help": "Use this model folder instead of building one."})
     out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/benchmark[-quick].json)."})
 
@@ -604,6 +644,9 @@ class SweepArguments:
     cutoffs: str = field(default="256,512,1024,2048")
     samples: int = field(default=128)
     max_steps: int = field(default=4, metadata={"help": "Optimizer steps per run (batch 16)."})
+    train_precision: str = field(
+        default="native", metadata={"help": "native (bf16 where the CPU/GPU runs it natively, else fp32), bf16 or fp32."}
+    )
     model: str | None = field(default=None, metadata={"help": "Use this model folder instead of building one."})
     out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/sweep.json)."})
 
@@ -614,14 +657,22 @@ class TokenizeArguments:
     model: str | None = field(default=None, metadata={"help": "Tokenizer/model folder (default: WORK/llama-50m, built if missing)."})
 
 
-COMMANDS = {"prepare": PrepareArguments, "run": RunArguments, "quick": QuickArguments, "sweep": SweepArguments, "tokenize": TokenizeArguments}
+COMMANDS = {
+    "prepare": PrepareArguments,
+    "run": RunArguments,
+    "quick": QuickArguments,
+    "sweep": SweepArguments,
+    "tokenize": TokenizeArguments,
+}
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2 or argv[0] not in COMMANDS or argv[1].startswith("-"):
-        raise UserError(f"usage: tools/benchmark.py {{{','.join(COMMANDS)}}} WORK [flags]; `tools/benchmark.py COMMAND WORK --help` lists a command's flags")
+        raise UserError(
+            f"usage: tools/benchmark.py {{{','.join(COMMANDS)}}} WORK [flags]; `tools/benchmark.py COMMAND WORK --help` lists a command's flags"
+        )
     command, work = argv[0], Path(argv[1])
     # Flags run/quick/sweep do not know go to finetune.py for both configurations, e.g. --lora_r 16.
     args, extra = parse_args((COMMANDS[command],), argv[2:], pass_through=True)
@@ -642,7 +693,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "sweep":
         model_dir, _ = prepare(work, 16, "50m", model)
-        result = run_sweep(work, model_dir, [int(c) for c in args.cutoffs.split(",")], args.samples, args.max_steps, extra)
+        result = run_sweep(
+            work, model_dir, [int(c) for c in args.cutoffs.split(",")], args.samples, args.max_steps, extra, args.train_precision
+        )
         out = out or work / "sweep.json"
         atomic_write_bytes(out, json.dumps(result, indent=2).encode())
         plot_sweep(result, out.with_suffix(".png"))
@@ -673,6 +726,7 @@ def main(argv: list[str] | None = None) -> None:
         args.max_steps,
         extra,
         logging_steps=5 if command == "run" else 1,
+        precision=args.train_precision,
     )
     out = out or work / ("benchmark.json" if command == "run" else "benchmark-quick.json")
     atomic_write_bytes(out, json.dumps(result, indent=2).encode())
