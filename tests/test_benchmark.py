@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from chinese_vicuna.args import BatchArguments, TrainArguments, parse_args
 from chinese_vicuna.devices import native_train_precision, this_machine_train_precision
 from conftest import REPO, run_script
 
@@ -110,4 +111,60 @@ def test_gpu_report_table(tmp_path: Path) -> None:
         "| run | configuration | tokens/s | peak MiB | MFU | final loss |",
         "|---|---|---|---|---|---|",
         "| speed-1b | ours | 5123 | 20480 | 41.2% | 10.2500 |",
+    ]
+
+
+def test_peer_configs_match_the_project_run(tmp_path: Path) -> None:
+    """`tools/benchmark.py peers`: TRL's SFTConfig and LLaMA-Factory's YAML train the same LoRA on the
+    same batch, schedule and precision as finetune.py (built here, nothing installed)."""
+    import yaml
+    from benchmark import llamafactory_config, peer_command, peer_lora, trl_sft_config
+
+    assert peer_lora() == {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+    trl = trl_sft_config(tmp_path / "out", "fp32", 4, 4, 512)
+    # The schedule and batch finetune.py derives from the benchmark's flags (micro-batch 4, batch 16).
+    flags = ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "4", "--batch_size", "16", "--num_epochs", "1"]
+    train, _ = parse_args((TrainArguments, BatchArguments), [*flags, "--learning_rate", "3e-4", "--warmup_steps", "5", "--seed", "42"])
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "learning_rate", "warmup_steps", "seed")
+    assert {k: trl[k] for k in keys} == {k: getattr(train, k) for k in keys}
+    assert trl["lr_scheduler_type"] == str(train.lr_scheduler_type.value) == "linear"
+    assert (trl["padding_free"], trl["completion_only_loss"], trl["max_length"], trl["bf16"], trl["use_cpu"]) == (
+        True,
+        True,
+        512,
+        False,
+        True,
+    )
+    assert trl_sft_config(tmp_path, "bf16", 4, 4, 512)["bf16"] is True
+    neat = llamafactory_config(tmp_path / "m", tmp_path / "d", tmp_path / "o", "fp32", 4, 4, 512, neat_packing=True)
+    padded = llamafactory_config(tmp_path / "m", tmp_path / "d", tmp_path / "o", "fp32", 4, 4, 512, neat_packing=False)
+    assert {k: v for k, v in neat.items() if neat[k] != padded[k]} == {"packing": True, "neat_packing": True}
+    assert {
+        k: neat[k] for k in ("finetuning_type", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "template", "cutoff_len")
+    } == {
+        "finetuning_type": "lora",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "lora_target": "q_proj,v_proj",
+        "template": "alpaca",
+        "cutoff_len": 512,
+    }
+    assert (neat["per_device_train_batch_size"], neat["gradient_accumulation_steps"], neat["learning_rate"], neat["bf16"]) == (
+        4,
+        4,
+        3e-4,
+        False,
+    )
+    assert (neat["num_train_epochs"], neat["warmup_steps"], neat["lr_scheduler_type"], neat["seed"]) == (1.0, 5, "linear", 42)
+    assert yaml.safe_load(yaml.safe_dump(neat)) == neat  # what llamafactory-cli reads back
+    assert peer_command("trl", tmp_path, tmp_path / "run" / "spec.json") == [
+        str(tmp_path / "venvs" / "trl" / "bin" / "python"),
+        str(tmp_path / "run" / "trl_driver.py"),
+        str(tmp_path / "run" / "spec.json"),
+    ]
+    assert peer_command("lf-neat", tmp_path, tmp_path / "c.yaml") == [
+        str(tmp_path / "venvs" / "llamafactory" / "bin" / "llamafactory-cli"),
+        "train",
+        str(tmp_path / "c.yaml"),
     ]

@@ -242,13 +242,13 @@ def model_flops_per_token(model_dir: Path, lengths: list[int]) -> float:
 
 
 def run_finetune(cmd: list[str], env: dict[str, str]) -> tuple[int, list[float], str]:
-    """Run a command; returns (exit code, [peak MiB, train CPU s, train wall s], stderr tail)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """Run a command; returns (exit code, [peak MiB, train CPU s, train wall s, train loss, dataset tokens], stderr tail)."""
+    proc = subprocess.Popen(cmd, cwd=env.get("BENCH_CWD", REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate()
     # ru_maxrss of the children waited so far is a max over all of them: read this child's
     # own peak from the VmHWM line it writes at exit instead (see BENCH_RSS_FILE).
     rss_file = Path(env["BENCH_RSS_FILE"])
-    values = [float(x) for x in rss_file.read_text().split()] if rss_file.is_file() else [0.0, 0.0, 0.0]
+    values = [float(x) for x in rss_file.read_text().split()] if rss_file.is_file() else [0.0, 0.0, 0.0, -1.0, -1.0]
     return proc.returncode, values, stderr[-3000:]
 
 
@@ -267,9 +267,15 @@ class _TrainTimer(importlib.abc.MetaPathFinder):
             run(module)
             train = module.Trainer.train
             def timed(self_, *args, **kwargs):
+                try:  # non-padding tokens of the training set (peers' tokenized datasets; packed rows hold no padding)
+                    _times["tokens"] = float(sum(len(x) for x in self_.train_dataset["input_ids"]))
+                except Exception:
+                    pass
                 c0, w0 = time.process_time(), time.perf_counter()
                 try:
-                    return train(self_, *args, **kwargs)
+                    out = train(self_, *args, **kwargs)
+                    _times["loss"] = float(out.training_loss)
+                    return out
                 finally:
                     _times["cpu"], _times["wall"] = time.process_time() - c0, time.perf_counter() - w0
             module.Trainer.train = timed
@@ -291,7 +297,8 @@ def _bench_peak():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) / 1024
-    open(path, "w").write(str(peak) + " " + str(_times.get("cpu", 0)) + " " + str(_times.get("wall", 0)))
+    values = [peak, _times.get("cpu", 0), _times.get("wall", 0), _times.get("loss", -1), _times.get("tokens", -1)]
+    open(path, "w").write(" ".join(map(str, values)))
 atexit.register(_bench_peak)
 """
 
@@ -331,7 +338,7 @@ def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str
     cmd = [sys.executable, str(REPO / "finetune.py"), "--base_model", str(model_dir), "--data_path", str(data)]
     cmd += ["--output_dir", str(out), *common, *flags]
     t0 = time.perf_counter()
-    rc, (peak, cpu, _), stderr = run_finetune(cmd, env)
+    rc, (peak, cpu, *_), stderr = run_finetune(cmd, env)
     wall = time.perf_counter() - t0
     if rc:
         raise UserError(f"benchmark run {name} failed (exit {rc}): {stderr.strip().splitlines()[-1:] if stderr else ''}")
@@ -529,6 +536,312 @@ def plot_sweep(result: dict[str, Any], out_png: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Peers: TRL's SFTTrainer and LLaMA-Factory on the same model, data, LoRA, precision and batch
+# --------------------------------------------------------------------------------------------
+# What each configuration's loss covers (docs/benchmarks.md):
+PEER_LOSS = {
+    "ours": "answer tokens + EOS (prompt masked), per-token mean over the accumulated batch",
+    "trl": "completion tokens + EOS (completion_only_loss), per-token mean over the accumulated batch",
+    "lf-neat": "response tokens + EOS (train_on_prompt false), per-token mean; rows packed to cutoff_len",
+    "lf-padded": "response tokens + EOS (train_on_prompt false), per-token mean; padded micro-batches",
+}
+PEER_VENVS = {"trl": "trl", "lf-neat": "llamafactory", "lf-padded": "llamafactory"}
+# Each peer's venv: torch first (the CPU wheel on this machine's disk; a bare torch pulls a CUDA build).
+PEER_INSTALL = {"trl": ["trl", "peft"], "llamafactory": ["llamafactory"]}
+
+TRL_DRIVER = """
+import json, sys
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+spec = json.load(open(sys.argv[1]))
+records = [json.loads(line) for line in open(spec["data"], encoding="utf-8") if line.strip()]
+tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
+trainer = SFTTrainer(
+    model=model, args=SFTConfig(**spec["sft_config"]), train_dataset=Dataset.from_list(records),
+    processing_class=tokenizer, peft_config=LoraConfig(**spec["lora"]),
+)
+trainer.train()
+"""
+
+
+def peer_lora(r: int = 8) -> dict[str, Any]:
+    """The LoRA every system trains: finetune.py's defaults (r 8, alpha 16, dropout 0.05, q/v)."""
+    return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+
+
+def trl_sft_config(out: Path, precision: str, micro_batch: int, grad_accum: int, cutoff_len: int, max_steps: int = -1) -> dict[str, Any]:
+    """SFTConfig keyword arguments: padding-free rows, loss on the completion only, our schedule."""
+    return {
+        "output_dir": str(out),
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "num_train_epochs": 1,
+        "max_steps": max_steps,
+        "learning_rate": 3e-4,
+        "warmup_steps": 5,
+        "lr_scheduler_type": "linear",
+        "logging_steps": 5,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 42,
+        "bf16": precision == "bf16",
+        "use_cpu": True,
+        "max_length": cutoff_len,
+        "padding_free": True,
+        "completion_only_loss": True,
+        "dataset_num_proc": 1,
+        "disable_tqdm": True,
+    }
+
+
+def llamafactory_config(
+    model_dir: Path, dataset_dir: Path, out: Path, precision: str, micro_batch: int, grad_accum: int, cutoff_len: int, neat_packing: bool
+) -> dict[str, Any]:
+    """LLaMA-Factory's `llamafactory-cli train` YAML: LoRA SFT on the alpaca-format `bench` set."""
+    return {
+        "model_name_or_path": str(model_dir),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "lora_target": "q_proj,v_proj",
+        "dataset": "bench",
+        "dataset_dir": str(dataset_dir),
+        "template": "alpaca",
+        "cutoff_len": cutoff_len,
+        "packing": neat_packing,
+        "neat_packing": neat_packing,
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 1,
+        "output_dir": str(out),
+        "overwrite_output_dir": True,
+        "save_strategy": "no",
+        "logging_steps": 5,
+        "plot_loss": False,
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "learning_rate": 3.0e-4,
+        "num_train_epochs": 1.0,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 5,
+        "bf16": precision == "bf16",
+        "seed": 42,
+        "report_to": "none",
+        "disable_tqdm": True,
+    }
+
+
+def peer_command(name: str, work: Path, spec_path: Path) -> list[str]:
+    """The command line of a peer run, in its own venv."""
+    venv = work / "venvs" / PEER_VENVS[name]
+    if name == "trl":
+        return [str(venv / "bin" / "python"), str(spec_path.parent / "trl_driver.py"), str(spec_path)]
+    return [str(venv / "bin" / "llamafactory-cli"), "train", str(spec_path)]
+
+
+def make_peer_venvs(work: Path) -> dict[str, str]:
+    """WORK/venvs/{trl,llamafactory}: torch==2.13.0 first, then the peer (kept once it imports).
+    Returns the last line of pip's error by venv, for the venvs that could not be made."""
+    errors = {}
+    for venv, packages in PEER_INSTALL.items():
+        python = work / "venvs" / venv / "bin" / "python"
+        check = [str(python), "-c", f"import {venv}"]
+        if python.is_file() and subprocess.run(check, capture_output=True).returncode == 0:
+            continue
+        if not python.is_file():
+            subprocess.run([str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", str(python.parent.parent)], check=True)
+        for step in (["torch==2.13.0"], packages):
+            proc = subprocess.run([str(python), "-m", "pip", "install", "-q", *step], capture_output=True, text=True)
+            if proc.returncode:
+                lines = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or proc.stderr.splitlines()[-1:]
+                errors[venv] = " ".join(lines) or f"pip exit {proc.returncode}"
+                break
+    return errors
+
+
+def peer_versions(work: Path, venv: str) -> dict[str, str]:
+    code = "import json, importlib.metadata as m\nout = {}\nfor p in ('torch', 'transformers', 'peft', 'trl', 'llamafactory', 'datasets', 'accelerate'):\n    try:\n        out[p] = m.version(p)\n    except Exception:\n        pass\nprint(json.dumps(out))"
+    proc = subprocess.run([str(work / "venvs" / venv / "bin" / "python"), "-c", code], capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def peer_run(
+    name: str,
+    work: Path,
+    model_dir: Path,
+    data: Path,
+    precision: str,
+    micro_batch: int,
+    grad_accum: int,
+    cutoff_len: int,
+    index: int,
+    max_steps: int,
+) -> dict[str, Any]:
+    """One peer run in a fresh process of its venv, timed by the same Trainer.train hook as ours."""
+    import shutil
+
+    import yaml
+
+    from chinese_vicuna.model.loading import load_tokenizer
+    from chinese_vicuna.prompts import load_template
+
+    run_dir = work / "peers" / f"{name}-{index}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if name == "trl":
+        template = load_template("alpaca", load_tokenizer(str(model_dir)))
+        pairs = [{"prompt": template.instruction_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in records]
+        (run_dir / "data.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+        (run_dir / "trl_driver.py").write_text(TRL_DRIVER)
+        spec = {
+            "model": str(model_dir),
+            "data": str(run_dir / "data.jsonl"),
+            "dtype": "bfloat16" if precision == "bf16" else "float32",
+            "lora": peer_lora(),
+            "sft_config": trl_sft_config(run_dir / "out", precision, micro_batch, grad_accum, cutoff_len, max_steps),
+        }
+        spec_path = run_dir / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+    else:
+        (run_dir / "bench.jsonl").write_text(data.read_text(encoding="utf-8"), encoding="utf-8")
+        (run_dir / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.jsonl"}}))
+        config = llamafactory_config(model_dir, run_dir, run_dir / "out", precision, micro_batch, grad_accum, cutoff_len, name == "lf-neat")
+        if max_steps > 0:
+            config["max_steps"] = max_steps
+        spec_path = run_dir / "config.yaml"
+        spec_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    hook_dir = work / "hook"
+    hook_dir.mkdir(exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+        "PYTHONPATH": str(hook_dir),
+        "BENCH_RSS_FILE": str(run_dir / "peak_mib.txt"),
+        "BENCH_CWD": str(run_dir),
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "DISABLE_VERSION_CHECK": "1",  # LLaMA-Factory refuses unlisted transformers versions otherwise
+    }
+    rc, (peak, cpu, wall, loss, tokens), stderr = run_finetune(peer_command(name, work, spec_path), env)
+    (run_dir / "stderr.txt").write_text(stderr)
+    if rc:
+        raise UserError(
+            f"peer {name} failed (exit {rc}): {stderr.strip().splitlines()[-1:] if stderr else ''}; log: {run_dir / 'stderr.txt'}"
+        )
+    return {
+        "config": name,
+        "index": index,
+        "train_wall_s": wall,
+        "train_cpu_s": cpu,
+        "peak_mib": peak,
+        "train_loss": loss,
+        "tokens": tokens,
+    }
+
+
+def run_peers(
+    work: Path,
+    model_dir: Path,
+    data: Path,
+    configs: list[str],
+    repeats: int,
+    cutoff_len: int,
+    micro_batch: int,
+    batch: int,
+    precision: str,
+    max_steps: int = -1,
+) -> dict[str, Any]:
+    """Ours and the peers, interleaved rounds; tokens/s and tokens per CPU-second over the same data."""
+    precision = resolve_bench_precision(precision)
+    install_errors = make_peer_venvs(work)
+    available = [c for c in configs if c == "ours" or PEER_VENVS[c] not in install_errors]
+    counts = data_token_counts(model_dir, data, cutoff_len, micro_batch, 42)
+    grad_accum = batch // micro_batch
+    common = [
+        "--cutoff_len", str(cutoff_len), "--micro_batch_size", str(micro_batch), "--batch_size", str(batch),
+        "--num_epochs", "1", "--learning_rate", "3e-4", "--warmup_steps", "5", "--val_set_size", "0",
+        "--save_strategy", "no", "--logging_steps", "5", "--bf16", str(precision == "bf16").lower(), "--disable_tqdm", "true",
+        "--seed", "42", "--max_steps", str(max_steps),
+    ]  # fmt: skip
+    runs = []
+    for i in range(repeats):
+        for name in available:
+            if name == "ours":
+                r = one_run("ours", work, model_dir, data, common, i, [])
+                r = {"config": "ours", "index": i, "train_wall_s": r["train_runtime_s"], "train_cpu_s": r["train_cpu_s"],
+                     "peak_mib": r["peak_mib"], "train_loss": r["train_loss"], "tokens": float(counts["tokens"])}  # fmt: skip
+            else:
+                r = peer_run(name, work, model_dir, data, precision, micro_batch, grad_accum, cutoff_len, i, max_steps)
+            r["tokens_per_s"] = r["tokens"] / max(r["train_wall_s"], 1e-9)
+            r["tokens_per_cpu_s"] = r["tokens"] / max(r["train_cpu_s"], 1e-9)
+            logger.info(
+                "%s #%d: %.0f tokens/s, %.0f tokens/CPU-s, peak %.0f MiB, loss %.4f",
+                name,
+                i,
+                r["tokens_per_s"],
+                r["tokens_per_cpu_s"],
+                r["peak_mib"],
+                r["train_loss"],
+            )
+            runs.append(r)
+    summary: dict[str, Any] = {}
+    for name in available:
+        rs = [r for r in runs if r["config"] == name]
+        summary[name] = {
+            "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rs),
+            "tokens_per_cpu_s_median": statistics.median(r["tokens_per_cpu_s"] for r in rs),
+            "peak_mib_max": max(r["peak_mib"] for r in rs),
+            "final_loss_median": statistics.median(r["train_loss"] for r in rs),
+            "tokens": rs[0]["tokens"],
+            "loss_covers": PEER_LOSS[name],
+        }
+    return {
+        "machine": machine_info(),
+        "precision": precision,
+        "model": str(model_dir),
+        "data": str(data),
+        "cutoff_len": cutoff_len,
+        "micro_batch_size": micro_batch,
+        "batch_size": batch,
+        "lora": peer_lora(),
+        "versions": {venv: peer_versions(work, venv) for venv in PEER_INSTALL if venv not in install_errors},
+        "install_errors": install_errors,
+        "runs": runs,
+        "summary": summary,
+    }
+
+
+def plot_peers(result: dict[str, Any], out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["summary"])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
+    for ax, key, title in zip(
+        axes,
+        ("tokens_per_s_median", "tokens_per_cpu_s_median", "peak_mib_max"),
+        ("non-padding tokens/s", "tokens per train CPU-second", "peak memory (MiB)"),
+        strict=True,
+    ):
+        ax.bar(names, [result["summary"][n][key] for n in names], color=["#2a7" if n == "ours" else "#999" for n in names])
+        ax.set_title(title)
+    fig.suptitle(
+        f"peers, {result['precision']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']} x {result['batch_size'] // result['micro_batch_size']}"
+    )
+    save_figure(fig, out_png)
+
+
+# --------------------------------------------------------------------------------------------
 # Tokenization speed
 # --------------------------------------------------------------------------------------------
 def recipe_tokenize(tokenizer: Any, template: Any, record: dict[str, str], cutoff_len: int) -> dict[str, list[int]]:
@@ -668,6 +981,21 @@ def gpu_report(work: Path) -> tuple[dict[str, Any], str]:
 
 
 @dataclass
+class PeersArguments:
+    samples: int = field(default=400, metadata={"help": "Samples (one epoch)."})
+    repeats: int = field(default=3, metadata={"help": "Interleaved rounds."})
+    configs: str = field(default="ours,lf-neat,lf-padded,trl", metadata={"help": f"Of {', '.join(PEER_LOSS)}."})
+    cutoff_len: int = field(default=512)
+    micro_batch_size: int = field(default=4)
+    batch_size: int = field(default=16)
+    max_steps: int = field(default=-1)
+    train_precision: str = field(default="native", metadata={"help": "native, bf16 or fp32."})
+    shape: str = field(default="50m")
+    model: str | None = field(default=None)
+    out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/peers.json)."})
+
+
+@dataclass
 class ReportArguments:
     pass
 
@@ -743,6 +1071,7 @@ COMMANDS = {
     "sweep": SweepArguments,
     "tokenize": TokenizeArguments,
     "report": ReportArguments,
+    "peers": PeersArguments,
     "env": ReportArguments,
 }
 
@@ -769,6 +1098,29 @@ def main(argv: list[str] | None = None) -> None:
     if command == "env":
         work.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(work / "env.json", json.dumps(machine_info(), indent=2).encode())
+        return
+    if command == "peers":
+        model_dir, data = prepare(work, args.samples, args.shape, model)
+        configs = args.configs.split(",")
+        unknown = [c for c in configs if c not in PEER_LOSS]
+        if unknown:
+            raise UserError(f"--configs {','.join(unknown)}: unknown; use some of {', '.join(PEER_LOSS)}")
+        result = run_peers(
+            work,
+            model_dir,
+            data,
+            configs,
+            args.repeats,
+            args.cutoff_len,
+            args.micro_batch_size,
+            args.batch_size,
+            args.train_precision,
+            args.max_steps,
+        )
+        out = out or work / "peers.json"
+        atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+        plot_peers(result, out.with_suffix(".png"))
+        print(json.dumps(result["summary"], indent=2))
         return
     if command == "report":
         result, table = gpu_report(work)
