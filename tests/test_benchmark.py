@@ -121,7 +121,7 @@ def test_peer_configs_match_the_project_run(tmp_path: Path) -> None:
     from benchmark import llamafactory_config, peer_command, peer_lora, trl_sft_config
 
     assert peer_lora() == {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
-    trl = trl_sft_config(tmp_path / "out", "fp32", 4, 4, 512)
+    trl = trl_sft_config(tmp_path / "out", "fp32", 4, 4)
     # The schedule and batch finetune.py derives from the benchmark's flags (micro-batch 4, batch 16).
     flags = ["--output_dir", str(tmp_path / "out"), "--micro_batch_size", "4", "--batch_size", "16", "--num_epochs", "1"]
     train, _ = parse_args((TrainArguments, BatchArguments), [*flags, "--learning_rate", "3e-4", "--warmup_steps", "5", "--seed", "42"])
@@ -135,7 +135,7 @@ def test_peer_configs_match_the_project_run(tmp_path: Path) -> None:
         False,
         True,
     )
-    assert trl_sft_config(tmp_path, "bf16", 4, 4, 512)["bf16"] is True
+    assert trl_sft_config(tmp_path, "bf16", 4, 4)["bf16"] is True
     neat = llamafactory_config(tmp_path / "m", tmp_path / "d", tmp_path / "o", "fp32", 4, 4, 512, neat_packing=True)
     padded = llamafactory_config(tmp_path / "m", tmp_path / "d", tmp_path / "o", "fp32", 4, 4, 512, neat_packing=False)
     assert {k: v for k, v in neat.items() if neat[k] != padded[k]} == {"packing": True, "neat_packing": True}
@@ -156,6 +156,7 @@ def test_peer_configs_match_the_project_run(tmp_path: Path) -> None:
         3e-4,
         False,
     )
+    assert neat["disable_gradient_checkpointing"] is True
     assert (neat["num_train_epochs"], neat["warmup_steps"], neat["lr_scheduler_type"], neat["seed"]) == (1.0, 5, "linear", 42)
     assert yaml.safe_load(yaml.safe_dump(neat)) == neat  # what llamafactory-cli reads back
     assert peer_command("trl", tmp_path, tmp_path / "run" / "spec.json") == [

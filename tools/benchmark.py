@@ -574,7 +574,7 @@ def peer_lora(r: int = 8) -> dict[str, Any]:
     return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
 
 
-def trl_sft_config(out: Path, precision: str, micro_batch: int, grad_accum: int, cutoff_len: int, max_steps: int = -1) -> dict[str, Any]:
+def trl_sft_config(out: Path, precision: str, micro_batch: int, grad_accum: int, max_steps: int = -1) -> dict[str, Any]:
     """SFTConfig keyword arguments: padding-free rows, loss on the completion only, our schedule."""
     return {
         "output_dir": str(out),
@@ -591,9 +591,11 @@ def trl_sft_config(out: Path, precision: str, micro_batch: int, grad_accum: int,
         "seed": 42,
         "bf16": precision == "bf16",
         "use_cpu": True,
-        "max_length": cutoff_len,
+        # The dataset comes tokenized and cut at cutoff_len (TRL does not truncate padding-free rows).
+        "max_length": None,
         "padding_free": True,
         "completion_only_loss": True,
+        "gradient_checkpointing": False,  # TRL's default is on; finetune.py's is off
         "dataset_num_proc": 1,
         "disable_tqdm": True,
     }
@@ -625,6 +627,7 @@ def llamafactory_config(
         "save_strategy": "no",
         "logging_steps": 5,
         "plot_loss": False,
+        "disable_gradient_checkpointing": True,  # on by default in LLaMA-Factory; off in finetune.py
         "per_device_train_batch_size": micro_batch,
         "gradient_accumulation_steps": grad_accum,
         "learning_rate": 3.0e-4,
@@ -646,11 +649,12 @@ def peer_command(name: str, work: Path, spec_path: Path) -> list[str]:
     return [str(venv / "bin" / "llamafactory-cli"), "train", str(spec_path)]
 
 
-def make_peer_venvs(work: Path) -> dict[str, str]:
+def make_peer_venvs(work: Path, venvs: list[str]) -> dict[str, str]:
     """WORK/venvs/{trl,llamafactory}: torch==2.13.0 first, then the peer (kept once it imports).
     Returns the last line of pip's error by venv, for the venvs that could not be made."""
     errors = {}
-    for venv, packages in PEER_INSTALL.items():
+    for venv in venvs:
+        packages = PEER_INSTALL[venv]
         python = work / "venvs" / venv / "bin" / "python"
         check = [str(python), "-c", f"import {venv}"]
         if python.is_file() and subprocess.run(check, capture_output=True).returncode == 0:
@@ -697,16 +701,25 @@ def peer_run(
     run_dir.mkdir(parents=True)
     records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
     if name == "trl":
-        template = load_template("alpaca", load_tokenizer(str(model_dir)))
-        pairs = [{"prompt": template.instruction_prompt(r["instruction"], r["input"]), "completion": r["output"]} for r in records]
-        (run_dir / "data.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+        # finetune.py's own tokens (prompt + answer + EOS, cut at cutoff_len), with the answer as
+        # TRL's completion_mask: both train on exactly the same tokens.
+        from chinese_vicuna.data.encode import tokenize_instructions
+
+        tokenizer = load_tokenizer(str(model_dir))
+        samples = tokenize_instructions(records, tokenizer, load_template("alpaca", tokenizer), cutoff_len)
+        rows = [
+            {"input_ids": list(map(int, x["input_ids"])), "completion_mask": [int(v != -100) for v in x["labels"]]}
+            for x in samples
+            if any(v != -100 for v in x["labels"])
+        ]
+        (run_dir / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         (run_dir / "trl_driver.py").write_text(TRL_DRIVER)
         spec = {
             "model": str(model_dir),
             "data": str(run_dir / "data.jsonl"),
             "dtype": "bfloat16" if precision == "bf16" else "float32",
             "lora": peer_lora(),
-            "sft_config": trl_sft_config(run_dir / "out", precision, micro_batch, grad_accum, cutoff_len, max_steps),
+            "sft_config": trl_sft_config(run_dir / "out", precision, micro_batch, grad_accum, max_steps),
         }
         spec_path = run_dir / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
@@ -761,7 +774,7 @@ def run_peers(
 ) -> dict[str, Any]:
     """Ours and the peers, interleaved rounds; tokens/s and tokens per CPU-second over the same data."""
     precision = resolve_bench_precision(precision)
-    install_errors = make_peer_venvs(work)
+    install_errors = make_peer_venvs(work, sorted({PEER_VENVS[c] for c in configs if c != "ours"}))
     available = [c for c in configs if c == "ours" or PEER_VENVS[c] not in install_errors]
     counts = data_token_counts(model_dir, data, cutoff_len, micro_batch, 42)
     grad_accum = batch // micro_batch
@@ -812,7 +825,7 @@ def run_peers(
         "micro_batch_size": micro_batch,
         "batch_size": batch,
         "lora": peer_lora(),
-        "versions": {venv: peer_versions(work, venv) for venv in PEER_INSTALL if venv not in install_errors},
+        "versions": {v: peer_versions(work, v) for v in sorted({PEER_VENVS[c] for c in available if c != "ours"})},
         "install_errors": install_errors,
         "runs": runs,
         "summary": summary,
