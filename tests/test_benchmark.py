@@ -128,13 +128,9 @@ def test_peer_configs_match_the_project_run(tmp_path: Path) -> None:
     keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "learning_rate", "warmup_steps", "seed")
     assert {k: trl[k] for k in keys} == {k: getattr(train, k) for k in keys}
     assert trl["lr_scheduler_type"] == str(train.lr_scheduler_type.value) == "linear"
-    assert (trl["padding_free"], trl["completion_only_loss"], trl["max_length"], trl["bf16"], trl["use_cpu"]) == (
-        True,
-        True,
-        512,
-        False,
-        True,
-    )
+    assert trl["padding_free"] is trl["completion_only_loss"] is trl["use_cpu"] is True
+    assert trl["max_length"] is None and trl["bf16"] is False  # rows come tokenized and cut at cutoff_len
+    assert trl["gradient_checkpointing"] is train.gradient_checkpointing is False
     assert trl_sft_config(tmp_path, "bf16", 4, 4)["bf16"] is True
     neat = llamafactory_config(tmp_path / "m", tmp_path / "d", tmp_path / "o", "fp32", 4, 4, 512, neat_packing=True)
     padded = llamafactory_config(tmp_path / "m", tmp_path / "d", tmp_path / "o", "fp32", 4, 4, 512, neat_packing=False)
