@@ -242,13 +242,13 @@ def model_flops_per_token(model_dir: Path, lengths: list[int]) -> float:
 
 
 def run_finetune(cmd: list[str], env: dict[str, str]) -> tuple[int, list[float], str]:
-    """Run a command; returns (exit code, [peak MiB, train CPU s, train wall s, train loss, dataset tokens], stderr tail)."""
+    """Run a command; returns (exit code, [peak MiB, train CPU s, train wall s, train loss, dataset tokens, trained tokens], stderr tail)."""
     proc = subprocess.Popen(cmd, cwd=env.get("BENCH_CWD", REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate()
     # ru_maxrss of the children waited so far is a max over all of them: read this child's
     # own peak from the VmHWM line it writes at exit instead (see BENCH_RSS_FILE).
     rss_file = Path(env["BENCH_RSS_FILE"])
-    values = [float(x) for x in rss_file.read_text().split()] if rss_file.is_file() else [0.0, 0.0, 0.0, -1.0, -1.0]
+    values = [float(x) for x in rss_file.read_text().split()] if rss_file.is_file() else [0.0, 0.0, 0.0, -1.0, -1.0, -1.0]
     return proc.returncode, values, stderr[-3000:]
 
 
@@ -267,8 +267,16 @@ class _TrainTimer(importlib.abc.MetaPathFinder):
             run(module)
             train = module.Trainer.train
             def timed(self_, *args, **kwargs):
-                try:  # non-padding tokens of the training set (peers' tokenized datasets; packed rows hold no padding)
-                    _times["tokens"] = float(sum(len(x) for x in self_.train_dataset["input_ids"]))
+                try:  # non-padding and trained tokens of a peer's tokenized training set
+                    ds = self_.train_dataset
+                    cols = ds.column_names
+                    # LLaMA-Factory pads packed rows to cutoff_len: attention_mask 0 there (segment ids elsewhere)
+                    key = "attention_mask" if "attention_mask" in cols else "input_ids"
+                    _times["tokens"] = float(sum(sum(1 for a in x if a) if key == "attention_mask" else len(x) for x in ds[key]))
+                    if "labels" in cols:
+                        _times["trained"] = float(sum(sum(1 for v in x if v != -100) for x in ds["labels"]))
+                    elif "completion_mask" in cols:
+                        _times["trained"] = float(sum(sum(x) for x in ds["completion_mask"]))
                 except Exception:
                     pass
                 c0, w0 = time.process_time(), time.perf_counter()
@@ -297,7 +305,7 @@ def _bench_peak():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) / 1024
-    values = [peak, _times.get("cpu", 0), _times.get("wall", 0), _times.get("loss", -1), _times.get("tokens", -1)]
+    values = [peak, _times.get("cpu", 0), _times.get("wall", 0), _times.get("loss", -1), _times.get("tokens", -1), _times.get("trained", -1)]
     open(path, "w").write(" ".join(map(str, values)))
 atexit.register(_bench_peak)
 """
@@ -743,7 +751,7 @@ def peer_run(
         "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         "DISABLE_VERSION_CHECK": "1",  # LLaMA-Factory refuses unlisted transformers versions otherwise
     }
-    rc, (peak, cpu, wall, loss, tokens), stderr = run_finetune(peer_command(name, work, spec_path), env)
+    rc, (peak, cpu, wall, loss, tokens, trained), stderr = run_finetune(peer_command(name, work, spec_path), env)
     (run_dir / "stderr.txt").write_text(stderr)
     if rc:
         raise UserError(
@@ -757,6 +765,7 @@ def peer_run(
         "peak_mib": peak,
         "train_loss": loss,
         "tokens": tokens,
+        "trained_tokens": trained,
     }
 
 
@@ -790,7 +799,8 @@ def run_peers(
             if name == "ours":
                 r = one_run("ours", work, model_dir, data, common, i, [])
                 r = {"config": "ours", "index": i, "train_wall_s": r["train_runtime_s"], "train_cpu_s": r["train_cpu_s"],
-                     "peak_mib": r["peak_mib"], "train_loss": r["train_loss"], "tokens": float(counts["tokens"])}  # fmt: skip
+                     "peak_mib": r["peak_mib"], "train_loss": r["train_loss"], "tokens": float(counts["tokens"]),
+                     "trained_tokens": float(counts["trainable_tokens"])}  # fmt: skip
             else:
                 r = peer_run(name, work, model_dir, data, precision, micro_batch, grad_accum, cutoff_len, i, max_steps)
             r["tokens_per_s"] = r["tokens"] / max(r["train_wall_s"], 1e-9)
@@ -814,6 +824,7 @@ def run_peers(
             "peak_mib_max": max(r["peak_mib"] for r in rs),
             "final_loss_median": statistics.median(r["train_loss"] for r in rs),
             "tokens": rs[0]["tokens"],
+            "trained_tokens": rs[0]["trained_tokens"],
             "loss_covers": PEER_LOSS[name],
         }
     return {
