@@ -478,15 +478,17 @@ def plot(result: dict[str, Any], out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("recipe", "ours") if n in result["summary"]]
+    names = [n for n, x in result["summary"].items() if isinstance(x, dict)]
+    palette = ["#999", "#2a7", "#27a", "#a72", "#a27"]
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
-    axes[0].bar(names, [result["summary"][n]["tokens_per_s_median"] for n in names], color=["#999", "#2a7"][: len(names)])
+    axes[0].bar(names, [result["summary"][n]["tokens_per_s_median"] for n in names], color=[colors[n] for n in names])
     axes[0].set_title("non-padding tokens/s")
-    axes[1].bar(names, [result["summary"][n]["peak_mib_max"] for n in names], color=["#999", "#2a7"][: len(names)])
+    axes[1].bar(names, [result["summary"][n]["peak_mib_max"] for n in names], color=[colors[n] for n in names])
     axes[1].set_title("peak memory (MiB)")
     for r in result["runs"]:
         if r["losses"]:
-            axes[2].plot(*zip(*r["losses"], strict=True), color="#999" if r["config"] == "recipe" else "#2a7", alpha=0.7)
+            axes[2].plot(*zip(*r["losses"], strict=True), color=colors[r["config"]], alpha=0.7)
     axes[2].set_title("train loss vs step (same samples)")
     axes[2].set_xlabel("optimizer step")
     fig.suptitle(f"{result['device']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']}, {result['precision']}")
