@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from chinese_vicuna.args import BatchArguments, TrainArguments, parse_args
+from chinese_vicuna.args import BatchArguments, TrainArguments, TrainModelArguments, parse_args
 from chinese_vicuna.devices import native_train_precision, this_machine_train_precision
 from conftest import REPO, run_script
 
@@ -34,6 +35,17 @@ AVX512_NO_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_vnni"}
 )
 def test_native_train_precision(flags: set[str], cuda_bf16: bool | None, expected: str) -> None:
     assert native_train_precision(flags, cuda_bf16) == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU default")
+def test_finetune_trains_in_fp32_on_the_cpu_by_default(tmp_path: Path) -> None:
+    """finetune.py's defaults on any CPU: fp32 weights, no bf16 autocast (bf16 is opt-in with --bf16 true)."""
+    model_args, train = parse_args((TrainModelArguments, TrainArguments), ["--base_model", "x", "--output_dir", str(tmp_path)])
+    assert (model_args.precision, train.bf16, train.fp16) == ("fp32", False, False)
+    model_args, train = parse_args(
+        (TrainModelArguments, TrainArguments), ["--base_model", "x", "--output_dir", str(tmp_path), "--bf16", "true"]
+    )
+    assert (model_args.precision, train.bf16) == ("bf16", True)
 
 
 def test_quick_benchmark_writes_json_and_plot(tiny_model_dir: Path, tmp_path: Path) -> None:
