@@ -584,7 +584,7 @@ def peer_lora(r: int = 8) -> dict[str, Any]:
     return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
 
 
-def trl_sft_config(out: Path, precision: str, micro_batch: int, grad_accum: int, max_steps: int = -1) -> dict[str, Any]:
+def trl_sft_config(out: Path, precision: str, micro_batch: int, grad_accum: int, max_steps: int = -1, cuda: bool = False) -> dict[str, Any]:
     """SFTConfig keyword arguments: padding-free rows, loss on the completion only, our schedule."""
     return {
         "output_dir": str(out),
@@ -600,7 +600,7 @@ def trl_sft_config(out: Path, precision: str, micro_batch: int, grad_accum: int,
         "report_to": "none",
         "seed": 42,
         "bf16": precision == "bf16",
-        "use_cpu": True,
+        "use_cpu": not cuda,
         # The dataset comes tokenized and cut at cutoff_len (TRL does not truncate padding-free rows).
         "max_length": None,
         "padding_free": True,
@@ -729,7 +729,9 @@ def peer_run(
             "data": str(run_dir / "data.jsonl"),
             "dtype": "bfloat16" if precision == "bf16" else "float32",
             "lora": peer_lora(),
-            "sft_config": trl_sft_config(run_dir / "out", precision, micro_batch, grad_accum, max_steps),
+            "sft_config": trl_sft_config(
+                run_dir / "out", precision, micro_batch, grad_accum, max_steps, cuda=bool(machine_info().get("gpu"))
+            ),
         }
         spec_path = run_dir / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2))
