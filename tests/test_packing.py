@@ -279,3 +279,14 @@ def test_token_budget_training_memorizes(tiny_model_dir: Path, memorized_data: P
     losses = [e["loss"] for e in read_jsonl(out / "trainer_log.jsonl") if "loss" in e]
     assert len(losses) == 60  # one optimizer step (one row) per epoch
     assert losses[0] > 3 and losses[-1] < 0.05, losses
+
+
+def test_packing_max_tokens_needs_packing(tmp_path: Path) -> None:
+    from chinese_vicuna.args import TrainArguments, parse_args
+    from chinese_vicuna.errors import UserError
+
+    (train,) = parse_args((TrainArguments,), ["--output_dir", str(tmp_path), "--packing_max_tokens", "2048"])
+    assert train.packing and train.packing_max_tokens == 2048
+    for flags in (["--packing", "false", "--packing_max_tokens", "2048"], ["--packing_max_tokens", "-1"]):
+        with pytest.raises(UserError, match="--packing_max_tokens"):
+            parse_args((TrainArguments,), ["--output_dir", str(tmp_path), *flags])
