@@ -283,6 +283,10 @@ class TrainArguments(TrainingArguments):
         default=True,
         metadata={"help": "Padding-free packing: each micro-batch is one row, positions restart per sample (docs/benchmarks.md)."},
     )
+    packing_max_tokens: int = field(
+        default=0,
+        metadata={"help": "With packing: fill each micro-batch (row) up to this many tokens instead of micro_batch_size samples; 0: off."},
+    )
     group_by_length: bool | None = field(
         default=None,
         metadata={"help": "Batch samples of similar length (less padding); default: on when packing is off, as the fallback."},
@@ -323,6 +327,8 @@ class TrainArguments(TrainingArguments):
             raise UserError("--fp16 needs a CUDA GPU (fp16 on the CPU gives loss 0/NaN); use --bf16 true on the CPU")
         if self.bf16 and self.fp16:
             raise UserError("--bf16 and --fp16 are exclusive; pick one")
+        if self.packing_max_tokens < 0 or (self.packing_max_tokens and not self.packing):
+            raise UserError(f"--packing_max_tokens {self.packing_max_tokens} needs --packing true and a count ≥ 0 (0: off)")
         if self.bf16 is None:
             self.bf16 = bool(cuda and bf16_supported() and not self.fp16)
         if self.fp16 is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -34,14 +35,38 @@ def bf16_supported() -> bool:
     return True
 
 
-def cpu_has_native_bf16() -> bool:
-    """An x86 CPU with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 matmuls outrun fp32 (docs/benchmarks.md)."""
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            return set(next((line for line in f if line.startswith("flags")), "").split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return set()
+
+
+def cpu_has_native_bf16(flags: Iterable[str] | None = None) -> bool:
+    """An x86 CPU with bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 matmuls outrun fp32 (docs/benchmarks.md)."""
+    found = cpu_flags() if flags is None else set(flags)
+    return any(flag in found for flag in NATIVE_BF16_CPU_FLAGS)
+
+
+def native_train_precision(cpu_flags: Iterable[str], cuda_bf16: bool | None = None) -> str:
+    """`bf16` where the hardware runs it natively, else `fp32`.
+
+    `cuda_bf16`: None without a GPU, else `torch.cuda.is_bf16_supported()`. Without native bf16
+    a CPU emulates it, an order of magnitude slower than fp32 (docs/benchmarks.md)."""
+    if cuda_bf16 is not None:
+        return "bf16" if cuda_bf16 else "fp32"
+    return "bf16" if cpu_has_native_bf16(cpu_flags) else "fp32"
+
+
+def this_machine_train_precision() -> str:
+    """`native_train_precision` of this machine's GPU, or of its CPU where there is no GPU."""
+    cuda_bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else None
+    return native_train_precision(cpu_flags(), cuda_bf16)
 
 
 def resolve_precision(precision: str, load_in_8bit: bool = False, load_in_4bit: bool = False) -> str:

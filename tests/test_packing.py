@@ -14,7 +14,15 @@ from chinese_vicuna.model.adapters import add_lora
 from chinese_vicuna.model.build import load_for_inference
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.train.losses import chunked_cross_entropy
-from chinese_vicuna.train.packing import PACKED_SDPA, packed_forward, packed_loss, use_packed_attention
+from chinese_vicuna.train.packing import (
+    PACKED_SDPA,
+    TokenBudgetBatchSampler,
+    packed_forward,
+    packed_loss,
+    token_budget_batches,
+    use_packed_attention,
+)
+from conftest import memorize_args, read_jsonl, run_script
 
 SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "instruct" / "data_sample.jsonl"
 
@@ -178,3 +186,107 @@ def test_chunked_cross_entropy_bf16_logits() -> None:
     assert ours.dtype == torch.float32 and g_ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours, ref, atol=1e-3, rtol=1e-5)
     torch.testing.assert_close(g_ours.float(), g_ref, atol=4e-3, rtol=1e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Token-budget rows (--packing_max_tokens)
+# --------------------------------------------------------------------------------------------
+def test_token_budget_batches_fill_rows_in_order() -> None:
+    lengths = [5, 3, 4, 9, 2, 2, 12, 1]
+    # Next-fit in the given order: 5+3 (then +4 > 10), 4, 9 (+2 > 10), 2+2 (+12 > 10), 12 alone (longer than the budget), 1.
+    assert token_budget_batches(lengths, 10, range(8)) == [[0, 1], [2], [3], [4, 5], [6], [7]]
+    assert token_budget_batches(lengths, 10, [7, 4, 5, 0, 1, 2, 3, 6]) == [[7, 4, 5, 0], [1, 2], [3], [6]]
+    assert token_budget_batches(lengths, 100, range(8)) == [list(range(8))]
+
+
+def test_token_budget_sampler_epochs_and_processes() -> None:
+    lengths = [(7 * i) % 23 + 1 for i in range(40)]
+    sampler = TokenBudgetBatchSampler(lengths, 30, seed=3)
+    epochs = []
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        rows = list(sampler)
+        assert len(rows) == len(sampler)
+        assert sorted(i for row in rows for i in row) == list(range(40))  # every sample once per epoch
+        assert all(sum(lengths[i] for i in row) <= 30 for row in rows)
+        epochs.append(rows)
+    # Same rows every epoch (so Trainer's steps per epoch hold), in another order.
+    assert sorted(map(tuple, epochs[0])) == sorted(map(tuple, epochs[1])) and epochs[0] != epochs[1]
+    # Two processes: the same rows split between them, equal counts (padded by repeating the first rows).
+    n = len(sampler.batches)
+    parts = []
+    for rank in range(2):
+        s = TokenBudgetBatchSampler(lengths, 30, seed=3, rank=rank, world=2)
+        s.set_epoch(1)
+        parts.append(list(s))
+        assert len(parts[-1]) == len(s) == -(-n // 2)
+    assert {i for part in parts for row in part for i in row} == set(range(40))
+    # Without shuffling (--train_sampling_strategy sequential): data order, rows in order.
+    assert list(TokenBudgetBatchSampler(lengths, 30, shuffle=False)) == token_budget_batches(lengths, 30, range(40))
+
+
+def test_token_budget_row_labels_and_positions() -> None:
+    """A row of three samples as the collator builds it: exact ids, positions, labels, targets."""
+    samples = [
+        {"input_ids": [1, 10, 11, 2], "labels": [-100, -100, 11, 2]},
+        {"input_ids": [1, 20, 2], "labels": [-100, 20, 2]},
+        {"input_ids": [1, 30, 31, 32, 2], "labels": [-100, -100, -100, 32, 2]},
+    ]
+    rows = token_budget_batches([len(s["input_ids"]) for s in samples], 12, range(3))
+    assert rows == [[0, 1, 2]]  # 4 + 3 + 5 = 12 tokens: one full row
+    row = PackedCollator()([samples[i] for i in rows[0]])
+    assert row["input_ids"].tolist() == [[1, 10, 11, 2, 1, 20, 2, 1, 30, 31, 32, 2]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]]
+    assert row["labels"].tolist() == [[-100, -100, 11, 2, -100, 20, 2, -100, -100, -100, 32, 2]]
+    # Position t predicts the next token of its own sample; each sample's last token predicts nothing.
+    assert row["shift_labels"].tolist() == [[-100, 11, 2, -100, 20, 2, -100, -100, -100, 32, 2, -100]]
+
+
+def test_token_budget_loss_equals_unpacked(model_and_samples: tuple) -> None:
+    """Rows of varying sample counts, accumulated: the per-token mean over all of them equals HF's
+    loss over the same samples in one padded batch."""
+    model, tokenizer, samples = model_and_samples
+    model.train()
+    lengths = [len(s["input_ids"]) for s in samples]
+    rows = token_budget_batches(lengths, max(lengths) + min(lengths), range(len(samples)))
+    assert len(rows) >= 3 and len({len(r) for r in rows}) > 1, rows  # several rows, unequal sample counts
+    batch = PaddingCollator(tokenizer.pad_token_id)(samples)
+    with torch.no_grad():
+        ref = model(**batch).loss.item()
+        n_items = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        inputs = [PackedCollator()([samples[i] for i in row]) for row in rows]
+        assert sum(int((x["shift_labels"] != IGNORE_INDEX).sum()) for x in inputs) == n_items
+        total = sum(packed_loss(model, x, torch.tensor(n_items))[0].item() for x in inputs)
+    # Both are sums of the same n_items token losses (each ≈ ln(vocab) ≈ 8) over n_items. Per-token
+    # losses agree to the fp32 logit noise of different kernels (1e-5 relative, as above); the
+    # fp32 sums add at most n_items × 2^-24 relative each. Bound: (1e-5 + 2·n_items·2^-24) × loss.
+    tol = (1e-5 + 2 * n_items * 2**-24) * ref
+    assert abs(total - ref) <= tol, (total, ref, tol)
+
+
+def test_token_budget_training_memorizes(tiny_model_dir: Path, memorized_data: Path, tmp_path: Path) -> None:
+    """finetune.py --packing_max_tokens 1024: the 8 samples (~100 tokens each) fill one row per step and are learnt."""
+    from chinese_vicuna.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    records = [validate_instruction(r) for r in read_records(memorized_data)]
+    lengths = [len(s["input_ids"]) for s in tokenize_instructions(records, tokenizer, load_template("alpaca", tokenizer), 256)]
+    assert len(lengths) == 8 and sum(lengths) <= 1024  # one row, where --micro_batch_size 4 makes two
+    out = tmp_path / "budget"
+    args = memorize_args(tiny_model_dir, memorized_data, out, epochs=60, save_steps=1000)
+    proc = run_script(*args, "--packing_max_tokens", "1024", "--logging_steps", "1", "--save_strategy", "no")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [e["loss"] for e in read_jsonl(out / "trainer_log.jsonl") if "loss" in e]
+    assert len(losses) == 60  # one optimizer step (one row) per epoch
+    assert losses[0] > 3 and losses[-1] < 0.05, losses
+
+
+def test_packing_max_tokens_needs_packing(tmp_path: Path) -> None:
+    from chinese_vicuna.args import TrainArguments, parse_args
+    from chinese_vicuna.errors import UserError
+
+    (train,) = parse_args((TrainArguments,), ["--output_dir", str(tmp_path), "--packing_max_tokens", "2048"])
+    assert train.packing and train.packing_max_tokens == 2048
+    for flags in (["--packing", "false", "--packing_max_tokens", "2048"], ["--packing_max_tokens", "-1"]):
+        with pytest.raises(UserError, match="--packing_max_tokens"):
+            parse_args((TrainArguments,), ["--output_dir", str(tmp_path), *flags])

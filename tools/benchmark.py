@@ -11,7 +11,8 @@ same base, data, LoRA config, precision, learning rate and sample order:
 Reported per run: non-padding tokens/s over one epoch, peak memory (RSS on the CPU, max
 allocated on a GPU), loss after the same tokens, and MFU (4·N FLOPs per token for LoRA
 — forward 2N, backward to activations 2N, no weight gradients for the frozen base — plus
-attention) against the bf16 matmul peak measured on the same device.
+attention) against the matmul peak measured on the same device in the run's precision: bf16 where
+the CPU (AVX512-BF16 / AMX) or GPU runs it natively, fp32 otherwise (`--precision` overrides).
 
     python tools/benchmark.py prepare WORK            # ~50M LLaMA (vocab 32000) + data, built locally
     python tools/benchmark.py run WORK --repeats 2    # → WORK/benchmark.json, WORK/benchmark.png
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.args import parse_args
+from chinese_vicuna.devices import this_machine_train_precision
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.files import atomic_write_bytes, save_figure
 
@@ -43,13 +45,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 logger = logging.getLogger("benchmark")
 
+# "{precision}" is the run's precision (bf16 where the machine runs it natively, else fp32);
+# "{max_tokens}" is micro_batch_size × cutoff_len, the token budget of the "tokens" configurations;
+# "{micro_batch}" is micro_batch_size.
 CONFIGS: dict[str, list[str]] = {
     # alpaca-lora's finetune.py: pad each micro-batch to its longest sample, HF's loss over full
-    # logits, PEFT's own dropout; 16-bit weights (its GPU recipe loads 8-bit weights under fp16
-    # autocast; the CPU has no fast 8-bit kernels, so bf16 weights under bf16 autocast, as ours).
-    "recipe": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "bf16"],
+    # logits, PEFT's own dropout; 16-bit weights under bf16 (its GPU recipe loads 8-bit weights under
+    # fp16 autocast; the CPU has no fast 8-bit kernels, so bf16 weights, as ours), fp32 weights in fp32.
+    "recipe": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "{precision}"],
     # this project's defaults.
     "ours": [],
+    # packed rows filled up to a token budget instead of a fixed number of samples: fewer, fuller
+    # optimizer steps (accumulation as the batch arithmetic gives it) ...
+    "tokens": ["--packing_max_tokens", "{max_tokens}"],
+    # ... or one row per optimizer step (about as many tokens per step as the sample-count batch).
+    "tokens-step": ["--packing_max_tokens", "{max_tokens}", "--batch_size", "{micro_batch}"],
     # the recipe with fp32 weights under bf16 autocast (for reference: same speed, more memory).
     "recipe-fp32-weights": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "fp32"],
     # this project's fallback without packing: length-grouped padded batches.
@@ -58,6 +68,9 @@ CONFIGS: dict[str, list[str]] = {
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     # ~54M parameters; vocabulary 32000 like LLaMA's, so lm_head + loss weigh as in practice.
     "50m": {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8, "vocab_size": 32000},
+    # GPU shapes (scripts/gpu_check.sh): TinyLlama-1.1B's widths (without its grouped KV heads), LLaMA-7B.
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32, "vocab_size": 32000},
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "vocab_size": 32000},
     "tiny": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 3000},
 }
 
@@ -73,7 +86,14 @@ def build_model(out: Path, shape: str = "50m", seed: int = 0) -> Path:
     dims = dict(MODEL_SHAPES[shape])
     tok_dir = out.parent / f"{out.name}-tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
-        cmd = [sys.executable, str(REPO / "tools" / "make_tiny_model.py"), "--output_dir", str(tok_dir), "--vocab_size", str(dims["vocab_size"])]
+        cmd = [
+            sys.executable,
+            str(REPO / "tools" / "make_tiny_model.py"),
+            "--output_dir",
+            str(tok_dir),
+            "--vocab_size",
+            str(dims["vocab_size"]),
+        ]
         cmd += ["--corpus", str(synthetic_corpus(out.parent / "corpus.txt")), str(REPO / "sample" / "tokenizer" / "corpus.txt")]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -90,7 +110,16 @@ def build_model(out: Path, shape: str = "50m", seed: int = 0) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
+    if torch.cuda.is_available():
+        # Built in bf16 on the GPU: a 7B shape in fp32 on the CPU takes 27 GB and minutes to initialise.
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda"):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    else:
+        model = LlamaForCausalLM(config)
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(out), safe_serialization=True)
@@ -174,7 +203,7 @@ def make_benchmark_data(
 # --------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------
-def matmul_peak_flops(dtype: str = "bf16", size: int = 2048, seconds: float = 2.0) -> float:
+def matmul_peak_flops(dtype: str = "fp32", size: int = 2048, seconds: float = 2.0) -> float:
     """Best FLOP/s of a square matmul on this device (the MFU denominator)."""
     import torch
 
@@ -213,13 +242,13 @@ def model_flops_per_token(model_dir: Path, lengths: list[int]) -> float:
 
 
 def run_finetune(cmd: list[str], env: dict[str, str]) -> tuple[int, list[float], str]:
-    """Run a command; returns (exit code, [peak MiB, train CPU s, train wall s], stderr tail)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    """Run a command; returns (exit code, [peak MiB, train CPU s, train wall s, train loss, dataset tokens, trained tokens], stderr tail)."""
+    proc = subprocess.Popen(cmd, cwd=env.get("BENCH_CWD", REPO), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate()
     # ru_maxrss of the children waited so far is a max over all of them: read this child's
     # own peak from the VmHWM line it writes at exit instead (see BENCH_RSS_FILE).
     rss_file = Path(env["BENCH_RSS_FILE"])
-    values = [float(x) for x in rss_file.read_text().split()] if rss_file.is_file() else [0.0, 0.0, 0.0]
+    values = [float(x) for x in rss_file.read_text().split()] if rss_file.is_file() else [0.0, 0.0, 0.0, -1.0, -1.0, -1.0]
     return proc.returncode, values, stderr[-3000:]
 
 
@@ -238,9 +267,23 @@ class _TrainTimer(importlib.abc.MetaPathFinder):
             run(module)
             train = module.Trainer.train
             def timed(self_, *args, **kwargs):
+                try:  # non-padding and trained tokens of a peer's tokenized training set
+                    ds = self_.train_dataset
+                    cols = ds.column_names
+                    # LLaMA-Factory pads packed rows to cutoff_len: attention_mask 0 there (segment ids elsewhere)
+                    key = "attention_mask" if "attention_mask" in cols else "input_ids"
+                    _times["tokens"] = float(sum(sum(1 for a in x if a) if key == "attention_mask" else len(x) for x in ds[key]))
+                    if "labels" in cols:
+                        _times["trained"] = float(sum(sum(1 for v in x if v != -100) for x in ds["labels"]))
+                    elif "completion_mask" in cols:
+                        _times["trained"] = float(sum(sum(x) for x in ds["completion_mask"]))
+                except Exception:
+                    pass
                 c0, w0 = time.process_time(), time.perf_counter()
                 try:
-                    return train(self_, *args, **kwargs)
+                    out = train(self_, *args, **kwargs)
+                    _times["loss"] = float(out.training_loss)
+                    return out
                 finally:
                     _times["cpu"], _times["wall"] = time.process_time() - c0, time.perf_counter() - w0
             module.Trainer.train = timed
@@ -262,12 +305,28 @@ def _bench_peak():
         for line in open("/proc/self/status"):
             if line.startswith("VmHWM:"):
                 peak = int(line.split()[1]) / 1024
-    open(path, "w").write(str(peak) + " " + str(_times.get("cpu", 0)) + " " + str(_times.get("wall", 0)))
+    values = [peak, _times.get("cpu", 0), _times.get("wall", 0), _times.get("loss", -1), _times.get("tokens", -1), _times.get("trained", -1)]
+    open(path, "w").write(" ".join(map(str, values)))
 atexit.register(_bench_peak)
 """
 
 
-def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str], index: int) -> dict[str, Any]:
+def resolve_bench_precision(precision: str) -> str:
+    """`native` → bf16 where this machine runs it natively, else fp32; bf16/fp32 as given."""
+    if precision == "native":
+        return this_machine_train_precision()
+    if precision not in ("bf16", "fp32"):
+        raise UserError(f"--train_precision {precision!r}: use native, bf16 or fp32")
+    return precision
+
+
+def config_flags(name: str, precision: str, micro_batch: int, cutoff_len: int) -> list[str]:
+    """finetune.py flags of configuration `name` at this precision, micro-batch and cutoff."""
+    values = {"precision": precision, "max_tokens": micro_batch * cutoff_len, "micro_batch": micro_batch}
+    return [flag.format(**values) for flag in CONFIGS[name]]
+
+
+def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str], index: int, flags: list[str]) -> dict[str, Any]:
     out = work / "runs" / f"{name}-{index}"
     if out.exists():
         import shutil
@@ -285,9 +344,9 @@ def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str
         "CHINESE_VICUNA_CACHE": str(work / "cache"),
     }
     cmd = [sys.executable, str(REPO / "finetune.py"), "--base_model", str(model_dir), "--data_path", str(data)]
-    cmd += ["--output_dir", str(out), *common, *CONFIGS[name]]
+    cmd += ["--output_dir", str(out), *common, *flags]
     t0 = time.perf_counter()
-    rc, (peak, cpu, _), stderr = run_finetune(cmd, env)
+    rc, (peak, cpu, *_), stderr = run_finetune(cmd, env)
     wall = time.perf_counter() - t0
     if rc:
         raise UserError(f"benchmark run {name} failed (exit {rc}): {stderr.strip().splitlines()[-1:] if stderr else ''}")
@@ -339,13 +398,15 @@ def run_benchmark(
     max_steps: int = -1,
     extra: list[str] | None = None,
     logging_steps: int = 5,
+    precision: str = "native",
 ) -> dict[str, Any]:
     """Interleaved runs (recipe, ours, recipe, ours, ...) so machine noise hits both alike."""
     seed = 42
+    precision = resolve_bench_precision(precision)
     common = [
         "--cutoff_len", str(cutoff_len), "--micro_batch_size", str(micro_batch), "--batch_size", str(batch),
         "--num_epochs", "1", "--learning_rate", "3e-4", "--warmup_steps", "5", "--val_set_size", "0",
-        "--save_strategy", "no", "--logging_steps", str(logging_steps), "--bf16", "true", "--disable_tqdm", "true",
+        "--save_strategy", "no", "--logging_steps", str(logging_steps), "--bf16", str(precision == "bf16").lower(), "--disable_tqdm", "true",
         "--seed", str(seed), "--max_steps", str(max_steps), *(extra or []),
     ]  # fmt: skip
     counts = data_token_counts(model_dir, data, cutoff_len, micro_batch, seed)
@@ -353,20 +414,20 @@ def run_benchmark(
     if max_steps > 0:
         frac = min(1.0, max_steps * batch / counts["samples"])
         counts = {k: (int(v * frac) if k != "samples" else v) for k, v in counts.items()}
-    peak_bf16 = matmul_peak_flops("bf16")
+    peak = matmul_peak_flops(precision)
     flops_per_token = model_flops_per_token(model_dir, lengths)
     runs = []
     for i in range(repeats):
         for name in configs:
-            r = one_run(name, work, model_dir, data, common, i)
+            r = one_run(name, work, model_dir, data, common, i, config_flags(name, precision, micro_batch, cutoff_len))
             r["tokens_per_s"] = counts["tokens"] / r["train_runtime_s"]
             r["tokens_per_cpu_s"] = counts["tokens"] / max(r["train_cpu_s"], 1e-9)
-            r["mfu"] = r["tokens_per_s"] * flops_per_token / peak_bf16
+            r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
             logger.info(
                 "%s #%d: %.0f tokens/s, peak %.0f MiB, final loss %.4f", name, i, r["tokens_per_s"], r["peak_mib"], r["final_loss"] or 0
             )
             runs.append(r)
-    peak_bf16 = max(peak_bf16, matmul_peak_flops("bf16"))
+    peak = max(peak, matmul_peak_flops(precision))
     summary: dict[str, Any] = {}
     for name in configs:
         rs = [r for r in runs if r["config"] == name]
@@ -377,7 +438,7 @@ def run_benchmark(
             "final_loss_median": statistics.median(r["final_loss"] for r in rs),
             "train_loss_median": statistics.median(r["train_loss"] for r in rs),
         }
-        summary[name]["mfu_median"] = summary[name]["tokens_per_s_median"] * flops_per_token / peak_bf16
+        summary[name]["mfu_median"] = summary[name]["tokens_per_s_median"] * flops_per_token / peak
     if "recipe" in summary and "ours" in summary:
         # Ratios within each interleaved pair, so a busy minute affects both sides of a pair.
         pairs = [
@@ -403,7 +464,8 @@ def run_benchmark(
         "data_tokens": counts,
         "recipe_padding_fraction_est": 1 - counts["tokens"] / max(counts["padded_tokens"], 1),
         "flops_per_token": flops_per_token,
-        "matmul_peak_bf16_flops": peak_bf16,
+        "precision": precision,
+        "matmul_peak_flops": peak,
         "runs": runs,
         "summary": summary,
     }
@@ -416,23 +478,25 @@ def plot(result: dict[str, Any], out_png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in ("recipe", "ours") if n in result["summary"]]
+    names = [n for n, x in result["summary"].items() if isinstance(x, dict)]
+    palette = ["#999", "#2a7", "#27a", "#a72", "#a27"]
+    colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
-    axes[0].bar(names, [result["summary"][n]["tokens_per_s_median"] for n in names], color=["#999", "#2a7"][: len(names)])
+    axes[0].bar(names, [result["summary"][n]["tokens_per_s_median"] for n in names], color=[colors[n] for n in names])
     axes[0].set_title("non-padding tokens/s")
-    axes[1].bar(names, [result["summary"][n]["peak_mib_max"] for n in names], color=["#999", "#2a7"][: len(names)])
+    axes[1].bar(names, [result["summary"][n]["peak_mib_max"] for n in names], color=[colors[n] for n in names])
     axes[1].set_title("peak memory (MiB)")
     for r in result["runs"]:
         if r["losses"]:
-            axes[2].plot(*zip(*r["losses"], strict=True), color="#999" if r["config"] == "recipe" else "#2a7", alpha=0.7)
+            axes[2].plot(*zip(*r["losses"], strict=True), color=colors[r["config"]], alpha=0.7)
     axes[2].set_title("train loss vs step (same samples)")
     axes[2].set_xlabel("optimizer step")
-    fig.suptitle(f"{result['device']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']}, bf16")
+    fig.suptitle(f"{result['device']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']}, {result['precision']}")
     save_figure(fig, out_png)
 
 
 def run_sweep(
-    work: Path, model_dir: Path, cutoffs: list[int], samples: int, max_steps: int, extra: list[str] | None = None
+    work: Path, model_dir: Path, cutoffs: list[int], samples: int, max_steps: int, extra: list[str] | None = None, precision: str = "native"
 ) -> dict[str, Any]:
     """Recipe vs ours at each cutoff_len, on data whose length distribution scales with it
     (median ~0.3x, p95 ~cutoff, tail past it): how tokens/s and memory grow with length."""
@@ -441,7 +505,7 @@ def run_sweep(
         data = work / f"data-{samples}-c{cutoff}.jsonl"
         stats = make_benchmark_data(data, model_dir, samples, median=140.0 * cutoff / 512, p95=430.0 * cutoff / 512, cutoff_len=cutoff)
         logger.info("cutoff %d: %s", cutoff, stats)
-        result = run_benchmark(work, model_dir, data, cutoff, max_steps=max_steps, extra=extra)
+        result = run_benchmark(work, model_dir, data, cutoff, max_steps=max_steps, extra=extra, precision=precision)
         points.append(
             {
                 "cutoff_len": cutoff,
@@ -449,8 +513,15 @@ def run_sweep(
                 **{k: result[k] for k in ("data_tokens", "recipe_padding_fraction_est", "summary", "runs")},
             }
         )
-        points[-1]["matmul_peak_bf16_flops"] = result["matmul_peak_bf16_flops"]
-    return {"device": result["device"], "model": str(model_dir), "samples": samples, "max_steps": max_steps, "points": points}
+        points[-1]["matmul_peak_flops"] = result["matmul_peak_flops"]
+    return {
+        "device": result["device"],
+        "precision": result["precision"],
+        "model": str(model_dir),
+        "samples": samples,
+        "max_steps": max_steps,
+        "points": points,
+    }
 
 
 def plot_sweep(result: dict[str, Any], out_png: Path) -> None:
@@ -470,7 +541,331 @@ def plot_sweep(result: dict[str, Any], out_png: Path) -> None:
         ax.set_xlabel("cutoff_len (data lengths scale with it)")
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"{result['device']}, micro-batch 4, bf16")
+    fig.suptitle(f"{result['device']}, micro-batch 4, {result['precision']}")
+    save_figure(fig, out_png)
+
+
+# --------------------------------------------------------------------------------------------
+# Peers: TRL's SFTTrainer and LLaMA-Factory on the same model, data, LoRA, precision and batch
+# --------------------------------------------------------------------------------------------
+# What each configuration's loss covers (docs/benchmarks.md):
+PEER_LOSS = {
+    "ours": "answer tokens + EOS (prompt masked), per-token mean over the accumulated batch",
+    "trl": "completion tokens + EOS (completion_only_loss), per-token mean over the accumulated batch",
+    "lf-neat": "response tokens + EOS (train_on_prompt false), per-token mean; rows packed to cutoff_len",
+    "lf-padded": "response tokens + EOS (train_on_prompt false), per-token mean; padded micro-batches",
+}
+PEER_VENVS = {"trl": "trl", "lf-neat": "llamafactory", "lf-padded": "llamafactory"}
+# Each peer's venv: torch first (the CPU wheel on this machine's disk; a bare torch pulls a CUDA build).
+PEER_INSTALL = {"trl": ["trl", "peft"], "llamafactory": ["llamafactory"]}
+
+TRL_DRIVER = """
+import json, sys
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import SFTConfig, SFTTrainer
+
+spec = json.load(open(sys.argv[1]))
+records = [json.loads(line) for line in open(spec["data"], encoding="utf-8") if line.strip()]
+tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
+trainer = SFTTrainer(
+    model=model, args=SFTConfig(**spec["sft_config"]), train_dataset=Dataset.from_list(records),
+    processing_class=tokenizer, peft_config=LoraConfig(**spec["lora"]),
+)
+trainer.train()
+"""
+
+
+def peer_lora(r: int = 8) -> dict[str, Any]:
+    """The LoRA every system trains: finetune.py's defaults (r 8, alpha 16, dropout 0.05, q/v)."""
+    return {"r": r, "lora_alpha": 2 * r, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
+
+
+def trl_sft_config(out: Path, precision: str, micro_batch: int, grad_accum: int, max_steps: int = -1, cuda: bool = False) -> dict[str, Any]:
+    """SFTConfig keyword arguments: padding-free rows, loss on the completion only, our schedule."""
+    return {
+        "output_dir": str(out),
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "num_train_epochs": 1,
+        "max_steps": max_steps,
+        "learning_rate": 3e-4,
+        "warmup_steps": 5,
+        "lr_scheduler_type": "linear",
+        "logging_steps": 5,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 42,
+        "bf16": precision == "bf16",
+        "use_cpu": not cuda,
+        # The dataset comes tokenized and cut at cutoff_len (TRL does not truncate padding-free rows).
+        "max_length": None,
+        "padding_free": True,
+        "completion_only_loss": True,
+        "gradient_checkpointing": False,  # TRL's default is on; finetune.py's is off
+        "dataset_num_proc": 1,
+        "disable_tqdm": True,
+    }
+
+
+def llamafactory_config(
+    model_dir: Path, dataset_dir: Path, out: Path, precision: str, micro_batch: int, grad_accum: int, cutoff_len: int, neat_packing: bool
+) -> dict[str, Any]:
+    """LLaMA-Factory's `llamafactory-cli train` YAML: LoRA SFT on the alpaca-format `bench` set."""
+    return {
+        "model_name_or_path": str(model_dir),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_rank": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.05,
+        "lora_target": "q_proj,v_proj",
+        "dataset": "bench",
+        "dataset_dir": str(dataset_dir),
+        "template": "alpaca",
+        "cutoff_len": cutoff_len,
+        "packing": neat_packing,
+        "neat_packing": neat_packing,
+        "overwrite_cache": True,
+        "preprocessing_num_workers": 1,
+        "output_dir": str(out),
+        "overwrite_output_dir": True,
+        "save_strategy": "no",
+        "logging_steps": 5,
+        "plot_loss": False,
+        "disable_gradient_checkpointing": True,  # on by default in LLaMA-Factory; off in finetune.py
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "learning_rate": 3.0e-4,
+        "num_train_epochs": 1.0,
+        "lr_scheduler_type": "linear",
+        "warmup_steps": 5,
+        "bf16": precision == "bf16",
+        "seed": 42,
+        "report_to": "none",
+        "disable_tqdm": True,
+    }
+
+
+def peer_command(name: str, work: Path, spec_path: Path) -> list[str]:
+    """The command line of a peer run, in its own venv."""
+    venv = work / "venvs" / PEER_VENVS[name]
+    if name == "trl":
+        return [str(venv / "bin" / "python"), str(spec_path.parent / "trl_driver.py"), str(spec_path)]
+    return [str(venv / "bin" / "llamafactory-cli"), "train", str(spec_path)]
+
+
+def make_peer_venvs(work: Path, venvs: list[str]) -> dict[str, str]:
+    """WORK/venvs/{trl,llamafactory}: torch==2.13.0 first, then the peer (kept once it imports).
+    Returns the last line of pip's error by venv, for the venvs that could not be made."""
+    errors = {}
+    for venv in venvs:
+        packages = PEER_INSTALL[venv]
+        python = work / "venvs" / venv / "bin" / "python"
+        check = [str(python), "-c", f"import {venv}"]
+        if python.is_file() and subprocess.run(check, capture_output=True).returncode == 0:
+            continue
+        if not python.is_file():
+            subprocess.run([str(Path(sys.base_prefix) / "bin" / "python3"), "-m", "venv", str(python.parent.parent)], check=True)
+        for step in (["torch==2.13.0"], packages):
+            proc = subprocess.run([str(python), "-m", "pip", "install", "-q", *step], capture_output=True, text=True)
+            if proc.returncode:
+                lines = [line for line in proc.stderr.splitlines() if line.startswith("ERROR")] or proc.stderr.splitlines()[-1:]
+                errors[venv] = " ".join(lines) or f"pip exit {proc.returncode}"
+                break
+    return errors
+
+
+def peer_versions(work: Path, venv: str) -> dict[str, str]:
+    code = "import json, importlib.metadata as m\nout = {}\nfor p in ('torch', 'transformers', 'peft', 'trl', 'llamafactory', 'datasets', 'accelerate'):\n    try:\n        out[p] = m.version(p)\n    except Exception:\n        pass\nprint(json.dumps(out))"
+    proc = subprocess.run([str(work / "venvs" / venv / "bin" / "python"), "-c", code], capture_output=True, text=True)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def peer_run(
+    name: str,
+    work: Path,
+    model_dir: Path,
+    data: Path,
+    precision: str,
+    micro_batch: int,
+    grad_accum: int,
+    cutoff_len: int,
+    index: int,
+    max_steps: int,
+) -> dict[str, Any]:
+    """One peer run in a fresh process of its venv, timed by the same Trainer.train hook as ours."""
+    import shutil
+
+    import yaml
+
+    from chinese_vicuna.model.loading import load_tokenizer
+    from chinese_vicuna.prompts import load_template
+
+    run_dir = work / "peers" / f"{name}-{index}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if name == "trl":
+        # finetune.py's own tokens (prompt + answer + EOS, cut at cutoff_len), with the answer as
+        # TRL's completion_mask: both train on exactly the same tokens.
+        from chinese_vicuna.data.encode import tokenize_instructions
+
+        tokenizer = load_tokenizer(str(model_dir))
+        samples = tokenize_instructions(records, tokenizer, load_template("alpaca", tokenizer), cutoff_len)
+        rows = [
+            {"input_ids": list(map(int, x["input_ids"])), "completion_mask": [int(v != -100) for v in x["labels"]]}
+            for x in samples
+            if any(v != -100 for v in x["labels"])
+        ]
+        (run_dir / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        (run_dir / "trl_driver.py").write_text(TRL_DRIVER)
+        spec = {
+            "model": str(model_dir),
+            "data": str(run_dir / "data.jsonl"),
+            "dtype": "bfloat16" if precision == "bf16" else "float32",
+            "lora": peer_lora(),
+            "sft_config": trl_sft_config(
+                run_dir / "out", precision, micro_batch, grad_accum, max_steps, cuda=bool(machine_info().get("gpu"))
+            ),
+        }
+        spec_path = run_dir / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2))
+    else:
+        (run_dir / "bench.jsonl").write_text(data.read_text(encoding="utf-8"), encoding="utf-8")
+        (run_dir / "dataset_info.json").write_text(json.dumps({"bench": {"file_name": "bench.jsonl"}}))
+        config = llamafactory_config(model_dir, run_dir, run_dir / "out", precision, micro_batch, grad_accum, cutoff_len, name == "lf-neat")
+        if max_steps > 0:
+            config["max_steps"] = max_steps
+        spec_path = run_dir / "config.yaml"
+        spec_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    hook_dir = work / "hook"
+    hook_dir.mkdir(exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+        "PYTHONPATH": str(hook_dir),
+        "BENCH_RSS_FILE": str(run_dir / "peak_mib.txt"),
+        "BENCH_CWD": str(run_dir),
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "DISABLE_VERSION_CHECK": "1",  # LLaMA-Factory refuses unlisted transformers versions otherwise
+    }
+    rc, (peak, cpu, wall, loss, tokens, trained), stderr = run_finetune(peer_command(name, work, spec_path), env)
+    (run_dir / "stderr.txt").write_text(stderr)
+    if rc:
+        raise UserError(
+            f"peer {name} failed (exit {rc}): {stderr.strip().splitlines()[-1:] if stderr else ''}; log: {run_dir / 'stderr.txt'}"
+        )
+    return {
+        "config": name,
+        "index": index,
+        "train_wall_s": wall,
+        "train_cpu_s": cpu,
+        "peak_mib": peak,
+        "train_loss": loss,
+        "tokens": tokens,
+        "trained_tokens": trained,
+    }
+
+
+def run_peers(
+    work: Path,
+    model_dir: Path,
+    data: Path,
+    configs: list[str],
+    repeats: int,
+    cutoff_len: int,
+    micro_batch: int,
+    batch: int,
+    precision: str,
+    max_steps: int = -1,
+) -> dict[str, Any]:
+    """Ours and the peers, interleaved rounds; tokens/s and tokens per CPU-second over the same data."""
+    precision = resolve_bench_precision(precision)
+    install_errors = make_peer_venvs(work, sorted({PEER_VENVS[c] for c in configs if c != "ours"}))
+    available = [c for c in configs if c == "ours" or PEER_VENVS[c] not in install_errors]
+    counts = data_token_counts(model_dir, data, cutoff_len, micro_batch, 42)
+    grad_accum = batch // micro_batch
+    common = [
+        "--cutoff_len", str(cutoff_len), "--micro_batch_size", str(micro_batch), "--batch_size", str(batch),
+        "--num_epochs", "1", "--learning_rate", "3e-4", "--warmup_steps", "5", "--val_set_size", "0",
+        "--save_strategy", "no", "--logging_steps", "5", "--bf16", str(precision == "bf16").lower(), "--disable_tqdm", "true",
+        "--seed", "42", "--max_steps", str(max_steps),
+    ]  # fmt: skip
+    runs = []
+    for i in range(repeats):
+        for name in available:
+            if name == "ours":
+                r = one_run("ours", work, model_dir, data, common, i, [])
+                r = {"config": "ours", "index": i, "train_wall_s": r["train_runtime_s"], "train_cpu_s": r["train_cpu_s"],
+                     "peak_mib": r["peak_mib"], "train_loss": r["train_loss"], "tokens": float(counts["tokens"]),
+                     "trained_tokens": float(counts["trainable_tokens"])}  # fmt: skip
+            else:
+                r = peer_run(name, work, model_dir, data, precision, micro_batch, grad_accum, cutoff_len, i, max_steps)
+            r["tokens_per_s"] = r["tokens"] / max(r["train_wall_s"], 1e-9)
+            r["tokens_per_cpu_s"] = r["tokens"] / max(r["train_cpu_s"], 1e-9)
+            logger.info(
+                "%s #%d: %.0f tokens/s, %.0f tokens/CPU-s, peak %.0f MiB, loss %.4f",
+                name,
+                i,
+                r["tokens_per_s"],
+                r["tokens_per_cpu_s"],
+                r["peak_mib"],
+                r["train_loss"],
+            )
+            runs.append(r)
+    summary: dict[str, Any] = {}
+    for name in available:
+        rs = [r for r in runs if r["config"] == name]
+        summary[name] = {
+            "tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in rs),
+            "tokens_per_cpu_s_median": statistics.median(r["tokens_per_cpu_s"] for r in rs),
+            "peak_mib_max": max(r["peak_mib"] for r in rs),
+            "final_loss_median": statistics.median(r["train_loss"] for r in rs),
+            "tokens": rs[0]["tokens"],
+            "trained_tokens": rs[0]["trained_tokens"],
+            "loss_covers": PEER_LOSS[name],
+        }
+    return {
+        "machine": machine_info(),
+        "precision": precision,
+        "model": str(model_dir),
+        "data": str(data),
+        "cutoff_len": cutoff_len,
+        "micro_batch_size": micro_batch,
+        "batch_size": batch,
+        "lora": peer_lora(),
+        "versions": {v: peer_versions(work, v) for v in sorted({PEER_VENVS[c] for c in available if c != "ours"})},
+        "install_errors": install_errors,
+        "runs": runs,
+        "summary": summary,
+    }
+
+
+def plot_peers(result: dict[str, Any], out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["summary"])
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6), dpi=100)
+    for ax, key, title in zip(
+        axes,
+        ("tokens_per_s_median", "tokens_per_cpu_s_median", "peak_mib_max"),
+        ("non-padding tokens/s", "tokens per train CPU-second", "peak memory (MiB)"),
+        strict=True,
+    ):
+        ax.bar(names, [result["summary"][n][key] for n in names], color=["#2a7" if n == "ours" else "#999" for n in names])
+        ax.set_title(title)
+    fig.suptitle(
+        f"peers, {result['precision']}, cutoff {result['cutoff_len']}, micro-batch {result['micro_batch_size']} x {result['batch_size'] // result['micro_batch_size']}"
+    )
     save_figure(fig, out_png)
 
 
@@ -559,6 +954,81 @@ def tokenize_speed(model_dir: Path, data: Path, n: int = 50000, repeats: int = 3
 
 
 # --------------------------------------------------------------------------------------------
+# scripts/gpu_check.sh's report
+# --------------------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    """The device and library versions a figure belongs to."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__, "precision": this_machine_train_precision()}
+    for name in ("transformers", "peft", "accelerate", "bitsandbytes", "flash_attn"):
+        info[name] = importlib.metadata.version(name) if importlib.util.find_spec(name) else None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    else:
+        info.update(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), load_average=os.getloadavg())
+    return info
+
+
+def gpu_report(work: Path) -> tuple[dict[str, Any], str]:
+    """WORK's env.json, steps.tsv, gpu_memory.json and speed-*/peers-*.json as one JSON and a markdown table."""
+
+    def load(path: Path) -> Any:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    steps = []
+    if (work / "steps.tsv").is_file():
+        for line in (work / "steps.tsv").read_text().splitlines():
+            name, status, seconds = line.split("\t")
+            steps.append({"step": name, "status": status, "seconds": int(seconds)})
+    speed = {p.stem: load(p) for p in sorted(work.glob("speed-*.json"))}
+    peers = {p.stem: load(p) for p in sorted(work.glob("peers-*.json"))}
+    result = {"env": load(work / "env.json"), "steps": steps, "memory": load(work / "gpu_memory.json"), "speed": speed, "peers": peers}
+    env = result["env"] or {}
+    lines = [f"# GPU check: {env.get('gpu', '?')} ({env.get('memory_gib', '?')} GiB), torch {env.get('torch', '?')}", ""]
+    lines += ["| step | status | seconds |", "|---|---|---|", *(f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps), ""]
+    if result["memory"]:
+        lines += ["| 7B-shaped LoRA, micro-batch 4 | peak allocated GiB | peak reserved GiB |", "|---|---|---|"]
+        lines += [f"| {k} | {v['allocated_gib']} | {v['reserved_gib']} |" for k, v in result["memory"].items() if isinstance(v, dict)]
+        lines.append("")
+    rows = [(name, config, summary) for name, r in {**speed, **peers}.items() if r for config, summary in r["summary"].items()]
+    rows = [(name, config, x) for name, config, x in rows if isinstance(x, dict)]
+    if rows:
+        lines += ["| run | configuration | tokens/s | peak MiB | MFU | final loss |", "|---|---|---|---|---|---|"]
+        for name, config, x in rows:
+            mfu = f"{x['mfu_median']:.1%}" if "mfu_median" in x else ""
+            lines.append(
+                f"| {name} | {config} | {x['tokens_per_s_median']:.0f} | {x['peak_mib_max']:.0f} | {mfu} | {x['final_loss_median']:.4f} |"
+            )
+    return result, "\n".join(lines) + "\n"
+
+
+@dataclass
+class PeersArguments:
+    samples: int = field(default=400, metadata={"help": "Samples (one epoch)."})
+    repeats: int = field(default=3, metadata={"help": "Interleaved rounds."})
+    configs: str = field(default="ours,lf-neat,lf-padded,trl", metadata={"help": f"Of {', '.join(PEER_LOSS)}."})
+    cutoff_len: int = field(default=512)
+    micro_batch_size: int = field(default=4)
+    batch_size: int = field(default=16)
+    max_steps: int = field(default=-1)
+    train_precision: str = field(default="native", metadata={"help": "native, bf16 or fp32."})
+    shape: str = field(default="50m")
+    model: str | None = field(default=None)
+    out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/peers.json)."})
+
+
+@dataclass
+class ReportArguments:
+    pass
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 def prepare(work: Path, samples: int, shape: str = "50m", model: Path | None = None) -> tuple[Path, Path]:
@@ -589,14 +1059,19 @@ class RunArguments:
     batch_size: int = field(default=16)
     max_steps: int = field(default=-1, metadata={"help": "Stop early (cutoff sweeps); -1 = one epoch."})
     configs: str = field(default="recipe,ours", metadata={"help": "Which configurations, comma-separated."})
+    train_precision: str = field(
+        default="native", metadata={"help": "native (bf16 where the CPU/GPU runs it natively, else fp32), bf16 or fp32."}
+    )
     model: str | None = field(default=None, metadata={"help": "Use this model folder instead of building one."})
     out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/benchmark[-quick].json)."})
+    shape: str = field(default="50m", metadata={"help": f"Model shape built when --model is not given: {', '.join(MODEL_SHAPES)}."})
 
 
 @dataclass
 class QuickArguments(RunArguments):
     samples: int = field(default=24)
     batch_size: int = field(default=8)
+    shape: str = field(default="tiny")
 
 
 @dataclass
@@ -604,6 +1079,9 @@ class SweepArguments:
     cutoffs: str = field(default="256,512,1024,2048")
     samples: int = field(default=128)
     max_steps: int = field(default=4, metadata={"help": "Optimizer steps per run (batch 16)."})
+    train_precision: str = field(
+        default="native", metadata={"help": "native (bf16 where the CPU/GPU runs it natively, else fp32), bf16 or fp32."}
+    )
     model: str | None = field(default=None, metadata={"help": "Use this model folder instead of building one."})
     out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/sweep.json)."})
 
@@ -614,14 +1092,25 @@ class TokenizeArguments:
     model: str | None = field(default=None, metadata={"help": "Tokenizer/model folder (default: WORK/llama-50m, built if missing)."})
 
 
-COMMANDS = {"prepare": PrepareArguments, "run": RunArguments, "quick": QuickArguments, "sweep": SweepArguments, "tokenize": TokenizeArguments}
+COMMANDS = {
+    "prepare": PrepareArguments,
+    "run": RunArguments,
+    "quick": QuickArguments,
+    "sweep": SweepArguments,
+    "tokenize": TokenizeArguments,
+    "report": ReportArguments,
+    "peers": PeersArguments,
+    "env": ReportArguments,
+}
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2 or argv[0] not in COMMANDS or argv[1].startswith("-"):
-        raise UserError(f"usage: tools/benchmark.py {{{','.join(COMMANDS)}}} WORK [flags]; `tools/benchmark.py COMMAND WORK --help` lists a command's flags")
+        raise UserError(
+            f"usage: tools/benchmark.py {{{','.join(COMMANDS)}}} WORK [flags]; `tools/benchmark.py COMMAND WORK --help` lists a command's flags"
+        )
     command, work = argv[0], Path(argv[1])
     # Flags run/quick/sweep do not know go to finetune.py for both configurations, e.g. --lora_r 16.
     args, extra = parse_args((COMMANDS[command],), argv[2:], pass_through=True)
@@ -634,6 +1123,38 @@ def main(argv: list[str] | None = None) -> None:
     if command == "prepare":
         prepare(work, args.samples, args.shape)
         return
+    if command == "env":
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(work / "env.json", json.dumps(machine_info(), indent=2).encode())
+        return
+    if command == "peers":
+        model_dir, data = prepare(work, args.samples, args.shape, model)
+        configs = args.configs.split(",")
+        unknown = [c for c in configs if c not in PEER_LOSS]
+        if unknown:
+            raise UserError(f"--configs {','.join(unknown)}: unknown; use some of {', '.join(PEER_LOSS)}")
+        result = run_peers(
+            work,
+            model_dir,
+            data,
+            configs,
+            args.repeats,
+            args.cutoff_len,
+            args.micro_batch_size,
+            args.batch_size,
+            args.train_precision,
+            args.max_steps,
+        )
+        out = out or work / "peers.json"
+        atomic_write_bytes(out, json.dumps(result, indent=2).encode())
+        plot_peers(result, out.with_suffix(".png"))
+        print(json.dumps(result["summary"], indent=2))
+        return
+    if command == "report":
+        result, table = gpu_report(work)
+        atomic_write_bytes(work / "gpu_check.json", json.dumps(result, indent=2).encode())
+        atomic_write_bytes(work / "gpu_check.md", table.encode())
+        return
     if command == "tokenize":
         model_dir, data = prepare(work, 400, "50m", model)
         result = tokenize_speed(model_dir, data, args.samples)
@@ -642,7 +1163,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     if command == "sweep":
         model_dir, _ = prepare(work, 16, "50m", model)
-        result = run_sweep(work, model_dir, [int(c) for c in args.cutoffs.split(",")], args.samples, args.max_steps, extra)
+        result = run_sweep(
+            work, model_dir, [int(c) for c in args.cutoffs.split(",")], args.samples, args.max_steps, extra, args.train_precision
+        )
         out = out or work / "sweep.json"
         atomic_write_bytes(out, json.dumps(result, indent=2).encode())
         plot_sweep(result, out.with_suffix(".png"))
@@ -659,8 +1182,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         )
         return
-    shape = "50m" if command == "run" else "tiny"
-    model_dir, data = prepare(work, args.samples, shape, model)
+    model_dir, data = prepare(work, args.samples, args.shape, model)
     result = run_benchmark(
         work,
         model_dir,
@@ -673,6 +1195,7 @@ def main(argv: list[str] | None = None) -> None:
         args.max_steps,
         extra,
         logging_steps=5 if command == "run" else 1,
+        precision=args.train_precision,
     )
     out = out or work / ("benchmark.json" if command == "run" else "benchmark-quick.json")
     atomic_write_bytes(out, json.dumps(result, indent=2).encode())

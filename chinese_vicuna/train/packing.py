@@ -20,16 +20,23 @@ ONE row of their summed length (HF's `DataCollatorWithFlattening` layout):
 The sampler still draws `micro_batch_size` samples per step, so the number of optimizer
 steps per epoch, the data order and the learning-rate schedule are exactly those of
 unpacked training; only padding and wasted logits disappear.
+
+`--packing_max_tokens N` fills each row up to N tokens instead (`TokenBudgetBatchSampler`):
+larger matmuls per forward, fewer and fuller optimizer steps (each step then holds a varying
+number of samples; the loss is still the per-token mean over the accumulated batch, since
+`num_items_in_batch` counts the trainable targets of all its rows).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import BatchRebalanceSampler
 
 from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
 from chinese_vicuna.data.encode import IGNORE_INDEX
@@ -172,15 +179,93 @@ class PackedLossMixin:
         return (loss, outputs) if return_outputs else loss
 
 
+def token_budget_batches(lengths: Sequence[int], max_tokens: int, order: Sequence[int]) -> list[list[int]]:
+    """Samples in `order`, cut into consecutive rows of at most `max_tokens` tokens (next-fit).
+
+    Order is kept (no sorting by length), so a row holds a random mix of lengths like a
+    sample-count micro-batch. A sample longer than the budget is a row of its own."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for i in order:
+        n = int(lengths[i])
+        if current and used + n > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(int(i))
+        used += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+class TokenBudgetBatchSampler(BatchRebalanceSampler):
+    """Micro-batches of up to `max_tokens` tokens, for `PackedCollator` rows.
+
+    The rows are cut once from a seeded shuffle and their order is reshuffled every epoch
+    (what TRL's and LLaMA-Factory's packed datasets do), so every epoch has the same number of
+    steps, which Trainer fixes up front. Every process cuts the same rows and takes every
+    `world`-th one (the list is padded by repeating its first rows, as DistributedSampler pads).
+    A `BatchRebalanceSampler` subclass because Trainer hands exactly those to the DataLoader as a
+    `batch_sampler` and leaves their per-process split to them."""
+
+    def __init__(
+        self, lengths: Sequence[int], max_tokens: int, seed: int = 42, shuffle: bool = True, rank: int = 0, world: int = 1
+    ) -> None:
+        # BatchRebalanceSampler.__init__ is not called: its sample-count arithmetic does not apply.
+        self.seed, self.shuffle, self.rank, self.world, self.epoch = seed, shuffle, rank, world, 0
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist() if shuffle else range(len(lengths))
+        self.batches = token_budget_batches(lengths, max_tokens, order)
+        padded = -(-len(self.batches) // world) * world
+        self.batches += self.batches[: padded - len(self.batches)]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + 1 + self.epoch)
+            order = torch.randperm(len(self.batches), generator=generator).tolist()
+        else:
+            order = list(range(len(self.batches)))
+        return iter([self.batches[i] for i in order[self.rank :: self.world]])
+
+    def __len__(self) -> int:
+        return len(self.batches) // self.world
+
+
+def dataset_lengths(dataset: Any) -> list[int]:
+    """Tokens per sample: the store's lengths where it has them, else counted."""
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is not None:
+        return [int(n) for n in lengths]
+    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
 class PackedTrainer(PackedLossMixin, AtomicCheckpointMixin, Trainer):
     """The Trainer for packed rows (`data.collate.PackedCollator`): the packed loss, and an sdpa
     model switched to `packed_sdpa_attention` (attention within each sample, no wasted work);
-    checkpoints saved atomically (train/checkpointing.py)."""
+    checkpoints saved atomically (train/checkpointing.py).
+    With `--packing_max_tokens N` its rows hold up to N tokens (`TokenBudgetBatchSampler`)."""
 
     def __init__(self, model: Any = None, *args: Any, **kwargs: Any) -> None:
         if model is not None:
             use_packed_attention(model)
         super().__init__(model, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        max_tokens = getattr(self.args, "packing_max_tokens", 0)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not max_tokens or dataset is None:
+            return super()._get_train_sampler(train_dataset)
+        return TokenBudgetBatchSampler(
+            dataset_lengths(dataset),
+            max_tokens,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            shuffle=self.args.train_sampling_strategy != "sequential",
+            rank=self.args.process_index,
+            world=max(1, self.args.world_size),
+        )
 
 
 def packed_or_padded(packing: bool, tokenizer: Any) -> tuple[Any, type[Trainer]]:
