@@ -111,3 +111,12 @@ def test_engine_queue_limit_and_cancel(registry_parts) -> None:
         assert result(submit(engine, "a", INSTRUCTIONS[2])[1]) == (ANSWERS_A[2], "stop")
     finally:
         engine.close()
+
+
+def test_prefill_groups_stay_within_the_token_budget_in_order() -> None:
+    from chinese_vicuna.serving.engine import GenerationRequest, SamplingParams, prefill_groups
+
+    requests = [GenerationRequest([1] * n, None, SamplingParams(), lambda event: None) for n in (50, 60, 40, 300, 10, 10, 100)]
+    groups = prefill_groups(requests, 256)
+    assert [[len(r.prompt_ids) for r in g] for g in groups] == [[50, 60, 40], [300], [10, 10], [100]]
+    assert [r for g in groups for r in g] == requests

@@ -133,6 +133,27 @@ def pick_tokens(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
     return tokens
 
 
+# Padded prompt tokens per prefill pass: enough for the matmuls to run near their best, few
+# enough that the first requests of a burst get their first token without waiting for all.
+PREFILL_TOKENS = 256
+
+
+def prefill_groups(requests: list[GenerationRequest], budget: int) -> list[list[GenerationRequest]]:
+    """`requests` in order, cut into groups whose padded size (rows × longest prompt) stays within
+    `budget` tokens; a longer prompt goes alone."""
+    groups: list[list[GenerationRequest]] = []
+    width = 0
+    for request in requests:
+        new_width = max(width, len(request.prompt_ids))
+        if groups and new_width * (len(groups[-1]) + 1) <= budget:
+            groups[-1].append(request)
+            width = new_width
+        else:
+            groups.append([request])
+            width = len(request.prompt_ids)
+    return groups
+
+
 class BatchEngine:
     """Requests in (`submit`), events out; decoding runs on one background thread."""
 
@@ -252,12 +273,12 @@ class BatchEngine:
                     self._end_early(request, Event(finish_reason="error", error=str(exc), client_error=True))
                     continue
             admitted.append(request)
-        if admitted:
+        for group in prefill_groups(admitted, PREFILL_TOKENS):
             try:
-                self._prefill(admitted)
+                self._prefill(group)
             except Exception as exc:  # these requests fail; the batch carries on
                 logger.exception("prefill failed")
-                for request in admitted:
+                for request in group:
                     self._end_early(request, Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
         if deferred:
             with self._cond:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
@@ -230,11 +231,20 @@ class OpenAIServer:
         """The next event; a client that went away cancels the request (its slot frees)."""
         while True:
             try:
-                return await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                break
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     gen.cancel()
                     raise asyncio.CancelledError from None
+        # Pieces already waiting join this one: when the batch outpaces the HTTP side, a chunk
+        # carries several tokens instead of one each (per-chunk work, here and in the client,
+        # is most of the cost of a small model's token). Joined text is unchanged.
+        parts = [event.text]
+        while not event.finish_reason and not events.empty():
+            event = events.get_nowait()
+            parts.append(event.text)
+        return event if len(parts) == 1 else dataclasses.replace(event, text="".join(parts))
 
     def check_key(self, request: Request) -> None:
         if self._key is None:
