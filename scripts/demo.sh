@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The built-in demo, on a fresh machine: set up .venv, build a tiny LLaMA + tokenizer from
 # sample/, LoRA-fine-tune it on a dozen sample instructions, and print its answers before and
-# after. About 2 minutes on 2 CPU cores. Output goes to demo-out/ (DEMO_DIR to change).
+# after. About 50 s on 2 CPU cores once .venv exists (the first run installs packages first). Output goes to demo-out/ (DEMO_DIR to change).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
