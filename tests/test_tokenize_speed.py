@@ -13,7 +13,7 @@ from chinese_vicuna.prompts import load_template
 SAMPLE = Path(__file__).resolve().parent.parent / "sample" / "instruct" / "data_sample.jsonl"
 
 
-def test_batched_tokenization_same_ids_and_faster(tiny_model_dir: Path) -> None:
+def test_batched_tokenization_gives_the_ids_of_one_at_a_time(tiny_model_dir: Path) -> None:
     tokenizer = load_tokenizer(str(tiny_model_dir))
     template = load_template("alpaca", tokenizer)
     base = [validate_instruction(r) for r in read_records(SAMPLE)]
@@ -28,17 +28,15 @@ def test_batched_tokenization_same_ids_and_faster(tiny_model_dir: Path) -> None:
             out.append(ids[:cutoff])
         return out
 
-    # Best of three timings each: the machine is shared, a busy moment should not fail the test.
-    single_s, batched_s = float("inf"), float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        single = one_at_a_time(records[:1000])
-        single_s = min(single_s, (time.perf_counter() - t0) * len(records) / 1000)
-        t0 = time.perf_counter()
-        batched = tokenize_instructions(records, tokenizer, template, cutoff)
-        batched_s = min(batched_s, time.perf_counter() - t0)
+    # Speed is the benchmark's (`tools/benchmark.py tokenize`, docs/benchmarks.md); here the ids.
+    t0 = time.perf_counter()
+    single = one_at_a_time(records[:1000])
+    single_s = (time.perf_counter() - t0) * len(records) / 1000
+    t0 = time.perf_counter()
+    batched = tokenize_instructions(records, tokenizer, template, cutoff)
+    batched_s = time.perf_counter() - t0
     assert [s["input_ids"] for s in batched[:1000]] == single
-    assert single_s / batched_s >= 2, f"batched {batched_s:.2f}s vs one at a time {single_s:.2f}s for {len(records)} samples"
+    print(f"\nbatched {batched_s:.2f} s vs one at a time {single_s:.2f} s (estimated) for {len(records)} samples")
 
 
 def test_fast_path_gives_hf_ids_for_text_starting_with_whitespace(tiny_model_dir: Path) -> None:
