@@ -165,8 +165,9 @@ def test_streamed_pretraining_resumes_after_a_kill_at_the_same_block(tiny_model_
     uninterrupted, seen[:] = list(seen), []
     assert len(uninterrupted) == 4 and uninterrupted[2] != uninterrupted[0]
     kill_at.append(2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C: a clean stop (exit 130) that says how to resume
         run(tmp_path / "killed")
+    assert stopped.value.code == 130 and "--resume_from_checkpoint true" in capsys.readouterr().err
     assert seen == uninterrupted[:2] and (tmp_path / "killed" / "checkpoint-2").is_dir()
     kill_at.clear()
     seen.clear()
