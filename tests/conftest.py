@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from warm_python import run_python
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,9 +25,28 @@ os.environ.setdefault("WANDB_MODE", "offline")
 
 
 def run_script(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run a repository script with this interpreter; returns the completed process (no check)."""
+    """Run a repository script with this interpreter (forked from a warm one: tests/warm_python.py);
+    returns the completed process (no check)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return run_python(list(args), cwd=cwd, env=full_env, timeout=timeout)
+
+
+# Each pytest-xdist worker hands out loopback ports from its own block, below the kernel's ephemeral
+# range (32768-60999 by default), so neither another worker nor a client socket holds a port between
+# free_port() and the server binding it.
+_PORTS = itertools.count(20000 + 1000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")))
+
+
+def free_port() -> int:
+    """A loopback port for a server a test starts."""
+    for port in _PORTS:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # held by something outside this test run
+                continue
+            return port
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="session", autouse=True)

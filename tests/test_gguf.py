@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import MEMORIZED_COUNT, REPO, SAMPLE_INSTRUCT, read_jsonl
+from warm_python import run_python
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="optional group: bash scripts/setup_env.sh --llamacpp")
 
@@ -27,7 +27,7 @@ RECORDS = read_jsonl(SAMPLE_INSTRUCT)
 
 def run_with_stdin(*args: str, stdin: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, input=stdin, capture_output=True, text=True, timeout=300)
+    return run_python(list(args), cwd=REPO, env=env, timeout=300, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
