@@ -13,4 +13,10 @@ ruff check .
 echo "== shellcheck"
 shellcheck scripts/*.sh scripts/lib/*.sh .ci/run
 echo "== pytest"
-python -m pytest --durations=20 "$@"
+# One test file per worker process (its fixtures built once), one torch thread per worker: on the
+# 2 cores CI has, two single-threaded workers beat one worker with two threads. PYTEST_WORKERS=0
+# runs everything in this process.
+cores=$(nproc)
+workers=${PYTEST_WORKERS:-$((cores < 4 ? cores : 4))}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cores / (workers > 0 ? workers : 1)))}
+python -m pytest -n "$workers" --dist loadfile --durations=20 "$@"

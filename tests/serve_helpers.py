@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from conftest import REPO, SAMPLE_INSTRUCT, memorize_args, read_jsonl, run_script
+from conftest import REPO, SAMPLE_INSTRUCT, free_port, memorize_args, read_jsonl, run_script
 
 QUESTIONS = 4
 RECORDS = read_jsonl(SAMPLE_INSTRUCT)
@@ -44,11 +43,6 @@ def train_two_loras(base: Path, root: Path) -> dict[str, Path]:
         out[name] = lora
     return out
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -20,11 +20,11 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_launchers import free_port, run_launcher
+from test_launchers import run_launcher
 from transformers import AutoModelForCausalLM
 
 import finetune
-from conftest import REPO, SAMPLE_INSTRUCT, read_jsonl
+from conftest import REPO, SAMPLE_INSTRUCT, free_port, read_jsonl
 
 LOSS_RTOL = 1e-5
 # Weights: sums over the two ranks' gradients run in another order than in one process (fp32
@@ -104,7 +104,7 @@ def two_processes(launcher: str, base: Path, data: Path, out: Path, **variables:
     proc = run_launcher(
         launcher,
         *train_flags(base, data, out)[6:],  # the launcher passes base, data and output from its variables
-        TOT_CUDA="", NPROC_PER_NODE="2", PORT=free_port(), PRECISION="fp32",
+        TOT_CUDA="", NPROC_PER_NODE="2", PORT=str(free_port()), PRECISION="fp32",
         MODEL_PATH=str(base), DATA_PATH=str(data), OUTPUT_PATH=str(out), TEST_SIZE="0", SAVE_STEPS="100",
         **variables,
     )  # fmt: skip

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, read_jsonl
+from conftest import REPO, free_port, read_jsonl
 
 SCRIPTS = REPO / "scripts"
 TRAINING_LAUNCHERS = [
@@ -84,11 +83,6 @@ def dry_run(script: str, *args: str, **variables: str) -> list[str]:
     words = shlex.split(proc.stdout)
     return ["python" if w == sys.executable else w for w in words]
 
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +236,7 @@ def test_kbit_launchers_train_on_the_cpu(
         "--micro_batch_size", "4", "--batch_size", "4", "--num_epochs", "2", "--logging_steps", "1",
         "--disable_tqdm", "true",
         TOT_CUDA="", MODEL_PATH=str(tiny_model_dir), DATA_PATH=str(memorized_data), OUTPUT_PATH=str(out), TEST_SIZE="0",
-        PORT=free_port(),
+        PORT=str(free_port()),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"in {precision} on" in proc.stderr  # modeling.load_base_model's line: the base really was quantized
