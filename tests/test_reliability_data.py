@@ -348,12 +348,27 @@ def test_overwrite_interrupted_during_the_swap_keeps_the_old_model(tmp_path: Pat
         monkeypatch.setattr(os, "rename", lambda src, dst: killed(src, dst) if Path(src) == stage.path else real_rename(src, dst))
     monkeypatch.setattr(os, "rename", real_rename)
     assert (out / "model.safetensors").read_bytes() == b"old weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the aborted staging folder is gone too
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock", "merged"]  # the aborted staging folder is gone too
     with StagingDir(out, overwrite=True) as stage:
         (stage.path / "model.safetensors").write_bytes(b"new weights")
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]  # replaced as a whole
     assert (out / "model.safetensors").read_bytes() == b"new weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock", "merged"]
+
+
+def test_a_second_writer_of_the_same_model_is_refused_and_leaves_the_first_intact(tmp_path: Path) -> None:
+    from chinese_vicuna.export.tensors import StagingDir
+
+    out = old_model(tmp_path / "merged")
+    with StagingDir(out, overwrite=True) as first:
+        (first.path / "model.safetensors").write_bytes(b"new weights")
+        with pytest.raises(UserError, match=f"--output_dir {out}: another run is writing it now"):
+            StagingDir(out, overwrite=True)  # would have removed the first one's staging folder as a leftover
+        assert (first.path / "model.safetensors").is_file()
+    assert (out / "model.safetensors").read_bytes() == b"new weights"
+    with StagingDir(out, overwrite=True) as third:  # the lock went with the first writer
+        (third.path / "model.safetensors").write_bytes(b"newer")
+    assert (out / "model.safetensors").read_bytes() == b"newer"
 
 
 def test_leftovers_of_a_killed_merge_are_cleaned_and_the_old_model_put_back(tmp_path: Path, caplog) -> None:
@@ -368,7 +383,7 @@ def test_leftovers_of_a_killed_merge_are_cleaned_and_the_old_model_put_back(tmp_
     with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="already holds weights"):
         StagingDir(out)  # without --overwrite: refused, but the old model is back first
     assert (out / "model.safetensors").read_bytes() == b"old weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-x", "merged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock", ".other.partial-x", "merged"]
     assert f"{out}: put back the model an interrupted run was replacing" in caplog.text
     assert f"removed {tmp_path / '.merged.partial-def'}, left by an interrupted run" in caplog.text
     # a folder of the user's own files is never replaced without --overwrite

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -102,6 +103,8 @@ class StagingDir:
     rename: old → `.old-*`, new → `out`, then the old one is removed. A kill at any point
     leaves either the old model or the new one at `out` (or the old one in `.old-*`, which the
     next run puts back); the next run removes the leftovers of killed runs and says so.
+    A lock file `.{name}.lock` (released by the kernel when a writer dies) keeps two runs from
+    writing the same `out`, and one run from removing the staging folder of another that is alive.
     """
 
     def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False) -> None:
@@ -109,6 +112,19 @@ class StagingDir:
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--output_dir {self.out}: exists and is not a folder")
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = os.open(self.out.parent / f".{self.out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock)
+            raise UserError(f"--output_dir {self.out}: another run is writing it now; wait for it to end or choose another folder") from None
+        try:
+            self._prepare(overwrite)
+        except BaseException:
+            os.close(self.lock)
+            raise
+
+    def _prepare(self, overwrite: bool) -> None:
         clean_leftovers(self.out)
         held = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []  # hidden ones too: all is replaced
         weights = [n for n in held if n.endswith(WEIGHT_SUFFIXES)]
@@ -136,9 +152,11 @@ class StagingDir:
             raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        os.close(self.lock)
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self.lock)
 
     def __enter__(self) -> StagingDir:
         return self
