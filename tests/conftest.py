@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from warm_python import run_python
+from warm_python import run_python, set_server_environment
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,7 @@ def free_port() -> int:
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["CHINESE_VICUNA_CACHE"] = str(tmp_path_factory.mktemp("cv-cache"))
+    set_server_environment({**os.environ, "PYTHONPATH": str(REPO)})  # before any test changes os.environ
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import), and the suite starts scripts many times. A fork server imports those li
 every script then runs in a process forked from it: its own pid, exit code, stdout and stderr,
 cwd, umask, argv and environment, and a normal interpreter exit (atexit handlers, flushed files).
 What a fork cannot give is an environment read at import time, so a call whose environment
-differs from the server's (other than the variables below) starts a fresh interpreter instead.
+differs from the server's in such a variable (below) starts a fresh interpreter instead.
 Tests about a process's life (signals, servers, terminals) start their own interpreters.
 """
 
@@ -22,8 +22,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Variables no preloaded library reads when it is imported: a call may differ from the server in these.
-FREE_VARIABLES = frozenset({"PYTEST_CURRENT_TEST", "CHINESE_VICUNA_CACHE", "CHINESE_VICUNA_API_KEY", "OPENAI_API_KEY"})
+# Variables read when an interpreter starts or a preloaded library is imported (thread pools, search
+# paths, hash seed, cache and offline settings): a call whose values differ from the server's gets a
+# fresh interpreter. Every other variable (API keys, WANDB_*, the data cache folder, what libraries
+# set in the test process as it runs) is read later, so the forked script sees the call's value.
+IMPORT_TIME_PREFIXES = (
+    "PYTHON", "OMP_", "MKL_", "KMP_", "LD_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_",
+    "TORCH", "PYTORCH_", "BNB_", "CUDA_", "XDG_", "HOME", "TMPDIR", "TOKENIZERS_",
+)  # fmt: skip
+READ_LATER = frozenset({"PYTORCH_NVML_BASED_CUDA_CHECK"})  # torch.cuda.is_available() reads it; DeepSpeed sets it
 
 PRELOAD = """
 import torch, transformers, peft, datasets, accelerate, safetensors, sentencepiece, bitsandbytes
@@ -82,7 +89,7 @@ for line in control_in:
 
 
 class WarmPython:
-    """One fork server per test process, started on first use with that call's environment."""
+    """One fork server per test process, started on first use."""
 
     def __init__(self, env: dict[str, str]) -> None:
         self.env = env
@@ -98,7 +105,7 @@ class WarmPython:
         atexit.register(self.close)
 
     def fits(self, env: dict[str, str]) -> bool:
-        keys = (self.env.keys() | env.keys()) - FREE_VARIABLES
+        keys = {k for k in self.env.keys() | env.keys() if k.startswith(IMPORT_TIME_PREFIXES) and k not in READ_LATER}
         return self.process.poll() is None and all(self.env.get(k) == env.get(k) for k in keys)
 
     def run(self, args: list[str], cwd: Path, env: dict[str, str], timeout: float, stdin: str | None) -> subprocess.CompletedProcess:
@@ -145,6 +152,14 @@ class WarmPython:
 
 
 _server: WarmPython | None = None
+_server_env: dict[str, str] | None = None
+
+
+def set_server_environment(env: dict[str, str]) -> None:
+    """The environment the fork server is started with (on first use): the session's, not that
+    of whichever test happens to start a script first."""
+    global _server_env
+    _server_env = dict(env)
 
 
 def run_python(
@@ -154,7 +169,12 @@ def run_python(
     warm interpreter when the environment allows it."""
     global _server
     if _server is None:
-        _server = WarmPython(env)
-    if args and (args[0].endswith(".py") or args[0] in ("-m", "-c")) and _server.fits(env):
+        _server = WarmPython(_server_env if _server_env is not None else env)
+    forked = bool(args) and (args[0].endswith(".py") or args[0] in ("-m", "-c")) and _server.fits(env)
+    if os.environ.get("WARM_PYTHON_LOG"):  # which calls got a fresh interpreter, and why
+        differing = sorted(k for k in _server.env.keys() | env.keys() if _server.env.get(k) != env.get(k))
+        with open(os.environ["WARM_PYTHON_LOG"], "a", encoding="utf-8") as log:
+            log.write(f"{'forked' if forked else 'fresh'} {args[:1]} {differing}\n")
+    if forked:
         return _server.run(args, cwd, env, timeout, stdin)
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=timeout)
