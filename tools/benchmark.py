@@ -350,7 +350,7 @@ def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str
     wall = time.perf_counter() - t0
     if rc:
         raise UserError(f"benchmark run {name} failed (exit {rc}): {stderr.strip().splitlines()[-1:] if stderr else ''}")
-    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines() if line.strip()]
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
     losses = [(e["step"], e["loss"]) for e in log if "loss" in e]
     end = next(e for e in log if "train_runtime" in e)
     return {
@@ -709,7 +709,7 @@ def peer_run(
     run_dir = work / "peers" / f"{name}-{index}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    records = [json.loads(line) for line in data.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").split("\n") if line.strip()]
     if name == "trl":
         # finetune.py's own tokens (prompt + answer + EOS, cut at cutoff_len), with the answer as
         # TRL's completion_mask: both train on exactly the same tokens.
