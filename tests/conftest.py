@@ -24,29 +24,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 
 
-def run_script(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_script(
+    *args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: int = 600, stdin: str | None = None
+) -> subprocess.CompletedProcess:
     """Run a repository script with this interpreter (forked from a warm one: tests/warm_python.py);
     returns the completed process (no check)."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return run_python(list(args), cwd=cwd, env=full_env, timeout=timeout)
+    return run_python(list(args), cwd=cwd, env=full_env, timeout=timeout, stdin=stdin)
 
 
-# Each pytest-xdist worker hands out loopback ports from its own block, below the kernel's ephemeral
-# range (32768-60999 by default), so neither another worker nor a client socket holds a port between
-# free_port() and the server binding it.
-_PORTS = itertools.count(20000 + 1000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")))
+# Each pytest-xdist worker hands out loopback ports from its own block of 1000, below the kernel's
+# ephemeral range (32768-60999 by default), so neither another worker nor a client socket holds a port
+# between free_port() and the server binding it.
+_PORT_BLOCK = 20000 + 1000 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+_port_turn = itertools.count()
 
 
 def free_port() -> int:
     """A loopback port for a server a test starts."""
-    for port in _PORTS:
+    for _ in range(1000):
+        port = _PORT_BLOCK + next(_port_turn) % 1000
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:  # held by something outside this test run
                 continue
             return port
-    raise AssertionError("unreachable")
+    raise AssertionError(f"no free loopback port in {_PORT_BLOCK}-{_PORT_BLOCK + 999}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,15 +4,12 @@ and the terminal chat tool."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import MEMORIZED_COUNT, REPO, SAMPLE_INSTRUCT, read_jsonl
-from warm_python import run_python
+from conftest import MEMORIZED_COUNT, SAMPLE_INSTRUCT, read_jsonl, run_script
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="optional group: bash scripts/setup_env.sh --llamacpp")
 
@@ -23,11 +20,6 @@ from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, greedy_answer, load
 from chinese_vicuna.prompts import available_templates, load_template  # noqa: E402
 
 RECORDS = read_jsonl(SAMPLE_INSTRUCT)
-
-
-def run_with_stdin(*args: str, stdin: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return run_python(list(args), cwd=REPO, env=env, timeout=300, stdin=stdin)
 
 
 @pytest.fixture(scope="module")
@@ -112,16 +104,16 @@ def test_cpu_chat_terminal(f16_gguf: Path) -> None:
     questions = "".join(r["instruction"] + "\n" for r in RECORDS[:2])
     # no --prompt_template: the alpaca template the LoRA was trained with travels inside the GGUF
     # (cpu_chat's own default is chinese-vicuna-chat, which would not give these answers)
-    proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf), "--show_speed", stdin=questions)
+    proc = run_script("tools/cpu_chat.py", "--gguf", str(f16_gguf), "--show_speed", stdin=questions)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[1]["output"]]
     assert "tokens/s" in proc.stderr
     # a --max_new_tokens past the context is lowered (to half of it), with a message
-    proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf), "--n_ctx", "512", "--max_new_tokens", "4096", stdin=questions)
+    proc = run_script("tools/cpu_chat.py", "--gguf", str(f16_gguf), "--n_ctx", "512", "--max_new_tokens", "4096", stdin=questions)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == [RECORDS[0]["output"], RECORDS[1]["output"]]
     assert "[max_new_tokens=4096 does not fit the context n_ctx=512; using 256]" in proc.stderr
-    proc = run_with_stdin("tools/cpu_chat.py", "--gguf", str(f16_gguf.parent / "missing.gguf"), stdin="")
+    proc = run_script("tools/cpu_chat.py", "--gguf", str(f16_gguf.parent / "missing.gguf"), stdin="")
     assert proc.returncode == 2 and "GGUF file not found" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -112,7 +112,7 @@ class StagingDir:
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--output_dir {self.out}: exists and is not a folder")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.lock = os.open(self.out.parent / f".{self.out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        self.lock: int | None = os.open(self.out.parent / f".{self.out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -121,7 +121,7 @@ class StagingDir:
         try:
             self._prepare(overwrite)
         except BaseException:
-            os.close(self.lock)
+            self._unlock()
             raise
 
     def _prepare(self, overwrite: bool) -> None:
@@ -139,24 +139,31 @@ class StagingDir:
         make_readable(self.path, directory=True)  # mkdtemp's 0700 would become the model folder's mode
 
     def commit(self) -> None:
-        old = None
-        if self.out.exists():
-            old = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.old-"))
-            os.replace(self.out, old)  # over the empty placeholder folder: one rename
         try:
-            os.rename(self.path, self.out)
-        except BaseException:
+            old = None
+            if self.out.exists():
+                old = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.old-"))
+                os.replace(self.out, old)  # over the empty placeholder folder: one rename
+            try:
+                os.rename(self.path, self.out)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, self.out)  # put the old model back before anything else
+                self.abort()
+                raise
             if old is not None:
-                os.rename(old, self.out)  # put the old model back before anything else
-            self.abort()
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        os.close(self.lock)
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            self._unlock()
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
-        os.close(self.lock)
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
 
     def __enter__(self) -> StagingDir:
         return self
