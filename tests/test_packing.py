@@ -17,6 +17,7 @@ from chinese_vicuna.train.losses import chunked_cross_entropy
 from chinese_vicuna.train.packing import (
     PACKED_SDPA,
     TokenBudgetBatchSampler,
+    _last_llama_layer,
     packed_forward,
     packed_loss,
     token_budget_batches,
@@ -87,6 +88,38 @@ def test_packed_loss_and_grads_equal_unpacked_with_accumulation(model_and_sample
     assert abs(packed_total - ref.item()) < 1e-4, (packed_total, ref.item())
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-3, msg=name)
+
+
+def test_last_layer_runs_only_at_trained_positions(model_and_samples: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last LLaMA layer's query, o_proj and MLP see only the positions with a target, also
+    when they are not one suffix per sample (chat turns); loss and gradients equal the full layer's."""
+    model, _, samples = model_and_samples
+    model.train()
+    inputs = PackedCollator()(samples[:3])
+    targets = inputs["shift_labels"][0]
+    trained = (targets != IGNORE_INDEX).nonzero().flatten()
+    targets[trained[1::3]] = IGNORE_INDEX  # holes: several spans per sample, like a multi-turn chat
+    keep = int((targets != IGNORE_INDEX).sum())
+    assert 0 < keep < targets.numel() // 2
+
+    layer = _last_llama_layer(model)
+    assert layer is not None
+    rows: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: rows.__setitem__(name, i[0].shape[1])) for name, m in
+             (("mlp", layer.mlp), ("q_proj", layer.self_attn.q_proj), ("k_proj", layer.self_attn.k_proj))]  # fmt: skip
+    loss, _, _ = packed_loss(model, inputs, torch.tensor(keep))
+    for hook in hooks:
+        hook.remove()
+    assert rows == {"mlp": keep, "q_proj": keep, "k_proj": targets.numel()}
+    loss.backward()
+    grads = _grads(model)
+
+    monkeypatch.setattr("chinese_vicuna.train.packing._last_llama_layer", lambda model: None)
+    full, _, _ = packed_loss(model, inputs, torch.tensor(keep))
+    full.backward()
+    torch.testing.assert_close(loss, full, atol=1e-5, rtol=0)
+    for name, g in _grads(model).items():
+        torch.testing.assert_close(grads[name], g, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_no_attention_across_packed_samples(model_and_samples: tuple) -> None:

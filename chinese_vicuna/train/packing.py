@@ -16,6 +16,9 @@ ONE row of their summed length (HF's `DataCollatorWithFlattening` layout):
   of token losses is divided by the same `num_items_in_batch` as HF's own loss, so packed and
   unpacked training give the same per-token mean over the same tokens, with gradient
   accumulation too.
+- The last decoder layer feeds nothing but `lm_head`, so (LLaMA layers) it runs its query,
+  attention output, o_proj and MLP only at those same positions; keys and values still cover
+  every token (`last_layer_at_targets`). Exact: the other positions' outputs are never read.
 
 The sampler still draws `micro_batch_size` samples per step, so the number of optimizer
 steps per epoch, the data order and the learning-rate schedule are exactly those of
@@ -29,6 +32,8 @@ number of samples; the loss is still the per-token mean over the accumulated bat
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
@@ -145,6 +150,78 @@ def packed_forward(model: Any, inputs: dict[str, torch.Tensor], **kwargs: Any) -
     return model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], use_cache=False, **kwargs)
 
 
+def _last_llama_layer(model: Any) -> Any:
+    """The last decoder layer when it is a LlamaDecoderLayer (whose forward
+    `_llama_layer_at_positions` mirrors), else None."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if not layers or getattr(base, "is_gradient_checkpointing", False):
+        return None  # a checkpointed layer recomputes in backward, outside the patch below
+    layer = layers[base.config.num_hidden_layers - 1]
+    return layer if type(layer) is LlamaDecoderLayer else None
+
+
+@contextlib.contextmanager
+def last_layer_at_targets(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> Iterator[None]:
+    """During one forward of a packed row, run the last LLaMA layer only at the `keep` positions
+    (those with a trainable target; `logits_to_keep` reads nothing else). Its keys and values
+    still cover every position. Other models, or a checkpointed layer, run unchanged."""
+    layer = _last_llama_layer(model)
+    if layer is None or inputs["input_ids"].shape[0] != 1 or keep.numel() == 0:
+        yield
+        return
+    n = inputs["input_ids"].shape[1]
+    starts = _segment_starts(inputs.get("position_ids"), n) or [0, n]
+    layer.forward = functools.partial(_llama_layer_at_positions, layer, keep, starts)
+    try:
+        yield
+    finally:
+        del layer.forward
+
+
+def _llama_layer_at_positions(
+    layer: Any, keep: torch.Tensor, starts: list[int], hidden_states: torch.Tensor, position_embeddings: Any = None, **kwargs: Any
+) -> torch.Tensor:
+    """LlamaDecoderLayer.forward on a packed row, computed at the `keep` positions only.
+
+    Returns the full row's shape with zeros elsewhere (never read). Per sample, the kept queries
+    attend to the sample's keys up to their own position (sdpa with a boolean mask)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    attn = layer.self_attn
+    n, t = hidden_states.shape[1], keep.numel()
+    x = layer.input_layernorm(hidden_states)
+
+    def heads(y: torch.Tensor, length: int) -> torch.Tensor:
+        return y.view(1, length, -1, attn.head_dim).transpose(1, 2)
+
+    query = heads(attn.q_proj(x[:, keep]), t)
+    key, value = heads(attn.k_proj(x), n), heads(attn.v_proj(x), n)
+    cos, sin = (e.unsqueeze(1) for e in position_embeddings)  # HF's apply_rotary_pos_emb, positions apart
+    query = query * cos[:, :, keep] + rotate_half(query) * sin[:, :, keep]
+    key = key * cos + rotate_half(key) * sin
+    key, value = repeat_kv(key, attn.num_key_value_groups), repeat_kv(value, attn.num_key_value_groups)
+    dropout = attn.attention_dropout if layer.training else 0.0
+    bounds = torch.searchsorted(keep, torch.tensor(starts, device=keep.device)).tolist()
+    outputs = []
+    for (a, b), (i, j) in zip(itertools.pairwise(starts), itertools.pairwise(bounds), strict=True):
+        if i == j:
+            continue
+        sees = torch.arange(a, b, device=keep.device)[None, :] <= keep[i:j, None]  # causal within the sample
+        q, k, v = query[:, :, i:j], key[:, :, a:b], value[:, :, a:b]
+        if q.device.type == "cpu":  # the CPU's sdpa kernels are faster in fp32 (see _causal_attention)
+            q, k, v = q.float(), k.float(), v.float()
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=sees, dropout_p=dropout, scale=attn.scaling)
+        outputs.append(out.to(query.dtype))
+    attended = torch.cat(outputs, dim=2).transpose(1, 2).reshape(1, t, -1)
+    h = hidden_states[:, keep] + attn.o_proj(attended)
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return hidden_states.new_zeros(hidden_states.shape).index_copy(1, keep, h)
+
+
 def packed_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any, int]:
     """(loss, outputs, trainable tokens) of a packed batch; see the module docstring.
 
@@ -153,7 +230,8 @@ def packed_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch:
     """
     targets = inputs["shift_labels"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    outputs = packed_forward(model, inputs, logits_to_keep=keep)
+    with last_layer_at_targets(model, inputs, keep):
+        outputs = packed_forward(model, inputs, logits_to_keep=keep)
     logits = outputs.logits
     total = chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[keep])
     denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.numel()), 1)
