@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,16 @@ def test_last_layer_runs_only_at_trained_positions(model_and_samples: tuple, mon
     assert rows == {"mlp": keep, "q_proj": keep, "k_proj": targets.numel()}
     loss.backward()
     grads = _grads(model)
+
+    # A forward set on the instance (accelerate's device hooks do this) is left in charge, and kept.
+    wrapper = functools.partial(type(layer).forward, layer)
+    layer.forward = wrapper
+    hook = layer.mlp.register_forward_hook(lambda mod, i, o: rows.__setitem__("mlp", i[0].shape[1]))
+    with torch.no_grad():
+        packed_loss(model, inputs, torch.tensor(keep))
+    hook.remove()
+    assert rows["mlp"] == targets.numel() and layer.forward is wrapper
+    del layer.forward
 
     monkeypatch.setattr("chinese_vicuna.train.packing._last_llama_layer", lambda model: None)
     full, _, _ = packed_loss(model, inputs, torch.tensor(keep))

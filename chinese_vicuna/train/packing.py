@@ -160,7 +160,9 @@ def _last_llama_layer(model: Any) -> Any:
     if not layers or getattr(base, "is_gradient_checkpointing", False):
         return None  # a checkpointed layer recomputes in backward, outside the patch below
     layer = layers[base.config.num_hidden_layers - 1]
-    return layer if type(layer) is LlamaDecoderLayer else None
+    if type(layer) is not LlamaDecoderLayer or "forward" in vars(layer):
+        return None  # another wrapper's forward (accelerate's device hooks) stays in charge
+    return layer
 
 
 @contextlib.contextmanager
