@@ -124,6 +124,13 @@ def test_last_layer_runs_only_at_trained_positions(model_and_samples: tuple, mon
     hook.remove()
     assert rows["mlp"] == targets.numel() and layer.forward is wrapper
     del layer.forward
+    # Nearly every position trained (pretraining, --train_on_inputs): the layer runs whole.
+    everything = {**inputs, "shift_labels": torch.where(inputs["position_ids"].roll(-1) == 0, IGNORE_INDEX, inputs["input_ids"].roll(-1))}
+    hook = layer.mlp.register_forward_hook(lambda mod, i, o: rows.__setitem__("mlp", i[0].shape[1]))
+    with torch.no_grad():
+        packed_loss(model, everything)
+    hook.remove()
+    assert rows["mlp"] == targets.numel()
 
     monkeypatch.setattr("chinese_vicuna.train.packing._last_llama_layer", lambda model: None)
     full, _, _ = packed_loss(model, inputs, torch.tensor(keep))

@@ -165,16 +165,21 @@ def _last_llama_layer(model: Any) -> Any:
     return layer
 
 
+# Above this share of trained positions (pretraining, --train_on_inputs) the gathers and the masked
+# attention cost more than the skipped rows save (docs/benchmarks.md): the layer runs whole.
+LAST_LAYER_MAX_KEPT = 0.75
+
+
 @contextlib.contextmanager
 def last_layer_at_targets(model: Any, inputs: dict[str, torch.Tensor], keep: torch.Tensor) -> Iterator[None]:
     """During one forward of a packed row, run the last LLaMA layer only at the `keep` positions
     (those with a trainable target; `logits_to_keep` reads nothing else). Its keys and values
     still cover every position. Other models, or a checkpointed layer, run unchanged."""
     layer = _last_llama_layer(model)
-    if layer is None or inputs["input_ids"].shape[0] != 1 or keep.numel() == 0:
+    n = inputs["input_ids"].shape[1]
+    if layer is None or inputs["input_ids"].shape[0] != 1 or not 0 < keep.numel() <= n * LAST_LAYER_MAX_KEPT:
         yield
         return
-    n = inputs["input_ids"].shape[1]
     starts = _segment_starts(inputs.get("position_ids"), n) or [0, n]
     layer.forward = functools.partial(_llama_layer_at_positions, layer, keep, starts)
     try:
