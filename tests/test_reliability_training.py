@@ -232,6 +232,30 @@ def test_ctrl_c_in_training_stops_cleanly_and_the_run_resumes(tiny_model_dir: Pa
     assert (out / "adapter_model.safetensors").is_file() and logged_steps(out)[-2:] == [step + 1, step + 2]
 
 
+def test_a_ctrl_c_dropped_in_a_destructor_still_stops_at_the_next_step(tmp_path: Path) -> None:
+    """Python drops a KeyboardInterrupt raised inside __del__ (datasets' Dataset.__del__ runs during
+    training): Ctrl-C must still stop training, at the next step boundary."""
+    from transformers import TrainingArguments
+
+    from chinese_vicuna.train.trainer import ctrl_c_at_step_end
+
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+
+    class PressedDuringDel:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # a call: the handler runs here, and Python drops its KeyboardInterrupt
+
+    with ctrl_c_at_step_end(trainer) as callback:
+        assert callback is not None and callback in trainer.callback_handler.callbacks
+        PressedDuringDel()
+        time.sleep(0.01)  # nothing is pending any more: the first KeyboardInterrupt is gone
+        with pytest.raises(KeyboardInterrupt):
+            callback.on_step_end(trainer.args, trainer.state, trainer.control)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert callback not in trainer.callback_handler.callbacks
+
+
 def run_script_ok(*args: str) -> str:
     from conftest import run_script
 

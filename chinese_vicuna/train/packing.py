@@ -157,9 +157,11 @@ def _last_llama_layer(model: Any) -> Any:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
-    if not layers or getattr(base, "is_gradient_checkpointing", False):
-        return None  # a checkpointed layer recomputes in backward, outside the patch below
+    if not layers:
+        return None
     layer = layers[base.config.num_hidden_layers - 1]
+    if getattr(layer, "gradient_checkpointing", False):
+        return None  # a checkpointed layer recomputes in backward, outside the patch below
     if type(layer) is not LlamaDecoderLayer or "forward" in vars(layer):
         return None  # another wrapper's forward (accelerate's device hooks) stays in charge
     return layer

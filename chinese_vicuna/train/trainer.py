@@ -4,10 +4,14 @@ Trainer itself, and training + saving a loadable adapter (ZeRO-3 safe).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +177,8 @@ def train_and_save(
     if template is not None:
         trainer.add_checkpoint_writer(template.save)
     try:
-        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        with ctrl_c_at_step_end(trainer):
+            trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     except KeyboardInterrupt:
         raise TrainingInterrupted(interrupted_message(trainer, resume_from_checkpoint)) from None
     # Trainer.save_model gathers ZeRO-3 shards and calls PEFT's save_pretrained on the
@@ -184,6 +189,42 @@ def train_and_save(
         if template is not None:
             template.save(args.output_dir)
         logger.info("adapter saved to %s", args.output_dir)
+
+
+class CtrlCAtStepEnd(TrainerCallback):
+    """Raises KeyboardInterrupt at the next step boundary once Ctrl-C was pressed. Python drops a
+    KeyboardInterrupt raised inside a destructor ("Exception ignored in ..."), and datasets'
+    `Dataset.__del__` runs during training: without this, such a Ctrl-C is lost and training goes on."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+
+    def on_sigint(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt where Python is now
+
+    def on_substep_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+    on_step_end = on_substep_end
+
+
+@contextlib.contextmanager
+def ctrl_c_at_step_end(trainer: Trainer) -> Iterator[CtrlCAtStepEnd | None]:
+    """During training, Ctrl-C also stops at the next step if its first KeyboardInterrupt was
+    dropped (see CtrlCAtStepEnd). Only where Python's own SIGINT handler is installed (main thread)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield None
+        return
+    callback = CtrlCAtStepEnd()
+    trainer.add_callback(callback)
+    signal.signal(signal.SIGINT, callback.on_sigint)
+    try:
+        yield callback
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        trainer.remove_callback(callback)
 
 
 def interrupted_message(trainer: Trainer, resumed_from: str | None) -> str:
