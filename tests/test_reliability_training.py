@@ -208,7 +208,18 @@ def test_os_errors_users_cause_are_one_line_and_bugs_keep_their_traceback(tmp_pa
 
 def test_ctrl_c_in_training_stops_cleanly_and_the_run_resumes(tiny_model_dir: Path, data_files: tuple[Path, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    argv = [sys.executable, "finetune.py", *run_args(tiny_model_dir, data_files[0], out, "--num_epochs", "1000", "--save_steps", "2")]
+    # As typed in a terminal: SIGINT handled even where this test runs with it ignored (a job started with `&`
+    # by a non-interactive shell ignores SIGINT, and so would the child; exec keeps SIG_DFL, Python then handles it).
+    as_foreground = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+    )
+    argv = [
+        sys.executable,
+        "-c",
+        as_foreground,
+        "finetune.py",
+        *run_args(tiny_model_dir, data_files[0], out, "--num_epochs", "1000", "--save_steps", "2"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -246,14 +257,22 @@ def test_a_ctrl_c_dropped_in_a_destructor_still_stops_at_the_next_step(tmp_path:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.01)  # a call: the handler runs here, and Python drops its KeyboardInterrupt
 
-    with ctrl_c_at_step_end(trainer) as callback:
-        assert callback is not None and callback in trainer.callback_handler.callbacks
-        PressedDuringDel()
-        time.sleep(0.01)  # nothing is pending any more: the first KeyboardInterrupt is gone
-        with pytest.raises(KeyboardInterrupt):
-            callback.on_step_end(trainer.args, trainer.state, trainer.control)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert callback not in trainer.callback_handler.callbacks
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also where this runs with SIGINT ignored
+    try:
+        with ctrl_c_at_step_end(trainer) as callback:
+            assert callback is not None and callback in trainer.callback_handler.callbacks
+            PressedDuringDel()
+            time.sleep(0.01)  # nothing is pending any more: the first KeyboardInterrupt is gone
+            with pytest.raises(KeyboardInterrupt):
+                callback.on_step_end(trainer.args, trainer.state, trainer.control)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert callback not in trainer.callback_handler.callbacks
+        # Where SIGINT is ignored (a background job), training leaves it so.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with ctrl_c_at_step_end(trainer) as callback:
+            assert callback is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def run_script_ok(*args: str) -> str:
