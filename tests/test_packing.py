@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,18 @@ def test_packed_loss_and_grads_equal_unpacked_with_accumulation(model_and_sample
         torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-3, msg=name)
 
 
+@contextlib.contextmanager
+def rows_seen(**modules: torch.nn.Module) -> Iterator[dict[str, int]]:
+    """How many rows each named module's forward received (its last call)."""
+    rows: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: rows.__setitem__(name, i[0].shape[1])) for name, m in modules.items()]
+    try:
+        yield rows
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_last_layer_runs_only_at_trained_positions(model_and_samples: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
     """The last LLaMA layer's query, o_proj and MLP see only the positions with a target, also
     when they are not one suffix per sample (chat turns); loss and gradients equal the full layer's."""
@@ -105,12 +119,8 @@ def test_last_layer_runs_only_at_trained_positions(model_and_samples: tuple, mon
 
     layer = _last_llama_layer(model)
     assert layer is not None
-    rows: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: rows.__setitem__(name, i[0].shape[1])) for name, m in
-             (("mlp", layer.mlp), ("q_proj", layer.self_attn.q_proj), ("k_proj", layer.self_attn.k_proj))]  # fmt: skip
-    loss, _, _ = packed_loss(model, inputs, torch.tensor(keep))
-    for hook in hooks:
-        hook.remove()
+    with rows_seen(mlp=layer.mlp, q_proj=layer.self_attn.q_proj, k_proj=layer.self_attn.k_proj) as rows:
+        loss, _, _ = packed_loss(model, inputs, torch.tensor(keep))
     assert rows == {"mlp": keep, "q_proj": keep, "k_proj": targets.numel()}
     loss.backward()
     grads = _grads(model)
@@ -118,18 +128,14 @@ def test_last_layer_runs_only_at_trained_positions(model_and_samples: tuple, mon
     # A forward set on the instance (accelerate's device hooks do this) is left in charge, and kept.
     wrapper = functools.partial(type(layer).forward, layer)
     layer.forward = wrapper
-    hook = layer.mlp.register_forward_hook(lambda mod, i, o: rows.__setitem__("mlp", i[0].shape[1]))
-    with torch.no_grad():
+    with rows_seen(mlp=layer.mlp) as rows, torch.no_grad():
         packed_loss(model, inputs, torch.tensor(keep))
-    hook.remove()
     assert rows["mlp"] == targets.numel() and layer.forward is wrapper
     del layer.forward
     # Nearly every position trained (pretraining, --train_on_inputs): the layer runs whole.
     everything = {**inputs, "shift_labels": torch.where(inputs["position_ids"].roll(-1) == 0, IGNORE_INDEX, inputs["input_ids"].roll(-1))}
-    hook = layer.mlp.register_forward_hook(lambda mod, i, o: rows.__setitem__("mlp", i[0].shape[1]))
-    with torch.no_grad():
+    with rows_seen(mlp=layer.mlp) as rows, torch.no_grad():
         packed_loss(model, everything)
-    hook.remove()
     assert rows["mlp"] == targets.numel()
 
     monkeypatch.setattr("chinese_vicuna.train.packing._last_llama_layer", lambda model: None)
