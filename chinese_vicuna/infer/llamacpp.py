@@ -13,7 +13,7 @@ from typing import Any
 from chinese_vicuna.data.fast_tokenize import encode_continuations
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.engine import Engine, model_template
-from chinese_vicuna.infer.generation import IncrementalDecoder, StopStringFilter
+from chinese_vicuna.infer.generation import AnswerText
 from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, PromptTemplate, saved_template, template_from_json
 
 
@@ -92,15 +92,14 @@ def stream_answer(
     llm: Any, tokenizer: LlamaCppTokenizer, ids: list[int], stop_strings: Sequence[str], strip: bool, **decoding: Any
 ) -> Iterator[str]:
     """Text pieces of the answer: UTF-8-safe (byte tokens held until a character is whole), cut at stop strings."""
-    decoder = IncrementalDecoder(tokenizer)
-    stops = StopStringFilter(stop_strings, strip)
+    text = AnswerText(tokenizer, stop_strings, strip)
     for token in stream_tokens(llm, ids, **decoding):
-        piece = stops.push(decoder.push([token]))
+        piece = text.push([token])
         if piece:
             yield piece
-        if stops.stopped:
+        if text.stopped:
             return
-    tail = stops.push(decoder.flush()) + stops.flush()
+    tail = text.finish()
     if tail:
         yield tail
 
