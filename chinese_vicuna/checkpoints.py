@@ -205,12 +205,10 @@ def folder_identity(value: str | None) -> str | None:
 
 def run_fingerprint(parsed: Sequence[Any]) -> dict[str, Any]:
     """What identifies a run: data content, base (and tokenizer, continued adapter), template and
-    the settings that decide which samples and which LoRA are trained, from the parsed argument groups.
-    A recipe's own group names its run-identifying fields in a `fingerprint_settings` class
-    attribute (a tuple of field names; e.g. a preference stage's loss and beta)."""
+    the settings that decide which samples and which LoRA are trained, from the parsed argument groups."""
     values: dict[str, Any] = {}
     for args in parsed:
-        for name in (*FINGERPRINT_SETTINGS, *getattr(type(args), "fingerprint_settings", ()), *DATA_FIELDS, *MODEL_FIELDS):
+        for name in (*FINGERPRINT_SETTINGS, *DATA_FIELDS, *MODEL_FIELDS):
             if hasattr(args, name) and name not in values:
                 values[name] = getattr(args, name)
         if hasattr(args, "template_or_fallback"):

@@ -1,6 +1,6 @@
 """What a new training stage builds on: groups of sequences (pairs) in the store and the cache's
 format, packed or padded like single sequences, per-sequence log-probabilities that packing does
-not change, its own Trainer arguments through build_trainer, its own fingerprint fields."""
+not change, its own Trainer arguments through build_trainer."""
 
 from __future__ import annotations
 
@@ -150,19 +150,3 @@ def test_build_trainer_passes_the_stage_arguments_and_adds_atomic_checkpoints(ti
     trainer = build_trainer(RecordingTrainer, model, tokenizer, train_args, pairs, data_collator=PackedCollator(), beta=0.25)
     assert trainer.beta == 0.25
     assert isinstance(trainer, RecordingTrainer) and isinstance(trainer, AtomicCheckpointMixin)
-
-
-def test_a_recipe_group_declares_its_fingerprint_fields(tmp_path: Path) -> None:
-    from dataclasses import dataclass
-    from typing import ClassVar
-
-    from chinese_vicuna.checkpoints import run_fingerprint
-
-    @dataclass
-    class StageArguments:
-        fingerprint_settings: ClassVar[tuple[str, ...]] = ("stage_loss",)
-        stage_loss: str = "sigmoid"
-        log_every: int = 3  # not run-identifying
-
-    fingerprint = run_fingerprint([StageArguments()])
-    assert fingerprint["stage_loss"] == "sigmoid" and "log_every" not in fingerprint
