@@ -19,8 +19,8 @@ from chinese_vicuna.model.adapters import add_lora
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.train.packing import (
     PACKED_SDPA,
+    LengthSamplingMixin,
     TokenBudgetBatchSampler,
-    TokenBudgetSamplingMixin,
     dataset_lengths,
     sequence_log_probs,
     use_packed_attention,
@@ -155,7 +155,25 @@ def test_build_trainer_passes_the_stage_arguments_and_adds_atomic_checkpoints(
     assert isinstance(trainer, RecordingTrainer) and isinstance(trainer, AtomicCheckpointMixin)
 
 
-class MarginTrainer(TokenBudgetSamplingMixin, Trainer):
+def test_length_grouping_measures_a_pair_by_all_its_tokens(tiny_model_dir: Path, tokenizer, pairs, tmp_path: Path) -> None:
+    """--packing false --group_by_length true: batches grouped by each pair's tokens (Trainer's own
+    sampler would count its sequences: 2 for every pair)."""
+    from chinese_vicuna.args import TrainArguments, parse_args
+    from chinese_vicuna.model.build import load_checked_model
+    from chinese_vicuna.train.packing import sequence_collator
+    from chinese_vicuna.train.trainer import build_trainer
+
+    flags = ["--output_dir", str(tmp_path), "--report_to", "none", "--packing", "false", "--group_by_length", "true"]
+    (train_args,) = parse_args((TrainArguments,), flags)
+    model = add_lora(load_checked_model(str(tiny_model_dir), tokenizer, "fp32"), 8, 16, 0.0, "all-linear")
+    trainer = build_trainer(
+        MarginTrainer, model, tokenizer, train_args, pairs, None, sequence_collator(False, tokenizer), margin_weight=1.0
+    )
+    sampler = trainer._get_train_sampler()
+    assert sampler.lengths == pairs.lengths.tolist() and len(set(sampler.lengths)) > 1
+
+
+class MarginTrainer(LengthSamplingMixin, Trainer):
     """A toy preference stage in a few lines: raise log p(chosen) - log p(rejected) of each pair."""
 
     def __init__(self, *args, margin_weight: float, **kwargs) -> None:
@@ -174,7 +192,7 @@ def test_a_pair_stage_trains_through_build_trainer(max_tokens: int, tiny_model_d
     """The plug-in path end to end: pairs from the store, Trainer's column filter, packed rows
     (by sample count or token budget), the stage's own argument, atomic checkpoints: after
     training every chosen answer is more likely than its rejected one."""
-    from chinese_vicuna.args import TrainArguments, parse_args
+    from chinese_vicuna.args import LoraArguments, TrainArguments, parse_args
     from chinese_vicuna.model.build import load_checked_model
     from chinese_vicuna.train.model import apply_training_speedups
     from chinese_vicuna.train.packing import sequence_collator
@@ -185,8 +203,7 @@ def test_a_pair_stage_trains_through_build_trainer(max_tokens: int, tiny_model_d
     (train_args,) = parse_args((TrainArguments,), [*flags, "--packing_max_tokens", str(max_tokens)])
     torch.manual_seed(0)
     model = add_lora(load_checked_model(str(tiny_model_dir), tokenizer, "fp32"), 8, 16, 0.0, "all-linear")
-    lora_args = type("Lora", (), {"fast_lora_dropout": True})()
-    assert apply_training_speedups(model, lora_args, train_args)  # the same model changes as SFT
+    assert apply_training_speedups(model, LoraArguments(), train_args)  # the same model changes as SFT
 
     def margins() -> list[float]:
         model.eval()

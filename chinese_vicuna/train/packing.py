@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.trainer_pt_utils import BatchRebalanceSampler
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
 from chinese_vicuna.data.collate import PackedCollator, PaddingCollator, sequences_of
 from chinese_vicuna.data.encode import IGNORE_INDEX
@@ -357,28 +357,34 @@ def dataset_lengths(dataset: Any) -> list[int]:
     return [sum(len(f["input_ids"]) for f in sequences_of([dataset[i]])) for i in range(len(dataset))]
 
 
-class TokenBudgetSamplingMixin:
-    """Trainer mixin for packed rows of any stage: with `--packing_max_tokens N` each row holds
-    up to N tokens (`TokenBudgetBatchSampler`), else Trainer's own sampler. Trainer has no public
-    hook for a batch sampler: this overrides `_get_train_sampler`."""
+class LengthSamplingMixin:
+    """Trainer mixin for any stage: samplers that take each sample's tokens from the dataset's
+    `lengths` (a group of sequences counts all of them, data/store.py `SequenceGroups`):
+    `--packing_max_tokens N` rows of up to N tokens (`TokenBudgetBatchSampler`), and
+    `--group_by_length` batches (Trainer's own sampler, which would measure a group by its
+    number of sequences). Trainer has no public hook for its sampler: this overrides `_get_train_sampler`."""
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         args = self.args  # type: ignore[attr-defined]
         max_tokens = getattr(args, "packing_max_tokens", 0)
         dataset = train_dataset if train_dataset is not None else self.train_dataset  # type: ignore[attr-defined]
-        if not max_tokens or dataset is None:
+        if dataset is None or not hasattr(dataset, "__len__"):
             return super()._get_train_sampler(train_dataset)  # type: ignore[misc]
-        return TokenBudgetBatchSampler(
-            dataset_lengths(dataset),
-            max_tokens,
-            seed=args.data_seed if args.data_seed is not None else args.seed,
-            shuffle=args.train_sampling_strategy != "sequential",
-            rank=args.process_index,
-            world=max(1, args.world_size),
-        )
+        if max_tokens:
+            return TokenBudgetBatchSampler(
+                dataset_lengths(dataset),
+                max_tokens,
+                seed=args.data_seed if args.data_seed is not None else args.seed,
+                shuffle=args.train_sampling_strategy != "sequential",
+                rank=args.process_index,
+                world=max(1, args.world_size),
+            )
+        if args.train_sampling_strategy == "group_by_length":
+            return LengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps, lengths=dataset_lengths(dataset))
+        return super()._get_train_sampler(train_dataset)  # type: ignore[misc]
 
 
-class PackedTrainer(PackedLossMixin, TokenBudgetSamplingMixin, AtomicCheckpointMixin, Trainer):
+class PackedTrainer(PackedLossMixin, LengthSamplingMixin, AtomicCheckpointMixin, Trainer):
     """The SFT / pretraining Trainer for packed rows (`data.collate.PackedCollator`): the packed
     loss, rows by token budget with `--packing_max_tokens`, checkpoints saved atomically
     (train/checkpointing.py). It changes nothing in the model: the recipe switches an sdpa
