@@ -64,6 +64,7 @@ NUMBERS = ("length", "num_epochs", "max_steps", "learning_rate", "micro_batch_si
            "lora_alpha", "lora_dropout", "warmup_steps", "logging_steps", "save_steps", "seed")  # fmt: skip
 INTEGERS = {"length", "max_steps", "micro_batch_size", "batch_size", "val_set_size", "lora_r", "lora_alpha", "warmup_steps",
             "logging_steps", "save_steps", "seed"}  # fmt: skip
+CURVE_COLORS = {"train": "#1f77b4", "eval": "#ff7f0e"}
 FIELDS = ("base_model", "prompt_template", "data", "output_dir", *NUMBERS, "lora_target_modules", "precision")
 
 
@@ -83,6 +84,19 @@ def typed(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def curve_frame(points: list[dict[str, Any]]) -> Any:
+    """The loss curve for gr.LinePlot; typed columns even when empty, so `kind` stays a category."""
+    import pandas as pd
+
+    return pd.DataFrame(
+        {
+            "step": pd.Series([p["step"] for p in points], dtype="int64"),
+            "loss": pd.Series([p["loss"] for p in points], dtype="float64"),
+            "kind": pd.Series([p["kind"] for p in points], dtype="object"),
+        }
+    )
+
+
 def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
     from chinese_vicuna.infer.webui import gr, page_error
 
@@ -95,6 +109,9 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
     def command_of(stage: str, *values: Any) -> str:
         return shown_command(command_argv(stage, stage_flags(stage, settings_of(stage, *values))))
 
+    def check(stage: str, *values: Any) -> tuple[str, str, str, str]:
+        return (*inspect(stage, *values), "")
+
     def inspect(stage: str, *values: Any) -> tuple[str, str, str]:
         """(model summary, data preview, doctor's line): what the page shows before a start."""
         s = settings_of(stage, *values)
@@ -106,7 +123,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         model_md = t(
             "board.model_info", architecture=info["architecture"], size=size, layers=info["layers"], hidden=info["hidden_size"],
             context=info["context"], vocab=info["vocab_size"], tokenizer=info["tokenizer_size"],
-            template=info["template"] or "—", reason=info["template_reason"],
+            template=info["template"] or "—", reason=t("board.template_reason." + info["template_reason"]),
         )  # fmt: skip
         if STAGES[stage].template is None:
             return model_md, "", t("board.no_doctor")
@@ -164,10 +181,8 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
 
     def watch(run_id: str | None) -> tuple[str, Any, str, str]:
         """(progress line, loss curve, command, console tail) of a run; polled by the page's timer."""
-        import pandas as pd
-
         if not run_id:
-            return t("board.no_run"), pd.DataFrame({"step": [], "loss": [], "kind": []}), "", ""
+            return t("board.no_run"), curve_frame([]), "", ""
         try:
             run = runs.get(run_id)
         except UserError as exc:
@@ -182,7 +197,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         )  # fmt: skip
         if run["returncode"] is not None:
             line += t("board.exit", code=run["returncode"])
-        return line, pd.DataFrame(p["curve"] or {"step": [], "loss": [], "kind": []}), run["command"], console
+        return line, curve_frame(p["curve"]), run["command"], console
 
     def stop(run_id: str | None) -> str:
         try:
@@ -293,7 +308,9 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
                     stop_btn = gr.Button(t("stop"), elem_id="stop-btn")
                     resume_btn = gr.Button(t("board.resume"), elem_id="resume-btn")
                 run_status = gr.Markdown(elem_id="run-status")
-                plot = gr.LinePlot(x="step", y="loss", color="kind", label=t("board.loss_curve"), elem_id="loss-plot", height=260)
+                plot = gr.LinePlot(
+                    x="step", y="loss", color="kind", color_map=CURVE_COLORS, label=t("board.loss_curve"), elem_id="loss-plot", height=260
+                )
                 run_command = gr.Textbox(label=t("board.command"), elem_id="run-command", interactive=False, buttons=["copy"], lines=2)
                 console = gr.Textbox(
                     label=t("board.console"), elem_id="console", lines=10, max_lines=10, interactive=False, autoscroll=True
@@ -316,7 +333,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         for component in [stage, *values]:
             component.change(command_of, [stage, *values], command, api_name=False, queue=False)
         stage.change(switch_stage, stage, [template, data], api_name=False)
-        check_btn.click(inspect, [stage, *values], [model_info, preview, doctor], api_name="inspect")
+        check_btn.click(check, [stage, *values], [model_info, preview, doctor, status], api_name="inspect")
         start_btn.click(start, [stage, *values], [model_info, preview, doctor, status, run], api_name="start")
         save_btn.click(save_flags, [flags_path, stage, *values], status, api_name="save_flags")
         load_btn.click(load_flags, flags_path, [stage, *values, status], api_name="load_flags")

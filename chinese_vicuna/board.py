@@ -353,11 +353,11 @@ def model_summary(base_model: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_model)
     saved = saved_template([folder], tokenizer)
     if saved is not None:
-        carries, reason = saved.name, "prompt_template.json saved with the model"
+        carries, reason = saved.name, "saved"
     elif getattr(tokenizer, "chat_template", None):
-        carries, reason = "auto", "the tokenizer's chat_template"
+        carries, reason = "auto", "chat_template"
     else:
-        carries, reason = None, "none saved with the model"
+        carries, reason = None, "none"
     return {
         "architecture": ", ".join(config.get("architectures") or [config.get("model_type", "?")]),
         "parameters": _parameter_count(folder),
@@ -367,7 +367,7 @@ def model_summary(base_model: str) -> dict[str, Any]:
         "vocab_size": config.get("vocab_size"),
         "tokenizer_size": len(tokenizer),
         "template": carries,
-        "template_reason": reason,
+        "template_reason": reason,  # saved (prompt_template.json beside the weights), chat_template (the tokenizer's), none
     }
 
 

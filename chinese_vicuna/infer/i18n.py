@@ -98,6 +98,12 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "✓ 数据检查：{records} 条记录，{truncated} 条超过 cutoff_len={cutoff} 被截断，{no_trainable} 条没有可训练的 token；长度 p95 {p95}，最长 {longest} 个 token",
         "en": "✓ data doctor: {records} records, {truncated} truncated at cutoff_len={cutoff}, {no_trainable} with no trainable token; length p95 {p95}, longest {longest} tokens",
     },
+    "board.template_reason.saved": {"zh": "模型文件夹里的 prompt_template.json", "en": "prompt_template.json in the model folder"},
+    "board.template_reason.chat_template": {"zh": "分词器自带的 chat_template", "en": "the tokenizer's chat_template"},
+    "board.template_reason.none": {
+        "zh": "模型没有保存模板，训练用所选模板",
+        "en": "none saved with the model; training uses the one chosen",
+    },
     "board.no_doctor": {"zh": "（继续预训练的纯文本数据不做数据检查）", "en": "(plain-text pretraining data: no data doctor)"},
     "board.started": {"zh": "已开始运行 {run}（见“运行”页）", "en": "started run {run} (see the Runs tab)"},
     "board.run": {"zh": "运行记录", "en": "Run"},
