@@ -30,6 +30,7 @@ from chinese_vicuna.board import (
     preview_html,
     progress,
     read_flags_file,
+    script_path,
     settings_of_flags,
     shown_command,
     stage_flags,
@@ -243,11 +244,14 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
             yield shown, history, ""
         yield shown, shown, ""
 
+    def export_argv(base: str, adapter: str, out: str) -> list[str]:
+        return [sys.executable, script_path("merge_lora.py"), "--base_model", base, "--lora_weights", adapter, "--output_dir", out]
+
     def export_command(base: str, adapter: str, out: str) -> str:
-        return shown_command([sys.executable, "merge_lora.py", "--base_model", base, "--lora_weights", adapter, "--output_dir", out])
+        return shown_command(export_argv(base, adapter, out))
 
     def export(base: str, adapter: str, out: str) -> tuple[str, Any]:
-        argv = [sys.executable, "merge_lora.py", "--base_model", base, "--lora_weights", adapter, "--output_dir", out]
+        argv = export_argv(base, adapter, out)
         try:
             run = runs.start("export", argv, out)
         except UserError as exc:

@@ -86,10 +86,18 @@ def flag_text(value: Any) -> str:
 
 def command_argv(stage: str, flags: dict[str, Any], python: str = sys.executable) -> list[str]:
     """The argv a run starts: this Python, the stage's script, `--flag value` for each flag."""
-    argv = [python, STAGES[stage].script]
+    argv = [python, script_path(STAGES[stage].script)]
     for name, value in flags.items():
         argv += [f"--{name}", flag_text(value)]
     return argv
+
+
+def script_path(script: str) -> str:
+    """A repository script as the command names it: relative to the working folder when it is
+    inside it (the usual case: the repository root), else absolute. Runs start in the board's
+    working folder, so relative data and output paths mean the same to the page and to the run."""
+    path = os.path.relpath(REPO / script)
+    return str(REPO / script) if path.startswith("..") else path
 
 
 def resume_argv(argv: list[str]) -> list[str]:
@@ -230,7 +238,7 @@ class Runs:
             console.flush()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             proc = subprocess.Popen(
-                argv, cwd=REPO, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+                argv, stdout=console, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
             )
             console.close()
             run = {
