@@ -26,6 +26,7 @@ from chinese_vicuna.board import (
     Runs,
     check_data,
     command_argv,
+    loss_plot,
     model_summary,
     preview_html,
     progress,
@@ -65,7 +66,6 @@ NUMBERS = ("length", "num_epochs", "max_steps", "learning_rate", "micro_batch_si
            "lora_alpha", "lora_dropout", "warmup_steps", "logging_steps", "save_steps", "seed")  # fmt: skip
 INTEGERS = {"length", "max_steps", "micro_batch_size", "batch_size", "val_set_size", "lora_r", "lora_alpha", "warmup_steps",
             "logging_steps", "save_steps", "seed"}  # fmt: skip
-CURVE_COLORS = {"train": "#1f77b4", "eval": "#ff7f0e"}
 FIELDS = ("base_model", "prompt_template", "data", "output_dir", *NUMBERS, "lora_target_modules", "precision")
 
 
@@ -83,19 +83,6 @@ def typed(values: dict[str, Any]) -> dict[str, Any]:
         if out.get(key) is not None:
             out[key] = int(out[key]) if key in INTEGERS else float(out[key])
     return out
-
-
-def curve_frame(points: list[dict[str, Any]]) -> Any:
-    """The loss curve for gr.LinePlot; typed columns even when empty, so `kind` stays a category."""
-    import pandas as pd
-
-    return pd.DataFrame(
-        {
-            "step": pd.Series([p["step"] for p in points], dtype="int64"),
-            "loss": pd.Series([p["loss"] for p in points], dtype="float64"),
-            "kind": pd.Series([p["kind"] for p in points], dtype="object"),
-        }
-    )
 
 
 def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
@@ -183,7 +170,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
     def watch(run_id: str | None) -> tuple[str, Any, str, str]:
         """(progress line, loss curve, command, console tail) of a run; polled by the page's timer."""
         if not run_id:
-            return t("board.no_run"), curve_frame([]), "", ""
+            return t("board.no_run"), None, "", ""
         try:
             run = runs.get(run_id)
         except UserError as exc:
@@ -198,7 +185,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         )  # fmt: skip
         if run["returncode"] is not None:
             line += t("board.exit", code=run["returncode"])
-        return line, curve_frame(p["curve"]), run["command"], console
+        return line, loss_plot(run, p["curve"], runs.root / run["id"]), run["command"], console
 
     def stop(run_id: str | None) -> str:
         try:
@@ -312,9 +299,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
                     stop_btn = gr.Button(t("stop"), elem_id="stop-btn")
                     resume_btn = gr.Button(t("board.resume"), elem_id="resume-btn")
                 run_status = gr.Markdown(elem_id="run-status")
-                plot = gr.LinePlot(
-                    x="step", y="loss", color="kind", color_map=CURVE_COLORS, label=t("board.loss_curve"), elem_id="loss-plot", height=260
-                )
+                plot = gr.Image(label=t("board.loss_curve"), elem_id="loss-plot", type="filepath", interactive=False, height=320)
                 run_command = gr.Textbox(label=t("board.command"), elem_id="run-command", interactive=False, buttons=["copy"], lines=2)
                 console = gr.Textbox(
                     label=t("board.console"), elem_id="console", lines=10, max_lines=10, interactive=False, autoscroll=True

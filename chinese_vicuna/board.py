@@ -328,6 +328,19 @@ def progress(run: dict[str, Any], console: str) -> dict[str, Any]:
     return out
 
 
+def loss_plot(run: dict[str, Any], curve: list[dict[str, Any]], folder: str | os.PathLike) -> Path | None:
+    """The run's loss curve as training draws it (`plot_loss`, as training_loss.png), redrawn when the log grew."""
+    from chinese_vicuna.train.trainer import plot_loss
+
+    log, png = Path(run["output_dir"]) / "trainer_log.jsonl", Path(folder) / "loss.png"
+    if not curve or not log.is_file():
+        return None
+    if not png.is_file() or png.stat().st_mtime < log.stat().st_mtime:
+        history = [{"step": p["step"], "loss" if p["kind"] == "train" else "eval_loss": p["loss"]} for p in curve]
+        plot_loss(history, png)
+    return png
+
+
 # --------------------------------------------------------------------------------------------
 # What the page shows about a base model and a data file
 # --------------------------------------------------------------------------------------------
