@@ -23,6 +23,7 @@ def server(tiny_model_dir: Path, two_loras: dict[str, Path]):
     args = ["--base_model", str(tiny_model_dir), "--served_model_name", BASE, "--lora_modules"]
     args += [f"{name}={path}" for name, path in two_loras.items()]
     args += ["--max_loras", "2", "--max_batch_size", "16", "--max_queue", "64", "--max_prompt_tokens", "200", "--max_tokens_limit", "300"]
+    args += ["--enable_lora_loading", "true", "--lora_root", str(two_loras["a"].parent)]
     with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as (url, proc):
         yield url, proc
 
@@ -146,8 +147,8 @@ def test_limits_are_400_or_404_with_openai_errors(client) -> None:
         ask(client, "a", "长" * 400)
     with pytest.raises(openai.BadRequestError, match="max_tokens_limit"):
         ask(client, "a", INSTRUCTIONS[0], max_tokens=301)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        ask(client, "a", INSTRUCTIONS[0], n=2)
+    with pytest.raises(openai.BadRequestError, match="at most 16 choices"):
+        ask(client, "a", INSTRUCTIONS[0], n=17)
     with pytest.raises(openai.NotFoundError):
         ask(client, "no-such-lora", INSTRUCTIONS[0])
 

@@ -260,6 +260,7 @@ class BatchEngine:
         self._inflight = 0  # taken from the queue and not finished (in prefill or active)
         self.steps = 0
         self.finished = 0
+        self.cancelled = 0  # requests whose client left, queued or running
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
 
@@ -283,6 +284,7 @@ class BatchEngine:
                 "waiting": len(self._waiting),
                 "steps": self.steps,
                 "finished": self.finished,
+                "cancelled": self.cancelled,
                 "cache_tokens": 0 if self._mask is None else int(self._mask.shape[1]),
                 "loaded_loras": self.registry.loaded(),
             }
@@ -334,10 +336,12 @@ class BatchEngine:
         with self._cond:
             for request in [r for r in self._waiting if r.cancelled.is_set()]:
                 self._waiting.remove(request)
+                self.cancelled += 1
                 request.sink(Event(finish_reason="cancelled"))
         gone = [i for i, s in enumerate(self._slots) if s.request.cancelled.is_set()]
         for i in gone:
             self._slots[i].done = True
+            self.cancelled += 1
             self._finish(self._slots[i], "cancelled")
         if gone:
             self._keep_rows([i for i, s in enumerate(self._slots) if not s.done])
@@ -352,6 +356,7 @@ class BatchEngine:
                 request = self._waiting.popleft()
                 self._inflight += 1
             if request.cancelled.is_set():
+                self.cancelled += 1
                 self._end_early(request, Event(finish_reason="cancelled"))
                 continue
             if request.adapter is not None:

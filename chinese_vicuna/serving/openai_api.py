@@ -256,9 +256,12 @@ def unsupported_fields(data: dict[str, Any], schema: type[BaseModel]) -> None:
     OpenAI defines as no-ops at some values (`NO_OP_VALUES`) pass at those values."""
     no_op: dict[str, tuple[Any, ...]] = getattr(schema, "NO_OP_VALUES", {})
     for key, value in list(data.items()):
+        if value is None:  # OpenAI's clients send null for "not given": the default applies
+            del data[key]
+            continue
         if key in schema.model_fields:
             continue
-        if value is None or (key in no_op and any(value == v and type(value) is type(v) for v in no_op[key])):
+        if (key in no_op and any(value == v and type(value) is type(v) for v in no_op[key])):
             del data[key]
             continue
         if key == "best_of" and type(value) is int and value == data.get("n", 1):
@@ -746,6 +749,11 @@ class KeyAndErrors:
             logger.exception("%s %s failed", scope.get("method"), scope.get("path"))
             if not started:
                 await error_response(ApiError(500, "internal server error (the server log has the details)"))(scope, receive, send)
+        except asyncio.CancelledError:  # uvicorn cuts requests still open when a stop's grace period ends
+            logger.info("%s %s: cut short by the server stopping", scope.get("method"), scope.get("path"))
+            if not started:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await error_response(ApiError(503, "the server is stopping"))(scope, receive, send)
 
 
 def create_app(server: OpenAIServer) -> FastAPI:
