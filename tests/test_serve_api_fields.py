@@ -147,6 +147,14 @@ def test_completions_echo_logprobs_score_the_prompt(client, tokenizer) -> None:
     assert only.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1 : len(ids)], abs=1e-4)
 
 
+def test_streamed_completion_with_echo_and_logprobs_equals_not_streamed(client) -> None:
+    kw = {"model": BASE, "prompt": STORY, "max_tokens": 8, "temperature": 0, "logprobs": 1, "echo": True}
+    whole = client.completions.create(**kw).choices[0]
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert "".join(c.text for c in chunks) == whole.text and whole.text.startswith(STORY)
+    assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == whole.logprobs.tokens
+
+
 def test_a_memorized_answer_scores_higher_than_another(client, tokenizer) -> None:
     from chinese_vicuna.prompts import load_template
 

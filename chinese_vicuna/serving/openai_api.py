@@ -261,7 +261,7 @@ def unsupported_fields(data: dict[str, Any], schema: type[BaseModel]) -> None:
             continue
         if key in schema.model_fields:
             continue
-        if (key in no_op and any(value == v and type(value) is type(v) for v in no_op[key])):
+        if key in no_op and any(value == v and type(value) is type(v) for v in no_op[key]):
             del data[key]
             continue
         if key == "best_of" and type(value) is int and value == data.get("n", 1):
@@ -695,9 +695,13 @@ async def read_json(request: Request, limit: int) -> Any:
     except RecursionError:
         raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", code="invalid_json") from None
+        raise ApiError(
+            400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})", code="invalid_json"
+        ) from None
     except (ValueError, UnicodeDecodeError):  # an integer of more than 4300 digits, NaN/Infinity, bad UTF-8
-        raise ApiError(400, "the request body is not valid JSON (bad UTF-8, NaN/Infinity, or a number too long)", code="invalid_json") from None
+        raise ApiError(
+            400, "the request body is not valid JSON (bad UTF-8, NaN/Infinity, or a number too long)", code="invalid_json"
+        ) from None
     if json_depth_exceeds(data, MAX_JSON_DEPTH):
         raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
     return data
@@ -900,6 +904,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
         async def stream() -> AsyncIterator[str]:
             finished: list[Event | None] = [None] * run.choices
             offsets = [0] * run.choices
+            echoed: set[int] = set()
             async for index, event in run.all_events(early):
                 if event.finish_reason == "error":
                     yield sse(error_body(500, event.error or GENERATION_FAILED))
@@ -908,7 +913,8 @@ def create_app(server: OpenAIServer) -> FastAPI:
                 entries = list(event.logprobs or [])
                 if body.echo and event.prompt_logprobs is not None:
                     entries = [*event.prompt_logprobs, *entries]
-                if body.echo and event is early_event(early, index):
+                if body.echo and index not in echoed:  # the prompt goes before the choice's first text
+                    echoed.add(index)
                     text = prompt_text(index) + text
                 if text or event.finish_reason or entries:
                     logprobs = texts.completion_logprobs(entries, offsets[index], k) if k is not None else None
@@ -953,11 +959,6 @@ def create_app(server: OpenAIServer) -> FastAPI:
 def check_stream_options(body: _SamplingFields) -> None:
     if body.stream_options is not None and not body.stream:
         raise ApiError(400, "stream_options needs stream: true", param="stream_options")
-
-
-def early_event(early: list[tuple[int, Event]], index: int) -> Event | None:
-    """The first event of choice `index` (where an echoed prompt goes)."""
-    return next((e for i, e in early if i == index), None)
 
 
 def serve_app(app: FastAPI, host: str, port: int, on_stop: Callable[[], None] | None = None) -> None:
