@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_helpers import ANSWERS_A, ANSWERS_B, INSTRUCTIONS, KEY, rss_mib, running_server
+from serve_helpers import ANSWERS_A, ANSWERS_B, INSTRUCTIONS, KEY, api_client, rss_mib, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -24,14 +24,13 @@ def server(tiny_model_dir: Path, two_loras: dict[str, Path]):
     args += [f"{name}={path}" for name, path in two_loras.items()]
     args += ["--max_loras", "2", "--max_batch_size", "16", "--max_queue", "64", "--max_prompt_tokens", "200", "--max_tokens_limit", "300"]
     args += ["--enable_lora_loading", "true", "--lora_root", str(two_loras["a"].parent)]
-    with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as (url, proc):
-        yield url, proc
+    with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    url, _ = server
-    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return api_client(server)
 
 
 def ask(client, model: str, question: str, **kw) -> str:

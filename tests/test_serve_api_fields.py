@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from conftest import read_jsonl
-from serve_helpers import ANSWERS_A, INSTRUCTIONS, KEY, running_server
+from serve_helpers import ANSWERS_A, INSTRUCTIONS, KEY, api_client, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -28,14 +28,13 @@ STORY = "很久很久以前"  # the tiny base model answers it with a repetitive
 def server(tiny_model_dir: Path, two_loras: dict[str, Path]):
     args = ["--base_model", str(tiny_model_dir), "--served_model_name", BASE, "--lora_modules", f"a={two_loras['a']}"]
     args += ["--max_batch_size", "8", "--max_prompt_tokens", "400", "--max_tokens_limit", "300"]
-    with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as (url, proc):
-        yield url, proc
+    with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    url, _ = server
-    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return api_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import run_script
-from serve_helpers import ANSWERS_A, INSTRUCTIONS, KEY, running_server
+from serve_helpers import ANSWERS_A, INSTRUCTIONS, KEY, api_client, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -122,14 +122,13 @@ def server(tiny_model_dir: Path, two_loras, lora_root: Path):
     args = ["--base_model", str(tiny_model_dir), "--served_model_name", BASE, "--lora_modules", f"a={two_loras['a']}"]
     args += ["--max_batch_size", "16", "--max_queue", "100", "--max_tokens_limit", "1000", "--max_prompt_tokens", "512"]
     args += ["--enable_lora_loading", "true", "--lora_root", str(lora_root)]
-    with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as (url, proc):
-        yield url, proc
+    with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    url, _ = server
-    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return api_client(server)
 
 
 BAD_BODIES = {

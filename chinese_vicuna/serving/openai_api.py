@@ -1,17 +1,23 @@
 """The OpenAI-compatible HTTP API (FastAPI) in front of `BatchEngine`.
 
-Endpoints: `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (stream or
-not; streams are server-sent events in OpenAI's chunk format ending in `data: [DONE]`),
-`GET /health`, and vLLM's `POST /v1/load_lora_adapter` / `POST /v1/unload_lora_adapter`.
+Endpoints: `GET /v1/models`, `GET /v1/models/{id}`, `POST /v1/chat/completions`,
+`POST /v1/completions` (stream or not; streams are server-sent events in OpenAI's chunk format
+ending in `data: [DONE]`), `GET /health`, and vLLM's `POST /v1/load_lora_adapter` /
+`POST /v1/unload_lora_adapter` (only with a LoRA root: `--enable_lora_loading`).
 
 - `model` picks the base (its served name) or a LoRA; a chat request is rendered in that
   model's template: a chat template renders the whole conversation; an instruction template
   (alpaca) takes one user message (after an optional system message, which it has no place
   for) as the instruction, and anything else is a 400 that says so. `/v1/completions` takes
   the prompt as raw text (BOS + the text), as vLLM does.
+- Every OpenAI parameter is implemented (logprobs, echo, logit_bias, penalties, seed, n), a
+  no-op by OpenAI's spec, or a 400 naming it; types are strict (docs/serving.md has the table).
 - Every failure is OpenAI-shaped JSON `{"error": {"message", "type", "param", "code"}}`:
   401 wrong/missing key, 400 malformed JSON or fields, limits (prompt length, max_tokens),
-  404 unknown model, 429 queue full.
+  404 unknown model, 413 body too large, 429 queue full; a 500 carries no internal text (the
+  log has it).
+- A client that disconnects has its requests cancelled at the engine's next step (`Run`), and
+  prompts are tokenized on a worker thread, so the event loop always answers.
 - The key is compared in constant time and never logged.
 """
 
