@@ -230,8 +230,9 @@ class AdapterRegistry:
                 self.model = PeftModel.from_pretrained(self.base, path, adapter_name=peft_name)
             else:
                 self.model.load_adapter(path, adapter_name=peft_name)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"LoRA {name!r}: cannot load {path} ({str(exc).splitlines()[0]})") from None
+        except (OSError, ValueError, RuntimeError):
+            logger.exception("LoRA %s: loading %s failed", name, path)
+            raise UserError(f"LoRA {name!r}: cannot load it (the server log has the details)") from None
         self.model.eval()
         with self._lock:
             self._loaded[name] = path
