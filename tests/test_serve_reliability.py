@@ -12,6 +12,7 @@ import queue
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -250,13 +251,16 @@ def test_health_answers_while_a_5_mb_prompt_arrives(server) -> None:
 
     thread = threading.Thread(target=send)
     thread.start()
-    latencies = []
+    latencies, tokenizing = [], []
     while thread.is_alive():
-        latencies.append(timed_health(url)[0])
+        latency, state = timed_health(url)
+        latencies.append(latency)
+        tokenizing.append(state["tokenizing"])
     thread.join()
     reply = result.get()
     assert reply.status_code == 400 and "max_prompt_tokens" in reply.json()["error"]["message"]
-    assert max(latencies) < 0.5, latencies
+    assert not any(tokenizing)  # refused by its length alone
+    assert statistics.median(latencies) < 0.5, latencies
 
 
 def test_sigterm_stops_a_busy_server_within_5_seconds(tiny_model_dir: Path) -> None:
@@ -265,7 +269,9 @@ def test_sigterm_stops_a_busy_server_within_5_seconds(tiny_model_dir: Path) -> N
     args = ["--base_model", str(tiny_model_dir), "--served_model_name", BASE, "--max_batch_size", "16", "--max_queue", "64"]
     args += ["--max_tokens_limit", "1000", "--max_prompt_tokens", "100000000", "--max_request_bytes", str(64 * 2**20)]
     with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as (url, proc):
-        # a 1 MB prompt is tokenized on a worker thread: /health answers while it is in progress
+        # a 1 MB prompt is tokenized on a worker thread: /health answers while it is in progress. Were
+        # it tokenized on the event loop, one answer would wait for the whole tokenization.
+        start = time.monotonic()
         big = threading.Thread(
             target=lambda: httpx.post(
                 url + "/v1/completions", json={"model": BASE, "prompt": "hello world " * (2**20 // 12), "max_tokens": 1},
@@ -279,8 +285,11 @@ def test_sigterm_stops_a_busy_server_within_5_seconds(tiny_model_dir: Path) -> N
             if state["tokenizing"]:
                 during.append(latency)
         big.join()
-        print(f"\n/health while a 1 MB prompt was tokenized: {len(during)} answers, slowest {max(during or [0]):.3f} s")
-        assert len(during) >= 2 and max(during) < 0.5, during
+        request_s = time.monotonic() - start
+        print(f"\n/health while a 1 MB prompt was tokenized ({request_s:.2f} s): {len(during)} answers, "
+              f"median {statistics.median(during or [0]):.3f} s, slowest {max(during or [0]):.3f} s")  # fmt: skip
+        assert len(during) >= 3 and max(during) < request_s / 2, during
+        assert statistics.median(during) < 0.5, during
         # busy: decoding, queued, streaming, tokenizing
         stream = httpx.stream("POST", url + "/v1/completions", headers=HEADERS, timeout=60,
                               json={"model": BASE, "prompt": "从前", "max_tokens": 1000, "stream": True})  # fmt: skip
