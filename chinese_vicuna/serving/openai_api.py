@@ -46,10 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chinese_vicuna.data.encode import encode_segments
-from chinese_vicuna.data.fast_tokenize import protect_messages
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.infer.generation import prompt_ids
+from chinese_vicuna.infer.engine import Engine
 from chinese_vicuna.prompts import PromptTemplate
 from chinese_vicuna.serving.engine import (
     GENERATION_FAILED,
@@ -306,6 +304,8 @@ class OpenAIServer:
         self.engine = engine
         self.registry = engine.registry
         self.tokenizer = engine.tokenizer
+        # prompt ids come from the one inference path; the batched engine decodes them
+        self.prompts = Engine.for_model(None, engine.tokenizer, engine.registry.base_template)
         self.base_name = base_name
         self.limits = limits
         self._key = api_key.encode("utf-8") if api_key else None
@@ -349,8 +349,7 @@ class OpenAIServer:
         msgs = [{"role": m.role, "content": m.text()} for m in messages]
         if template.is_chat:
             try:
-                # special-token text in messages stays text, as in training
-                ids, _ = encode_segments(self.tokenizer, template.chat_segments(protect_messages(self.tokenizer, msgs)))
+                ids = self.prompts.conversation_ids(msgs, template)
             except UserError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
             return ids
@@ -362,7 +361,7 @@ class OpenAIServer:
                 "system message) as the instruction; conversations need a model trained with a chat template",
                 param="messages",
             )
-        return prompt_ids(self.tokenizer, template, rest[0]["content"])
+        return self.prompts.instruction_ids(rest[0]["content"], template=template)
 
     def prompt_too_long(self, chars: int) -> None:
         """A 400 for a text that cannot fit `max_prompt_tokens` whatever its tokens: each token
@@ -386,7 +385,7 @@ class OpenAIServer:
             self.tokenizing -= 1
 
     def completion_prompt_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]
+        return self.prompts.text_ids(text)
 
     def sampling(
         self, body: _SamplingFields, max_tokens: int | None, prompt_len: int, template_stops: list[str], strip: bool
