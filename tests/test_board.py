@@ -87,7 +87,10 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         assert "8 条记录" in page.locator("#doctor").inner_text()
         assert page.locator("#preview .trained").first.inner_text() == first["output"]
         assert first["instruction"] in page.locator("#preview .masked").first.inner_text()
-        page.wait_for_function("document.querySelector('#command textarea').value.includes('--save_steps 40')")
+        page.wait_for_function(  # the command follows every setting (the last ones filled)
+            "['--lora_target_modules all-linear', '--save_steps 40', '--seed 42'].every("
+            "f => document.querySelector('#command textarea').value.includes(f))"
+        )
         shown = page.locator("#command textarea").input_value()
         screenshot(page, "board-configure.png")
 
@@ -174,3 +177,53 @@ def test_board_in_english(tiny_model_dir: Path, tmp_path: Path):
         assert "LlamaForCausalLM" in page.locator("#model-info").inner_text()
         assert page.locator("#command textarea").input_value().split()[1:3] == ["finetune.py", "--base_model"]
         screenshot(page, "board-en.png")
+
+
+def fields_of(args: object) -> dict:
+    """An argument dataclass's values (TrainingArguments' cached distributed state has no equality)."""
+    return {k: v for k, v in vars(args).items() if k != "distributed_state"}
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_flags_file_parses_as_the_command_line_does(tmp_path: Path, suffix: str):
+    """Each stage's flags file gives the scripts' parser the same arguments as the command the
+    board shows; a flags file reads back into the same stage and settings."""
+    import finetune_chat
+    from chinese_vicuna.args import (
+        BatchArguments,
+        DataArguments,
+        LoraArguments,
+        TemplateArguments,
+        TrainArguments,
+        TrainModelArguments,
+        parse_args,
+    )
+    from chinese_vicuna.board import command_argv, read_flags_file, resume_argv, settings_of_flags, stage_flags, write_flags_file
+
+    groups = {
+        "sft": (TrainModelArguments, TemplateArguments, DataArguments, LoraArguments, BatchArguments, TrainArguments),
+        "chat_sft": (
+            TrainModelArguments, finetune_chat.ChatTemplateArguments, finetune_chat.ChatDataArguments, LoraArguments,
+            BatchArguments, finetune_chat.ChatTrainArguments,
+        ),
+    }  # fmt: skip
+    data = {"sft": "sample/instruct/data_sample.jsonl", "chat_sft": "sample/chat/chat_sample.jsonl"}
+    for stage, classes in groups.items():
+        settings = {
+            "base_model": "tiny", "prompt_template": "alpaca" if stage == "sft" else "chinese-vicuna-chat", "data": data[stage],
+            "output_dir": str(tmp_path / stage), "length": 128, "num_epochs": 2.0, "max_steps": 0, "learning_rate": 0.003,
+            "micro_batch_size": 2, "batch_size": 4, "lora_dropout": 0.0, "lora_target_modules": "all-linear", "seed": 7,
+        }  # fmt: skip
+        flags = stage_flags(stage, settings)
+        assert "max_steps" not in flags  # 0: by epochs, the script's default
+        path = write_flags_file(tmp_path / f"{stage}{suffix}", flags)
+        from_file = parse_args(classes, [str(path)])
+        from_argv = parse_args(classes, command_argv(stage, flags)[2:])
+        assert [fields_of(a) for a in from_file] == [fields_of(a) for a in from_argv]
+        assert settings_of_flags(read_flags_file(path)) == (stage, {k: v for k, v in settings.items() if k != "max_steps"})
+    pretrain = stage_flags("pretrain", {"base_model": "tiny", "prompt_template": "alpaca", "data": "sample/pretrain", "length": 64})
+    assert pretrain == {"base_model": "tiny", "dataset_dir": "sample/pretrain", "block_size": 64}
+    assert command_argv("pretrain", pretrain)[1:3] == ["tools/pretrain.py", "--base_model"]
+    assert resume_argv(["py", "finetune.py", "--overwrite_output_dir", "true", "--seed", "1"]) == [
+        "py", "finetune.py", "--seed", "1", "--resume_from_checkpoint", "true",
+    ]  # fmt: skip
