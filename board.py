@@ -180,19 +180,19 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         line = t(
             "board.progress", status=t("board.status." + run["status"]), step=p["step"], total=p["total"] or "?",
             loss="—" if p.get("loss") is None else f"{p['loss']:.4f}",
-            lr="—" if p.get("learning_rate") is None else f"{p['learning_rate']:.3g}", eta=p.get("eta") or "—",
+            lr="—" if p.get("learning_rate") is None else f"{p['learning_rate']:.3g}", eta=(p.get("eta") or "—") if run["status"] == "running" else "—",
             output_dir=run["output_dir"],
         )  # fmt: skip
         if run["returncode"] is not None:
             line += t("board.exit", code=run["returncode"])
         return line, loss_plot(run, p["curve"], runs.root / run["id"]), run["command"], console
 
-    def stop(run_id: str | None) -> str:
+    def stop(run_id: str | None) -> tuple[str, Any]:
         try:
             runs.stop(run_id or "")
         except UserError as exc:
             raise page_error(exc) from None
-        return t("board.stopping", run=run_id)
+        return t("board.stopping", run=run_id), run_choices(run_id)
 
     def resume(run_id: str | None) -> tuple[str, Any]:
         try:
@@ -330,7 +330,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         timer.tick(watch, run, [progress_md, plot, run_command, console], api_name=False, queue=False)
         run.change(watch, run, [progress_md, plot, run_command, console], api_name="watch")
         run.change(use_run, run, [adapter, export_adapter], api_name=False)
-        stop_btn.click(stop, run, run_status, api_name="stop")
+        stop_btn.click(stop, run, [run_status, run], api_name="stop")
         resume_btn.click(resume, run, [run_status, run], api_name="resume")
         send.click(respond, [message, history, base, adapter], [chatbot, history, message], api_name="respond")
         message.submit(respond, [message, history, base, adapter], [chatbot, history, message], api_name=False)
