@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.prompts import load_template
+from chinese_vicuna.prompts import LLAMA_CPP_AFTER_BOS, load_template
 from chinese_vicuna.serving.launch import API_KEY_ENV
 
 
@@ -35,8 +35,11 @@ def register_template_format(template_name: str) -> str:
             return response
 
     name = f"chinese-vicuna-{template.name}"
-    # BOS in the text: llama-cpp-python tokenizes a rendered chat without adding special tokens
-    formatter = TemplateFormatter(template=template.jinja(bos=True, single_instruction=True), eos_token="</s>", bos_token="<s>")
+    # BOS in the text: llama-cpp-python tokenizes a rendered chat without adding special tokens;
+    # after it, the text as llama.cpp's SPM tokenizer needs it for HF's ids (the vocabulary
+    # tools/convert_to_gguf.py writes; export/gguf.py embeds the same join)
+    jinja = template.jinja(bos=True, single_instruction=True, after_bos=LLAMA_CPP_AFTER_BOS["space"])
+    formatter = TemplateFormatter(template=jinja, eos_token="</s>", bos_token="<s>")
     llama_chat_format.LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(
         name, formatter.to_chat_handler(), overwrite=True
     )
