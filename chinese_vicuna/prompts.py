@@ -431,6 +431,21 @@ def save_template_files(folder: str | Path, template: PromptTemplate, tokenizer:
     atomic_write_text(folder / CHAT_TEMPLATE_FILE, hf_chat_template(template, tokenizer))
 
 
+def carry_template_files(source: str | Path, out: str | Path, tokenizer: Any = None) -> str | None:
+    """The template files of a model folder into a converted copy of it (Meta `.pth` → HF): from
+    `prompt_template.json` both files are written again for `tokenizer` (`save_template_files`); a
+    folder with only a `chat_template.jinja` has it copied. Returns what was carried (for the log)."""
+    source, out = Path(source), Path(out)
+    if (source / TEMPLATE_FILE).is_file():
+        template = load_template(str(source / TEMPLATE_FILE), tokenizer)
+        save_template_files(out, template, tokenizer)
+        return f"{TEMPLATE_FILE} ({template.name}) + {CHAT_TEMPLATE_FILE}"
+    if (source / CHAT_TEMPLATE_FILE).is_file():
+        atomic_write_text(out / CHAT_TEMPLATE_FILE, (source / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8"))
+        return CHAT_TEMPLATE_FILE
+    return None
+
+
 def load_template(name_or_path: str, tokenizer: Any = None) -> PromptTemplate:
     """A built-in template by name, `auto`, or a JSON file path."""
     if name_or_path == AUTO:
