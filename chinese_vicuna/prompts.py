@@ -409,6 +409,14 @@ def hf_chat_template(template: PromptTemplate, tokenizer: Any = None) -> str:
     return template.jinja(bos=True, after_bos=after_bos_for(tokenizer))
 
 
+def llama_cpp_chat_template(template: PromptTemplate, tokenizer: Any = None) -> str:
+    """The Jinja `chat_template` a GGUF file carries: BOS once, joined as llama.cpp's tokenizer
+    needs it for the ids `tokenizer` (HF, same vocabulary) gives (llama-cpp-python's chat handler
+    and `llama-server --jinja` add no BOS of their own to a rendered chat)."""
+    tokenizer = tokenizer if tokenizer is not None else template.tokenizer
+    return template.jinja(bos=True, after_bos=LLAMA_CPP_AFTER_BOS.get(after_bos_for(tokenizer), "plain"))
+
+
 def save_template_files(folder: str | Path, template: PromptTemplate, tokenizer: Any = None) -> None:
     """The template beside a model or adapter, for this toolkit (`prompt_template.json`) and for
     stock tools (`chat_template.jinja`, as transformers 5 saves a chat template: `AutoTokenizer`

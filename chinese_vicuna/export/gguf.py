@@ -21,7 +21,7 @@ from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.names import gguf_name, unpermute_qk
 from chinese_vicuna.export.tensors import TensorIndex
 from chinese_vicuna.files import make_readable, read_json
-from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, LLAMA_CPP_AFTER_BOS, TEMPLATE_FILE, after_bos_for, load_template
+from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, TEMPLATE_FILE, llama_cpp_chat_template, load_template
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,8 @@ def gguf_chat_template(model_dir: Path) -> str | None:
     if (model_dir / TEMPLATE_FILE).is_file():
         from chinese_vicuna.model.loading import load_tokenizer
 
-        template = load_template(str(model_dir / TEMPLATE_FILE))
-        hf_join = after_bos_for(load_tokenizer(str(model_dir)))
-        return template.jinja(bos=True, after_bos=LLAMA_CPP_AFTER_BOS.get(hf_join, "plain"))
+        tokenizer = load_tokenizer(str(model_dir))
+        return llama_cpp_chat_template(load_template(str(model_dir / TEMPLATE_FILE), tokenizer))
     return model_chat_template(model_dir)
 
 
@@ -197,7 +196,9 @@ def quantize(infile: Path, outfile: Path, outtype: str, threads: int | None = No
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(f"--outtype {outtype} needs llama-cpp-python: pip install -r requirements-llamacpp.txt (it compiles llama.cpp)") from None
+        raise UserError(
+            f"--outtype {outtype} needs llama-cpp-python: pip install -r requirements-llamacpp.txt (it compiles llama.cpp)"
+        ) from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = OUTTYPES[outtype]
     params.nthread = threads or os.cpu_count() or 1
