@@ -280,3 +280,22 @@ def test_the_gguf_carries_a_template_that_feeds_hf_ids(tiny_model_dir: Path, two
         assert fed_ids(llm, messages) == want, messages
     reply = llm.create_chat_completion(messages=[{"role": "user", "content": INSTRUCTIONS[0]}], max_tokens=96, temperature=0.0)
     assert reply["choices"][0]["message"]["content"].strip() == ANSWERS_B[0].strip()
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "llama2", "alpaca"])
+def test_serve_llamacpp_chat_format_feeds_hf_ids_in_history_too(f16_gguf: Path, hf, name: str) -> None:
+    """`serve.py --engine llamacpp`'s chat format (chinese_vicuna/serving/llamacpp_server.py): the
+    rendered chat tokenized as HF does, so even a history with special tokens gets HF's ids."""
+    from chinese_vicuna.prompts import hf_chat_template
+    from chinese_vicuna.serving.llamacpp_server import register_template_format
+
+    _, tokenizer = hf
+    template = load_template(name, tokenizer)
+    llm = load_gguf(str(f16_gguf), n_ctx=512)
+    llm.chat_handler = None
+    llm.chat_format = register_template_format(name)
+    for messages in chat_matrix():
+        if not template.is_chat and sum(m["role"] == "user" for m in messages) > 1:
+            continue
+        want = tokenizer.apply_chat_template(messages, chat_template=hf_chat_template(template), add_generation_prompt=True, return_dict=False)
+        assert fed_ids(llm, messages) == want, messages

@@ -308,9 +308,10 @@ def data_files(data_path: str | os.PathLike, suffixes: tuple[str, ...] = DATA_SU
             else:
                 other.append(p.name)
         if hidden or other:
+            found = " or ".join(k for k in suffixes if any(f.suffix == k for f in files)) or kinds
             logger.info(
                 "%s %s: %d %s files read; skipped %d hidden and %d other entries%s",
-                flag, path, len(files), kinds, len(hidden), len(other), f" ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''})" if other else "",
+                flag, path, len(files), found, len(hidden), len(other), f" ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''})" if other else "",
             )  # fmt: skip
         if not files:
             raise UserError(f"{flag} {path}: the folder has no {kinds} files")
