@@ -16,6 +16,7 @@ import pytest
 from test_template_travels import matrix, registry_text
 
 from chinese_vicuna.data.encode import encode_segments
+from chinese_vicuna.errors import UserError
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import (
     CHAT_TEMPLATE_FILE,
@@ -164,3 +165,41 @@ def test_stock_adapter_ids_equal_generate_ids_for_every_template(memorized_lora:
         else:
             want = prompt_ids(tokenizer, template, question)  # an instruction template: the user message is the instruction
         assert got == want, (name, messages)
+
+
+def test_vllm_hand_off_passes_each_loras_own_template(tiny_model_dir: Path, tmp_path: Path, tokenizer, caplog) -> None:
+    """serve.py --engine vllm: LoRAs that carry their chat_template.jinja and tokenizer are rendered
+    by vLLM with it (no server-wide --chat-template); an adapter from elsewhere keeps the server's
+    template, with a warning naming it; the two kinds in one server are refused. The server-wide
+    template is joined to BOS as the base's tokenizer needs."""
+    import logging
+
+    from chinese_vicuna.serving.launch import vllm_command
+
+    def adapter(name: str, template: str | None, own_files: bool) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}), encoding="utf-8")
+        if template and own_files:
+            tokenizer.save_pretrained(str(folder))
+            save_template_files(folder, load_template(template, tokenizer), tokenizer)
+        elif template:
+            load_template(template).save(folder)
+        return folder
+
+    chat, med = adapter("chat", "vicuna_v1.1", True), adapter("med", "alpaca", True)
+    command, _ = vllm_command(str(tiny_model_dir), {"chat": str(chat), "med": str(med)}, "chinese-vicuna-chat", template_dir=tmp_path)
+    assert "--chat-template" not in command and f"chat={chat}" in command
+    upstream = adapter("upstream", None, False)
+    with caplog.at_level(logging.WARNING):
+        command, _ = vllm_command(str(tiny_model_dir), {"up": str(upstream)}, "alpaca", template_dir=tmp_path)
+    assert "LoRA 'up' carries no chat_template.jinja" in caplog.text and "server's template 'alpaca'" in caplog.text
+    jinja = Path(command[command.index("--chat-template") + 1]).read_text(encoding="utf-8")
+    assert jinja == load_template("alpaca").jinja(bos=True, single_instruction=True, after_bos="space")
+    same = adapter("same", "chinese-vicuna-chat", True)  # the server's template, carried too: also fine
+    command, _ = vllm_command(str(tiny_model_dir), {"chat": str(chat), "same": str(same)}, "chinese-vicuna-chat", template_dir=tmp_path)
+    assert "--chat-template" not in command
+    with pytest.raises(UserError, match="vLLM can render one of the two ways per server"):
+        vllm_command(str(tiny_model_dir), {"chat": str(chat), "up": str(upstream)}, "alpaca")
+    with pytest.raises(UserError, match="one chat template"):
+        vllm_command(str(tiny_model_dir), {"old": str(adapter("old", "vicuna_v1.1", False))}, "alpaca")

@@ -79,35 +79,37 @@ def vllm_command(
         raise UserError("--base_model is required")
     tokenizer = local_tokenizer(base_model)
     template = load_template(prompt_template, tokenizer)
-    own: list[str] = []  # LoRAs rendered with their own chat_template.jinja
-    plain: list[str] = []  # LoRAs without one (trained elsewhere): the server's template
+    carries: dict[str, bool] = {}  # LoRA folders with their own chat_template.jinja and tokenizer
+    differ: list[str] = []  # LoRAs trained with another template than the server's
     for name, path in lora_modules.items():
         theirs = template_for_adapter(path, prompt_template, tokenizer)
-        carries = (Path(path) / CHAT_TEMPLATE_FILE).is_file() and has_tokenizer(Path(path))
-        if theirs.spec != template.spec and not carries:
-            raise UserError(
-                f"LoRA {name!r} was trained with the template {theirs.name!r} but vLLM renders every model with one chat template "
-                f"({template.name!r}) unless the LoRA folder carries its own {CHAT_TEMPLATE_FILE} and tokenizer files (folders "
-                "finetune.py writes do): serve them with the built-in engine, or one vLLM server per template"
-            )
-        (own if theirs.spec != template.spec else plain).append(name)
-    if own and plain:
+        carries[name] = (Path(path) / CHAT_TEMPLATE_FILE).is_file() and has_tokenizer(Path(path))
+        if theirs.spec != template.spec:
+            if not carries[name]:
+                raise UserError(
+                    f"LoRA {name!r} was trained with the template {theirs.name!r} but vLLM renders every model with one chat template "
+                    f"({template.name!r}) unless the LoRA folder carries its own {CHAT_TEMPLATE_FILE} and tokenizer files (folders "
+                    "finetune.py writes do): serve them with the built-in engine, or one vLLM server per template"
+                )
+            differ.append(name)
+    lacking = [name for name, has in carries.items() if not has]
+    if differ and lacking:
         # vLLM takes a LoRA's template from the tokenizer in its folder only where no --chat-template is given
         raise UserError(
-            f"LoRA {own[0]!r} has its own chat template ({CHAT_TEMPLATE_FILE}) and LoRA {plain[0]!r} has none: vLLM can render "
+            f"LoRA {differ[0]!r} has its own chat template ({CHAT_TEMPLATE_FILE}) and LoRA {lacking[0]!r} has none: vLLM can render "
             "one of the two ways per server; serve them with the built-in engine, or one vLLM server each"
         )
-    for name in plain:
-        if not (Path(lora_modules[name]) / CHAT_TEMPLATE_FILE).is_file():
-            logger.warning(
-                "LoRA %r carries no %s (an adapter from elsewhere): vLLM renders its chats with the server's template %r",
-                name, CHAT_TEMPLATE_FILE, template.name,
-            )  # fmt: skip
+    own = bool(differ)  # each LoRA rendered with its own template: no server-wide one
     if own:
         logger.warning(
-            "LoRAs %s carry their own %s: vLLM renders each with it (from the tokenizer in the LoRA folder); requests to the "
+            "LoRAs carry their own %s (%s): vLLM renders each with it (from the tokenizer in the LoRA folder); requests to the "
             "base model name use the base tokenizer's own chat_template",
-            ", ".join(map(repr, own)), CHAT_TEMPLATE_FILE,
+            CHAT_TEMPLATE_FILE, ", ".join(map(repr, lora_modules)),
+        )  # fmt: skip
+    for name in lacking:
+        logger.warning(
+            "LoRA %r carries no %s (an adapter from elsewhere): vLLM renders its chats with the server's template %r",
+            name, CHAT_TEMPLATE_FILE, template.name,
         )  # fmt: skip
     command = [shutil.which("vllm") or "vllm", "serve", base_model, "--host", host, "--port", str(port)]
     command += ["--served-model-name", served_model_name or Path(base_model.rstrip("/")).name]
