@@ -24,9 +24,9 @@ from typing import Any
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.infer.engine import INSTRUCTION, adapter_template, model_template
 from chinese_vicuna.model.loading import has_tokenizer, load_tokenizer
-from chinese_vicuna.prompts import CHAT_TEMPLATE_FILE, PromptTemplate, after_bos_for, load_template
-from chinese_vicuna.serving.adapters import template_for_adapter
+from chinese_vicuna.prompts import CHAT_TEMPLATE_FILE, PromptTemplate, after_bos_for
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +78,11 @@ def vllm_command(
     if not base_model:
         raise UserError("--base_model is required")
     tokenizer = local_tokenizer(base_model)
-    template = load_template(prompt_template, tokenizer)
+    template = model_template(prompt_template, (), INSTRUCTION, tokenizer)
     carries: dict[str, bool] = {}  # LoRA folders with their own chat_template.jinja and tokenizer
     differ: list[str] = []  # LoRAs trained with another template than the server's
     for name, path in lora_modules.items():
-        theirs = template_for_adapter(path, prompt_template, tokenizer)
+        theirs = adapter_template(path, template, tokenizer)
         carries[name] = (Path(path) / CHAT_TEMPLATE_FILE).is_file() and has_tokenizer(Path(path))
         if theirs.spec != template.spec:
             if not carries[name]:
