@@ -47,7 +47,7 @@ from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
 from chinese_vicuna.data.encode import IGNORE_INDEX
 from chinese_vicuna.train.checkpointing import AtomicCheckpointMixin, CheckpointTrainer
 from chinese_vicuna.train.losses import chunked_cross_entropy
-from chinese_vicuna.train.mixed_precision import keep_logits_dtype, return_freed_heap
+from chinese_vicuna.train.mixed_precision import keep_logits_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,6 @@ class PackedLossMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)  # type: ignore[misc]
         # The packed loss takes bf16 logits as they are: no fp32 copy (train/mixed_precision.py).
         keep_logits_dtype(model)
-        return_freed_heap()
         loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch)
         # Divided by the accumulated batch's token count → Trainer must not divide by GA steps again.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
