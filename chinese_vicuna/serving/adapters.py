@@ -6,7 +6,8 @@ the model, so they run only on the engine's scheduler thread (between decoding s
 HTTP side only registers and unregisters names, under a lock.
 
 Each adapter is asked in the template it was trained with: `prompt_template.json` in its
-folder when present, else the server's `--prompt_template`.
+folder when present, else the base's (the server's `--prompt_template`), resolved by
+`infer/engine.py` like every front end's.
 """
 
 from __future__ import annotations
@@ -18,13 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.model.adapters import adapter_vocab_rows, check_adapter_fits, check_adapter_matches_base
-from chinese_vicuna.prompts import PromptTemplate, load_template
+from chinese_vicuna.infer.engine import INSTRUCTION, adapter_template, model_template
+from chinese_vicuna.model.adapters import (
+    adapter_files,
+    adapter_vocab_rows,
+    check_adapter_fits,
+    check_adapter_matches_base,
+    load_adapter_tensors,
+    read_adapter_config,
+)
+from chinese_vicuna.prompts import PromptTemplate
 
 logger = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
-SAVED_TEMPLATE = "prompt_template.json"
 
 
 def parse_lora_modules(values: list[str] | None) -> dict[str, str]:
@@ -40,12 +48,6 @@ def parse_lora_modules(values: list[str] | None) -> dict[str, str]:
     return modules
 
 
-def template_for_adapter(adapter_dir: str | Path, default: str, tokenizer: Any) -> PromptTemplate:
-    """The template saved with the adapter (`prompt_template.json`), else `default`."""
-    saved = Path(adapter_dir) / SAVED_TEMPLATE
-    return load_template(str(saved) if saved.is_file() else default, tokenizer)
-
-
 def check_adapter_dir(name: str, path: str) -> None:
     """An adapter folder this server can serve, or a UserError naming what is wrong."""
     folder = Path(path)
@@ -56,6 +58,65 @@ def check_adapter_dir(name: str, path: str) -> None:
             f"LoRA {name!r}: {path} carries its own embeddings (an expanded vocabulary); several LoRAs share one base vocabulary "
             "here: merge it (merge_lora.py) and serve the merged model as --base_model"
         )
+
+
+def validate_adapter(name: str, path: str, base: Any, tokenizer: Any) -> None:
+    """Everything loading `path` into `base` will need, checked before the name is served: the
+    config parses as a PEFT config, the weights file reads whole with finite values, and every
+    LoRA matrix fits the base layer it adapts. A UserError naming the LoRA and what is wrong."""
+    import torch
+    from peft import PeftConfig
+
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise UserError(f"LoRA {name!r}: {path} has no adapter_config.json; give a PEFT adapter folder (output_dir or checkpoint-N)")
+    try:
+        cfg_file, weights = adapter_files(path)
+        config = PeftConfig.from_peft_type(**read_adapter_config(cfg_file))
+    except UserError as exc:
+        raise UserError(f"LoRA {name!r}: {exc}") from None
+    except Exception as exc:  # a config PEFT cannot take: wrong types, unknown peft_type
+        raise UserError(f"LoRA {name!r}: {path}/adapter_config.json is not a valid PEFT adapter config ({_first_line(exc)})") from None
+    if weights is None:
+        raise UserError(f"LoRA {name!r}: {path} has no adapter_model.safetensors or adapter_model.bin; the folder is incomplete")
+    try:
+        tensors = load_adapter_tensors(weights)
+    except UserError as exc:
+        raise UserError(f"LoRA {name!r}: {exc}") from None
+    except Exception as exc:
+        raise UserError(f"LoRA {name!r}: {weights} cannot be read ({_first_line(exc)}); save or copy the adapter again") from None
+    layers = {n.split("base_model.model.")[-1]: m for n, m in base.named_modules()}
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"LoRA {name!r}: {weights}: {key} holds NaN or infinite values; the adapter is damaged")
+        inner = key.split("base_model.model.", 1)[-1]
+        for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in inner:
+                continue
+            module = inner.split(part)[0]
+            layer = layers.get(module)
+            layer = getattr(layer, "base_layer", layer)
+            if layer is None or not hasattr(layer, "weight"):
+                raise UserError(
+                    f"LoRA {name!r}: {weights} adapts {module}, which the base model does not have: it was made for another base"
+                )
+            wanted = layer.in_features if dim == 1 else layer.out_features
+            if tensor.dim() != 2 or tensor.shape[dim] != wanted:
+                raise UserError(
+                    f"LoRA {name!r}: {weights}: {key} has shape {tuple(tensor.shape)} but the base layer {module} needs "
+                    f"{'inputs' if dim == 1 else 'outputs'} of size {wanted}: it was made for another base"
+                )
+    if getattr(config, "r", None) is not None and not isinstance(config.r, int):
+        raise UserError(f"LoRA {name!r}: {cfg_file}: r must be an integer")
+    check_adapter_dir(name, path)
+    try:
+        check_adapter_fits(base, path)
+        check_adapter_matches_base(path, base, tokenizer)
+    except UserError as exc:
+        raise UserError(f"LoRA {name!r}: {exc}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 class AdapterRegistry:
@@ -69,7 +130,7 @@ class AdapterRegistry:
         self.tokenizer = tokenizer
         self.default_template = default_template
         self.max_loras = max_loras
-        self.base_template = load_template(default_template, tokenizer)
+        self.base_template = model_template(default_template, (), INSTRUCTION, tokenizer)
         self._lock = threading.Lock()
         self._paths: dict[str, str] = {}
         self._templates: dict[str, PromptTemplate] = {}
@@ -83,11 +144,12 @@ class AdapterRegistry:
 
     # --- names (any thread) ------------------------------------------------------------------
     def register(self, name: str, path: str) -> None:
-        """Make `name` servable; its weights load on first use. Checks the folder and template now."""
+        """Make `name` servable; its weights load on first use. The adapter is validated now
+        (`validate_adapter`): a bad one never reaches the engine."""
         if name == BASE:
             raise UserError(f"{BASE!r} is reserved")
-        check_adapter_dir(name, path)
-        template = template_for_adapter(path, self.default_template, self.tokenizer)
+        validate_adapter(name, path, self.base, self.tokenizer)
+        template = adapter_template(path, self.base_template, self.tokenizer)
         with self._lock:
             if name in self._paths and self._paths[name] != path:
                 raise UserError(f"LoRA {name!r} is already served from {self._paths[name]}; unload it first")
@@ -163,8 +225,9 @@ class AdapterRegistry:
                 self.model = PeftModel.from_pretrained(self.base, path, adapter_name=peft_name)
             else:
                 self.model.load_adapter(path, adapter_name=peft_name)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"LoRA {name!r}: cannot load {path} ({str(exc).splitlines()[0]})") from None
+        except (OSError, ValueError, RuntimeError):
+            logger.exception("LoRA %s: loading %s failed", name, path)
+            raise UserError(f"LoRA {name!r}: cannot load it (the server log has the details)") from None
         self.model.eval()
         with self._lock:
             self._loaded[name] = path
