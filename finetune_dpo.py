@@ -57,7 +57,8 @@ class PreferenceArguments:
     pref_ftx: float = field(default=0.0, metadata={"help": "Weight of an SFT loss on the chosen answers added to the preference loss."})
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin."})
     precompute_ref_log_probs: bool = field(
-        default=False, metadata={"help": "Compute the reference log-probabilities once before training (one forward per sample less each step)."}
+        default=False,
+        metadata={"help": "Compute the reference log-probabilities once before training (one forward per sample less each step)."},
     )
     kto_chosen_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the desirable answers' loss."})
     kto_rejected_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the undesirable answers' loss."})

@@ -132,7 +132,9 @@ def _with_system(record: Record, messages: list[dict[str, str]]) -> list[dict[st
 def _alpaca_prompt(record: Record) -> tuple[list[dict[str, str]], tuple[str, str] | None]:
     instruction, input_ = _text(record, "instruction"), _text(record, "input", required=False)
     history = record.data.get("history") or []
-    if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history):
+    if not isinstance(history, list) or not all(
+        isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in history
+    ):
         raise UserError(f"{record.where}: 'history' must be a list of [question, answer] pairs of strings")
     turns = [{"role": role, "content": text} for q, a in history for role, text in (("user", q), ("assistant", a))]
     content = f"{instruction}\n{input_}" if input_ else instruction
@@ -165,7 +167,9 @@ def _sharegpt_prompt(record: Record, messages: list[dict[str, str]]) -> list[dic
 
 def _sharegpt(record: Record) -> PreferenceExample:
     prompt = _sharegpt_prompt(record, _messages(record, record.data["conversations"], "'conversations'"))
-    return PreferenceExample(prompt, [_answer(record, "chosen"), _answer(record, "rejected")], record.where, None, _single_instruction(prompt))
+    return PreferenceExample(
+        prompt, [_answer(record, "chosen"), _answer(record, "rejected")], record.where, None, _single_instruction(prompt)
+    )
 
 
 def _trl(record: Record) -> PreferenceExample:
@@ -279,9 +283,12 @@ def tokenize_examples(
     protect = literal_specials(tokenizer).protect
     protected = [
         PreferenceExample(
-            [{**m, "content": protect(m["content"])} for m in ex.prompt], ex.answers, ex.where, ex.desirable,
+            [{**m, "content": protect(m["content"])} for m in ex.prompt],
+            ex.answers,
+            ex.where,
+            ex.desirable,
             None if ex.instruction is None else (protect(ex.instruction[0]), protect(ex.instruction[1])),
-        )  # fmt: skip
+        )
         for ex in examples
     ]
     segment_lists = [answer_segments(template, ex, protect(answer)) for ex in protected for answer in ex.answers]
@@ -296,7 +303,9 @@ def tokenize_examples(
         group = encoded[pos : pos + len(ex.answers)]
         pos += len(ex.answers)
         prompt_len = prompt_length(group[0]["labels"])
-        if any(s["input_ids"][:prompt_len] != group[0]["input_ids"][:prompt_len] or prompt_length(s["labels"]) != prompt_len for s in group):
+        if any(
+            s["input_ids"][:prompt_len] != group[0]["input_ids"][:prompt_len] or prompt_length(s["labels"]) != prompt_len for s in group
+        ):
             raise UserError(f"{ex.where}: the template renders the prompt differently before each answer; pick a named --prompt_template")
         if len(group) == 2 and group[0]["input_ids"] == group[1]["input_ids"]:
             same += 1
@@ -326,7 +335,9 @@ def _check_kind(examples: Sequence[PreferenceExample], kto: bool) -> None:
         if kto and ex.desirable is None:
             raise UserError(f"{ex.where}: a chosen/rejected pair; --pref_loss kto trains on single answers with a kto_tag or label")
         if not kto and ex.desirable is not None:
-            raise UserError(f"{ex.where}: a KTO record (one answer with kto_tag/label); pass --pref_loss kto, or give chosen/rejected pairs")
+            raise UserError(
+                f"{ex.where}: a KTO record (one answer with kto_tag/label); pass --pref_loss kto, or give chosen/rejected pairs"
+            )
 
 
 def load_preference_dataset(
@@ -349,7 +360,12 @@ def load_preference_dataset(
             writer.add_samples(group)
         stats.log(str(data_path))
 
-    settings = {"kind": "preference", "version": PREFERENCE_DATA_VERSION, **template_settings(template, tokenizer), "cutoff_len": cutoff_len}
+    settings = {
+        "kind": "preference",
+        "version": PREFERENCE_DATA_VERSION,
+        **template_settings(template, tokenizer),
+        "cutoff_len": cutoff_len,
+    }
     return SequenceGroups(load_tokenized(str(data_path), files, tokenizer, settings, build, cache_dir, use_cache), 2)
 
 
@@ -414,4 +430,3 @@ def load_kto_dataset(
     if all(p is None for p in parts):
         raise UserError(f"{data_path}: no KTO sample left; check the data file and --cutoff_len")
     return KtoSamples(*parts)
-

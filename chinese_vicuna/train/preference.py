@@ -109,7 +109,9 @@ def kto_loss(
     kl = (kl_log_probs.float() - ref_kl_log_probs.float()).mean().clamp(min=0).detach()
     ratio = log_probs.float() - ref_log_probs.float()
     good, bad = ratio[desirable], ratio[~desirable]
-    losses = torch.cat([desirable_weight * (1 - torch.sigmoid(beta * (good - kl))), undesirable_weight * (1 - torch.sigmoid(beta * (kl - bad)))])
+    losses = torch.cat(
+        [desirable_weight * (1 - torch.sigmoid(beta * (good - kl))), undesirable_weight * (1 - torch.sigmoid(beta * (kl - bad)))]
+    )
     return PreferenceOutput(losses.mean(), beta * good.detach(), beta * bad.detach()), kl
 
 
@@ -154,7 +156,9 @@ class PreferenceCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch_extra: dict[str, torch.Tensor] = {}
         if "ref_log_probs" in features[0]:
-            batch_extra["ref_log_probs"] = torch.as_tensor(np.stack([f["ref_log_probs"] for f in features]), dtype=torch.float32).reshape(-1)
+            batch_extra["ref_log_probs"] = torch.as_tensor(np.stack([f["ref_log_probs"] for f in features]), dtype=torch.float32).reshape(
+                -1
+            )
         if self.kto:
             if len(features) < KTO_MIN_BATCH:
                 raise UserError(
