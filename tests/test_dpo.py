@@ -74,7 +74,12 @@ def test_every_format_renders_the_prompt_once_and_each_answer_as_its_continuatio
 
     # a system prompt and history: only the last answer is trained, the same in both layouts
     history = {"instruction": q, "input": "", "system": system, "history": [["你好", "你好！"]], "chosen": good, "rejected": bad}
-    conv = [{"from": "system", "value": system}, {"from": "human", "value": "你好"}, {"from": "gpt", "value": "你好！"}, {"from": "human", "value": q}]
+    conv = [
+        {"from": "system", "value": system},
+        {"from": "human", "value": "你好"},
+        {"from": "gpt", "value": "你好！"},
+        {"from": "human", "value": q},
+    ]
     sharegpt = {"conversations": conv, "chosen": {"from": "gpt", "value": good}, "rejected": {"from": "gpt", "value": bad}}
     a = load_preference_dataset(write_jsonl(tmp_path / "h1.jsonl", [history]), tokenizer, template, 256).to_list()
     b = load_preference_dataset(write_jsonl(tmp_path / "h2.jsonl", [sharegpt]), tokenizer, template, 256).to_list()
@@ -120,7 +125,13 @@ def test_long_pairs_lose_prompt_tokens_first_or_are_dropped_with_a_count(tokeniz
         ({"instruction": "q", "chosen": "a"}, "not a preference record in a known format"),
         ({"instruction": "q", "input": "", "chosen": "", "rejected": "b"}, "'chosen' is empty"),
         ({"prompt": "q", "chosen": 3, "rejected": "b"}, "'chosen' must be a non-empty list of messages"),
-        ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}]}, "share 0 messages"),  # fmt: skip
+        (
+            {
+                "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "p"}, {"role": "assistant", "content": "b"}],
+            },
+            "share 0 messages",
+        ),
         ({"prompt": "q", "completion": "a", "label": "yes"}, "'label' must be true or false"),
     ],
 )
@@ -272,7 +283,10 @@ def test_reference_from_an_sft_adapter_is_that_adapter_and_only_the_trained_one_
     assert (base - policy).abs().min() > 1e-3
     model.save_pretrained(str(tmp_path / "saved"))
     assert sorted(p.name for p in (tmp_path / "saved").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert load_file(str(tmp_path / "saved" / "adapter_model.safetensors")).keys() == load_file(str(start / "adapter_model.safetensors")).keys()
+    assert (
+        load_file(str(tmp_path / "saved" / "adapter_model.safetensors")).keys()
+        == load_file(str(start / "adapter_model.safetensors")).keys()
+    )
 
 
 def test_precomputed_reference_gives_the_same_loss(tiny_model_dir: Path, tokenizer, sample_pairs, tmp_path: Path) -> None:
@@ -325,7 +339,9 @@ def answers_and_margins(base: Path, adapter: Path, tokenizer) -> tuple[list[str]
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(adapter)).eval()
     template = load_template("alpaca", tokenizer)
     records = pair_records()
-    answers = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], DecodingArguments(max_new_tokens=40)) for r in records]
+    answers = [
+        generate_answer(model, tokenizer, template, r["instruction"], r["input"], DecodingArguments(max_new_tokens=40)) for r in records
+    ]
     path = write_jsonl(adapter.parent / f"{adapter.name}-probe.jsonl", records)
     pairs = load_preference_dataset(path, tokenizer, template, 256, use_cache=False)
     with torch.no_grad():
@@ -358,7 +374,9 @@ def test_dpo_after_sft_prefers_the_chosen_answers(tiny_model_dir: Path, sft_adap
     assert (out / "prompt_template.json").is_file() and not (out / REFERENCE_ADAPTER).exists()
     checkpoint = out / "checkpoint-12"
     assert (checkpoint / "prompt_template.json").is_file() and not (checkpoint / REFERENCE_ADAPTER).exists()
-    assert load_file(str(checkpoint / "adapter_model.safetensors")).keys() == load_file(str(sft_adapter / "adapter_model.safetensors")).keys()
+    assert (
+        load_file(str(checkpoint / "adapter_model.safetensors")).keys() == load_file(str(sft_adapter / "adapter_model.safetensors")).keys()
+    )
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(checkpoint))
 
 
@@ -379,7 +397,9 @@ def test_orpo_from_the_bare_base_answers_the_chosen(tiny_model_dir: Path, tokeni
     finetune_dpo.main(dpo_args(tiny_model_dir, data, out, "--pref_loss", "orpo", "--num_epochs", "50", "--val_set_size", "0", *lora))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out)).eval()
     template = load_template("alpaca", tokenizer)
-    answers = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], DecodingArguments(max_new_tokens=40)) for r in records]
+    answers = [
+        generate_answer(model, tokenizer, template, r["instruction"], r["input"], DecodingArguments(max_new_tokens=40)) for r in records
+    ]
     assert share([a == r["chosen"] for a, r in zip(answers, records, strict=True)]) >= 0.9, answers
 
 
@@ -390,21 +410,43 @@ def test_every_loss_and_format_trains(loss: str, tiny_model_dir: Path, tmp_path:
     user = lambda text: {"role": "user", "content": text}  # noqa: E731
     bot = lambda text: {"role": "assistant", "content": text}  # noqa: E731
     files = {
-        "alpaca": [{"instruction": x, "input": "", "system": "你好", "history": [["在吗", "在"]], "chosen": "是", "rejected": "否"} for x in q],
-        "sharegpt": [{"conversations": [{"from": "human", "value": x}], "chosen": {"from": "gpt", "value": "是"}, "rejected": {"from": "gpt", "value": "否"}} for x in q],  # fmt: skip
+        "alpaca": [
+            {"instruction": x, "input": "", "system": "你好", "history": [["在吗", "在"]], "chosen": "是", "rejected": "否"} for x in q
+        ],
+        "sharegpt": [
+            {
+                "conversations": [{"from": "human", "value": x}],
+                "chosen": {"from": "gpt", "value": "是"},
+                "rejected": {"from": "gpt", "value": "否"},
+            }
+            for x in q
+        ],
         "trl": [{"prompt": [user(x)], "chosen": [bot("是")], "rejected": "否"} for x in q],
         "trl-implicit": [{"chosen": [user(x), bot("是")], "rejected": [user(x), bot("否")]} for x in q],
     }
     if loss == "kto":
         files = {
             "alpaca-kto": [{"instruction": x, "input": "", "output": "是", "kto_tag": i % 2 == 0} for i, x in enumerate(q)],
-            "sharegpt-kto": [{"conversations": [{"from": "human", "value": x}, {"from": "gpt", "value": "否"}], "kto_tag": False} for x in q],
+            "sharegpt-kto": [
+                {"conversations": [{"from": "human", "value": x}, {"from": "gpt", "value": "否"}], "kto_tag": False} for x in q
+            ],
             "trl-kto": [{"prompt": x, "completion": "是", "label": True} for x in q],
         }
     for name, records in files.items():
         write_jsonl(tmp_path / "data" / f"{name}.jsonl", records)
     out = tmp_path / "out"
-    flags = ["--pref_loss", loss, "--prompt_template", "chinese-vicuna-chat", "--max_steps", "2", "--val_set_size", "2", "--eval_steps", "2"]
+    flags = [
+        "--pref_loss",
+        loss,
+        "--prompt_template",
+        "chinese-vicuna-chat",
+        "--max_steps",
+        "2",
+        "--val_set_size",
+        "2",
+        "--eval_steps",
+        "2",
+    ]
     finetune_dpo.main(dpo_args(tiny_model_dir, tmp_path / "data", out, *flags, "--save_steps", "2", "--logging_steps", "1"))
     log = read_jsonl(out / "trainer_log.jsonl")
     assert [e["step"] for e in log if "loss" in e] == [1, 2] and all(torch.isfinite(torch.tensor(e["loss"])) for e in log if "loss" in e)
