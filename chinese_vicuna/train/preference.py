@@ -160,11 +160,8 @@ class PreferenceCollator:
                 -1
             )
         if self.kto:
-            if len(features) < KTO_MIN_BATCH:
-                raise UserError(
-                    f"--pref_loss kto: a batch of {len(features)} sample has no mismatched pair for the KL estimate; "
-                    f"the minimum is {KTO_MIN_BATCH} samples per device (--micro_batch_size)"
-                )
+            # a batch of one (the last of an epoch or of the held-out set) has no mismatched pair: its KL term is 0
+            batch_extra["kto_kl_valid"] = torch.tensor(len(features) >= KTO_MIN_BATCH)
             batch_extra["kto_desirable"] = torch.tensor([bool(f["label"]) for f in features])
             features = [_with_mismatched(f, features[(i + 1) % len(features)]) for i, f in enumerate(features)]
         else:
@@ -243,6 +240,8 @@ class PreferenceTrainer(LengthSamplingMixin, Trainer):
             own, kl = log_probs.view(-1, 2).unbind(1)
             ref_own, ref_kl = ref.view(-1, 2).unbind(1)
             desirable = inputs["kto_desirable"].to(own.device)
+            if not bool(inputs["kto_kl_valid"]):
+                kl = ref_kl  # no mismatched pair: the estimate is its lower bound, 0
             out, kl_value = kto_loss(self.beta, own, ref_own, kl, ref_kl, desirable, *self.kto_weights)
             loss = out.loss
             metrics["kl"] = float(kl_value)
