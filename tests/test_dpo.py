@@ -378,6 +378,18 @@ def test_dpo_after_sft_prefers_the_chosen_answers(tiny_model_dir: Path, sft_adap
         load_file(str(checkpoint / "adapter_model.safetensors")).keys() == load_file(str(sft_adapter / "adapter_model.safetensors")).keys()
     )
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(checkpoint))
+    # merged as an SFT adapter is: verified logits, its template carried as the tokenizer's chat_template
+    from transformers import AutoTokenizer
+
+    import merge_lora
+
+    merged = tmp_path / "merged"
+    merge_lora.main(["--base_model", str(tiny_model_dir), "--lora_weights", str(out), "--output_dir", str(merged), "--verify"])
+    assert json.loads((merged / "manifest.json").read_text())["verify"]["ok"]
+    merged_tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    prompt = [{"role": "user", "content": "一年有几个季节？"}]
+    rendered = merged_tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith(load_template("alpaca").instruction_prompt("一年有几个季节？"))
 
 
 def test_plain_dpo_after_sft_raises_the_chosen_log_probs(tiny_model_dir: Path, sft_adapter: Path, tokenizer, tmp_path: Path) -> None:
