@@ -479,3 +479,13 @@ def test_launcher_passes_the_sft_adapter_and_the_loss() -> None:
     assert cmd[:3] == ["CUDA_VISIBLE_DEVICES=0", "python", "finetune_dpo.py"]
     for flag, value in (("--lora_weights", "lora-Vicuna"), ("--pref_loss", "orpo"), ("--precision", "8bit")):
         assert cmd[cmd.index(flag) + 1] == value
+
+
+def test_trl_flag_names_are_aliases_and_a_bad_loss_is_one_line(tmp_path: Path) -> None:
+    from chinese_vicuna.args import TrainArguments, parse_args
+
+    common = ["--output_dir", str(tmp_path), "--report_to", "none"]
+    prefs, _ = parse_args((finetune_dpo.PreferenceArguments, TrainArguments), ["--beta", "0.3", "--loss_type", "ipo", *common])
+    assert (prefs.pref_beta, prefs.pref_loss) == (0.3, "ipo")
+    with pytest.raises(UserError, match="--pref_loss dpo: pick one of sigmoid, ipo, hinge, orpo, simpo, kto"):
+        parse_args((finetune_dpo.PreferenceArguments, TrainArguments), ["--pref_loss", "dpo", *common])
