@@ -23,8 +23,9 @@ from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.batch_generate import answer_in_batches
 from chinese_vicuna.infer.generation import GenerationStats, prompt_ids, stream_generate
 from chinese_vicuna.infer.jsonl import JsonlAppender, check_output_file, question_of, resume_point
-from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.prompts import PromptTemplate, resolve_template, saved_template
+from chinese_vicuna.run import load_from_args
 
 logger = logging.getLogger("generate")
 
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     model_args, template_args, decoding, server, ui, args = parse_args(
         (ModelArguments, TemplateArguments, DecodingArguments, ServerArguments, UIArguments, BatchFileArguments), argv
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     decoding.validate()
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1 (got {args.batch_size})")

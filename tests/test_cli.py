@@ -67,3 +67,71 @@ def test_booleans_and_a_json_file_of_flags(tmp_path: Path) -> None:
     flags.write_text(json.dumps({"base_model": "b", "share": True, "precision": "fp32"}))
     model, server = parse_args((ModelArguments, ServerArguments), [str(flags)])
     assert server.share is True and model.precision == "fp32" and model.base_model == "b"
+
+
+# ---------------------------------------------------------------- parsing is only parsing (issue 26)
+
+
+def tree(folder: Path) -> dict[str, tuple[int, bytes]]:
+    """Every entry under `folder`: its mtime and content (folders: empty)."""
+    return {
+        p.relative_to(folder).as_posix(): (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"") for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_parse_args_on_a_folder_holding_a_run_moves_nothing_writes_nothing_configures_nothing(tmp_path: Path) -> None:
+    import logging
+
+    import torch
+
+    import finetune
+    from chinese_vicuna.run import prepare_run
+
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "adapter_model.safetensors").write_bytes(b"x")
+    (out / "adapter_model.safetensors").write_bytes(b"y")
+    (out / "trainer_log.jsonl").write_text('{"step": 3}\n')
+    before, rng, handlers = tree(tmp_path), torch.random.get_rng_state(), list(logging.getLogger().handlers)
+    flags = ["--base_model", "b", "--output_dir", str(out), "--overwrite_output_dir", "true", "--seed", "7"]
+    groups = finetune.parse_args(finetune.FLAG_GROUPS, flags)
+    assert tree(tmp_path) == before and not list(tmp_path.glob("**/.write-probe-*"))
+    assert torch.equal(torch.random.get_rng_state(), rng) and logging.getLogger().handlers == handlers
+    assert groups[-1].resume_from_checkpoint is None and groups[-1].overwrite_output_dir is True
+    # the set-up step, called in view, is what moves the previous run aside
+    prepare_run(groups, finetune.RUN_IDENTITY)
+    [aside] = out.glob("superseded-*")
+    assert sorted(p.name for p in aside.iterdir()) == ["adapter_model.safetensors", "checkpoint-3", "trainer_log.jsonl"]
+
+
+def test_pages_and_the_api_server_take_each_others_listen_flags() -> None:
+    from chinese_vicuna.args import ApiServerArguments, ServerArguments, parse_args
+
+    for flags in (["--server_name", "0.0.0.0", "--server_port", "9000"], ["--host", "0.0.0.0", "--port", "9000"]):
+        (page,) = parse_args((ServerArguments,), flags)
+        (api,) = parse_args((ApiServerArguments,), flags)
+        assert (page.server_name, page.server_port, api.host, api.port) == ("0.0.0.0", 9000, "0.0.0.0", 9000)
+    assert (parse_args((ServerArguments,), [])[0].server_port, parse_args((ApiServerArguments,), [])[0].port) == (7860, 8000)
+
+
+def test_every_script_takes_the_one_template_and_base_model_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    """One definition each: the same help line wherever the flag is taken."""
+    import re
+
+    lines: dict[str, dict[str, str]] = {"--prompt_template": {}, "--base_model": {}}
+    for script in [s for s in SCRIPTS if s != "tools/__init__.py"]:
+        text = " ".join(help_text(script, capsys).split())
+        for flag, seen in lines.items():
+            if match := re.search(rf"{flag} [A-Z_]+, \S+ [A-Z_]+ (.{{25}})", text):  # the help's first line
+                seen[script] = match.group(1)
+    assert len(set(lines["--prompt_template"].values())) == 1 and len(lines["--prompt_template"]) >= 10, lines
+    assert len(set(lines["--base_model"].values())) == 1 and len(lines["--base_model"]) >= 15, lines
+
+
+def test_make_tiny_model_takes_its_folder_first_or_as_a_flag(tmp_path: Path) -> None:
+    tool = load("tools/make_tiny_model.py")
+    small = ["--vocab_size", "400", "--hidden_size", "64", "--intermediate_size", "128", "--num_layers", "1"]
+    tool.main([str(tmp_path / "positional"), *small])
+    tool.main(["--output_dir", str(tmp_path / "flag"), *small])
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        assert (tmp_path / "positional" / name).read_bytes() == (tmp_path / "flag" / name).read_bytes(), name

@@ -20,8 +20,8 @@ import torch
 from chinese_vicuna.args import DecodingArguments, ModelArguments, parse_args
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.infer.generation import prompt_ids, stream_generate
-from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.prompts import load_template
+from chinese_vicuna.run import load_from_args
 
 
 def plain(model: Any, tokenizer: Any, ids: list[int], n: int) -> str:

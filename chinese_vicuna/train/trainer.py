@@ -17,7 +17,6 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from chinese_vicuna.args import ModelArguments
 from chinese_vicuna.devices import is_main_process, world_size
 from chinese_vicuna.errors import TrainingInterrupted, UserError
 from chinese_vicuna.files import atomic_write_text, save_figure
@@ -165,15 +164,22 @@ def _make_trainer(
 
 
 def train_and_save(
-    trainer: Trainer, tokenizer: Any, template: PromptTemplate | None = None, resume_from_checkpoint: str | None = None
+    trainer: Trainer,
+    tokenizer: Any,
+    template: PromptTemplate | None = None,
+    resume_from_checkpoint: str | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> None:
     """Train (or resume) and save the final adapter through the Trainer (ZeRO-3 safe), with its
     tokenizer, the template it was trained with (`prompt_template.json`, also in every checkpoint,
-    pitfall 17) and the run fingerprint. Ctrl-C ends in one line that says how to resume."""
+    pitfall 17) and the run fingerprint (`run.prepare_run`; also in every checkpoint). Ctrl-C ends
+    in one line that says how to resume."""
     args = trainer.args
     if is_main_process():
         log_trainable(trainer.model)
-        write_fingerprint(args.output_dir, getattr(args, "run_fingerprint", None))
+        write_fingerprint(args.output_dir, fingerprint)
+    if fingerprint is not None:
+        trainer.add_checkpoint_writer(lambda folder: write_fingerprint(folder, fingerprint))
     if template is not None:
         trainer.add_checkpoint_writer(template.save)
     try:
@@ -238,8 +244,3 @@ def interrupted_message(trainer: Trainer, resumed_from: str | None) -> str:
         )
     return f"interrupted at step {step}; {last} is complete: resume with --resume_from_checkpoint true"
 
-
-def start_run(model_args: ModelArguments, train_args: TrainingArguments) -> None:
-    """The flag every training recipe needs (logging is set up by `args.finalize`)."""
-    if not model_args.base_model:
-        raise UserError("--base_model is required: a Hugging Face model folder or hub id, e.g. --base_model ./tiny-llama")
