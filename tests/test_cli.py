@@ -135,3 +135,16 @@ def test_make_tiny_model_takes_its_folder_first_or_as_a_flag(tmp_path: Path) -> 
     tool.main(["--output_dir", str(tmp_path / "flag"), *small])
     for name in ("config.json", "model.safetensors", "tokenizer.model"):
         assert (tmp_path / "positional" / name).read_bytes() == (tmp_path / "flag" / name).read_bytes(), name
+
+
+def test_pip_install_e_declares_the_runtime_requirements() -> None:
+    """`pip install -e .` installs what requirements.txt pins, torch as a lower bound only (an installed build is kept)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    pinned = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines()]
+    assert project["dependencies"] == [line for line in pinned if line]
+    assert "torch>=2.4" in project["dependencies"]
+    extras = {name: (REPO / f"requirements-{name}.txt").read_text(encoding="utf-8") for name in project["optional-dependencies"]}
+    for name, text in extras.items():
+        assert project["optional-dependencies"][name] == [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
