@@ -148,3 +148,35 @@ def test_pip_install_e_declares_the_runtime_requirements() -> None:
     extras = {name: (REPO / f"requirements-{name}.txt").read_text(encoding="utf-8") for name in project["optional-dependencies"]}
     for name, text in extras.items():
         assert project["optional-dependencies"][name] == [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_resume_is_resolved_by_the_set_up_step_not_by_parsing(tmp_path: Path) -> None:
+    import finetune
+    from chinese_vicuna.errors import UserError
+    from chinese_vicuna.run import prepare_run
+
+    flags = finetune.parse_args(finetune.FLAG_GROUPS, ["--base_model", "b", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"])
+    assert flags[-1].resume_from_checkpoint == "true" and list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match=f"--resume_from_checkpoint true: no complete checkpoint-N folder in {tmp_path}"):
+        prepare_run(flags, finetune.RUN_IDENTITY)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU's decisions")
+def test_precision_is_decided_in_one_function_from_the_flags_as_given() -> None:
+    from chinese_vicuna.devices import Precision, decide_precision
+    from chinese_vicuna.errors import UserError
+
+    assert decide_precision() == Precision("fp32")
+    assert decide_precision("auto", training=True, bf16=True) == Precision("bf16", bf16=True, use_cpu=True)
+    assert decide_precision("auto", training=True) == Precision("fp32", use_cpu=True)
+    assert decide_precision("fp32", load_in_4bit=True).weights == "4bit"
+    assert decide_precision("auto", whole_model="--stage embeddings").weights == "fp32"
+    with pytest.raises(UserError, match="--stage embeddings saves the whole model and cannot train a quantized one"):
+        decide_precision("8bit", whole_model="--stage embeddings")
+    with pytest.raises(UserError, match="--fp16 needs a CUDA GPU"):
+        decide_precision(training=True, fp16=True)
+    # what parsing derives from it: the weights follow the training's bf16 (nothing rewrites them later)
+    from chinese_vicuna.args import ModelArguments, TrainArguments, parse_args
+
+    model, train = parse_args((ModelArguments, TrainArguments), ["--bf16", "true", "--output_dir", "o"])
+    assert (model.precision, train.bf16, train.fp16, train.use_cpu) == ("bf16", True, False, True)
