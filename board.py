@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.args import ServerArguments, UIArguments, parse_args
+from chinese_vicuna.args import BaseModelArguments, ServerArguments, UIArguments, parse_args
 from chinese_vicuna.board import (
     STAGES,
     Runs,
@@ -39,6 +39,7 @@ from chinese_vicuna.board import (
 )
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.i18n import Messages
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.prompts import available_templates, load_template
 
 logger = logging.getLogger("board")
@@ -51,7 +52,6 @@ class BoardArguments:
     runs_dir: str = field(
         default="board-runs", metadata={"help": "Where the board keeps its runs (a folder per run: argv, status, console log)."}
     )
-    base_model: str = field(default="", metadata={"help": "Base model the page starts with."})
     auth: str | None = field(default=None, metadata={"help": "user:password the page asks for (default: none; the page binds 127.0.0.1)."})
 
 
@@ -351,8 +351,9 @@ def _cuda() -> bool:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    server, ui, args = parse_args((ServerArguments, UIArguments, BoardArguments), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # --base_model: the model the page starts with (the page can pick another)
+    base, server, ui, args = parse_args((BaseModelArguments, ServerArguments, UIArguments, BoardArguments), argv)
+    configure_logging()
     auth = None
     if args.auth is not None:
         user, sep, password = args.auth.partition(":")
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = Runs(args.runs_dir)
     logger.info("runs are kept in %s", Path(args.runs_dir).resolve())
-    launch(build_page(runs, args.base_model, ui.ui_language), server.server_name, server.server_port, server.share, auth=auth, css=CSS)
+    launch(build_page(runs, base.base_model or "", ui.ui_language), server.server_name, server.server_port, server.share, auth=auth, css=CSS)
 
 
 if __name__ == "__main__":

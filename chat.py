@@ -33,7 +33,8 @@ from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.i18n import Messages
 from chinese_vicuna.infer.session import ChatSession, Message, keeps_answer, save_conversation
 from chinese_vicuna.infer.terminal import ChatEnded, enable_line_editing, print_answer, read_line
-from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.run import load_from_args
 
 logger = logging.getLogger("chat")
 
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         (ModelArguments, ChatTemplateArguments, ChatSessionArguments, DecodingArguments, ServerArguments, UIArguments, ChatFrontArguments),
         argv,
     )
-    logging.basicConfig(level=logging.WARNING if args.cli else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.WARNING if args.cli else logging.INFO)
     decoding.validate()
     if args.cli:  # keep the terminal for the conversation
         import warnings

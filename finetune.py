@@ -19,29 +19,42 @@ from chinese_vicuna.args import (
     TrainModelArguments,
     parse_args,
 )
+from chinese_vicuna.checkpoints import RunIdentity
 from chinese_vicuna.data.datasets import load_instruction_dataset
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
+from chinese_vicuna.run import prepare_run
 from chinese_vicuna.train.data import load_training_data
 from chinese_vicuna.train.model import apply_training_speedups, load_model_for_training
 from chinese_vicuna.train.packing import packed_or_padded
-from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
+from chinese_vicuna.train.trainer import build_trainer, train_and_save
+
+FLAG_GROUPS = (TrainModelArguments, TemplateArguments, DataArguments, LoraArguments, BatchArguments, TrainArguments)
+# The flags that identify a run: a resume must share them (run_fingerprint.json).
+RUN_IDENTITY = RunIdentity(
+    data=("data_path", "val_data_path"),
+    models=("base_model", "tokenizer_path", "lora_weights"),
+    settings=("prompt_template", "cutoff_len", "train_on_inputs", "val_set_size", "data_weights", "data_mix_size",
+              "lora_r", "lora_alpha", "lora_target_modules", "modules_to_save", "packing", "batch_size", "seed"),
+    data_choice=("data_path", "val_data_path", "data_weights", "data_mix_size", "val_set_size"),
+)  # fmt: skip
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    # 0. flags, parsed once: precision, batch arithmetic, evaluation and resume are final here
-    model_args, template_args, data_args, lora_args, _batch, train_args = parse_args(  # _batch: applied to train_args
-        (TrainModelArguments, TemplateArguments, DataArguments, LoraArguments, BatchArguments, TrainArguments), argv
-    )
-    start_run(model_args, train_args)
+    # 0. flags (parsed once: precision and batch arithmetic are final here), then the run's set-up:
+    #    logging, seed, the checkpoint to resume from, the output folder
+    flags = parse_args(FLAG_GROUPS, argv)
+    model_args, template_args, data_args, lora_args, _batch, train_args = flags  # _batch: applied to train_args
+    run = prepare_run(flags, RUN_IDENTITY)
 
-    # 1. tokenizer and data first: a bad data line fails in seconds, before a 13B model loads
+    # 1. tokenizer and data first: a bad record fails in seconds, before a 13B model loads
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
     template = load_template(template_args.template_or_fallback, tokenizer)
     with train_args.main_process_first(desc="tokenize"):
-        # one file, or several mixed by --data_weights (each tokenized and cached on its own); --val_data_path or a split
+        # alpaca records → prompt + answer samples; one file, or several mixed by --data_weights
+        # (each tokenized and cached on its own); --val_data_path or a split
         def load(path: str) -> Any:
             return load_instruction_dataset(
                 path, tokenizer, template, data_args.cutoff_len, data_args.train_on_inputs, data_args.cache_dir, data_args.use_data_cache
@@ -56,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     # 3. train: packed rows unless --packing false (then padded, length-grouped batches)
     collator, trainer_class = packed_or_padded(train_args.packing, tokenizer)
     trainer = build_trainer(trainer_class, model, tokenizer, train_args, train_data, val_data, collator)
-    train_and_save(trainer, tokenizer, template, train_args.resume_from_checkpoint)
+    train_and_save(trainer, tokenizer, template, run.resume_from_checkpoint, run.fingerprint)
 
 
 if __name__ == "__main__":

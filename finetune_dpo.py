@@ -24,10 +24,12 @@ from chinese_vicuna.args import (
     TrainModelArguments,
     parse_args,
 )
+from chinese_vicuna.checkpoints import RunIdentity
 from chinese_vicuna.data.preference import load_kto_dataset, load_preference_dataset
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
+from chinese_vicuna.run import prepare_run
 from chinese_vicuna.train.data import load_training_data
 from chinese_vicuna.train.model import apply_training_speedups, load_model_for_training
 from chinese_vicuna.train.packing import sequence_collator
@@ -42,7 +44,7 @@ from chinese_vicuna.train.preference import (
     check_kto_batch,
     precompute_reference,
 )
-from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
+from chinese_vicuna.train.trainer import build_trainer, train_and_save
 
 
 @dataclass
@@ -85,13 +87,27 @@ class PreferenceTrainArguments(TrainArguments):
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate (preference training wants less than SFT)."})
 
 
+FLAG_GROUPS = (
+    TrainModelArguments, TemplateArguments, PreferenceDataArguments, LoraArguments, BatchArguments, PreferenceArguments, PreferenceTrainArguments,
+)  # fmt: skip
+# The flags that identify a run: a resume must share them (run_fingerprint.json).
+RUN_IDENTITY = RunIdentity(
+    data=("data_path", "val_data_path"),
+    models=("base_model", "tokenizer_path", "lora_weights"),
+    settings=("prompt_template", "cutoff_len", "val_set_size", "data_weights", "data_mix_size",
+              "lora_r", "lora_alpha", "lora_target_modules", "modules_to_save", "packing", "batch_size", "seed",
+              "pref_loss", "pref_beta", "pref_ftx", "simpo_gamma", "kto_chosen_weight", "kto_rejected_weight"),
+    data_choice=("data_path", "val_data_path", "data_weights", "data_mix_size", "val_set_size"),
+)  # fmt: skip
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    # 0. flags, parsed once: precision, batch arithmetic, evaluation and resume are final here
-    model_args, template_args, data_args, lora_args, _batch, pref_args, train_args = parse_args(  # _batch: applied to train_args
-        (TrainModelArguments, TemplateArguments, PreferenceDataArguments, LoraArguments, BatchArguments, PreferenceArguments, PreferenceTrainArguments), argv
-    )  # fmt: skip
-    start_run(model_args, train_args)
+    # 0. flags (parsed once: precision and batch arithmetic are final here), then the run's set-up:
+    #    logging, seed, the checkpoint to resume from, the output folder
+    flags = parse_args(FLAG_GROUPS, argv)
+    model_args, template_args, data_args, lora_args, _batch, pref_args, train_args = flags  # _batch: applied to train_args
+    run = prepare_run(flags, RUN_IDENTITY)
     kto = pref_args.pref_loss == "kto"
     check_kto_batch(pref_args.pref_loss, train_args.per_device_train_batch_size, train_args.packing_max_tokens)
     needs_reference = pref_args.pref_loss not in REFERENCE_FREE
@@ -129,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         trainer.train_dataset = WithReference(train_data, precompute_reference(trainer, train_data, collator, batch))
         if val_data is not None and len(val_data):
             trainer.eval_dataset = WithReference(val_data, precompute_reference(trainer, val_data, collator, batch))
-    train_and_save(trainer, tokenizer, template, train_args.resume_from_checkpoint)
+    train_and_save(trainer, tokenizer, template, run.resume_from_checkpoint, run.fingerprint)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.engine import INSTRUCTION, Engine
 from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.jsonl import JsonlAppender, check_output_file, question_of, resume_point
-from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.run import load_from_args
 
 logger = logging.getLogger("generate")
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     model_args, template_args, decoding, server, ui, args = parse_args(
         (ModelArguments, TemplateArguments, DecodingArguments, ServerArguments, UIArguments, BatchFileArguments), argv
     )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     decoding.validate()
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1 (got {args.batch_size})")

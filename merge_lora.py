@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from chinese_vicuna.args import parse_args
+from chinese_vicuna.args import BaseModelArguments, TemplateArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.export.merge import (
     adapter_fingerprint,
@@ -37,6 +37,7 @@ from chinese_vicuna.export.meta import save_meta
 from chinese_vicuna.export.tensors import DTYPE_NAMES, StagingDir, parse_size, resolve_dtype, split_list, write_manifest
 from chinese_vicuna.files import write_json
 from chinese_vicuna.infer.engine import model_template
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.loading import load_tokenizer
 
 logger = logging.getLogger("merge_lora")
@@ -44,7 +45,6 @@ logger = logging.getLogger("merge_lora")
 
 @dataclass
 class MergeArguments:
-    base_model: str = field(metadata={"help": "Base model folder (Hugging Face format, safetensors)."})
     lora_weights: str = field(metadata={"help": "Adapter folder(s), comma-separated, applied in this order."})
     output_dir: str = field(metadata={"help": "Where the merged model goes (written in a staging folder, moved into place when complete)."})
     output_type: str = field(default="hf", metadata={"help": "hf: safetensors shards; pth: Meta's consolidated.NN.pth layout."})
@@ -57,13 +57,6 @@ class MergeArguments:
     lora_config: str | None = field(
         default=None,
         metadata={"help": "adapter_config.json for an adapter folder that has none (a Chinese-Vicuna checkpoint-N: pytorch_model.bin)."},
-    )
-    prompt_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Template written into the merged model (prompt_template.json + Jinja chat_template). Default: the one "
-            "saved with the last adapter (or the base); none written when there is none."
-        },
     )
     overwrite: bool = field(
         default=False,
@@ -98,14 +91,17 @@ def verify_written(plan, tokenizer, reference_model, out: Path, dtype: torch.dty
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((MergeArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # --prompt_template: the template written into the merged model (prompt_template.json + Jinja
+    # chat_template); default: the one saved with the last adapter (or the base), none when there is none
+    base, template_args, args = parse_args((BaseModelArguments, TemplateArguments, MergeArguments), argv)
+    base.require_base_model("the base model folder (Hugging Face format, safetensors)")
+    configure_logging()
     if args.low_mem and args.output_type != "hf":
         raise UserError("--low_mem writes --output_type hf only (Meta's shards split every layer); drop one of them")
     start = time.time()
 
     # 1. every size checked from file headers, before any weight is loaded
-    plan = plan_merge(args.base_model, split_list(args.lora_weights), args.lora_config)
+    plan = plan_merge(base.base_model, split_list(args.lora_weights), args.lora_config)
     for note in plan.notes:
         logger.info(note)
     repeats = repeated_adapters(plan)
@@ -155,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
                 logger.info("wrote %d consolidated shard(s) + params.json", len(shards))
         copy_tokenizer(plan, stage.path)
         # the template inference would ask in, with no default: nothing saved, nothing written
-        template = model_template(args.prompt_template, [*(a.path for a in reversed(plan.adapters)), plan.base], None, tokenizer)
+        template = model_template(template_args.prompt_template, [*(a.path for a in reversed(plan.adapters)), plan.base], None, tokenizer)
         if template is not None and not template.is_auto:
             write_template(stage.path, template)
             info["prompt_template"] = template.name

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from chinese_vicuna.args import ModelArguments, parse_args
+from chinese_vicuna.args import ApiServerArguments, ModelArguments, TemplateArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.run import load_from_args
 from chinese_vicuna.serving.adapters import AdapterRegistry, parse_lora_modules
 from chinese_vicuna.serving.engine import BatchEngine
 from chinese_vicuna.serving.launch import API_KEY_ENV, llamacpp_command, vllm_command
@@ -42,11 +43,8 @@ class ServeArguments:
     api_key: str | None = field(
         default=None, metadata={"help": f"Require this key (Bearer) on every request; default ${API_KEY_ENV}, else none."}
     )
-    host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0 = every network: set a key)."})
-    port: int = field(default=8000, metadata={"help": "Port to listen on."})
     served_model_name: str | None = field(default=None, metadata={"help": "The base model's name in the API (default: its folder name)."})
     max_loras: int = field(default=4, metadata={"help": "Most LoRAs held in memory at once; the least recently used goes first."})
-    prompt_template: str = field(default="alpaca", metadata={"help": "Template of the base model, and of LoRAs saved without one."})
     engine: str = field(default="builtin", metadata={"help": "builtin (this process), vllm (GPU) or llamacpp (a GGUF on the CPU)."})
     gguf: str | None = field(default=None, metadata={"help": "--engine llamacpp: the GGUF file to serve."})
     max_batch_size: int = field(default=16, metadata={"help": "Most requests decoded together in one step."})
@@ -83,12 +81,12 @@ def lora_root_of(args: ServeArguments) -> str | None:
     return args.lora_root
 
 
-def hand_off(model_args: ModelArguments, args: ServeArguments) -> None:
+def hand_off(model_args: ModelArguments, template: str, listen: ApiServerArguments, args: ServeArguments) -> None:
     """Run vLLM's or llama-cpp-python's OpenAI server with the same names and key."""
     modules = parse_lora_modules(args.lora_modules)
     if args.engine == "vllm":
         command, env = vllm_command(
-            model_args.base_model, modules, args.prompt_template, args.host, args.port, args.served_model_name,
+            model_args.base_model, modules, template, listen.host, listen.port, args.served_model_name,
             args.max_loras, api_key_of(args), os.environ.get("TOT_CUDA"), model_args.precision,
         )  # fmt: skip
     else:
@@ -97,7 +95,7 @@ def hand_off(model_args: ModelArguments, args: ServeArguments) -> None:
         if modules:
             raise UserError("--engine llamacpp serves one GGUF: merge the LoRA first (merge_lora.py, then tools/convert_to_gguf.py)")
         command, env = llamacpp_command(
-            args.gguf, args.prompt_template, args.host, args.port, args.served_model_name, args.n_ctx, api_key_of(args)
+            args.gguf, template, listen.host, listen.port, args.served_model_name, args.n_ctx, api_key_of(args)
         )
     print(" ".join(command), flush=True)  # the key travels in the environment, never on the command line
     if args.dry_run:
@@ -107,14 +105,15 @@ def hand_off(model_args: ModelArguments, args: ServeArguments) -> None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    model_args, args = parse_args((ModelArguments, ServeArguments), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model_args, template_args, listen, args = parse_args((ModelArguments, TemplateArguments, ApiServerArguments, ServeArguments), argv)
+    configure_logging()
     if args.engine not in ("builtin", "vllm", "llamacpp"):
         raise UserError(f"--engine {args.engine!r}: use builtin, vllm or llamacpp")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port {args.port}: a port is a number from 0 to 65535")
+    if not 0 <= listen.port <= 65535:
+        raise UserError(f"--port {listen.port}: a port is a number from 0 to 65535")
     if args.engine != "builtin":
-        hand_off(model_args, args)
+        # the base's template, and that of LoRAs saved without one
+        hand_off(model_args, template_args.template_or_fallback, listen, args)
         return
     lora_root = lora_root_of(args)
     if model_args.lora_weights:
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         # decoding threads wait for each other every step: one busy with HTTP stalls them all
         torch.set_num_threads(args.num_threads or max(1, (os.cpu_count() or 2) - 1))
     model, tokenizer = load_from_args(model_args)
-    registry = AdapterRegistry(model, tokenizer, parse_lora_modules(args.lora_modules), args.prompt_template, args.max_loras)
+    registry = AdapterRegistry(model, tokenizer, parse_lora_modules(args.lora_modules), template_args.template_or_fallback, args.max_loras)
     engine = BatchEngine(registry, tokenizer, args.max_batch_size, args.max_queue)
     limits = ServeLimits(
         max_prompt_tokens=args.max_prompt_tokens,
@@ -135,11 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     base_name = args.served_model_name or Path(model_args.base_model.rstrip("/")).name
     server = OpenAIServer(engine, base_name, limits, api_key_of(args), lora_root)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and server._key is None:
-        logger.warning("listening on %s without an API key: anyone who can reach this port can use the model", args.host)
+    if listen.host not in ("127.0.0.1", "localhost", "::1") and server._key is None:
+        logger.warning("listening on %s without an API key: anyone who can reach this port can use the model", listen.host)
     logger.info("models: %s", ", ".join([base_name, *registry.names()]))
     try:
-        serve_app(create_app(server), args.host, args.port, on_stop=lambda: engine.close(timeout=ENGINE_STOP_SECONDS))
+        serve_app(create_app(server), listen.host, listen.port, on_stop=lambda: engine.close(timeout=ENGINE_STOP_SECONDS))
     finally:
         engine.close(timeout=ENGINE_STOP_SECONDS)  # a step still running ends with the process (a daemon thread)
 

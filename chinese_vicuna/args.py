@@ -1,8 +1,11 @@
-"""Every argument dataclass of the scripts, and `parse_args`: parsed once, final after parsing.
+"""Every shared argument dataclass of the scripts, and `parse_args`: parsed once, final after parsing.
 
-Flag groups are defined once here and shared by every script that takes them (model loading,
-template, decoding, server, LoRA, data, batch, training). `parse_args` derives the settings
-that follow from others (batch arithmetic, evaluation, resume) so no code changes arguments later.
+Flag groups are defined once here and shared by every script and tool that takes them (base
+model, model loading, template, decoding, page server, API server, LoRA, data, batch, training).
+`parse_args` only parses, validates and derives the settings that follow from others (precision
+through `devices.decide_precision`, batch arithmetic, evaluation): it configures nothing and
+touches no file. Logging, the seed, resume and the output folder are the recipe's set-up step,
+`chinese_vicuna.run.prepare_run`, called in view after parsing.
 """
 
 from __future__ import annotations
@@ -11,16 +14,15 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from transformers import HfArgumentParser, TrainingArguments
 
-from chinese_vicuna import checkpoints
-from chinese_vicuna.devices import bf16_supported, cpu_has_native_bf16, is_main_process, resolve_precision, world_size
+from chinese_vicuna.devices import decide_precision, world_size
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.infer.decoding import DecodingArguments as DecodingArguments  # the decoding flag group, owned by infer/
 
 logger = logging.getLogger(__name__)
 
@@ -33,67 +35,25 @@ def check_flags(*checks: tuple[bool, str]) -> None:
 
 
 @dataclass
-class DecodingArguments:
-    """Decoding flags; the web pages start from them and batch mode uses them.
+class BaseModelArguments:
+    """--base_model, the one definition: every script and tool that names a base model takes it from here.
 
-    Defaults stream well and reproduce what a model was trained to say: greedy (the same
-    answer every time), one beam (beam search cannot stream), no repetition penalty.
-    """
-
-    max_new_tokens: int = field(default=256, metadata={"help": "Most tokens to generate per answer."})
-    min_new_tokens: int = field(default=0, metadata={"help": "Do not stop (EOS) before this many tokens."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample (with temperature/top_p/top_k) instead of greedy decoding."})
-    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (with --do_sample)."})
-    top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling: keep the smallest set of tokens with this mass."})
-    top_k: int = field(default=40, metadata={"help": "Sample among the k most likely tokens (0 = all)."})
-    num_beams: int = field(default=1, metadata={"help": "Beam search with this many beams (>1 cannot stream: shown when done)."})
-    repetition_penalty: float = field(default=1.0, metadata={"help": "Penalize repeated tokens (1.0 = off; 1.1-1.3 against loops)."})
-
-    def validate(self) -> None:
-        """Bad values are user errors, named with their flag."""
-        checks = [
-            (self.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "--min_new_tokens must be between 0 and --max_new_tokens"),
-            (self.num_beams >= 1, "--num_beams must be at least 1"),
-            (self.repetition_penalty > 0, "--repetition_penalty must be > 0 (1.0 = off)"),
-            (not self.do_sample or self.temperature > 0, "--temperature must be > 0 when sampling"),
-            (0 < self.top_p <= 1, "--top_p must be in (0, 1]"),
-            (self.top_k >= 0, "--top_k must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(f"{message} (got {asdict(self)})")
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `model.generate`; sampling knobs only when sampling."""
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": int(self.max_new_tokens),
-            "min_new_tokens": int(self.min_new_tokens),
-            "num_beams": int(self.num_beams),
-            "repetition_penalty": float(self.repetition_penalty),
-            "do_sample": bool(self.do_sample),
-        }
-        if self.do_sample:
-            kwargs.update(temperature=float(self.temperature), top_p=float(self.top_p), top_k=int(self.top_k))
-        else:
-            # the model's generation_config may carry sampling defaults; neutral values keep
-            # transformers from warning that they are ignored
-            kwargs.update(temperature=1.0, top_p=1.0, top_k=50)
-        return kwargs
-
-    @property
-    def streams(self) -> bool:
-        """Beam search picks its answer only at the end, so it cannot stream token by token."""
-        return self.num_beams == 1
-
-
-@dataclass
-class ModelArguments:
-    """Which model to load and how: shared by every script that loads one."""
+    A script that cannot run without it says so with `require_base_model`."""
 
     base_model: str = field(
         default="", metadata={"help": "Base model: a local HF folder or a hub id (LLaMA-family); a merged model works too."}
     )
+
+    def require_base_model(self, what: str = "a Hugging Face model folder or hub id, e.g. --base_model ./tiny-llama") -> str:
+        if not self.base_model:
+            raise UserError(f"--base_model is required: {what}")
+        return self.base_model
+
+
+@dataclass
+class ModelArguments(BaseModelArguments):
+    """Which model to load and how: shared by every script that loads one."""
+
     tokenizer_path: str | None = field(default=None, metadata={"help": "Tokenizer folder if not the base model's."})
     lora_weights: str | None = field(
         default=None, metadata={"help": "A LoRA adapter folder (output_dir or a checkpoint-N), a stock PEFT adapter or a hub id."}
@@ -118,8 +78,6 @@ class ModelArguments:
         default=None,
         metadata={"help": "sdpa (default; packed rows attend per sample), eager, or flash_attention_2 (GPU, varlen on packed rows)."},
     )
-    # What the user asked for, before `finalize` resolved `precision` (not a flag).
-    precision_requested: str = field(default="", init=False, repr=False)
 
 
 @dataclass
@@ -131,13 +89,17 @@ class TrainModelArguments(ModelArguments):
 
 @dataclass
 class TemplateArguments:
-    """The prompt template (chinese_vicuna/templates/*.json, a .json path, or auto)."""
+    """--prompt_template, the one definition. None (the default) means: the template saved with the
+    adapter or model (`prompt_template.json`) where there is one, else the script's kind default,
+    `fallback_template` (alpaca for instruction scripts, chinese-vicuna-chat for chat scripts).
+    Training has no saved template to read, so it trains with the fallback."""
 
     prompt_template: str | None = field(
         default=None,
         metadata={
-            "help": "Template name (alpaca, chinese-alpaca, a chat template, auto) or a .json path. Default: inference uses the "
-            "prompt_template.json saved with the adapter or merged model, training and models without one use alpaca."
+            "help": "Template name (alpaca, chinese-alpaca, chinese-vicuna-chat, vicuna_v1.1, chatml, llama2, llama3, auto) or a "
+            ".json path. Default: the prompt_template.json saved with the adapter, merged model or GGUF, else the script's "
+            "default (alpaca; chinese-vicuna-chat for the chat scripts)."
         },
     )
     # used where no template is given and none was saved with the model
@@ -153,13 +115,6 @@ class TemplateArguments:
 class ChatTemplateArguments(TemplateArguments):
     """TemplateArguments of the chat scripts: a chat template by default."""
 
-    prompt_template: str | None = field(
-        default=None,
-        metadata={
-            "help": "Chat template: chinese-vicuna-chat, vicuna_v1.1, chatml, llama2, llama3, auto, or a .json path. Default: the "
-            "prompt_template.json saved with the adapter, merged model or GGUF, else chinese-vicuna-chat."
-        },
-    )
     fallback_template: ClassVar[str] = "chinese-vicuna-chat"
 
 
@@ -175,13 +130,28 @@ class ChatSessionArguments:
             raise UserError(f"--max_memory must be a positive number of tokens, got {self.max_memory}")
 
 
+LOOPBACK = "127.0.0.1"  # pages and servers listen here unless told otherwise (pitfall 14)
+
+
 @dataclass
 class ServerArguments:
-    """Where a page or server listens: loopback unless told otherwise."""
+    """Where a web page listens (Gradio's names); the API server's --host/--port work as aliases."""
 
-    server_name: str = field(default="127.0.0.1", metadata={"help": "Address to listen on (0.0.0.0 = every network)."})
-    server_port: int = field(default=7860, metadata={"help": "Port to listen on."})
+    server_name: str = field(
+        default=LOOPBACK, metadata={"help": "Address to listen on (0.0.0.0 = every network).", "aliases": ["--host"]}
+    )
+    server_port: int = field(default=7860, metadata={"help": "Port to listen on.", "aliases": ["--port"]})
     share: bool = field(default=False, metadata={"help": "Also open a public gradio.live link."})
+
+
+@dataclass
+class ApiServerArguments:
+    """Where the API server listens (vLLM's and llama.cpp's names); the pages' --server_name/--server_port work as aliases."""
+
+    host: str = field(
+        default=LOOPBACK, metadata={"help": "Address to listen on (0.0.0.0 = every network: set a key).", "aliases": ["--server_name"]}
+    )
+    port: int = field(default=8000, metadata={"help": "Port to listen on.", "aliases": ["--server_port"]})
 
 
 @dataclass
@@ -204,7 +174,7 @@ class LoraArguments:
         default=True,
         metadata={
             "help": "LoRA dropout from 16 random bits per element on the CPU, no fp32 copy of its input under autocast "
-            "(same keep probability to 1/65536; chinese_vicuna/fast_lora.py). false = PEFT's nn.Dropout."
+            "(same keep probability to 1/65536; chinese_vicuna/train/fast_lora.py). false = PEFT's nn.Dropout."
         },
     )
     lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma list of module names, or all-linear."})
@@ -306,9 +276,6 @@ class TrainArguments(TrainingArguments):
             "OUTPUT_DIR/superseded-<time>/."
         },
     )
-    # The run's identity (checkpoints.run_fingerprint), set by `finalize`; not a flag.
-    run_fingerprint: dict[str, Any] | None = field(default=None, init=False, repr=False)
-
     def __post_init__(self) -> None:
         check_flags(
             (self.learning_rate > 0, f"--learning_rate {self.learning_rate}: must be > 0 (LoRA: 1e-4 to 3e-4 are usual)"),
@@ -322,25 +289,13 @@ class TrainArguments(TrainingArguments):
             self.activation_checkpointing = self.gradient_checkpointing
         if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is not None:
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
-        cuda = torch.cuda.is_available()
-        if self.fp16 and not cuda:
-            raise UserError("--fp16 needs a CUDA GPU (fp16 on the CPU gives loss 0/NaN); use --bf16 true on the CPU")
-        if self.bf16 and self.fp16:
-            raise UserError("--bf16 and --fp16 are exclusive; pick one")
         if self.packing_max_tokens < 0 or (self.packing_max_tokens and not self.packing):
             raise UserError(f"--packing_max_tokens {self.packing_max_tokens} needs --packing true and a count ≥ 0 (0: off)")
-        if self.bf16 is None:
-            self.bf16 = bool(cuda and bf16_supported() and not self.fp16)
-        if self.fp16 is None:
-            self.fp16 = bool(cuda and not self.bf16)
+        # mixed precision and the CPU flag: decided with the weights' precision, in one function
+        precision = decide_precision(training=True, bf16=self.bf16, fp16=self.fp16)
+        self.bf16, self.fp16, self.use_cpu = precision.bf16, precision.fp16, self.use_cpu or precision.use_cpu
         if isinstance(self.report_to, str) and "," in self.report_to:
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
-        if not cuda:
-            # With gloo under torchrun, gradients are only synced when Accelerate is told CPU.
-            self.use_cpu = True
-            if not self.bf16 and cpu_has_native_bf16():
-                # Opt-in, not a default: results would then differ between CPUs with and without it.
-                logger.info("this CPU has native bf16 matmuls: --bf16 true trains faster here (docs/benchmarks.md)")
         if self.deepspeed:
             from chinese_vicuna.distributed import check_deepspeed
 
@@ -380,16 +335,23 @@ def translate_upstream_flags(argv: list[str], known: set[str]) -> tuple[list[str
     return out, unknown
 
 
-def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None, pass_through: bool = False) -> tuple[Any, ...]:
-    """Parse command-line flags (or a single .json/.yaml file) into the dataclasses, then derive
-    what follows from them (`finalize`): after this, nothing changes an argument. Upstream flag
-    names (`UPSTREAM_FLAGS`) are accepted as aliases.
+def parse_args(
+    dataclass_types: tuple[type, ...], argv: list[str] | None = None, pass_through: bool = False, positional: str | None = None
+) -> tuple[Any, ...]:
+    """Parse command-line flags (or a single .json/.yaml file) into the dataclasses, validate them
+    and derive what follows from them (`derive`): after this, nothing changes an argument. Nothing
+    is configured, nothing on disk is read for writing or written: that is the recipe's set-up step
+    (`chinese_vicuna.run.prepare_run`). Upstream flag names (`UPSTREAM_FLAGS`) are accepted as aliases.
 
     `pass_through`: flags the dataclasses do not know are returned last, as a list (a tool that
-    hands them on to another script), instead of being an error."""
+    hands them on to another script), instead of being an error.
+    `positional`: the flag a leading bare argument stands for (`tool.py DIR` = `tool.py --model_dir DIR`,
+    the form of llama.cpp's converter and of earlier versions)."""
     parser = HfArgumentParser(dataclass_types)
-    argv = sys.argv[1:] if argv is None else argv
-    argv, upstream_unknown = translate_upstream_flags(list(argv), set(parser._option_string_actions))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if positional and argv and not argv[0].startswith("-") and not (len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml"))):
+        argv = [positional, *argv]
+    argv, upstream_unknown = translate_upstream_flags(argv, set(parser._option_string_actions))
     try:
         if len(argv) == 1 and argv[0].endswith(".json"):
             parsed = parser.parse_json_file(argv[0])
@@ -404,39 +366,32 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None,
         raise UserError(message) from None
     if pass_through and isinstance(parsed[-1], list):
         *parsed, extra = parsed
-        finalize(parsed)
+        derive(parsed)
         return (*parsed, extra)
-    finalize(parsed)
+    derive(parsed)
     return tuple(parsed)
 
 
-def finalize(parsed: Sequence[Any]) -> None:
-    """The one place that derives settings from other settings:
+def derive(parsed: Sequence[Any]) -> None:
+    """The one place that derives settings from other settings, while parsing:
 
-    - precision: resolved once (`auto` → 8bit on a GPU, fp32 on the CPU; bf16 storage of the
-      frozen base when training in bf16 on the CPU, since only bf16 matmuls ever read it);
+    - precision: `devices.decide_precision` from the flags as given (with the training's mixed
+      precision; a group with a `whole_model` property, e.g. pretraining's `--stage embeddings`,
+      trains every weight and refuses quantized ones);
     - batch arithmetic: the global batch stays `batch_size` whatever the number of processes;
     - evaluation on when there is held-out data; length-grouped batches when packing is off;
-    - non-reentrant gradient checkpointing; `--resume_from_checkpoint true` → the checkpoint's path.
+    - non-reentrant gradient checkpointing.
     """
     train = next((a for a in parsed if isinstance(a, TrainingArguments)), None)
+    whole_model = next((a.whole_model for a in parsed if getattr(a, "whole_model", None)), None)
     for args in parsed:
         if isinstance(args, ModelArguments):
             check_lora_weights(args.lora_weights)
-            args.precision_requested = "8bit" if args.load_in_8bit else "4bit" if args.load_in_4bit else args.precision
-            auto = args.precision_requested == "auto"
-            args.precision = resolve_precision(args.precision, args.load_in_8bit, args.load_in_4bit)
-            if auto and args.precision == "fp32" and train is not None and train.bf16:
-                args.precision = "bf16"
+            training = {"training": True, "bf16": train.bf16, "fp16": train.fp16} if train is not None else {}
+            args.precision = decide_precision(args.precision, args.load_in_8bit, args.load_in_4bit, whole_model=whole_model, **training).weights
             args.load_in_8bit, args.load_in_4bit = args.precision == "8bit", args.precision == "4bit"
     if train is None:
         return
-    configure_logging(train)
-    # Seed now: the LoRA is initialised before the Trainer exists (which seeds only in its
-    # __init__), so without this two runs with the same --seed start apart.
-    from transformers import set_seed
-
-    set_seed(train.seed)
     batch = next((a for a in parsed if isinstance(a, BatchArguments)), None)
     if batch is not None:
         apply_batch_arguments(train, batch)
@@ -447,23 +402,10 @@ def finalize(parsed: Sequence[Any]) -> None:
         # Without packing, padding is the waste: group similar lengths (HF's LengthGroupedSampler),
         # unless another --train_sampling_strategy was asked for.
         train.group_by_length = not getattr(train, "packing", False) and train.train_sampling_strategy == "random"
-        if train.group_by_length:
-            logger.info("packing off: length-grouped batches (--group_by_length false to draw them uniformly at random)")
     if train.group_by_length:
         train.train_sampling_strategy = "group_by_length"
     kwargs = train.activation_checkpointing_kwargs or {"use_reentrant": False}
     train.activation_checkpointing_kwargs = train.gradient_checkpointing_kwargs = kwargs
-    # the output folder and the checkpoint to resume from, checked before anything loads
-    train.run_fingerprint = checkpoints.run_fingerprint(parsed)
-    train.resume_from_checkpoint = resolve_resume(train)
-    prepare_output_dir(train)
-
-
-def configure_logging(train: TrainingArguments) -> None:
-    """Log lines from here on (the main process at INFO, others at WARNING): what `finalize` decides is shown."""
-    logging.basicConfig(
-        level=logging.INFO if train.should_log else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -506,54 +448,3 @@ def configure_evaluation(args: TrainingArguments, has_eval: bool) -> None:
     else:
         args.eval_strategy = IntervalStrategy.NO
         args.load_best_model_at_end = False
-
-
-def resolve_resume(args: TrainingArguments) -> str | None:
-    """`--resume_from_checkpoint true|last`: the newest complete checkpoint-N of output_dir (incomplete
-    ones, from an interrupted save of an older version or a damaged disk, are named and passed over);
-    a named checkpoint must be complete. Either way it must belong to this run (`run_fingerprint`)."""
-    value = args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("", "false", "no", "0", "none"):
-        return None
-    if args.overwrite_output_dir:
-        raise UserError("--overwrite_output_dir true starts over and --resume_from_checkpoint continues: pass only one")
-    needs_optimizer = not args.save_only_model
-    if str(value).lower() in ("true", "yes", "1", "last", "latest"):
-        folder, skipped = checkpoints.newest_complete_checkpoint(args.output_dir, needs_optimizer)
-        for reason in skipped:
-            logger.warning("not resuming from %s", reason)
-        if folder is None:
-            found = f" (incomplete: {'; '.join(skipped)})" if skipped else ""
-            raise UserError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {args.output_dir}{found}")
-        how = "the newest complete checkpoint"
-    else:
-        folder = Path(value)
-        if not folder.is_dir():
-            raise UserError(f"--resume_from_checkpoint {value}: folder not found")
-        problem = checkpoints.checkpoint_problem(folder, needs_optimizer)
-        if problem:
-            raise UserError(
-                f"--resume_from_checkpoint {value}: {problem}; name another checkpoint-N, or pass true for the newest complete one"
-            )
-        how = "as named"
-    if args.run_fingerprint is not None:
-        checkpoints.check_fingerprint(folder, args.run_fingerprint, new_data=args.ignore_data_skip)
-    logger.info("resuming from %s (%s in %s)", folder, how, args.output_dir)
-    return str(folder)
-
-
-def prepare_output_dir(args: TrainingArguments) -> None:
-    """Before anything loads: output_dir is a writable folder, and a fresh run does not write over
-    (nor mix its log and checkpoints with) another run's unless --overwrite_output_dir true."""
-    checkpoints.check_writable(args.output_dir)
-    if args.resume_from_checkpoint or not checkpoints.holds_a_run(args.output_dir):
-        return
-    if not args.overwrite_output_dir:
-        found = [p.name for p in checkpoints.checkpoint_folders(args.output_dir)] or ["a saved adapter"]
-        raise UserError(
-            f"--output_dir {args.output_dir} holds another run ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''}): "
-            "continue it with --resume_from_checkpoint true, start over with --overwrite_output_dir true, or choose another --output_dir"
-        )
-    if is_main_process():
-        moved = checkpoints.move_previous_run_aside(args.output_dir)
-        logger.warning("--overwrite_output_dir true: the previous run's checkpoints and adapter were moved to %s", moved)

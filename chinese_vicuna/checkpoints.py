@@ -6,6 +6,7 @@
   so an interrupted save leaves no `checkpoint-N`; folders of older writers may still be partial.
 - The run fingerprint (`run_fingerprint.json` in the output folder and every checkpoint): the
   identity of the data, base model and template, and the settings a resumed run must share.
+  Each recipe names its identifying flags (`RunIdentity`) next to its flag groups.
 - The output folder: writable, not holding another run unless the user asks to start over.
 """
 
@@ -20,6 +21,7 @@ import shutil
 import time
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +43,6 @@ RUN_FILES = (
     "generation_config.json", "model.safetensors", "model.safetensors.index.json", "runs", STAGING_DIR,
 )  # fmt: skip
 
-# Settings a resumed run must share with the checkpoint (fields of the parsed argument groups).
-FINGERPRINT_SETTINGS = (
-    "prompt_template", "cutoff_len", "train_on_inputs", "train_on_last_turn_only", "val_set_size", "data_weights",
-    "data_mix_size", "block_size", "stage", "lora_r", "lora_alpha", "lora_target_modules", "modules_to_save",
-    "packing", "batch_size", "seed",
-)  # fmt: skip
-DATA_FIELDS = ("data_path", "val_data_path", "dataset_dir")
-# What may change on resume with --ignore_data_skip true (the data starts from its beginning: new data on purpose)
-DATA_CHOICE_FIELDS = (*DATA_FIELDS, "data_weights", "data_mix_size", "val_set_size")
-MODEL_FIELDS = ("base_model", "tokenizer_path", "lora_weights")
 # Files above this size are identified by their size and sampled pieces, not read whole.
 FULL_HASH_LIMIT = 1 << 30
 SAMPLE_BYTES = 1 << 24
@@ -203,21 +195,37 @@ def folder_identity(value: str | None) -> str | None:
     return h.hexdigest()
 
 
-def run_fingerprint(parsed: Sequence[Any]) -> dict[str, Any]:
-    """What identifies a run: data content, base (and tokenizer, continued adapter), template and
-    the settings that decide which samples and which LoRA are trained, from the parsed argument groups."""
+@dataclass(frozen=True)
+class RunIdentity:
+    """The flags that identify a run, named by its recipe: a resume must share them.
+
+    `data`: flags naming data files or folders (compared by content, wherever they lie);
+    `models`: flags naming model, tokenizer or adapter folders (by content; a hub id as itself);
+    `settings`: compared as given (`prompt_template`: the template trained with, a .json by content);
+    `data_choice`: those of the above that may change on resume with --ignore_data_skip true
+    (the resumed run starts its data from the beginning: other data on purpose)."""
+
+    data: tuple[str, ...] = ()
+    models: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
+    data_choice: tuple[str, ...] = ()
+
+
+def run_fingerprint(parsed: Sequence[Any], identity: RunIdentity) -> dict[str, Any]:
+    """What identifies a run: the values of `identity`'s flags in the parsed argument groups, files
+    and folders by their content."""
     values: dict[str, Any] = {}
     for args in parsed:
-        for name in (*FINGERPRINT_SETTINGS, *DATA_FIELDS, *MODEL_FIELDS):
+        for name in (*identity.settings, *identity.data, *identity.models):
             if hasattr(args, name) and name not in values:
                 values[name] = getattr(args, name)
-        if hasattr(args, "template_or_fallback"):
+        if "prompt_template" in identity.settings and hasattr(args, "template_or_fallback"):
             values["prompt_template"] = args.template_or_fallback
     fingerprint: dict[str, Any] = {}
     for name, value in values.items():
-        if name in DATA_FIELDS:
+        if name in identity.data:
             fingerprint[name] = data_identity(value)
-        elif name in MODEL_FIELDS:
+        elif name in identity.models:
             fingerprint[name] = folder_identity(value)
         elif name == "prompt_template" and isinstance(value, str) and value.endswith(".json") and Path(value).is_file():
             fingerprint[name] = {"file": Path(value).name, **_file_identity(Path(value))}
@@ -234,15 +242,15 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
         if old == new:
             continue
         short = all(v is None or isinstance(v, (str, int, float, bool)) for v in (old, new)) and len(f"{old}{new}") < 80
-        out.append(f"{name} {old} → {new}" if short and name not in MODEL_FIELDS else f"{name} (other content)")
+        out.append(f"{name} {old} → {new}" if short else f"{name} (other content)")
     return out
 
 
-def check_fingerprint(checkpoint: Path, current: dict[str, Any], new_data: bool = False) -> None:
+def check_fingerprint(checkpoint: Path, current: dict[str, Any], data_choice: Sequence[str] = (), new_data: bool = False) -> None:
     """A UserError when `checkpoint` was written by a run with other data, base, template or settings.
 
     `new_data` (--ignore_data_skip true: the resumed run starts its data from the beginning): other
-    data is what the user means, so only the other fields must agree."""
+    data is what the user means, so only the fields outside `data_choice` must agree."""
     saved_file = checkpoint / FINGERPRINT_NAME
     if not saved_file.is_file():
         logger.warning("%s has no %s (written by an older version): its data and settings cannot be checked", checkpoint, FINGERPRINT_NAME)
@@ -252,8 +260,8 @@ def check_fingerprint(checkpoint: Path, current: dict[str, Any], new_data: bool 
     except ValueError:
         raise UserError(f"{saved_file} is damaged (not valid JSON); resume from another checkpoint-N") from None
     if new_data:
-        saved = {k: v for k, v in saved.items() if k not in DATA_CHOICE_FIELDS}
-        current = {k: v for k, v in current.items() if k not in DATA_CHOICE_FIELDS}
+        saved = {k: v for k, v in saved.items() if k not in data_choice}
+        current = {k: v for k, v in current.items() if k not in data_choice}
     differences = fingerprint_differences(saved, current)
     if differences:
         raise UserError(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,21 +70,65 @@ def this_machine_train_precision() -> str:
     return native_train_precision(cpu_flags(), cuda_bf16)
 
 
-def resolve_precision(precision: str, load_in_8bit: bool = False, load_in_4bit: bool = False) -> str:
-    """`auto`: Chinese-Vicuna's 8-bit on a CUDA GPU, fp32 weights on the CPU; `half`: bf16 where supported, else fp16."""
+@dataclass(frozen=True)
+class Precision:
+    """What `decide_precision` decided: how the base's weights load, and the training's mixed precision."""
+
+    weights: str  # fp32, bf16, fp16, 8bit or 4bit
+    bf16: bool = False  # mixed-precision training in bf16
+    fp16: bool = False  # mixed-precision training in fp16 (CUDA only)
+    use_cpu: bool = False  # training without CUDA: Accelerate syncs gloo gradients only when told CPU
+
+
+def decide_precision(
+    weights: str = "auto",
+    load_in_8bit: bool = False,
+    load_in_4bit: bool = False,
+    *,
+    training: bool = False,
+    bf16: bool | None = None,
+    fp16: bool | None = None,
+    whole_model: str | None = None,
+) -> Precision:
+    """The one place precision is decided, from the flags as given.
+
+    Weights: `auto` is Chinese-Vicuna's 8-bit on a CUDA GPU and fp32 on the CPU (bf16 when training
+    in bf16 on the CPU: only bf16 matmuls ever read the frozen base); `half` is bf16 where supported,
+    else fp16. Training (`training`): `--bf16`/`--fp16` not given → bf16 where the GPU supports it,
+    fp16 on older GPUs, neither on the CPU. `whole_model`: the flag that makes the run train and save
+    every weight (e.g. `--stage embeddings`): quantized weights are refused when asked for, and
+    `auto` loads fp32."""
+    cuda = torch.cuda.is_available()
+    if training:
+        if fp16 and not cuda:
+            raise UserError("--fp16 needs a CUDA GPU (fp16 on the CPU gives loss 0/NaN); use --bf16 true on the CPU")
+        if bf16 and fp16:
+            raise UserError("--bf16 and --fp16 are exclusive; pick one")
+        if bf16 is None:
+            bf16 = bool(cuda and bf16_supported() and not fp16)
+        if fp16 is None:
+            fp16 = bool(cuda and not bf16)
     if load_in_8bit and load_in_4bit:
         raise UserError("--load_in_8bit and --load_in_4bit are exclusive; pick one")
-    if load_in_8bit:
-        return "8bit"
-    if load_in_4bit:
-        return "4bit"
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "8bit" if torch.cuda.is_available() else "fp32"
-    if precision == "half":  # the fp16 launchers: bf16 on Ampere+ and the CPU, fp16 on older GPUs
-        return "bf16" if bf16_supported() else "fp16"
-    return precision
+    requested = "8bit" if load_in_8bit else "4bit" if load_in_4bit else weights
+    if requested not in PRECISIONS:
+        raise UserError(f"unknown precision {requested!r}; use one of {', '.join(PRECISIONS)}")
+    if requested == "auto":
+        resolved = "8bit" if cuda else "bf16" if training and bf16 else "fp32"
+        if whole_model and resolved in ("8bit", "4bit"):
+            resolved = "fp32"
+    elif requested == "half":  # the fp16 launchers: bf16 on Ampere+ and the CPU, fp16 on older GPUs
+        resolved = "bf16" if bf16_supported() else "fp16"
+    else:
+        resolved = requested
+    if whole_model and resolved in ("8bit", "4bit"):
+        raise UserError(f"{whole_model} saves the whole model and cannot train a quantized one; use --precision fp32 or bf16")
+    return Precision(resolved, bool(training and bf16), bool(training and fp16), bool(training and not cuda))
+
+
+def resolve_precision(precision: str, load_in_8bit: bool = False, load_in_4bit: bool = False) -> str:
+    """The weights' precision of `decide_precision` for inference (no training flags)."""
+    return decide_precision(precision, load_in_8bit, load_in_4bit).weights
 
 
 def compute_dtype() -> torch.dtype:

@@ -372,7 +372,7 @@ def test_attn_implementation_reaches_the_inference_model(tiny_model_dir: Path, s
     """--attn_implementation was once accepted by generate.py / chat.py and silently dropped."""
     import importlib
 
-    from chinese_vicuna.model.build import load_from_args
+    from chinese_vicuna.run import load_from_args
 
     module = importlib.import_module(script.removesuffix(".py"))
     captured = {}

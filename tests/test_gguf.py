@@ -33,7 +33,20 @@ def merged_dir(tiny_model_dir: Path, memorized_lora: Path, tmp_path_factory: pyt
 
 @pytest.fixture(scope="module")
 def f16_gguf(merged_dir: Path) -> Path:
-    return convert(merged_dir, merged_dir.parent / "model-f16.gguf", "f16")
+    """Written by the tool in llama.cpp's form: `convert_hf_to_gguf.py DIR --outfile F --outtype T`."""
+    import convert_to_gguf
+
+    out = merged_dir.parent / "model-f16.gguf"
+    convert_to_gguf.main([str(merged_dir), "--outfile", str(out), "--outtype", "f16"])
+    return out
+
+
+def test_the_folder_flag_and_the_positional_folder_write_the_same_file(merged_dir: Path, f16_gguf: Path) -> None:
+    import convert_to_gguf
+
+    flagged = merged_dir.parent / "model-f16-flag.gguf"
+    convert_to_gguf.main(["--model_dir", str(merged_dir), "--outfile", str(flagged)])  # --outtype f16 is the default
+    assert flagged.read_bytes() == f16_gguf.read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,11 @@ def mixture(data_path: str, data_weights: str | None = None, **kwargs: object) -
     return DataArguments(data_path=data_path, data_weights=data_weights, **kwargs)
 
 
+def train_val(args: DataArguments, load, seed: int):
+    """`load_train_val` with the values of the data flags, as train/data.py passes them."""
+    return load_train_val(args.data_path, load, seed, args.data_weights, args.val_data_path, args.val_set_size or 0, args.data_mix_size)
+
+
 def test_proportions_follow_the_weights_and_the_seed_fixes_the_data() -> None:
     general = [("g", i) for i in range(1000)]
     medical = [("m", i) for i in range(200)]
@@ -57,13 +62,13 @@ def test_single_file_is_unchanged_and_mixtures_hold_out_before_mixing() -> None:
     pools = {"a": [("a", i) for i in range(50)], "b": [("b", i) for i in range(10)], "v": [("v", i) for i in range(5)]}
     from chinese_vicuna.data.datasets import split_train_val
 
-    assert load_train_val(mixture("a", val_set_size=7), pools.__getitem__, 42) == split_train_val(pools["a"], 7, 42)
-    train, val = load_train_val(mixture("a", val_data_path="v", val_set_size=7), pools.__getitem__, 42)
+    assert train_val(mixture("a", val_set_size=7), pools.__getitem__, 42) == split_train_val(pools["a"], 7, 42)
+    train, val = train_val(mixture("a", val_data_path="v", val_set_size=7), pools.__getitem__, 42)
     assert train == pools["a"] and val == pools["v"]
-    train, val = load_train_val(mixture("a,b", "1,3", val_set_size=6, data_mix_size=80), pools.__getitem__, 42)
+    train, val = train_val(mixture("a,b", "1,3", val_set_size=6, data_mix_size=80), pools.__getitem__, 42)
     assert len(val) == 6 and len(train) == 80 and not set(val) & set(train)
     assert Counter(t for t, _ in train) == {"a": 20, "b": 60}
-    assert load_train_val(mixture("a,b", "1,3", val_set_size=6, data_mix_size=80), pools.__getitem__, 42) == (train, val)
+    assert train_val(mixture("a,b", "1,3", val_set_size=6, data_mix_size=80), pools.__getitem__, 42) == (train, val)
 
 
 def test_stores_mix_as_views_with_the_same_samples(tmp_path: Path) -> None:
@@ -78,8 +83,8 @@ def test_stores_mix_as_views_with_the_same_samples(tmp_path: Path) -> None:
         stores[name] = TokenizedDataset(tmp_path / name)
     lists = {k: v.to_list() for k, v in stores.items()}
     for flags in (dict(val_set_size=5, data_mix_size=60), dict(val_data_path="v"), dict(val_set_size=0)):
-        train, val = load_train_val(mixture("a,b", "1,3", **flags), stores.__getitem__, 42)
-        expected_train, expected_val = load_train_val(mixture("a,b", "1,3", **flags), lists.__getitem__, 42)
+        train, val = train_val(mixture("a,b", "1,3", **flags), stores.__getitem__, 42)
+        expected_train, expected_val = train_val(mixture("a,b", "1,3", **flags), lists.__getitem__, 42)
         assert isinstance(train, MixedDataset) and train.to_list() == expected_train
         assert (val.to_list() if len(val) else []) == list(expected_val)
         assert train.lengths.tolist() == [len(s["input_ids"]) for s in expected_train]
@@ -118,7 +123,7 @@ def test_finetune_mixes_files_caches_each_and_uses_the_validation_file(tiny_mode
         return load_instruction_dataset(path, tokenizer, template, 256, cache_dir=cache).to_list()
 
     caplog.set_level(logging.INFO)
-    first = load_train_val(mixture(f"{general},{medical}", "0.25,0.75", val_data_path=str(val), val_set_size=5), load, 42)
+    first = train_val(mixture(f"{general},{medical}", "0.25,0.75", val_data_path=str(val), val_set_size=5), load, 42)
     assert caplog.text.count("loaded from cache") == 3
-    assert load_train_val(mixture(f"{general},{medical}", "0.25,0.75", val_data_path=str(val), val_set_size=5), load, 42) == first
-    assert load_train_val(mixture(f"{general},{medical}", "0.25,0.75", val_data_path=str(val), val_set_size=5), load, 43) != first
+    assert train_val(mixture(f"{general},{medical}", "0.25,0.75", val_data_path=str(val), val_set_size=5), load, 42) == first
+    assert train_val(mixture(f"{general},{medical}", "0.25,0.75", val_data_path=str(val), val_set_size=5), load, 43) != first

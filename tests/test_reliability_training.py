@@ -21,19 +21,14 @@ from transformers import Trainer
 
 import finetune
 from chinese_vicuna.args import (
-    BatchArguments,
-    DataArguments,
-    LoraArguments,
-    TemplateArguments,
-    TrainArguments,
-    TrainModelArguments,
     parse_args,
 )
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.run import prepare_run
 from chinese_vicuna.train.data import default_val_set_size
 from conftest import REPO, SAMPLE_INSTRUCT, read_jsonl
 
-TRAIN_GROUPS = (TrainModelArguments, TemplateArguments, DataArguments, LoraArguments, BatchArguments, TrainArguments)
+TRAIN_GROUPS = finetune.FLAG_GROUPS
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +168,8 @@ def test_another_run_in_the_same_folder_is_refused_and_resume_checks_the_fingerp
     line = user_error(run_args(tiny_model_dir, data_a, out, "--max_steps", "6", "--resume_from_checkpoint", "true"), capsys)
     assert "it belongs to a run with other data or settings (data_path (other content))" in line
     # other data on purpose: the resumed run starts it from the beginning (Chinese-Vicuna's finetune_continue.sh)
-    parse_args(TRAIN_GROUPS, run_args(tiny_model_dir, data_a, out, "--resume_from_checkpoint", "true", "--ignore_data_skip", "true"))
+    flags = parse_args(TRAIN_GROUPS, run_args(tiny_model_dir, data_a, out, "--resume_from_checkpoint", "true", "--ignore_data_skip", "true"))
+    assert prepare_run(flags, finetune.RUN_IDENTITY).resume_from_checkpoint == str(out / "checkpoint-4")
     line = user_error(
         run_args(tiny_model_dir, data_b, out, "--max_steps", "6", "--cutoff_len", "128", "--resume_from_checkpoint", "true"), capsys
     )
@@ -291,12 +287,12 @@ def test_output_dir_must_be_a_writable_folder(tmp_path: Path) -> None:
     a_file.write_text("x")
     for out, expected in [(a_file, "is a file, not a folder"), (a_file / "sub", f"{a_file} is a file, not a folder")]:
         with pytest.raises(UserError, match=expected):
-            parse_args(TRAIN_GROUPS, ["--base_model", "b", "--output_dir", str(out)])
+            prepare_run(parse_args(TRAIN_GROUPS, ["--base_model", "b", "--output_dir", str(out)]), finetune.RUN_IDENTITY)
     if os.geteuid() != 0:  # root writes into read-only folders, so only a user sees this error
         read_only = tmp_path / "ro"
         read_only.mkdir(mode=0o555)
         with pytest.raises(UserError, match="cannot write in"):
-            parse_args(TRAIN_GROUPS, ["--base_model", "b", "--output_dir", str(read_only / "out")])
+            prepare_run(parse_args(TRAIN_GROUPS, ["--base_model", "b", "--output_dir", str(read_only / "out")]), finetune.RUN_IDENTITY)
 
 
 @pytest.mark.parametrize(

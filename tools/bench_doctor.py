@@ -21,11 +21,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chinese_vicuna.args import parse_args
+from chinese_vicuna.args import BaseModelArguments, parse_args
 from chinese_vicuna.datatools.dedupe import near_duplicate_flags, rouge_tokens
 from chinese_vicuna.datatools.doctor import diagnose, duplicate_counts, write_report
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 
@@ -34,7 +35,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass
 class BenchDoctorArguments:
-    base_model: str = field(metadata={"help": "Tokenizer folder (e.g. from tools/make_tiny_model.py)."})
     output_dir: str = field(metadata={"help": "Where the data file, the report and bench.json go."})
     records: int = field(default=50000, metadata={"help": "Records in the generated file."})
     cutoff_len: int = field(default=256)
@@ -113,13 +113,13 @@ def make_data(path: Path, n: int, seed: int) -> dict[str, int]:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((BenchDoctorArguments,), argv)
-    logging.basicConfig(level=logging.WARNING)
+    base, args = parse_args((BaseModelArguments, BenchDoctorArguments), argv)
+    configure_logging(logging.WARNING)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = out / f"data-{args.records}-{args.seed}.jsonl"
     planted = make_data(data, args.records, args.seed) if not data.is_file() else None
-    tokenizer = load_tokenizer(args.base_model)
+    tokenizer = load_tokenizer(base.require_base_model("a tokenizer folder (e.g. from tools/make_tiny_model.py)"))
     template = load_template("alpaca", tokenizer)
 
     start, cpu = time.perf_counter(), time.process_time()

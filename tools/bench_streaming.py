@@ -21,7 +21,7 @@ from chinese_vicuna.args import DecodingArguments, ModelArguments, parse_args
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.infer.engine import INSTRUCTION, Engine
 from chinese_vicuna.infer.generation import stream_generate
-from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.run import load_from_args
 
 
 def plain(model: Any, tokenizer: Any, ids: list[int], n: int) -> str:

@@ -40,6 +40,7 @@ from chinese_vicuna.args import parse_args
 from chinese_vicuna.devices import this_machine_train_precision
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.files import atomic_write_bytes, save_figure
+from chinese_vicuna.logs import configure_logging
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -1118,7 +1119,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"unrecognized arguments: {' '.join(extra)}")
     model = Path(args.model) if getattr(args, "model", None) else None
     out = Path(args.out) if getattr(args, "out", None) else None
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    configure_logging()
 
     if command == "prepare":
         prepare(work, args.samples, args.shape)

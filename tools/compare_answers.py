@@ -12,6 +12,7 @@ from chinese_vicuna.args import DecodingArguments, ModelArguments, TemplateArgum
 from chinese_vicuna.data.records import read_records, validate_instruction
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.engine import INSTRUCTION, Engine
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.adapters import load_lora
 from chinese_vicuna.model.build import load_for_inference
 
@@ -26,7 +27,7 @@ class CompareArguments:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     model_args, template_args, args = parse_args((ModelArguments, TemplateArguments, CompareArguments), argv)
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(logging.WARNING)
     if not model_args.lora_weights:
         raise UserError("--lora_weights is required: the adapter whose answers are compared with the base's")
 

@@ -11,12 +11,12 @@ Counts of what was converted, split and dropped (and why) are printed as JSON. S
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 
-from chinese_vicuna.args import parse_args
+from chinese_vicuna.args import BaseModelArguments, ChatTemplateArguments, parse_args
 from chinese_vicuna.datatools.formats_convert import TARGETS, Splitter, convert_file
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.logs import configure_logging
 
 
 @dataclass
@@ -28,27 +28,26 @@ class ConvertArguments:
     split_to_tokens: int | None = field(
         default=None, metadata={"help": "Split conversations longer than this many tokens at turn boundaries (needs --base_model)."}
     )
-    base_model: str | None = field(default=None, metadata={"help": "Model folder whose tokenizer counts tokens for --split_to_tokens."})
-    prompt_template: str = field(default="chinese-vicuna-chat", metadata={"help": "Chat template the token counts render with."})
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((ConvertArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # --base_model: whose tokenizer counts tokens for --split_to_tokens; --prompt_template: the chat template they render with
+    args, base, template_args = parse_args((ConvertArguments, BaseModelArguments, ChatTemplateArguments), argv)
+    configure_logging()
     if args.to not in TARGETS:
         raise UserError(f"--to {args.to}: use one of {', '.join(TARGETS)}")
     splitter = None
     if args.split_to_tokens is not None:
-        if not args.base_model:
+        if not base.base_model:
             raise UserError("--split_to_tokens counts tokens with a tokenizer: add --base_model MODEL_DIR")
         if args.split_to_tokens < 8:
             raise UserError(f"--split_to_tokens {args.split_to_tokens}: too small for one round; use the training --cutoff_len")
         from chinese_vicuna.model.loading import load_tokenizer
         from chinese_vicuna.prompts import load_template
 
-        tokenizer = load_tokenizer(args.base_model)
-        splitter = Splitter(tokenizer, load_template(args.prompt_template, tokenizer), args.split_to_tokens)
+        tokenizer = load_tokenizer(base.base_model)
+        splitter = Splitter(tokenizer, load_template(template_args.template_or_fallback, tokenizer), args.split_to_tokens)
     stats = convert_file(args.input, args.output, args.to, args.html_to_markdown, splitter)
     print(json.dumps(stats.as_dict(), ensure_ascii=False))
 

@@ -29,6 +29,7 @@ from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.export.meta import hf_config_from_params, iter_meta_as_hf, load_meta
 from chinese_vicuna.export.tensors import DTYPE_NAMES, ShardWriter, StagingDir, parse_size, write_manifest
 from chinese_vicuna.files import write_json
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.prompts import carry_template_files
 
 logger = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def convert_meta(args: ConvertMetaArguments) -> Path:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args((ConvertMetaArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     convert_meta(args)
 
 

@@ -1,5 +1,6 @@
 """A merged LLaMA-architecture HF model → one GGUF file for llama.cpp (CPU inference).
 
+    python tools/convert_to_gguf.py MERGED_DIR --outfile model-q4_0.gguf --outtype q4_0    # as llama.cpp's convert_hf_to_gguf.py
     python tools/convert_to_gguf.py --model_dir MERGED_DIR --outfile model-q4_0.gguf --outtype q4_0
 
 The `gguf` package writes the file (architecture `llama`, the sentencepiece vocabulary of
@@ -12,18 +13,18 @@ strings, its default system prompt) is written beside the file: `ollama create N
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.export.gguf import OUTTYPES, convert
 from chinese_vicuna.export.ollama import model_template, write_modelfile
+from chinese_vicuna.logs import configure_logging
 
 
 @dataclass
 class GgufArguments:
-    model_dir: str = field(metadata={"help": "Merged HF model folder (with tokenizer.model)."})
+    model_dir: str = field(metadata={"help": "Merged HF model folder (with tokenizer.model); also the first argument, without the flag."})
     outfile: str = field(metadata={"help": "The .gguf file to write."})
     outtype: str = field(default="f16", metadata={"help": "f32, f16, q8_0 or q4_0 (see OUTTYPES)."})
     ollama_modelfile: bool = field(
@@ -33,10 +34,10 @@ class GgufArguments:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((GgufArguments,), argv)
+    (args,) = parse_args((GgufArguments,), argv, positional="--model_dir")
     if args.outtype not in OUTTYPES:
         raise UserError(f"--outtype {args.outtype!r}: use one of {', '.join(OUTTYPES)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(plain=True)
     template = model_template(args.model_dir) if args.ollama_modelfile else None  # refused before converting
     out = convert(args.model_dir, args.outfile, args.outtype)
     if template is not None:

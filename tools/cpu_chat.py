@@ -26,6 +26,7 @@ from chinese_vicuna.infer.i18n import Messages
 from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, gguf_template, load_gguf, stream_answer
 from chinese_vicuna.infer.session import keeps_answer
 from chinese_vicuna.infer.terminal import ChatEnded, enable_line_editing, print_answer, read_line
+from chinese_vicuna.logs import configure_logging
 
 
 @dataclass
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         (LlamaCppArguments, ChatTemplateArguments, CpuChatSessionArguments, DecodingArguments), argv
     )
     decoding.validate()
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(logging.WARNING)
     t = Messages("en")
 
     llm = load_gguf(model_args.gguf, model_args.n_ctx, model_args.threads)

@@ -10,13 +10,13 @@ Writes doctor/report.json, doctor/report.md and doctor/length_histogram.png. See
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
-from chinese_vicuna.args import parse_args
+from chinese_vicuna.args import BaseModelArguments, TemplateArguments, parse_args
 from chinese_vicuna.datatools.doctor import data_kind, diagnose, write_report
 from chinese_vicuna.datatools.preference_doctor import diagnose_preferences, is_preference_data, write_preference_report
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 
@@ -24,12 +24,8 @@ from chinese_vicuna.prompts import load_template
 @dataclass
 class DoctorArguments:
     data_path: str = field(metadata={"help": "Alpaca or chat data: .json/.jsonl/.parquet/.csv/.arrow, a folder, a hub dataset (docs/data.md)."})
-    base_model: str = field(metadata={"help": "Model folder (or tokenizer folder) whose tokenizer training will use."})
     cutoff_len: int = field(metadata={"help": "The --cutoff_len you will train with."})
     output_dir: str = field(metadata={"help": "Where report.json, report.md and length_histogram.png go."})
-    prompt_template: str | None = field(
-        default=None, metadata={"help": "Template training will use (default: alpaca for instruction data, chinese-vicuna-chat for chat)."}
-    )
     similarity_threshold: float = field(default=0.7, metadata={"help": "ROUGE-L at or above which two prompts are near duplicates."})
     near_duplicates: bool = field(
         default=True, metadata={"help": "Search for near duplicates (false skips the slowest part on large files)."}
@@ -38,12 +34,14 @@ class DoctorArguments:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((DoctorArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # --base_model: the model (or tokenizer) folder training will use; --prompt_template: the template
+    # training will use (default: alpaca for instruction data, chinese-vicuna-chat for chat)
+    base, template_args, args = parse_args((BaseModelArguments, TemplateArguments, DoctorArguments), argv)
+    configure_logging()
     if args.cutoff_len < 2:
         raise UserError(f"--cutoff_len {args.cutoff_len}: must be at least 2")
-    tokenizer = load_tokenizer(args.base_model)
-    template_name = args.prompt_template
+    tokenizer = load_tokenizer(base.require_base_model("the model (or tokenizer) folder training will use"))
+    template_name = template_args.prompt_template
     if is_preference_data(args.data_path):  # pairs or KTO records: their own checks (docs/preference.md)
         report = diagnose_preferences(args.data_path, tokenizer, load_template(template_name or "alpaca", tokenizer), args.cutoff_len)
         print(f"{report['records']} preference records → {write_preference_report(report, args.output_dir)}/report.md")

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chinese_vicuna.args import ModelArguments, parse_args
+from chinese_vicuna.args import ModelArguments, TemplateArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.evaluation.choice import (
     aggregate,
@@ -32,8 +32,9 @@ from chinese_vicuna.evaluation.choice import (
     summary_markdown,
 )
 from chinese_vicuna.files import atomic_write_text
-from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.prompts import load_template
+from chinese_vicuna.run import load_from_args
 
 logger = logging.getLogger("eval_choice")
 
@@ -52,10 +53,6 @@ class ChoiceArguments:
     subjects: str | None = field(default=None, metadata={"help": "Comma list of subjects (default: every subject file found)."})
     batch_size: int = field(default=8, metadata={"help": "Questions per forward pass."})
     max_length: int = field(default=2048, metadata={"help": "Prompt token budget: longer few-shot prompts drop their longest shots."})
-    prompt_template: str = field(
-        default="none",
-        metadata={"help": "none (the benchmark's raw prompt, official) or an instruction template that wraps the whole prompt."},
-    )
     overwrite: bool = field(default=False, metadata={"help": "Start over instead of resuming predictions in output_dir."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
@@ -77,8 +74,11 @@ def check_resume(out: Path, config: dict, overwrite: bool) -> None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    model_args, args = parse_args((ModelArguments, ChoiceArguments), argv)
+    configure_logging()
+    # --prompt_template: an instruction template that wraps the whole prompt; not given (or none): the
+    # benchmark's raw prompt, the official protocol (no saved template is read here)
+    model_args, template_args, args = parse_args((ModelArguments, TemplateArguments, ChoiceArguments), argv)
+    wrapper = template_args.prompt_template or "none"
     bench = get_benchmark(args.benchmark)
     if not args.data_dir:
         raise UserError("--data_dir is required: the benchmark's folder (see docs/evaluation.md)")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(args), "base_model": model_args.base_model, "lora_weights": model_args.lora_weights}
+    config = {**asdict(args), "base_model": model_args.base_model, "lora_weights": model_args.lora_weights, "prompt_template": wrapper}
     check_resume(out, config, args.overwrite)
     pred_path = out / "predictions.jsonl"
     done = {(r["subject"], str(r["id"])) for r in read_predictions(pred_path)}
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
     if todo:
         model, tokenizer = load_from_args(model_args)
         wrap = None
-        if args.prompt_template != "none":
-            template = load_template(args.prompt_template, tokenizer)
+        if wrapper != "none":
+            template = load_template(wrapper, tokenizer)
             if template.is_chat:
                 raise UserError(
-                    f"--prompt_template {args.prompt_template}: wrap with an instruction template (alpaca, chinese-alpaca) or none"
+                    f"--prompt_template {wrapper}: wrap with an instruction template (alpaca, chinese-alpaca) or none"
                 )
             wrap = template.instruction_prompt
         prepared = prepare(bench, tokenizer, todo, shots, args.max_length, wrap)

@@ -35,6 +35,7 @@ from chinese_vicuna.evaluation.judge import (
     single_summary,
 )
 from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.logs import configure_logging
 
 logger = logging.getLogger("eval_judge")
 
@@ -67,7 +68,7 @@ class JudgeArguments:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     (args,) = parse_args((JudgeArguments,), argv)
     if args.mode not in ("single", "pairwise"):

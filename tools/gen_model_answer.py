@@ -19,13 +19,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chinese_vicuna.args import DecodingArguments, ModelArguments, parse_args
+from chinese_vicuna.args import ChatTemplateArguments, DecodingArguments, ModelArguments, parse_args
 from chinese_vicuna.endpoint import openai_client, resolve_api_key
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.evaluation.answers import answer_record, answered_ids, endpoint_turns, local_turns
 from chinese_vicuna.evaluation.judge import read_questions
 from chinese_vicuna.infer.engine import CHAT, Engine, adapter_template, model_template
-from chinese_vicuna.model.build import load_from_args
+from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.run import load_from_args
 
 logger = logging.getLogger("gen_model_answer")
 
@@ -36,9 +37,6 @@ class AnswerArguments:
     answer_file: str = field(default="", metadata={"help": "Where the answers go (appended; default answers/{model_id}.jsonl)."})
     model_id: str = field(
         default="", metadata={"help": "The name the answers carry (default: the LoRA's or base's folder name, or --api_model)."}
-    )
-    prompt_template: str = field(
-        default="chinese-vicuna-chat", metadata={"help": "Chat template when the adapter has no saved prompt_template.json."}
     )
     system: str | None = field(default=None, metadata={"help": "System prompt (default: the template's)."})
     max_memory: int | None = field(default=None, metadata={"help": "Token budget of a prompt; the oldest turns go first."})
@@ -53,9 +51,9 @@ class AnswerArguments:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> Path:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    model_args, args, decoding = parse_args((ModelArguments, AnswerArguments, DecodingArguments), argv)
+    model_args, template_args, args, decoding = parse_args((ModelArguments, ChatTemplateArguments, AnswerArguments, DecodingArguments), argv)
     decoding.validate()
     questions = read_questions(args.questions)
     if args.api_base:
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> Path:
 
             model, tokenizer = load_from_args(model_args)
             # --prompt_template names the base's template; an adapter's saved one wins
-            template = model_template(args.prompt_template, (), CHAT, tokenizer)
+            template = model_template(template_args.prompt_template, (), CHAT, tokenizer)
             if model_args.lora_weights:
                 template = adapter_template(model_args.lora_weights, template, tokenizer)
             engine = Engine.for_model(model, tokenizer, template)

@@ -9,18 +9,17 @@ of every base and target tensor so tools/apply_delta.py can check both.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
-from chinese_vicuna.args import parse_args
+from chinese_vicuna.args import BaseModelArguments, parse_args
 from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.export.delta import make_delta
 from chinese_vicuna.export.tensors import parse_size
+from chinese_vicuna.logs import configure_logging
 
 
 @dataclass
 class MakeDeltaArguments:
-    base_model: str = field(metadata={"help": "The original base (HF folder, safetensors)."})
     target_model: str = field(metadata={"help": "The fine-tuned / merged model (HF folder, safetensors)."})
     delta_path: str = field(metadata={"help": "Output folder."})
     max_shard_size: str = field(default="5GB", metadata={"help": "Largest safetensors shard, e.g. 5GB or 500MB."})
@@ -28,9 +27,9 @@ class MakeDeltaArguments:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((MakeDeltaArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    make_delta(args.base_model, args.target_model, args.delta_path, parse_size(args.max_shard_size))
+    base, args = parse_args((BaseModelArguments, MakeDeltaArguments), argv)  # --base_model: the original base (HF folder, safetensors)
+    configure_logging(plain=True)
+    make_delta(base.require_base_model("the original base (HF folder, safetensors)"), args.target_model, args.delta_path, parse_size(args.max_shard_size))
     print(f"wrote {args.delta_path}")
 
 

@@ -21,11 +21,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chinese_vicuna.args import parse_args
+from chinese_vicuna.args import BaseModelArguments, TemplateArguments, parse_args
 from chinese_vicuna.datatools.pairs import pairs_from_judgments, sample_and_judge
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.evaluation.judge import read_answers, read_questions
 from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.logs import configure_logging
 
 logger = logging.getLogger("make_pairs")
 
@@ -39,9 +40,7 @@ class MakePairsArguments:
     judge_model: str | None = field(default=None, metadata={"help": "Whose judgments to use, when the file holds several judges'."})
     output: str = field(default="pairs.jsonl", metadata={"help": "Preference records to write (.jsonl)."})
     num_samples: int = field(default=0, metadata={"help": "Sampling mode: answers per question from --base_model (0: judged-file mode)."})
-    base_model: str | None = field(default=None, metadata={"help": "Sampling mode: the model that answers."})
     lora_weights: str | None = field(default=None, metadata={"help": "Sampling mode: its adapter."})
-    prompt_template: str | None = field(default=None, metadata={"help": "Sampling mode: template (default: the adapter's saved one)."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature."})
     max_new_tokens: int = field(default=256, metadata={"help": "Most tokens per sampled answer."})
     seed: int = field(default=42, metadata={"help": "Seed of the sampling (each question its own stream)."})
@@ -51,10 +50,11 @@ class MakePairsArguments:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((MakePairsArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # sampling mode: --base_model answers, in --prompt_template (default: the adapter's saved one)
+    base, template_args, args = parse_args((BaseModelArguments, TemplateArguments, MakePairsArguments), argv)
+    configure_logging()
     if args.num_samples:
-        return sample_pairs(args)
+        return sample_pairs(args, base.base_model, template_args.prompt_template)
     missing = [f"--{name}" for name in ("questions", "answers", "answers_b", "judgments") if not getattr(args, name)]
     if missing:
         raise UserError(f"give {', '.join(missing)} (the files eval_judge --mode pairwise was run on, and its judgments.jsonl)")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.info("%d pairs written to %s; left out: %s", len(pairs), args.output, counts)
 
 
-def sample_pairs(args: MakePairsArguments) -> None:
+def sample_pairs(args: MakePairsArguments, base_model: str | None, prompt_template: str | None) -> None:
     import zlib
 
     import torch
@@ -76,11 +76,11 @@ def sample_pairs(args: MakePairsArguments) -> None:
     from chinese_vicuna.endpoint import chat_completion, openai_client, resolve_api_key
     from chinese_vicuna.infer.engine import Engine
 
-    if args.num_samples < 2 or not (args.questions and args.base_model and args.judge_api_base and args.judge_model):
+    if args.num_samples < 2 or not (args.questions and base_model and args.judge_api_base and args.judge_model):
         raise UserError("sampling mode needs --num_samples ≥ 2, --questions, --base_model, --judge_api_base and --judge_model")
     prompts = [q["turns"][0] for q in read_questions(args.questions)]
     client = openai_client(args.judge_api_base, resolve_api_key(args.judge_api_key))
-    engine = Engine(args.base_model, args.lora_weights, args.prompt_template, precision="fp32")
+    engine = Engine(base_model, args.lora_weights, prompt_template, precision="fp32")
 
     def sample(prompt: str) -> list[str]:
         torch.manual_seed(args.seed + zlib.crc32(prompt.encode("utf-8")))

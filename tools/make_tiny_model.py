@@ -4,7 +4,8 @@ The tokenizer is trained on `sample/tokenizer/corpus.txt` (Chinese and English, 
 fallback, unk=0 bos=1 eos=2 as in LLaMA). The output directory loads with
 `AutoModelForCausalLM` / `AutoTokenizer`. Same arguments → same files (seeded).
 
-    python tools/make_tiny_model.py --output_dir OUT_DIR [--hidden_size 128 --num_layers 2 ...]
+    python tools/make_tiny_model.py OUT_DIR [--hidden_size 128 --num_layers 2 ...]
+    python tools/make_tiny_model.py --output_dir OUT_DIR [...]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.vocab import train_sentencepiece_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +86,7 @@ def make_tiny_model(
 
 @dataclass
 class TinyModelArguments:
-    output_dir: str = field(metadata={"help": "Where the model folder goes."})
+    output_dir: str = field(metadata={"help": "Where the model folder goes; also the first argument, without the flag."})
     vocab_size: int = field(default=3000, metadata={"help": "Sentencepiece pieces (trained on --corpus)."})
     hidden_size: int = field(default=128)
     intermediate_size: int = field(default=384, metadata={"help": "A multiple of 64: bitsandbytes 4-bit CPU kernels quantize in blocks of 64."})
@@ -98,8 +100,8 @@ class TinyModelArguments:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((TinyModelArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    (args,) = parse_args((TinyModelArguments,), argv, positional="--output_dir")
+    configure_logging(plain=True)
     for path in args.corpus or []:
         if not Path(path).is_file():
             raise UserError(f"--corpus {path}: file not found")

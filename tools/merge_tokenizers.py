@@ -20,6 +20,7 @@ from pathlib import Path
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.data.records import read_text_lines
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.vocab import (
     merge_sentencepiece_models,
     sp_hf_mismatches,
@@ -42,7 +43,7 @@ class MergeTokenizersArguments:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args((MergeTokenizersArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(plain=True)
     import sentencepiece as spm
 
     base_path = sp_model_path(args.base_tokenizer)

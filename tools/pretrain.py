@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chinese_vicuna.args import BatchArguments, LoraArguments, TrainArguments, TrainModelArguments, check_flags, parse_args
+from chinese_vicuna.checkpoints import RunIdentity
 from chinese_vicuna.data.datasets import load_pretrain_dataset, pretrain_files, split_train_val
 from chinese_vicuna.data.pretrain import StreamingBlocks
 from chinese_vicuna.devices import is_main_process
@@ -35,9 +36,10 @@ from chinese_vicuna.files import atomic_write_bytes
 from chinese_vicuna.model.adapters import parse_modules_to_save
 from chinese_vicuna.model.build import load_checked_model
 from chinese_vicuna.model.loading import load_tokenizer
+from chinese_vicuna.run import prepare_run
 from chinese_vicuna.train.model import apply_training_speedups, load_model_for_training, save_without_embedding_copies
 from chinese_vicuna.train.packing import packed_or_padded
-from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
+from chinese_vicuna.train.trainer import build_trainer, train_and_save
 
 logger = logging.getLogger("pretrain")
 
@@ -64,7 +66,24 @@ class PretrainArguments:
             (self.block_size >= 2, f"--block_size {self.block_size}: must be at least 2 tokens (e.g. 512)"),
             (self.val_set_size >= 0, f"--val_set_size {self.val_set_size}: must be >= 0 (0 = no held-out blocks)"),
             (self.shuffle_buffer >= 1, f"--shuffle_buffer {self.shuffle_buffer}: must be at least 1 (1 = corpus order)"),
+            (self.stage in ("embeddings", "lora"), f"--stage {self.stage!r}: use embeddings or lora"),
         )
+
+    @property
+    def whole_model(self) -> str | None:
+        """The flag that makes this run train and save every weight (no quantized base: `devices.decide_precision`)."""
+        return "--stage embeddings" if self.stage == "embeddings" else None
+
+
+FLAG_GROUPS = (TrainModelArguments, PretrainArguments, LoraArguments, BatchArguments, TrainArguments)
+# The flags that identify a run: a resume must share them (run_fingerprint.json).
+RUN_IDENTITY = RunIdentity(
+    data=("dataset_dir",),
+    models=("base_model", "tokenizer_path", "lora_weights"),
+    settings=("val_set_size", "block_size", "stage", "lora_r", "lora_alpha", "lora_target_modules", "modules_to_save",
+              "packing", "batch_size", "seed"),
+    data_choice=("dataset_dir", "val_set_size"),
+)  # fmt: skip
 
 
 def freeze_all_but_embeddings(model: object) -> None:
@@ -81,17 +100,11 @@ def perplexity(trainer: object) -> float | None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    # 0. flags, parsed once (precision, batch arithmetic, evaluation and resume are final here)
-    model_args, pt_args, lora_args, _batch, train_args = parse_args(  # _batch: applied to train_args
-        (TrainModelArguments, PretrainArguments, LoraArguments, BatchArguments, TrainArguments), argv
-    )
-    if pt_args.stage not in ("embeddings", "lora"):
-        raise UserError(f"--stage {pt_args.stage!r}: use embeddings or lora")
-    start_run(model_args, train_args)
-    if pt_args.stage == "embeddings" and model_args.precision in ("8bit", "4bit"):
-        if model_args.precision_requested != "auto":
-            raise UserError("--stage embeddings saves the whole model and cannot train a quantized one; use --precision fp32 or bf16")
-        model_args.precision = "fp32"  # auto's 8-bit on a GPU: the whole model is trained and saved here
+    # 0. flags (parsed once: precision, with --stage embeddings' whole model, and batch arithmetic are
+    #    final here), then the run's set-up: logging, seed, the checkpoint to resume from, the output folder
+    flags = parse_args(FLAG_GROUPS, argv)
+    model_args, pt_args, lora_args, _batch, train_args = flags  # _batch: applied to train_args
+    run = prepare_run(flags, RUN_IDENTITY)
     tokenizer = load_tokenizer(model_args.tokenizer_path or model_args.base_model, model_args.trust_remote_code)
 
     # 1. data first (a bad path fails before a 13B model loads): text → blocks on disk (cached,
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     collator, trainer_class = packed_or_padded(train_args.packing, tokenizer)
     trainer = build_trainer(trainer_class, model, tokenizer, train_args, train_data, val_data, collator)
     before = perplexity(trainer)
-    train_and_save(trainer, tokenizer, None, train_args.resume_from_checkpoint)
+    train_and_save(trainer, tokenizer, None, run.resume_from_checkpoint, run.fingerprint)
     after = perplexity(trainer)
     sp_model = Path(getattr(tokenizer, "vocab_file", None) or "")
     if is_main_process() and sp_model.name == "tokenizer.model" and sp_model.is_file():

@@ -17,12 +17,13 @@ import logging
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.datatools.selfinstruct import SelfInstructConfig, generate
 from chinese_vicuna.errors import exit_on_user_error
+from chinese_vicuna.logs import configure_logging
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     (config,) = parse_args((SelfInstructConfig,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     # The HTTP client logs every request URL at INFO; keep the log to our own lines.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     result = generate(config)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.files import atomic_write_bytes
+from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.vocab import load_model_proto, train_sentencepiece_model
 
 logger = logging.getLogger("train_tokenizer")
@@ -31,7 +32,7 @@ class TrainTokenizerArguments:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     (args,) = parse_args((TrainTokenizerArguments,), argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging(plain=True)
     if args.vocab_size < 300:
         raise UserError(f"--vocab_size {args.vocab_size} is too small: 256 byte pieces and 3 special pieces come first")
 

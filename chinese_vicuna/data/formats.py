@@ -5,7 +5,13 @@
 - `openai`: `{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`
 - `role-text`: a bare list `[{"role": ..., "text": str}, ...]` (the 65B QLoRA projects' form)
 
-Each format is one `register_format(ChatFormat(...))` entry below: a new format lands there alone.
+and two that tools/convert_data.py reads (per record) and training does not (convert them first):
+
+- `belle-multiturn` (BELLE multiturn_chat_0.8M, school_math): `{"instruction": "Human: ...\nAssistant: ...", "output"}`
+- `guanaco` (openassistant-guanaco): `{"text": "### Human: ... ### Assistant: ..."}`
+
+Each format is one `register_format(ChatFormat(...))` entry below, the one registry of data
+formats that become messages: a new format lands there alone.
 Every record becomes a list of `{"role", "content"}` messages: an optional system message,
 then user/assistant turns alternating. A final user turn with no answer is dropped (and
 counted); any other problem ends in a UserError naming the file, the record and the message.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +53,7 @@ class ChatFormat:
     description: str
     detect: Callable[[Any], bool]
     to_messages: Callable[[Record], list[dict[str, Any]]]
+    trainable: bool = True  # False: read by tools/convert_data.py only (training reads the converted file)
 
 
 FORMATS: dict[str, ChatFormat] = {}
@@ -125,9 +133,57 @@ register_format(ChatFormat(
 ))  # fmt: skip
 
 
-def detect_format(data: Any) -> str | None:
-    """The name of the format a record looks like (by its keys), or None."""
-    return next((fmt.name for fmt in FORMATS.values() if fmt.detect(data)), None)
+_BELLE_TURN = re.compile(r"(?:^|\n)\s*(Human|Assistant)\s*[:：]", re.IGNORECASE)
+_GUANACO_TURN = re.compile(r"###\s*(Human|Assistant)\s*:", re.IGNORECASE)
+
+
+def _dialogue_turns(text: str, pattern: re.Pattern[str]) -> list[tuple[str, str]] | None:
+    """[(role, text)] from "Human: ... Assistant: ..." text, or None when it is not such text."""
+    marks = list(pattern.finditer(text))
+    if not marks or text[: marks[0].start()].strip():
+        return None
+    turns = []
+    for i, m in enumerate(marks):
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        role = "user" if m.group(1).lower() == "human" else "assistant"
+        turns.append((role, text[m.end() : end].strip()))
+    return turns
+
+
+def _belle_messages(record: Record) -> list[dict[str, Any]]:
+    data = record.data
+    turns = _dialogue_turns(data["instruction"], _BELLE_TURN) or []
+    if turns and turns[-1] == ("assistant", ""):
+        turns = turns[:-1]  # the open "Assistant:" whose answer is `output`
+    if not isinstance(data["output"], str):
+        raise UserError(f"{record.where}: field 'output' is not a string")
+    return [{"role": r, "content": t} for r, t in turns] + [{"role": "assistant", "content": data["output"].strip()}]
+
+
+def _guanaco_messages(record: Record) -> list[dict[str, Any]]:
+    turns = _dialogue_turns(record.data["text"].strip(), _GUANACO_TURN)
+    if turns is None:
+        raise UserError(f"{record.where}: text before the first '### Human:'")
+    return [{"role": r, "content": t} for r, t in turns]
+
+
+register_format(ChatFormat(
+    "guanaco", 'Guanaco chat ({"text": "### Human: ... ### Assistant: ..."})',
+    lambda data: isinstance(data, dict) and isinstance(data.get("text"), str) and bool(_GUANACO_TURN.search(data["text"])),
+    _guanaco_messages, trainable=False,
+))  # fmt: skip
+register_format(ChatFormat(
+    "belle-multiturn", 'BELLE multi-turn ({"instruction": "Human: ...\\nAssistant: ...", "output"})',
+    lambda data: isinstance(data, dict) and "output" in data and isinstance(data.get("instruction"), str)
+    and _dialogue_turns(data["instruction"], _BELLE_TURN) is not None,
+    _belle_messages, trainable=False,
+))  # fmt: skip
+
+
+def detect_format(data: Any, conversion: bool = False) -> str | None:
+    """The name of the format a record looks like (by its keys), or None. `conversion`: also the
+    formats only tools/convert_data.py reads."""
+    return next((fmt.name for fmt in FORMATS.values() if (fmt.trainable or conversion) and fmt.detect(data)), None)
 
 
 def to_messages(record: Record, fmt: str) -> list[dict[str, Any]]:
@@ -142,7 +198,7 @@ def _unknown_format(record: Record) -> UserError:
         hint = " (one message, not a conversation: in a .json file each record must be a whole conversation, a list of messages)"
     elif isinstance(data, dict) and isinstance(data.get("input"), str):
         hint = " ('input' is a string: alpaca instruction data goes to finetune.py; chat data has lists of turns)"
-    formats = "; ".join(fmt.description for fmt in FORMATS.values())
+    formats = "; ".join(fmt.description for fmt in FORMATS.values() if fmt.trainable)
     return UserError(f"{record.where}: not a conversation in a known format{hint}; use one of: {formats}")
 
 

@@ -22,13 +22,11 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from chinese_vicuna.args import DataArguments
 from chinese_vicuna.data.datasets import split_train_val
 from chinese_vicuna.data.store import SequenceGroups, TokenizedDataset
 from chinese_vicuna.errors import UserError
@@ -36,14 +34,6 @@ from chinese_vicuna.errors import UserError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class MixPart:
-    path: str
-    weight: float
-    available: int
-    drawn: int = 0
 
 
 def parse_mixture(data_path: str, data_weights: str | None) -> list[tuple[str, float | None]]:
@@ -129,14 +119,22 @@ class MixedDataset(Dataset):
         return [{k: v.tolist() for k, v in s.items()} for s in self]
 
 
-def load_train_val(data_args: DataArguments, load: Callable[[str], list[T]], seed: int) -> tuple[list[T], list[T]]:
-    """Training and validation samples for finetune.py / finetune_chat.py.
+def load_train_val(
+    data_path: str,
+    load: Callable[[str], list[T]],
+    seed: int,
+    data_weights: str | None = None,
+    val_data_path: str | None = None,
+    val_set_size: int = 0,
+    mix_size: int | None = None,
+) -> tuple[list[T], list[T]]:
+    """Training and validation samples for finetune.py / finetune_chat.py, from the values of
+    --data_path, --data_weights, --val_data_path, --val_set_size and --data_mix_size.
 
     `load(path)` tokenizes (or reads from the cache) one --data_path entry. One file and no
     weights: exactly the single-file behaviour (load, then a seeded --val_set_size split).
     """
-    data_path, val_data_path, val_set_size, mix_size = data_args.data_path, data_args.val_data_path, data_args.val_set_size, data_args.data_mix_size
-    parts = parse_mixture(data_path, data_args.data_weights)
+    parts = parse_mixture(data_path, data_weights)
     if val_data_path:
         val = load(val_data_path)
         if val_set_size:

@@ -40,10 +40,6 @@ logger = logging.getLogger(__name__)
 TARGETS = ("alpaca", "sharegpt", "openai")
 SHAREGPT_FROM = {"system": "system", "user": "human", "assistant": "gpt"}
 
-_BELLE_TURN = re.compile(r"(?:^|\n)\s*(Human|Assistant)\s*[:：]", re.IGNORECASE)
-_GUANACO_TURN = re.compile(r"###\s*(Human|Assistant)\s*:", re.IGNORECASE)
-
-
 @dataclass
 class ConvertStats:
     """What happened to the records: converted, split, dropped (with the reason)."""
@@ -71,29 +67,13 @@ class ConvertStats:
 # --------------------------------------------------------------------------------------------
 # Reading any format into alpaca records or messages
 # --------------------------------------------------------------------------------------------
-def _dialogue_turns(text: str, pattern: re.Pattern[str]) -> list[tuple[str, str]] | None:
-    """[(role, text)] from "Human: ... Assistant: ..." text, or None when it is not such text."""
-    marks = list(pattern.finditer(text))
-    if not marks or text[: marks[0].start()].strip():
-        return None
-    turns = []
-    for i, m in enumerate(marks):
-        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
-        role = "user" if m.group(1).lower() == "human" else "assistant"
-        turns.append((role, text[m.end() : end].strip()))
-    return turns
-
-
 def record_format(data: Any) -> str | None:
-    """The input format of one record, or None."""
-    if isinstance(data, dict):
-        if isinstance(data.get("text"), str) and _GUANACO_TURN.search(data["text"]):
-            return "guanaco"
-        if "instruction" in data and "output" in data and isinstance(data.get("instruction"), str):
-            if _dialogue_turns(data["instruction"], _BELLE_TURN):
-                return "belle-multiturn"
-            return "alpaca"
-    return detect_format(data)
+    """The input format of one record, or None: a registered format (data/formats.py, the
+    conversion-only ones included), else alpaca (the single-turn shape kept as it is)."""
+    fmt = detect_format(data, conversion=True)
+    if fmt is None and isinstance(data, dict) and "output" in data and isinstance(data.get("instruction"), str):
+        return "alpaca"
+    return fmt
 
 
 def read_record(record: Record) -> tuple[str, dict[str, str] | list[dict[str, Any]]]:
@@ -111,21 +91,7 @@ def read_record(record: Record) -> tuple[str, dict[str, str] | list[dict[str, An
         if not data["output"].strip():
             raise UserError(f"{record.where}: field 'output' is empty")
         return fmt, {"instruction": data["instruction"], "input": data.get("input") or "", "output": data["output"]}
-    if fmt == "belle-multiturn":
-        turns = _dialogue_turns(data["instruction"], _BELLE_TURN) or []
-        if turns and turns[-1] == ("assistant", ""):
-            turns = turns[:-1]  # the open "Assistant:" whose answer is `output`
-        if not isinstance(data["output"], str):
-            raise UserError(f"{record.where}: field 'output' is not a string")
-        messages = [{"role": r, "content": t} for r, t in turns] + [{"role": "assistant", "content": data["output"].strip()}]
-    elif fmt == "guanaco":
-        turns = _dialogue_turns(data["text"].strip(), _GUANACO_TURN)
-        if turns is None:
-            raise UserError(f"{record.where}: text before the first '### Human:'")
-        messages = [{"role": r, "content": t} for r, t in turns]
-    else:
-        messages = to_messages(record, fmt)
-    messages, _ = check_messages(messages, record.where)
+    messages, _ = check_messages(to_messages(record, fmt), record.where)
     return fmt, messages
 
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.endpoint import chat_completion
+from chinese_vicuna.infer.decoding import DecodingArguments
 from chinese_vicuna.infer.engine import Engine
 
 

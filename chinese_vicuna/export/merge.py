@@ -18,7 +18,7 @@ import torch
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.tensors import DTYPE_NAMES, TOKENIZER_FILES, ShardWriter, TensorIndex, sha256_file
 from chinese_vicuna.files import read_json
-from chinese_vicuna.model.adapters import AdapterInfo, _lora_module_checks, inner_name, load_adapter_tensors, read_adapter
+from chinese_vicuna.model.adapters import AdapterInfo, check_lora_modules, inner_name, load_adapter_tensors, read_adapter
 from chinese_vicuna.model.loading import has_tokenizer, tokenizer_length, unused_vocab_rows
 from chinese_vicuna.prompts import save_template_files
 
@@ -87,7 +87,7 @@ def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str], lora_config:
             )
         new_vocab = rows if rows is not None else vocab
         plan.vocab_at.append(new_vocab)
-        _lora_module_checks(info, base_shapes, new_vocab)
+        check_lora_modules(info, base_shapes, new_vocab)
         if info.tokenizer_len is not None:
             if info.tokenizer_len > new_vocab:
                 raise UserError(

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.export.names import HF_TO_META, META_SPLIT_DIM, META_TOP, _meta_module, permute_qk, unpermute_qk
+from chinese_vicuna.export.names import HF_TO_META, META_SPLIT_DIM, META_TOP, meta_module, permute_qk, unpermute_qk
 from chinese_vicuna.files import read_json, write_json
 
 # Meta's model-parallel degree by hidden size (7B, 13B, 33B, 65B/70B).
@@ -85,7 +85,7 @@ def hf_to_meta(state: dict[str, torch.Tensor], config: dict[str, Any], num_shard
         meta["output.weight"] = meta["tok_embeddings.weight"]
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(num_shards)]
     for name, t in meta.items():
-        dim = META_SPLIT_DIM.get(_meta_module(name))
+        dim = META_SPLIT_DIM.get(meta_module(name))
         if dim is None or num_shards == 1:
             for shard in shards:
                 shard[name] = t.clone()
@@ -118,7 +118,7 @@ def meta_to_hf(shards: list[dict[str, torch.Tensor]], params: dict[str, Any]) ->
     for name in shards[0]:
         if name == "rope.freqs":
             continue
-        dim = META_SPLIT_DIM.get(_meta_module(name))
+        dim = META_SPLIT_DIM.get(meta_module(name))
         t = shards[0][name] if dim is None or len(shards) == 1 else torch.cat([s[name] for s in shards], dim=dim)
         if name in top:
             hf[top[name]] = t

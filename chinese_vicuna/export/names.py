@@ -56,7 +56,7 @@ META_SPLIT_DIM = {
 META_TOP = {hf: meta for hf, (meta, _) in TOP_NAMES.items()}
 
 
-def _meta_module(name: str) -> str:
+def meta_module(name: str) -> str:
     """`layers.3.attention.wq.weight` → `attention.wq`; `tok_embeddings.weight` → `tok_embeddings`."""
     return name.removesuffix(".weight").split(".", 2)[-1] if name.startswith("layers.") else name.split(".")[0]
 

@@ -1,6 +1,6 @@
 """Text generation shared by the inference scripts (generate.py, chat.py, tools).
 
-- `DecodingArguments`: greedy / sampling / beam search settings, as command-line flags.
+- decoding settings (`infer/decoding.py` `DecodingArguments`, a value parsed from flags) go into `model.generate`.
 - `stream_generate`: an answer as a stream of text pieces, on transformers' public streamer
   API (`BaseStreamer`, generation in a thread). Pieces never hold broken UTF-8 (byte-fallback
   tokens of a Chinese character are held until the character is complete), never show a stop
@@ -9,7 +9,6 @@
 - `generate_text`: the same answer without streaming (batch mode).
 - `chat_prompt_ids`: a conversation's prompt ids within a token budget (`max_memory`),
   dropping the oldest whole turns first, never the current question.
-- `load_for_inference`: base model (+ LoRA) for generation, with checks that the LoRA fits.
 
 Prompts are built from template segments with `data.encode_segments`, exactly as in training.
 """
@@ -27,10 +26,10 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.data.encode import encode_segments
 from chinese_vicuna.data.fast_tokenize import literal_specials, protect_messages
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.infer.decoding import DecodingArguments
 from chinese_vicuna.prompts import PromptTemplate
 
 

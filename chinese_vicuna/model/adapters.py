@@ -139,7 +139,7 @@ def read_adapter(folder: str | os.PathLike, lora_config: str | None = None) -> A
     return info
 
 
-def _lora_module_checks(info: AdapterInfo, base_shapes: dict[str, tuple[int, ...]], vocab: int) -> None:
+def check_lora_modules(info: AdapterInfo, base_shapes: dict[str, tuple[int, ...]], vocab: int) -> None:
     """Every LoRA pair must fit the module it adapts: a LoRA for another base fails here."""
     for name, shape in info.shapes.items():
         m = re.match(r"(.*)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[^.]+)?\.weight$", name) or re.match(

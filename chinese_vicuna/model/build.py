@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.args import ModelArguments
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.model.adapters import (
     adapter_tokenizer_path,
@@ -65,7 +64,7 @@ def load_for_inference(
     """Model (base, base + LoRA, or a merged model) and tokenizer, in eval mode.
 
     `lora_weights`: an adapter folder this project wrote (output_dir or a checkpoint-N), one
-    written by stock PEFT, or a hub id. `precision` is a resolved one (`devices.resolve_precision`).
+    written by stock PEFT, or a hub id. `precision` is a decided one (`devices.decide_precision`).
     """
     if not base_model:
         raise UserError("--base_model is required: a Hugging Face model folder or hub id (a merged model works too)")
@@ -82,16 +81,3 @@ def load_for_inference(
     model.eval()
     return model, tokenizer
 
-
-def load_from_args(model_args: ModelArguments) -> tuple[Any, Any]:
-    """`load_for_inference` from the scripts' ModelArguments (precision resolved by `args.parse_args`)."""
-    return load_for_inference(
-        model_args.base_model,
-        model_args.lora_weights,
-        model_args.precision,
-        model_args.device_map,
-        model_args.tokenizer_path,
-        model_args.trust_remote_code,
-        model_args.attn_implementation,
-        model_args.lora_config,
-    )

@@ -156,7 +156,7 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     if precision not in DTYPES and precision not in ("8bit", "4bit"):
-        raise UserError(f"precision {precision!r}: use fp32, bf16, fp16, 8bit or 4bit (resolve auto with devices.resolve_precision)")
+        raise UserError(f"precision {precision!r}: use fp32, bf16, fp16, 8bit or 4bit (decide auto with devices.decide_precision)")
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     qconfig = quantization_config(precision)
     if qconfig is not None:

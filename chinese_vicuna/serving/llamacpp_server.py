@@ -11,8 +11,8 @@ $CHINESE_VICUNA_API_KEY (never from the command line).
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from chinese_vicuna.errors import UserError, exit_on_user_error
@@ -70,17 +70,19 @@ class HFTokenizedChat:
         return getattr(self._llama, name)
 
 
+@dataclass
+class GgufServerArguments:
+    gguf: str = field(metadata={"help": "The GGUF file to serve."})
+    served_model_name: str | None = field(default=None, metadata={"help": "The model's name in the API (default: the file's name)."})
+    n_ctx: int = field(default=2048, metadata={"help": "Context length."})
+    n_threads: int | None = field(default=None, metadata={"help": "CPU threads (default: llama.cpp's)."})
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", required=True)
-    parser.add_argument("--prompt_template", default="alpaca")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--served_model_name", default=None)
-    parser.add_argument("--n_ctx", type=int, default=2048)
-    parser.add_argument("--n_threads", type=int, default=None)
-    args = parser.parse_args(argv)
+    from chinese_vicuna.args import ApiServerArguments, TemplateArguments, parse_args
+
+    template_args, listen, args = parse_args((TemplateArguments, ApiServerArguments, GgufServerArguments), argv)
     if not os.path.isfile(args.gguf):
         raise UserError(f"--gguf {args.gguf}: no such file (make one with tools/convert_to_gguf.py)")
     try:
@@ -90,15 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         raise UserError("llama-cpp-python is not installed: pip install -r requirements-llamacpp.txt") from None
 
-    chat_format = register_template_format(args.prompt_template)
+    chat_format = register_template_format(template_args.template_or_fallback)
     alias = args.served_model_name or os.path.splitext(os.path.basename(args.gguf))[0]
     model = ModelSettings(model=args.gguf, model_alias=alias, n_ctx=args.n_ctx, chat_format=chat_format, verbose=False)
     if args.n_threads:
         model.n_threads = args.n_threads
     # queue concurrent requests (llama-cpp-python interrupts the running one by default)
-    server = ServerSettings(host=args.host, port=args.port, api_key=os.environ.get(API_KEY_ENV) or None, interrupt_requests=False)
+    server = ServerSettings(host=listen.host, port=listen.port, api_key=os.environ.get(API_KEY_ENV) or None, interrupt_requests=False)
     app = create_app(server_settings=server, model_settings=[model])
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    uvicorn.run(app, host=listen.host, port=listen.port, log_level="info")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 Trainer writes a checkpoint file by file (adapter, optimizer, scheduler, RNG, trainer state);
 killed in between, it left a `checkpoint-N` that `--resume_from_checkpoint true` picked and
 crashed on, or resumed from with fresh optimizer state. Here `_save_checkpoint` writes into
-`OUTPUT_DIR/.checkpoint-staging/checkpoint-N` (with the run fingerprint and whatever the recipe
-adds, e.g. `prompt_template.json`), flushes it to disk, and renames it to `OUTPUT_DIR/checkpoint-N`:
-a reader, a resume or a crash sees the whole checkpoint or none of it. Rotation
+`OUTPUT_DIR/.checkpoint-staging/checkpoint-N` (with what the recipe adds through
+`add_checkpoint_writer`: the run fingerprint, `prompt_template.json`), flushes it to disk, and
+renames it to `OUTPUT_DIR/checkpoint-N`: a reader, a resume or a crash sees the whole checkpoint or none of it. Rotation
 (`--save_total_limit`) runs after the rename, so it only ever deletes complete checkpoints
 older than the new one.
 """
@@ -77,8 +77,6 @@ class AtomicCheckpointMixin:
             self._staging = False
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every process wrote its part
         if args.should_save:
-            args_fingerprint = getattr(args, "run_fingerprint", None)
-            write_fingerprint(staged, args_fingerprint)
             for writer in getattr(self, "checkpoint_writers", []):
                 writer(staged)
             _sync_tree(staged)

@@ -3,7 +3,6 @@ hold-out sized to the data."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from typing import TypeVar
@@ -29,7 +28,7 @@ def load_training_data(data_args: DataArguments, load: Callable[[str], list[T]],
     """(train, validation) samples; `--val_set_size` not given → `default_val_set_size` of the samples (logged).
     An explicit --val_set_size is kept as given (`split_train_val` refuses one that leaves no training data)."""
     if data_args.val_set_size is not None or data_args.val_data_path:
-        return load_train_val(dataclasses.replace(data_args, val_set_size=data_args.val_set_size or 0), load, seed)
+        return load_split(data_args, load, seed, data_args.val_set_size or 0)
     loaded: dict[str, list[T]] = {}
 
     def load_once(path: str) -> list[T]:
@@ -43,4 +42,11 @@ def load_training_data(data_args: DataArguments, load: Callable[[str], list[T]],
         "validation: %d of %d samples held out (the default: %d, at most a tenth of the data; --val_set_size N to choose, 0 for none)",
         size, total, DEFAULT_VAL_SET_SIZE,
     )  # fmt: skip
-    return load_train_val(dataclasses.replace(data_args, val_set_size=size), load_once, seed)
+    return load_split(data_args, load_once, seed, size)
+
+
+def load_split(data_args: DataArguments, load: Callable[[str], list[T]], seed: int, val_set_size: int) -> tuple[list[T], list[T]]:
+    """`data.mixing.load_train_val` with the values of the data flags."""
+    return load_train_val(
+        data_args.data_path, load, seed, data_args.data_weights, data_args.val_data_path, val_set_size, data_args.data_mix_size
+    )

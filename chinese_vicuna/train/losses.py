@@ -7,7 +7,7 @@ chunks: forward keeps only the (already existing) logits; backward rebuilds soft
 chunk by chunk in fp32 and writes the gradient in the logits' dtype.
 
 Combined with `logits_to_keep` (only the positions that have a trainable target go
-through `lm_head`, see `chinese_vicuna.packing`) the logits shrink to trainable tokens only.
+through `lm_head`, see `chinese_vicuna.train.packing`) the logits shrink to trainable tokens only.
 Liger's fused linear cross-entropy is Triton (CUDA only); this one runs everywhere.
 """
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from chinese_vicuna.args import ModelArguments
 from chinese_vicuna.devices import is_main_process, world_size
 from chinese_vicuna.errors import TrainingInterrupted, UserError
 from chinese_vicuna.files import atomic_write_text, save_figure
@@ -172,16 +171,23 @@ def _make_trainer(
 
 
 def train_and_save(
-    trainer: Trainer, tokenizer: Any, template: PromptTemplate | None = None, resume_from_checkpoint: str | None = None
+    trainer: Trainer,
+    tokenizer: Any,
+    template: PromptTemplate | None = None,
+    resume_from_checkpoint: str | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> None:
     """Train (or resume) and save the final adapter through the Trainer (ZeRO-3 safe), with its
     tokenizer, the template it was trained with (`prompt_template.json` and `chat_template.jinja`,
     also in every checkpoint with the tokenizer files, so that `AutoTokenizer` + `PeftModel` on the
-    folder ask the model as generate.py does: pitfall 17) and the run fingerprint. Ctrl-C ends in one line that says how to resume."""
+    folder ask the model as generate.py does: pitfall 17) and the run fingerprint (`run.prepare_run`;
+    also in every checkpoint). Ctrl-C ends in one line that says how to resume."""
     args = trainer.args
     if is_main_process():
         log_trainable(trainer.model)
-        write_fingerprint(args.output_dir, getattr(args, "run_fingerprint", None))
+        write_fingerprint(args.output_dir, fingerprint)
+    if fingerprint is not None:
+        trainer.add_checkpoint_writer(lambda folder: write_fingerprint(folder, fingerprint))
     if template is not None:
         # every checkpoint-N is an adapter folder a stock tool can use: the template both ways
         trainer.add_checkpoint_writer(lambda folder: save_template_files(folder, template, tokenizer))
@@ -247,8 +253,3 @@ def interrupted_message(trainer: Trainer, resumed_from: str | None) -> str:
         )
     return f"interrupted at step {step}; {last} is complete: resume with --resume_from_checkpoint true"
 
-
-def start_run(model_args: ModelArguments, train_args: TrainingArguments) -> None:
-    """The flag every training recipe needs (logging is set up by `args.finalize`)."""
-    if not model_args.base_model:
-        raise UserError("--base_model is required: a Hugging Face model folder or hub id, e.g. --base_model ./tiny-llama")
