@@ -216,12 +216,34 @@ class LoraArguments:
         },
     )
 
+    # LoRA variants (docs/lora_variants.md): saved in adapter_config.json, so stock PEFT loads them
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: a trained magnitude per output row beside the LoRA direction."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale alpha/sqrt(r) instead of alpha/r (stable at high ranks)."})
+    init_lora_weights: str = field(
+        default="default",
+        metadata={
+            "help": "LoRA initialisation: default (B=0), gaussian, pissa, pissa_niter_N (fast SVD), olora, or loftq (with "
+            "--precision 4bit). PiSSA/OLoRA adapters are saved converted, for the original base."
+        },
+    )
+
     def __post_init__(self) -> None:
+        check_lora_init(self.init_lora_weights)
         check_flags(
             (self.lora_r >= 1, f"--lora_r {self.lora_r}: the LoRA rank must be at least 1 (8-64 are usual)"),
             (self.lora_alpha > 0, f"--lora_alpha {self.lora_alpha}: must be > 0 (usually 2 × --lora_r)"),
             (0 <= self.lora_dropout < 1, f"--lora_dropout {self.lora_dropout}: must be in [0, 1)"),
         )
+
+
+LORA_INITS = ("default", "true", "gaussian", "pissa", "olora", "loftq")
+
+
+def check_lora_init(value: str) -> None:
+    """--init_lora_weights is one PEFT knows (pissa_niter_N with a whole N)."""
+    if value in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
+        return
+    raise UserError(f"--init_lora_weights {value}: use one of {', '.join(LORA_INITS[:1] + LORA_INITS[2:])} or pissa_niter_N (e.g. pissa_niter_4)")
 
 
 @dataclass
@@ -306,6 +328,14 @@ class TrainArguments(TrainingArguments):
             "OUTPUT_DIR/superseded-<time>/."
         },
     )
+    loraplus_lr_ratio: float = field(
+        default=0.0,
+        metadata={"help": "LoRA+: the LoRA B matrices learn at --learning_rate × this ratio (16 is usual); 0: off."},
+    )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={"help": "Loss through lm_head this many positions at a time: no [tokens, vocab] logits (train/losses.py); 0: the model's own logits."},
+    )
     # The run's identity (checkpoints.run_fingerprint), set by `finalize`; not a flag.
     run_fingerprint: dict[str, Any] | None = field(default=None, init=False, repr=False)
 
@@ -327,6 +357,10 @@ class TrainArguments(TrainingArguments):
             raise UserError("--fp16 needs a CUDA GPU (fp16 on the CPU gives loss 0/NaN); use --bf16 true on the CPU")
         if self.bf16 and self.fp16:
             raise UserError("--bf16 and --fp16 are exclusive; pick one")
+        if self.loss_chunk_size < 0:
+            raise UserError(f"--loss_chunk_size {self.loss_chunk_size}: must be >= 0 (positions per chunk; 0: unchunked)")
+        if self.loraplus_lr_ratio < 0:
+            raise UserError(f"--loraplus_lr_ratio {self.loraplus_lr_ratio}: must be >= 0 (0: off; 16 is usual)")
         if self.packing_max_tokens < 0 or (self.packing_max_tokens and not self.packing):
             raise UserError(f"--packing_max_tokens {self.packing_max_tokens} needs --packing true and a count ≥ 0 (0: off)")
         if self.bf16 is None:
