@@ -243,7 +243,9 @@ def check_lora_init(value: str) -> None:
     """--init_lora_weights is one PEFT knows (pissa_niter_N with a whole N)."""
     if value in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
         return
-    raise UserError(f"--init_lora_weights {value}: use one of {', '.join(LORA_INITS[:1] + LORA_INITS[2:])} or pissa_niter_N (e.g. pissa_niter_4)")
+    raise UserError(
+        f"--init_lora_weights {value}: use one of {', '.join(LORA_INITS[:1] + LORA_INITS[2:])} or pissa_niter_N (e.g. pissa_niter_4)"
+    )
 
 
 @dataclass
@@ -252,7 +254,9 @@ class DataArguments:
         default="sample/instruct/data_sample.jsonl",
         metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them; several, comma-separated, are mixed."},
     )
-    data_weights: str | None = field(default=None, metadata={"help": "Sampling weights of the --data_path files, e.g. 0.3,0.7 (docs/data.md)."})
+    data_weights: str | None = field(
+        default=None, metadata={"help": "Sampling weights of the --data_path files, e.g. 0.3,0.7 (docs/data.md)."}
+    )
     data_mix_size: int | None = field(default=None, metadata={"help": "Samples in the mixture (default: all files' samples)."})
     val_data_path: str | None = field(default=None, metadata={"help": "Validation file, used instead of a --val_set_size split."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per sample; longer samples are truncated."})
@@ -334,7 +338,9 @@ class TrainArguments(TrainingArguments):
     )
     loss_chunk_size: int = field(
         default=1024,
-        metadata={"help": "Loss through lm_head this many positions at a time: no [tokens, vocab] logits (train/losses.py); 0: the model's own logits."},
+        metadata={
+            "help": "Loss through lm_head this many positions at a time: no [tokens, vocab] logits (train/losses.py); 0: the model's own logits."
+        },
     )
     # The run's identity (checkpoints.run_fingerprint), set by `finalize`; not a flag.
     run_fingerprint: dict[str, Any] | None = field(default=None, init=False, repr=False)
