@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import SAMPLE_INSTRUCT, memorize_args, read_jsonl, run_script
 
 PROMPTS = ["中国的首都是哪里？", "Below is an instruction.\n\n### Response:\n北京", "一年有几个季节？春、夏、秋、冬。"]
 STEPS = 6  # 3 epochs of 8 samples at micro-batch 4; the last checkpoint is the final state
@@ -188,3 +188,86 @@ def test_neftune_noise_in_training_only(tiny_model_dir: Path, memorized_data: Pa
     assert torch.equal(seen["eval"], exact)  # none in evaluation
     embedding.train()
     assert torch.equal(embedding(ids).detach(), exact)  # and none once training is over
+
+
+@pytest.mark.parametrize("flags", [["--use_dora", "true"], ["--init_lora_weights", "pissa"]], ids=["dora", "pissa"])
+def test_merged_variant_exports_to_gguf_that_llama_cpp_runs_like_hf(
+    flags: list[str], tiny_model_dir: Path, memorized_data: Path, tmp_path: Path
+) -> None:
+    """A DoRA / PiSSA adapter that memorized its data, merged and converted: llama.cpp answers the
+    memorized records and agrees with HF's top-1 at every position."""
+    pytest.importorskip("llama_cpp", reason="optional group: bash scripts/setup_env.sh --llamacpp")
+    from chinese_vicuna.data.fast_tokenize import encode_continuations
+    from chinese_vicuna.export.gguf import convert
+    from chinese_vicuna.infer.generation import prompt_ids as template_prompt_ids
+    from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, greedy_answer, load_gguf
+    from chinese_vicuna.prompts import load_template
+
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    proc = run_script(*memorize_args(tiny_model_dir, memorized_data, adapter, save_steps=1000), *flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_script(
+        "merge_lora.py", "--base_model", str(tiny_model_dir), "--lora_weights", str(adapter), "--output_dir", str(merged), "--verify"
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    gguf = convert(merged, tmp_path / "model-f16.gguf", "f16")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    llm = load_gguf(str(gguf), n_ctx=512, logits_all=True)
+    template = load_template("alpaca", tokenizer)
+    records = read_jsonl(SAMPLE_INSTRUCT)[:3]
+    for r in records:
+        assert greedy_answer(llm, LlamaCppTokenizer(llm), template, r["instruction"], r["input"]) == r["output"]
+    agree = total = 0
+    with torch.inference_mode():
+        for r in records:
+            ids = template_prompt_ids(tokenizer, template, r["instruction"], r["input"]) + encode_continuations(tokenizer, [r["output"]])[0]
+            hf_top = model(input_ids=torch.tensor([ids])).logits[0].argmax(-1).tolist()
+            llm.reset()
+            llm.eval(ids)
+            cpp_top = llm.scores[: len(ids)].argmax(-1).tolist()
+            agree += sum(a == b for a, b in zip(hf_top, cpp_top, strict=True))
+            total += len(ids)
+    assert agree / total >= 0.99, (agree, total)
+
+
+def variant_lora(base: Path, out: Path, seed: int, **variant) -> Path:
+    """A LoRA of a variant with every weight moved off its initial value (as if trained)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, **variant)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.parametrize("order", ["dora,rslora,plain", "plain,rslora,dora"])
+def test_adapters_of_different_variants_merge_in_order(order: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Several adapters of different variants, in order: PEFT's merge (--verify at every step) and
+    the streaming --low_mem merge give the same weights."""
+    from transformers import AutoModelForCausalLM
+
+    kinds = {"dora": {"use_dora": True}, "rslora": {"use_rslora": True}, "plain": {}}
+    folders = [str(variant_lora(tiny_model_dir, tmp_path / k, i, **kinds[k])) for i, k in enumerate(order.split(","))]
+    peft_out, low_out = tmp_path / "peft", tmp_path / "low"
+    common = ["merge_lora.py", "--base_model", str(tiny_model_dir), "--lora_weights", ",".join(folders)]
+    proc = run_script(*common, "--output_dir", str(peft_out), "--verify")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("max |logits(merged) - logits(base + LoRA)|") == 3
+    proc = run_script(*common, "--output_dir", str(low_out), "--low_mem")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = AutoModelForCausalLM.from_pretrained(str(peft_out), dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(str(low_out), dtype=torch.float32).state_dict()
+    assert max(float((a[n] - b[n]).abs().max()) for n in a) < 1e-5
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).state_dict()
+    assert float((a["model.layers.0.mlp.down_proj.weight"] - base["model.layers.0.mlp.down_proj.weight"]).abs().max()) > 1e-3
