@@ -120,6 +120,17 @@ class ModelArguments:
     )
     # What the user asked for, before `finalize` resolved `precision` (not a flag).
     precision_requested: str = field(default="", init=False, repr=False)
+    # RoPE scaling for a longer context (model/rope.py); an adapter trained with it records it (rope_scaling.json)
+    rope_scaling: str | None = field(
+        default=None,
+        metadata={
+            "help": "RoPE scaling: linear (position interpolation), dynamic (NTK), yarn or llama3; default: the adapter's, else none."
+        },
+    )
+    rope_factor: float = field(default=1.0, metadata={"help": "With --rope_scaling: the context grows by this factor (e.g. 2, 4)."})
+    model_max_length: int | None = field(
+        default=None, metadata={"help": "With --rope_scaling: the new context window in tokens (default: the base's × --rope_factor)."}
+    )
 
 
 @dataclass

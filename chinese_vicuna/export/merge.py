@@ -21,6 +21,7 @@ from chinese_vicuna.export.tensors import DTYPE_NAMES, TOKENIZER_FILES, ShardWri
 from chinese_vicuna.files import atomic_write_text, read_json
 from chinese_vicuna.model.adapters import AdapterInfo, _lora_module_checks, inner_name, load_adapter_tensors, read_adapter
 from chinese_vicuna.model.loading import has_tokenizer, tokenizer_length, unused_vocab_rows
+from chinese_vicuna.model.rope import ROPE_FILE, adapter_rope_settings, apply_rope_scaling, scaled_config
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class MergePlan:
     tokenizer_dir: Path
     tokenizer_len: int
     notes: list[str] = field(default_factory=list)
+    rope: dict[str, Any] | None = None  # the RoPE scaling the adapters were trained with (model/rope.py)
 
 
 def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str], lora_config: str | None = None) -> MergePlan:
@@ -98,6 +100,12 @@ def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str], lora_config:
             tokenizer_dir, tokenizer_len = info.path, info.tokenizer_len
         vocab = new_vocab
         plan.adapters.append(info)
+        rope = adapter_rope_settings(info.path)
+        if rope is not None and plan.rope is not None and rope != plan.rope:
+            raise UserError(
+                f"{info.path}/{ROPE_FILE}: RoPE scaling {rope} differs from an earlier adapter's {plan.rope}; merge them separately"
+            )
+        plan.rope = rope or plan.rope
     if tokenizer_dir is None:
         raise UserError(f"{base}: no tokenizer (tokenizer.json / tokenizer.model) in the base or any adapter folder")
     if tokenizer_len is not None and tokenizer_len > vocab:
@@ -216,6 +224,7 @@ def merge_with_peft(plan: MergePlan, tokenizer: Any, verify: bool = False) -> tu
     from chinese_vicuna.model.loading import check_special_tokens, load_base_model
 
     model = load_base_model(str(plan.base), "fp32")
+    apply_rope_scaling(model, plan.rope)
     check_special_tokens(model, tokenizer, str(plan.base))
     model.eval()
     report = []
@@ -238,7 +247,7 @@ def merge_with_peft(plan: MergePlan, tokenizer: Any, verify: bool = False) -> tu
 
 
 def config_for_output(plan: MergePlan, dtype: torch.dtype) -> dict[str, Any]:
-    cfg = dict(plan.config)
+    cfg = scaled_config(plan.config, plan.rope) if plan.rope else dict(plan.config)
     cfg["vocab_size"] = plan.final_vocab
     cfg["dtype"] = DTYPE_NAMES[dtype]
     cfg.pop("torch_dtype", None)

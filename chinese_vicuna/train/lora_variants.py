@@ -23,6 +23,7 @@ from transformers import Trainer
 
 from chinese_vicuna.args import LoraArguments
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.model.rope import save_rope_settings
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,8 @@ def prepare_variant(model: Any, lora_args: LoraArguments, base_model: str) -> No
 
 
 class LoraVariantsMixin:
-    """Trainer mixin: LoRA+ optimizer groups (`--loraplus_lr_ratio`), and the final adapter of a
-    PiSSA/OLoRA run saved for the original base."""
+    """Trainer mixin: LoRA+ optimizer groups (`--loraplus_lr_ratio`), the final adapter of a
+    PiSSA/OLoRA run saved for the original base, and every saved adapter's `rope_scaling.json`."""
 
     def create_optimizer(self, model: Any = None) -> Any:
         ratio = getattr(self.args, "loraplus_lr_ratio", 0.0)  # type: ignore[attr-defined]
@@ -145,6 +146,8 @@ class LoraVariantsMixin:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # type: ignore[attr-defined]
         initial = getattr(model, INITIAL_ADAPTER_ATTR, None)
         folder = output_dir or args.output_dir
+        if args.should_save:
+            save_rope_settings(folder, model)  # the adapter says which RoPE scaling it was trained with
         if initial is None or Path(folder).resolve() != Path(args.output_dir).resolve():
             return  # checkpoints keep the training form (module docstring)
         model.save_pretrained(folder, path_initial_model_for_weight_conversion=initial, is_main_process=args.should_save)

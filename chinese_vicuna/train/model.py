@@ -13,6 +13,7 @@ from chinese_vicuna.errors import UserError
 from chinese_vicuna.model.adapters import add_lora, load_lora, parse_modules_to_save, parse_target_modules
 from chinese_vicuna.model.build import load_checked_model
 from chinese_vicuna.model.loading import prepare_for_training
+from chinese_vicuna.model.rope import resolve_rope
 from chinese_vicuna.train.fast_lora import use_fast_lora_dropout
 from chinese_vicuna.train.lora_variants import check_lora_variant, lora_variant_config, prepare_variant
 
@@ -43,6 +44,7 @@ def load_model_for_training(
         model_args.attn_implementation,
         grow_to_tokenizer,
         lora_config=model_args.lora_config,
+        rope=resolve_rope(model_args.rope_scaling, model_args.rope_factor, model_args.model_max_length, model_args.lora_weights),
     )
     model = prepare_for_training(model, train_args.gradient_checkpointing)
     if model_args.lora_weights:
