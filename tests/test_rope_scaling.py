@@ -15,7 +15,7 @@ from chinese_vicuna.model.rope import rope_settings, scaled_config
 from conftest import memorize_args, run_script
 
 WINDOW = 64
-PREAMBLE = "请先阅读下面这段很长的说明文字，然后只回答最后的问题。" * 4  # pushes the question past the window
+PREAMBLE = "请先阅读下面这段很长的说明文字，然后只回答最后的问题。"  # with the template, pushes the question past the window
 QUESTIONS = [
     ("最后的问题：中国的首都是哪里？", "北京。"),
     ("最后的问题：一年有几个季节？", "四个季节。"),
@@ -51,10 +51,15 @@ def scaled_adapter(short_window_base: Path, long_records: Path, tmp_path_factory
 def test_questions_lie_past_the_window(short_window_base: Path) -> None:
     from transformers import AutoTokenizer
 
+    from chinese_vicuna.infer.generation import prompt_ids
+    from chinese_vicuna.prompts import load_template
+
     tokenizer = AutoTokenizer.from_pretrained(str(short_window_base))
-    positions = [len(tokenizer(PREAMBLE + q)["input_ids"]) for q, _ in QUESTIONS]
-    prefix = len(tokenizer(PREAMBLE)["input_ids"])
-    assert prefix > WINDOW and all(WINDOW < p <= 2 * WINDOW - 16 for p in positions), (prefix, positions)
+    template = load_template("alpaca", tokenizer)
+    prompts = [prompt_ids(tokenizer, template, PREAMBLE + q) for q, _ in QUESTIONS]
+    shared = next(n for n in range(min(map(len, prompts))) if len({tuple(p[: n + 1]) for p in prompts}) > 1)
+    assert shared > WINDOW  # the questions differ only past the base's window
+    assert all(len(p) + len(tokenizer(a)["input_ids"]) < 2 * WINDOW for p, (_, a) in zip(prompts, QUESTIONS, strict=True))
 
 
 def test_trained_with_linear_scaling_answers_through_hf_merge_and_llama_cpp(

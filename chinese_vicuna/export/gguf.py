@@ -192,9 +192,7 @@ def quantize(infile: Path, outfile: Path, outtype: str, threads: int | None = No
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(
-            f"--outtype {outtype} needs llama-cpp-python: pip install -r requirements-llamacpp.txt (it compiles llama.cpp)"
-        ) from None
+        raise UserError(f"--outtype {outtype} needs llama-cpp-python: pip install -r requirements-llamacpp.txt (it compiles llama.cpp)") from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = OUTTYPES[outtype]
     params.nthread = threads or os.cpu_count() or 1

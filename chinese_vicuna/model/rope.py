@@ -71,7 +71,7 @@ def apply_rope_scaling(model: Any, settings: dict[str, Any] | None) -> None:
         for child_name, child in list(module.named_children()):
             if type(child).__name__.endswith("RotaryEmbedding"):
                 device = next((b.device for b in child.buffers()), torch.device("cpu"))
-                setattr(module, child_name, type(child)(config=config, device=device))
+                setattr(module, child_name, type(child)(config=config).to(device))
                 rebuilt += 1
     if not rebuilt:
         raise UserError(f"--rope_scaling: {type(model).__name__} has no rotary embedding module to scale")
