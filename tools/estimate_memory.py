@@ -36,6 +36,7 @@ class EstimateArguments:
     precision: str = field(default="4bit", metadata={"help": f"Weights: {', '.join(WEIGHT_BYTES)}."})
     lora_r: int = field(default=8)
     lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma list, or all-linear."})
+    lora_dropout: float = field(default=0.05)
     cutoff_len: int = field(default=256)
     micro_batch_size: int = field(default=4)
     gradient_checkpointing: bool = field(default=True)
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--device {args.device}: use cuda or cpu")
     estimate = estimate_training_memory(
         read_config(args.base_model), args.precision, args.lora_r, args.lora_target_modules, args.cutoff_len, args.micro_batch_size,
-        args.gradient_checkpointing, 2 if args.bf16 else 4, args.loss_chunk_size, args.trained_fraction, args.device,
+        args.gradient_checkpointing, 2 if args.bf16 else 4, args.loss_chunk_size, args.trained_fraction, args.device, args.lora_dropout,
     )  # fmt: skip
     if args.json:
         print(json.dumps({name: round(value / GIB, 3) for name, value in estimate.rows()}))

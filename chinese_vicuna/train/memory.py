@@ -21,8 +21,9 @@ WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "half": 2.0, "8bit": 1.0,
 LORA_TRAIN_BYTES = 16
 # Per token and decoder layer, in units of the hidden width h and the MLP width i, what backward
 # keeps: without checkpointing ~ (ACT_H·h + ACT_I·i) values; with checkpointing only the layer input
-# (h) per layer, plus one layer's full set while it is recomputed.
-ACT_H, ACT_I = 12, 5
+# (h) per layer, plus one layer's full set while it is recomputed. Fitted to one measured peak (the
+# ~54M model without checkpointing, docs/memory.md) and checked against three others.
+ACT_H, ACT_I = 20, 7
 # What the process holds before the model: torch + transformers + peft on the CPU (RSS), or the
 # CUDA context and allocator slack on a GPU.
 FRAMEWORK_BYTES = {"cpu": 0.6 * GIB, "cuda": 0.75 * GIB}
@@ -75,9 +76,10 @@ def estimate_training_memory(
     loss_chunk_size: int = 1024,
     trained_fraction: float = 1.0,
     device: str = "cuda",
+    lora_dropout: float = 0.05,
 ) -> MemoryEstimate:
     """Bytes of one LoRA training step's peak, by part. `compute_bytes`: the activations' dtype (2 under
-    bf16/fp16 autocast, 4 in fp32); `trained_fraction`: share of positions with a trained target
+    bf16/fp16 autocast, 4 in fp32); `lora_dropout` > 0 keeps a dropped copy of each adapted input; `trained_fraction`: share of positions with a trained target
     (the logits exist only there); a micro-batch is `micro_batch_size × cutoff_len` tokens at most."""
     h, i, layers = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"])
     vocab = int(config["vocab_size"])
@@ -98,10 +100,13 @@ def estimate_training_memory(
     per_layer_full = tokens * (ACT_H * h + ACT_I * i) * compute_bytes
     # plus each adapted linear's rank-r intermediate (x·Aᵀ) and the fp32 attention softmax statistics
     per_layer_full += tokens * lora_r * len(targets) * compute_bytes
+    if lora_dropout > 0:  # each adapted linear keeps its own dropped copy of its input for the LoRA's backward
+        per_layer_full += tokens * sum(shapes[t][0] for t in targets if t in shapes) * compute_bytes
+    # backward through a layer also holds the gradients of its activations (about as many values again)
     if gradient_checkpointing:
-        activations = layers * tokens * h * compute_bytes + per_layer_full
+        activations = layers * tokens * h * compute_bytes + 2 * per_layer_full
     else:
-        activations = layers * per_layer_full
+        activations = (layers + 1) * per_layer_full
     trained = max(1, int(tokens * trained_fraction))
     rows = min(trained, loss_chunk_size) if loss_chunk_size > 0 else trained
     # the chunk's logits (compute dtype), its fp32 log-softmax and its fp32 gradient; unchunked, the
