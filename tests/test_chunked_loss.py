@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_packing import _grads
 
 from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
 from chinese_vicuna.data.encode import IGNORE_INDEX, tokenize_instructions
@@ -86,12 +87,6 @@ def lora_model_and_samples(tiny_model_dir: Path) -> tuple:
     records = [validate_instruction(r) for r in read_records(SAMPLE)[:6]]
     samples = tokenize_instructions(records, tokenizer, load_template("alpaca", tokenizer), 256)
     return model, tokenizer, samples
-
-
-def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad(set_to_none=True)
-    return out
 
 
 def test_packed_training_loss_and_gradients(lora_model_and_samples: tuple) -> None:
