@@ -124,3 +124,23 @@ def test_padded_training_loss_and_gradients(lora_model_and_samples: tuple, tmp_p
     got = _grads(model)
     assert abs(loss.item() - ref.item()) < 1e-6
     assert max(float((got[n] - g).abs().max()) for n, g in ref_grads.items()) < 1e-5
+
+
+def test_mixed_precision_model_whose_forward_alone_runs_under_autocast(tiny_model_dir: Path) -> None:
+    """Accelerate's bf16 wraps only model.forward in autocast (outputs upcast to fp32): lm_head's
+    chunks run under the same autocast, with bf16 weights (--precision bf16 --bf16 true)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    from chinese_vicuna.model.build import load_checked_model
+    from chinese_vicuna.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = add_lora(load_checked_model(str(tiny_model_dir), tokenizer, "bf16"), 8, 16, 0.0, "all-linear")
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    records = [validate_instruction(r) for r in read_records(SAMPLE)[:4]]
+    inputs = PackedCollator()(tokenize_instructions(records, tokenizer, load_template("alpaca", tokenizer), 256))
+    unchunked, _, _ = packed_loss(model, inputs, chunk=0)
+    chunked, _, _ = packed_loss(model, inputs, chunk=16)
+    chunked.backward()
+    assert abs(chunked.item() - unchunked.item()) < 1e-2 * unchunked.item()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

@@ -97,6 +97,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad and ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], chunk):
             rows = hidden[start : start + chunk]
+            if rows.dtype != weight.dtype and not torch.is_autocast_enabled(rows.device.type):
+                rows = rows.to(weight.dtype)  # e.g. fp32 outputs of a bf16 model
             logits = torch.nn.functional.linear(rows, weight)  # under autocast: its dtype, as lm_head would
             part, grad = _chunk_loss_and_grad(logits, targets[start : start + chunk], want_grad)
             total += part
@@ -166,18 +168,26 @@ def _causal_lm(model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def lm_head_set_aside(model: Any) -> Iterator[Any]:
+def lm_head_set_aside(model: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
     """During one forward, `lm_head` passes its input through: the model's `logits` are the final
-    hidden states at the kept positions. Yields the head, or None where the model's logits are more
-    than `lm_head(hidden)` (then nothing is changed and the caller uses the logits)."""
+    hidden states at the kept positions. Yields the head (None where the model's logits are more
+    than `lm_head(hidden)`: then nothing is changed) and the autocast state lm_head would have run
+    under (Accelerate's mixed precision wraps only the model's forward in autocast)."""
     base = _causal_lm(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    state: dict[str, Any] = {}
     if head is None or any(getattr(base.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
-        yield None
+        yield None, state
         return
-    head.forward = lambda hidden, *args, **kwargs: hidden
+
+    def passthrough(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        device = hidden.device.type
+        state.update(device=device, enabled=torch.is_autocast_enabled(device), dtype=torch.get_autocast_dtype(device))
+        return hidden
+
+    head.forward = passthrough
     try:
-        yield head
+        yield head, state
     finally:
         del head.forward
 
@@ -188,12 +198,15 @@ def causal_lm_loss(model: Any, forward: Callable[[], Any], targets: torch.Tensor
     `chunk` rows of logits at a time; chunk 0: the model's own logits of the kept positions, with
     `chunked_cross_entropy` (the form before `lm_head_cross_entropy`)."""
     if chunk > 0:
-        with lm_head_set_aside(model) as head:
+        with lm_head_set_aside(model) as (head, state):
             outputs = forward()
         if head is not None:
             hidden = outputs.logits
             outputs.logits = None  # never read: evaluation asks for the loss only
-            return lm_head_cross_entropy(hidden, head, targets, chunk), outputs
+            # lm_head's matmuls in the precision the forward gave it (bf16 under mixed precision)
+            autocast = torch.autocast(state["device"], dtype=state["dtype"]) if state.get("enabled") else contextlib.nullcontext()
+            with autocast:
+                return lm_head_cross_entropy(hidden, head, targets, chunk), outputs
     else:
         outputs = forward()
     logits = outputs.logits
