@@ -263,7 +263,7 @@ def check_lora_init(value: str) -> None:
 class DataArguments:
     data_path: str = field(
         default="sample/instruct/data_sample.jsonl",
-        metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them; several, comma-separated, are mixed."},
+        metadata={"help": "Alpaca-format data: .json/.jsonl/.parquet/.csv/.arrow, a folder, a hub dataset (docs/data.md); comma-separated: mixed."},
     )
     data_weights: str | None = field(
         default=None, metadata={"help": "Sampling weights of the --data_path files, e.g. 0.3,0.7 (docs/data.md)."}

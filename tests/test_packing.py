@@ -347,3 +347,85 @@ def test_packing_max_tokens_needs_packing(tmp_path: Path) -> None:
     for flags in (["--packing", "false", "--packing_max_tokens", "2048"], ["--packing_max_tokens", "-1"]):
         with pytest.raises(UserError, match="--packing_max_tokens"):
             parse_args((TrainArguments,), ["--output_dir", str(tmp_path), *flags])
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 on the CPU: bucketed row lengths, bf16 logits into the loss
+# --------------------------------------------------------------------------------------------
+def _bf16_lora_model(tiny_model_dir: Path) -> tuple:
+    from chinese_vicuna.model.build import load_checked_model
+    from chinese_vicuna.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = load_checked_model(str(tiny_model_dir), tokenizer, "bf16")
+    torch.manual_seed(0)
+    model = add_lora(model, 8, 16, 0.0, "q_proj,v_proj")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    use_packed_attention(model)
+    model.train()
+    records = [validate_instruction(r) for r in read_records(SAMPLE)[:3]]
+    return model, tokenize_instructions(records, tokenizer, load_template("alpaca", tokenizer), 256)
+
+
+def test_bf16_row_padded_to_bucket_same_loss_and_grads(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 row is padded to a multiple of ROW_LENGTH_MULTIPLE tokens by a sample of its own
+    that trains nothing: the loss and the LoRA gradients are those of the unpadded row."""
+    import chinese_vicuna.train.packing as packing
+
+    model, samples = _bf16_lora_model(tiny_model_dir)
+    inputs = PackedCollator()(samples)
+    n = inputs["input_ids"].shape[1]
+    assert n % packing.ROW_LENGTH_MULTIPLE, n  # the row needs padding
+    padded = packing.pad_row_to_bucket(model, inputs)
+    assert padded["input_ids"].shape[1] == -(-n // packing.ROW_LENGTH_MULTIPLE) * packing.ROW_LENGTH_MULTIPLE
+    assert padded["position_ids"][0, n:].tolist() == list(range(padded["input_ids"].shape[1] - n))  # a sample of its own
+    assert (padded["shift_labels"][0, n:] == IGNORE_INDEX).all()
+
+    def loss_and_grads() -> tuple[float, dict[str, torch.Tensor], int]:
+        seen = []
+        hook = model.get_input_embeddings().register_forward_hook(lambda mod, i, o: seen.append(i[0].shape[1]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _, _ = packed_loss(model, inputs)
+        loss.backward()
+        hook.remove()
+        return loss.item(), _grads(model), seen[0]
+
+    loss, grads, rows = loss_and_grads()
+    assert rows == padded["input_ids"].shape[1]
+    monkeypatch.setattr(packing, "pad_row_to_bucket", lambda model, inputs: inputs)
+    ref_loss, ref_grads, ref_rows = loss_and_grads()
+    assert ref_rows == n
+    assert abs(loss / ref_loss - 1) < 1e-3, (loss, ref_loss)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name].float(), g.float(), atol=2e-3, rtol=2e-2, msg=name)
+
+
+def test_fp32_row_is_not_padded(model_and_samples: tuple) -> None:
+    """fp32 rows keep their length: MKL's fp32 matmuls have no per-shape kernels to reuse."""
+    from chinese_vicuna.train.packing import pad_row_to_bucket
+
+    model, _, samples = model_and_samples
+    inputs = PackedCollator()(samples[:3])
+    assert pad_row_to_bucket(model, inputs) is inputs
+
+
+def test_packed_loss_takes_bf16_logits_from_a_prepared_model(tiny_model_dir: Path) -> None:
+    """accelerate's bf16 preparation converts the model's outputs to fp32; the packed trainer drops
+    that conversion (the loss computes in fp32 chunks itself) and keeps autocast: same loss."""
+    from accelerate import Accelerator
+
+    from chinese_vicuna.train.mixed_precision import keep_logits_dtype
+
+    model, samples = _bf16_lora_model(tiny_model_dir)
+    model = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    inputs = PackedCollator()(samples)
+    with torch.no_grad():
+        fp32_loss, outputs, _ = packed_loss(model, inputs)
+        assert outputs.logits.dtype == torch.float32
+        assert keep_logits_dtype(model) and not keep_logits_dtype(model)  # once; a second call finds nothing
+        loss, outputs, _ = packed_loss(model, inputs)
+    assert outputs.logits.dtype == torch.bfloat16
+    assert loss.item() == fp32_loss.item()

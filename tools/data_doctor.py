@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.datatools.doctor import data_kind, diagnose, write_report
+from chinese_vicuna.datatools.preference_doctor import diagnose_preferences, is_preference_data, write_preference_report
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
@@ -22,7 +23,7 @@ from chinese_vicuna.prompts import load_template
 
 @dataclass
 class DoctorArguments:
-    data_path: str = field(metadata={"help": "Alpaca or chat data: a .json/.jsonl file or a folder of them."})
+    data_path: str = field(metadata={"help": "Alpaca or chat data: .json/.jsonl/.parquet/.csv/.arrow, a folder, a hub dataset (docs/data.md)."})
     base_model: str = field(metadata={"help": "Model folder (or tokenizer folder) whose tokenizer training will use."})
     cutoff_len: int = field(metadata={"help": "The --cutoff_len you will train with."})
     output_dir: str = field(metadata={"help": "Where report.json, report.md and length_histogram.png go."})
@@ -43,6 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"--cutoff_len {args.cutoff_len}: must be at least 2")
     tokenizer = load_tokenizer(args.base_model)
     template_name = args.prompt_template
+    if is_preference_data(args.data_path):  # pairs or KTO records: their own checks (docs/preference.md)
+        report = diagnose_preferences(args.data_path, tokenizer, load_template(template_name or "alpaca", tokenizer), args.cutoff_len)
+        print(f"{report['records']} preference records → {write_preference_report(report, args.output_dir)}/report.md")
+        return
     if template_name is None:
         template_name = "chinese-vicuna-chat" if data_kind(args.data_path) == "chat" else "alpaca"
     report, lengths = diagnose(

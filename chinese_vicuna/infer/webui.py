@@ -164,8 +164,15 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def launch(demo: gr.Blocks, server_name: str = "127.0.0.1", server_port: int | None = None, share: bool = False) -> None:
-    """Serve the page; 127.0.0.1 and no public share link unless asked for."""
+def launch(
+    demo: gr.Blocks,
+    server_name: str = "127.0.0.1",
+    server_port: int | None = None,
+    share: bool = False,
+    auth: tuple[str, str] | None = None,
+    css: str | None = None,
+) -> None:
+    """Serve the page; 127.0.0.1 and no public share link unless asked for; `auth` (user, password) asks for a login."""
     if server_name not in ("127.0.0.1", "localhost") or share:
         logger.warning("the page is reachable from other machines (--server_name %s, --share %s)", server_name, share)
     if threading.current_thread() is threading.main_thread():
@@ -173,4 +180,4 @@ def launch(demo: gr.Blocks, server_name: str = "127.0.0.1", server_port: int | N
         # launch returns and atexit clean-ups (the sessions' save folders) run
         signal.signal(signal.SIGTERM, _interrupt)
     demo.queue(default_concurrency_limit=1)  # one generation at a time on one model
-    demo.launch(server_name=server_name, server_port=server_port, share=share, show_error=True, footer_links=[])
+    demo.launch(server_name=server_name, server_port=server_port, share=share, auth=auth, css=css, show_error=True, footer_links=[])

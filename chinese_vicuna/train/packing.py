@@ -47,6 +47,7 @@ from chinese_vicuna.data.collate import PackedCollator, PaddingCollator, sequenc
 from chinese_vicuna.data.encode import IGNORE_INDEX
 from chinese_vicuna.train.checkpointing import AtomicCheckpointMixin, CheckpointTrainer
 from chinese_vicuna.train.losses import DEFAULT_CHUNK, causal_lm_loss, loss_for_trainer, token_mean
+from chinese_vicuna.train.mixed_precision import keep_logits_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,11 @@ def packed_sdpa_attention(
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = torch.cat(
-        [_causal_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], p, scale) for a, b in itertools.pairwise(starts)], dim=2
-    )
+    # split, not slicing: split's backward is one cat of the samples' gradients, where each slice's
+    # backward would zero-fill a whole row and add it up (a full-row pass per sample and tensor).
+    sizes = [b - a for a, b in itertools.pairwise(starts)]
+    pieces = zip(*(t.split(sizes, dim=2) for t in (query, key, value)), strict=True)
+    out = torch.cat([_causal_attention(q, k, v, p, scale) for q, k, v in pieces], dim=2)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -231,6 +234,33 @@ def _llama_layer_at_positions(
     return hidden_states.new_zeros(hidden_states.shape).index_copy(1, keep, h)
 
 
+# Packed rows in bf16 on the CPU are padded to a multiple of this many tokens (`pad_row_to_bucket`).
+ROW_LENGTH_MULTIPLE = 64
+
+
+def pad_row_to_bucket(model: Any, inputs: dict[str, torch.Tensor], multiple: int = ROW_LENGTH_MULTIPLE) -> dict[str, torch.Tensor]:
+    """A packed row padded to a multiple of `multiple` tokens where the model computes in bf16 on the CPU.
+
+    oneDNN, which runs the CPU's bf16 matmuls, builds (JIT-compiles) and caches a kernel for every
+    new matrix shape: with rows of ever different lengths every step paid for new kernels of every
+    linear layer (about 2.5× the matmul itself) and the cache kept growing (docs/benchmarks.md). The
+    padding is a sample of its own (positions from 0, no trained target), so no other sample attends
+    to it and the loss is unchanged. fp32 (MKL, no per-shape kernels) and GPU rows stay as they are."""
+    ids = inputs["input_ids"]
+    extra = -ids.shape[1] % multiple
+    if not extra or ids.shape[0] != 1 or ids.device.type != "cpu":
+        return inputs
+    embeddings = model.module if hasattr(model, "module") else model
+    if embeddings.get_input_embeddings().weight.dtype != torch.bfloat16:
+        return inputs
+    padded = dict(inputs)
+    padded["input_ids"] = torch.cat([ids, ids.new_zeros(1, extra)], dim=1)
+    padded["position_ids"] = torch.cat([inputs["position_ids"], torch.arange(extra, dtype=inputs["position_ids"].dtype)[None]], dim=1)
+    labels = inputs["shift_labels"]
+    padded["shift_labels"] = torch.cat([labels, labels.new_full((1, extra), IGNORE_INDEX)], dim=1)
+    return padded
+
+
 def packed_loss(
     model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, chunk: int = DEFAULT_CHUNK
 ) -> tuple[torch.Tensor, Any, int]:
@@ -240,6 +270,7 @@ def packed_loss(
     The loss is `sum of token losses / num_items_in_batch` when the Trainer gives the count of
     the whole accumulated batch (as HF's ForCausalLMLoss does), else the mean over this batch.
     """
+    inputs = pad_row_to_bucket(model, inputs)
     targets = inputs["shift_labels"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     with last_layer_at_targets(model, inputs, keep):
@@ -254,6 +285,8 @@ class PackedLossMixin:
         if "shift_labels" not in inputs:
             self.loss_is_scaled_for_ga = None
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)  # type: ignore[misc]
+        # The packed loss takes bf16 logits as they are: no fp32 copy (train/mixed_precision.py).
+        keep_logits_dtype(model)
         chunk = getattr(self.args, "loss_chunk_size", DEFAULT_CHUNK)  # type: ignore[attr-defined]
         loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch, chunk)
         loss = loss_for_trainer(self, loss, num_items_in_batch)

@@ -1,0 +1,370 @@
+"""The training board: a web page that configures a fine-tune, shows its command line, runs
+that very command and watches it, then chats with the result and exports it.
+
+    python board.py                                  # http://127.0.0.1:7860, in Chinese
+    python board.py --ui_language en --runs_dir board-runs
+
+The page has no training path of its own: Start runs `python finetune.py --flag value ...`
+(finetune_chat.py for chat SFT, tools/pretrain.py for continued pretraining), byte for byte the
+command it shows; Export runs merge_lora.py the same way. Runs are kept in --runs_dir and run in
+their own session, so a reloaded page or a closed browser finds them still going
+(chinese_vicuna/board.py; docs/board.md).
+"""
+
+# No `from __future__ import annotations`: Gradio passes `gr.Request` by annotation (see chat.py).
+import functools
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chinese_vicuna.args import ServerArguments, UIArguments, parse_args
+from chinese_vicuna.board import (
+    STAGES,
+    Runs,
+    check_data,
+    command_argv,
+    loss_plot,
+    model_summary,
+    preview_html,
+    progress,
+    read_flags_file,
+    script_path,
+    settings_of_flags,
+    shown_command,
+    stage_flags,
+    write_flags_file,
+)
+from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.infer.i18n import Messages
+from chinese_vicuna.prompts import available_templates, load_template
+
+logger = logging.getLogger("board")
+
+CSS = ".masked { color: #9aa0a6; } .trained { color: inherit; font-weight: 600; } pre.sample { white-space: pre-wrap; }"
+
+
+@dataclass
+class BoardArguments:
+    runs_dir: str = field(
+        default="board-runs", metadata={"help": "Where the board keeps its runs (a folder per run: argv, status, console log)."}
+    )
+    base_model: str = field(default="", metadata={"help": "Base model the page starts with."})
+    auth: str | None = field(default=None, metadata={"help": "user:password the page asks for (default: none; the page binds 127.0.0.1)."})
+
+
+DEFAULTS: dict[str, Any] = {
+    "prompt_template": "alpaca", "data": "sample/instruct/data_sample.jsonl", "output_dir": "lora-Vicuna", "length": 256,
+    "num_epochs": 3, "max_steps": 0, "learning_rate": 3e-4, "micro_batch_size": 4, "batch_size": 128, "val_set_size": 0,
+    "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_target_modules": "q_proj,v_proj", "precision": "auto",
+    "warmup_steps": 100, "logging_steps": 10, "save_steps": 200, "seed": 42,
+}  # fmt: skip
+STAGE_DATA = {"sft": "sample/instruct/data_sample.jsonl", "chat_sft": "sample/chat/chat_sample.jsonl", "pretrain": "sample/pretrain"}
+NUMBERS = ("length", "num_epochs", "max_steps", "learning_rate", "micro_batch_size", "batch_size", "val_set_size", "lora_r",
+           "lora_alpha", "lora_dropout", "warmup_steps", "logging_steps", "save_steps", "seed")  # fmt: skip
+INTEGERS = {"length", "max_steps", "micro_batch_size", "batch_size", "val_set_size", "lora_r", "lora_alpha", "warmup_steps",
+            "logging_steps", "save_steps", "seed"}  # fmt: skip
+FIELDS = ("base_model", "prompt_template", "data", "output_dir", *NUMBERS, "lora_target_modules", "precision")
+
+
+@functools.lru_cache(maxsize=4)
+def tokenizer_of(base_model: str) -> Any:
+    from chinese_vicuna.model.loading import load_tokenizer
+
+    return load_tokenizer(base_model)
+
+
+def typed(values: dict[str, Any]) -> dict[str, Any]:
+    """The page's values with their flag types (gr.Number gives floats)."""
+    out = dict(values)
+    for key in NUMBERS:
+        if out.get(key) is not None:
+            out[key] = int(out[key]) if key in INTEGERS else float(out[key])
+    return out
+
+
+def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
+    from chinese_vicuna.infer.webui import gr, page_error
+
+    t = Messages(language)
+    engines: dict[tuple[str, str], Any] = {}
+
+    def settings_of(stage: str, *values: Any) -> dict[str, Any]:
+        return typed(dict(zip(FIELDS, values, strict=True)))
+
+    def command_of(stage: str, *values: Any) -> str:
+        return shown_command(command_argv(stage, stage_flags(stage, settings_of(stage, *values))))
+
+    def check(stage: str, *values: Any) -> tuple[str, str, str, str]:
+        return (*inspect(stage, *values), "")
+
+    def inspect(stage: str, *values: Any) -> tuple[str, str, str]:
+        """(model summary, data preview, doctor's line): what the page shows before a start."""
+        s = settings_of(stage, *values)
+        try:
+            info = model_summary(s["base_model"])
+        except UserError as exc:
+            return f"✗ {exc}", "", ""
+        size = f"{info['parameters'] / 1e6:.2f}M" if info["parameters"] else "?"
+        model_md = t(
+            "board.model_info", architecture=info["architecture"], size=size, layers=info["layers"], hidden=info["hidden_size"],
+            context=info["context"], vocab=info["vocab_size"], tokenizer=info["tokenizer_size"],
+            template=info["template"] or "—", reason=t("board.template_reason." + info["template_reason"]),
+        )  # fmt: skip
+        if STAGES[stage].template is None:
+            return model_md, "", t("board.no_doctor")
+        try:
+            tokenizer = tokenizer_of(s["base_model"])
+            template = load_template(s["prompt_template"] or STAGES[stage].template, tokenizer)
+            report = check_data(s["data"], tokenizer, template, s["length"])
+            preview = preview_html(s["data"], tokenizer, template, stage)
+        except UserError as exc:
+            return model_md, "", f"✗ {exc}"
+        whole = report["tokens"]["whole"]
+        doctor = t(
+            "board.doctor", records=report["valid_records"], truncated=report["truncated"], cutoff=report["cutoff_len"],
+            no_trainable=report["no_trainable"], p95=whole.get("p95", 0), longest=whole.get("max", 0),
+        )  # fmt: skip
+        return model_md, preview, doctor
+
+    def run_choices(selected: str | None = None) -> Any:
+        all_runs = runs.all()
+        choices = [(f"{r['id']} · {r['kind']} · {t('board.status.' + r['status'])} · {r['output_dir']}", r["id"]) for r in all_runs]
+        ids = [r["id"] for r in all_runs]
+        return gr.update(choices=choices, value=selected if selected in ids else (ids[0] if ids else None))
+
+    def start(stage: str, *values: Any) -> tuple[str, str, str, str, Any]:
+        model_md, preview, doctor = inspect(stage, *values)
+        if model_md.startswith("✗") or doctor.startswith("✗"):
+            # nothing starts: the same one line the script would end with
+            return model_md, preview, doctor, (doctor if doctor.startswith("✗") else model_md), gr.update()
+        s = settings_of(stage, *values)
+        argv = command_argv(stage, stage_flags(stage, s))
+        try:
+            run = runs.start(stage, argv, s["output_dir"])
+        except UserError as exc:
+            return model_md, preview, doctor, f"✗ {exc}", gr.update()
+        return model_md, preview, doctor, t("board.started", run=run["id"]), run_choices(run["id"])
+
+    def save_flags(path: str, stage: str, *values: Any) -> str:
+        try:
+            written = write_flags_file(path, stage_flags(stage, settings_of(stage, *values)))
+        except (UserError, OSError) as exc:
+            raise page_error(exc) from None
+        script = STAGES[stage].script
+        return t("board.flags_saved", path=written, command=f"python {script} {written}")
+
+    def load_flags(path: str) -> list[Any]:
+        try:
+            stage, settings = settings_of_flags(read_flags_file(path))
+        except UserError as exc:
+            raise page_error(exc) from None
+        return [stage, *[settings.get(key, gr.update()) for key in FIELDS], t("board.flags_loaded", path=path)]
+
+    def switch_stage(stage: str) -> tuple[Any, Any]:
+        spec = STAGES[stage]
+        return gr.update(value=spec.template, interactive=spec.template is not None), STAGE_DATA[stage]
+
+    def watch(run_id: str | None) -> tuple[str, Any, str, str]:
+        """(progress line, loss curve, command, console tail) of a run; polled by the page's timer."""
+        if not run_id:
+            return t("board.no_run"), None, "", ""
+        try:
+            run = runs.get(run_id)
+        except UserError as exc:
+            return f"✗ {exc}", gr.update(), "", ""
+        console = runs.console(run_id)
+        p = progress(run, console) if run["kind"] in STAGES else {"step": 0, "total": None, "curve": []}
+        line = t(
+            "board.progress", status=t("board.status." + run["status"]), step=p["step"], total=p["total"] or "?",
+            loss="—" if p.get("loss") is None else f"{p['loss']:.4f}",
+            lr="—" if p.get("learning_rate") is None else f"{p['learning_rate']:.3g}", eta=(p.get("eta") or "—") if run["status"] == "running" else "—",
+            output_dir=run["output_dir"],
+        )  # fmt: skip
+        if run["returncode"] is not None:
+            line += t("board.exit", code=run["returncode"])
+        return line, loss_plot(run, p["curve"], runs.root / run["id"]), run["command"], console
+
+    def stop(run_id: str | None) -> tuple[str, Any]:
+        try:
+            runs.stop(run_id or "")
+        except UserError as exc:
+            raise page_error(exc) from None
+        return t("board.stopping", run=run_id), run_choices(run_id)
+
+    def resume(run_id: str | None) -> tuple[str, Any]:
+        try:
+            run = runs.resume(run_id or "")
+        except UserError as exc:
+            raise page_error(exc) from None
+        return t("board.resumed", run=run["id"]), run_choices(run["id"])
+
+    def use_run(run_id: str | None) -> tuple[str, str]:
+        try:
+            run = runs.get(run_id or "")
+        except UserError:
+            return gr.update(), gr.update()
+        return run["output_dir"], run["output_dir"].rstrip("/") + "-merged"
+
+    def respond(message: str, history: list[dict[str, str]], base: str, adapter: str) -> Iterator[tuple[list, list, str]]:
+        from chinese_vicuna.infer.engine import INSTRUCTION, Engine
+
+        if not (message or "").strip():
+            raise page_error(t("chat.need_message"))
+        key = (base, adapter)
+        if key not in engines:
+            engines.clear()  # one model in memory at a time
+            try:
+                engines[key] = Engine(base, lora_weights=adapter or None, precision="fp32" if not _cuda() else "auto", kind=INSTRUCTION)
+            except UserError as exc:
+                raise page_error(exc) from None
+        engine = engines[key]
+        # an instruction template answers one instruction; a chat template the whole conversation
+        turns = [*history, {"role": "user", "content": message}] if engine.template.is_chat else [{"role": "user", "content": message}]
+        shown = [*history, {"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        text = ""
+        for piece in engine.stream(turns, max_new_tokens=256):
+            text += piece
+            shown[-1] = {"role": "assistant", "content": text}
+            yield shown, history, ""
+        yield shown, shown, ""
+
+    def export_argv(base: str, adapter: str, out: str) -> list[str]:
+        return [sys.executable, script_path("merge_lora.py"), "--base_model", base, "--lora_weights", adapter, "--output_dir", out]
+
+    def export_command(base: str, adapter: str, out: str) -> str:
+        return shown_command(export_argv(base, adapter, out))
+
+    def export(base: str, adapter: str, out: str) -> tuple[str, Any]:
+        argv = export_argv(base, adapter, out)
+        try:
+            run = runs.start("export", argv, out)
+        except UserError as exc:
+            raise page_error(exc) from None
+        return t("board.started", run=run["id"]), run_choices(run["id"])
+
+    with gr.Blocks(title=t("board.title")) as demo:
+        gr.Markdown(f"## {t('board.title')}\n{t('board.intro')}")
+        with gr.Tabs():
+            with gr.Tab(t("board.tab.configure"), id="configure"):
+                with gr.Row():
+                    base = gr.Textbox(first_base, label=t("board.base_model"), elem_id="base_model", scale=3)
+                    stage = gr.Radio(
+                        [(t(f"board.stage.{k}"), k) for k in STAGES], value="sft", label=t("board.stage"), elem_id="stage", scale=2
+                    )
+                model_info = gr.Markdown(elem_id="model-info")
+                with gr.Row():
+                    template = gr.Dropdown(
+                        available_templates(), value=DEFAULTS["prompt_template"], label=t("board.template"), elem_id="template"
+                    )
+                    data = gr.Textbox(DEFAULTS["data"], label=t("board.data"), elem_id="data_path", scale=2)
+                    output_dir = gr.Textbox(DEFAULTS["output_dir"], label=t("board.output_dir"), elem_id="output_dir", scale=2)
+                numbers: dict[str, Any] = {}
+                with gr.Row():
+                    for key in ("length", "num_epochs", "max_steps", "learning_rate", "micro_batch_size", "batch_size", "val_set_size"):
+                        numbers[key] = gr.Number(
+                            DEFAULTS[key], label=t(f"board.{key}"), elem_id=key, precision=0 if key in INTEGERS else None
+                        )
+                with gr.Row():
+                    for key in ("lora_r", "lora_alpha", "lora_dropout"):
+                        numbers[key] = gr.Number(
+                            DEFAULTS[key], label=t(f"board.{key}"), elem_id=key, precision=0 if key in INTEGERS else None
+                        )
+                    targets = gr.Textbox(
+                        DEFAULTS["lora_target_modules"], label=t("board.lora_target_modules"), elem_id="lora_target_modules"
+                    )
+                    precision = gr.Dropdown(
+                        ["auto", "fp32", "bf16", "fp16", "8bit", "4bit"], value="auto", label=t("board.precision"), elem_id="precision"
+                    )
+                with gr.Row():
+                    for key in ("warmup_steps", "logging_steps", "save_steps", "seed"):
+                        numbers[key] = gr.Number(DEFAULTS[key], label=t(f"board.{key}"), elem_id=key, precision=0)
+                command = gr.Textbox(label=t("board.command"), elem_id="command", interactive=False, buttons=["copy"], lines=2)
+                with gr.Row():
+                    check_btn = gr.Button(t("board.check"), elem_id="check-btn")
+                    start_btn = gr.Button(t("board.start"), variant="primary", elem_id="start-btn")
+                status = gr.Markdown(elem_id="status")
+                doctor = gr.Markdown(elem_id="doctor")
+                preview = gr.HTML(elem_id="preview")
+                with gr.Row():
+                    flags_path = gr.Textbox("board-flags.yaml", label=t("board.flags_file"), elem_id="flags_file", scale=3)
+                    save_btn = gr.Button(t("board.save_flags"), elem_id="save-flags")
+                    load_btn = gr.Button(t("board.load_flags"), elem_id="load-flags")
+            with gr.Tab(t("board.tab.runs"), id="runs"):
+                run = gr.Dropdown([], label=t("board.run"), elem_id="run")
+                progress_md = gr.Markdown(elem_id="progress")
+                with gr.Row():
+                    stop_btn = gr.Button(t("stop"), elem_id="stop-btn")
+                    resume_btn = gr.Button(t("board.resume"), elem_id="resume-btn")
+                run_status = gr.Markdown(elem_id="run-status")
+                plot = gr.Image(label=t("board.loss_curve"), elem_id="loss-plot", type="filepath", interactive=False, height=320)
+                run_command = gr.Textbox(label=t("board.command"), elem_id="run-command", interactive=False, buttons=["copy"], lines=2)
+                console = gr.Textbox(
+                    label=t("board.console"), elem_id="console", lines=10, max_lines=10, interactive=False, autoscroll=True
+                )
+            with gr.Tab(t("board.tab.chat"), id="chat"):
+                adapter = gr.Textbox(label=t("board.adapter"), elem_id="chat-adapter")
+                history = gr.State([])
+                chatbot = gr.Chatbot(label=t("chat.conversation"), height=320, elem_id="chatbot")
+                with gr.Row():
+                    message = gr.Textbox(placeholder=t("chat.message_placeholder"), show_label=False, scale=5, elem_id="message")
+                    send = gr.Button(t("chat.send"), variant="primary", scale=1, elem_id="send-btn")
+            with gr.Tab(t("board.tab.export"), id="export"):
+                export_adapter = gr.Textbox(label=t("board.adapter"), elem_id="export-adapter")
+                export_dir = gr.Textbox(label=t("board.export_dir"), elem_id="export-dir")
+                export_cmd = gr.Textbox(label=t("board.command"), elem_id="export-command", interactive=False, buttons=["copy"])
+                export_btn = gr.Button(t("board.export"), variant="primary", elem_id="export-btn")
+                export_status = gr.Markdown(elem_id="export-status")
+
+        values = [base, template, data, output_dir, *[numbers[k] for k in NUMBERS], targets, precision]
+        for component in [stage, *values]:
+            component.change(command_of, [stage, *values], command, api_name=False, queue=False)
+        stage.change(switch_stage, stage, [template, data], api_name=False)
+        check_btn.click(check, [stage, *values], [model_info, preview, doctor, status], api_name="inspect")
+        start_btn.click(start, [stage, *values], [model_info, preview, doctor, status, run], api_name="start")
+        save_btn.click(save_flags, [flags_path, stage, *values], status, api_name="save_flags")
+        load_btn.click(load_flags, flags_path, [stage, *values, status], api_name="load_flags")
+        timer = gr.Timer(1.0)
+        timer.tick(watch, run, [progress_md, plot, run_command, console], api_name=False, queue=False)
+        run.change(watch, run, [progress_md, plot, run_command, console], api_name="watch")
+        run.change(use_run, run, [adapter, export_adapter], api_name=False)
+        stop_btn.click(stop, run, [run_status, run], api_name="stop")
+        resume_btn.click(resume, run, [run_status, run], api_name="resume")
+        send.click(respond, [message, history, base, adapter], [chatbot, history, message], api_name="respond")
+        message.submit(respond, [message, history, base, adapter], [chatbot, history, message], api_name=False)
+        for component in (base, export_adapter, export_dir):
+            component.change(export_command, [base, export_adapter, export_dir], export_cmd, api_name=False, queue=False)
+        export_btn.click(export, [base, export_adapter, export_dir], [export_status, run], api_name="export")
+        # a reload finds the runs (the newest selected) and the command of the settings shown
+        demo.load(run_choices, None, run, api_name=False)
+        demo.load(command_of, [stage, *values], command, api_name=False)
+    return demo
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    server, ui, args = parse_args((ServerArguments, UIArguments, BoardArguments), argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise UserError("--auth must be user:password")
+        auth = (user, password)
+    from chinese_vicuna.infer.webui import launch
+
+    runs = Runs(args.runs_dir)
+    logger.info("runs are kept in %s", Path(args.runs_dir).resolve())
+    launch(build_page(runs, args.base_model, ui.ui_language), server.server_name, server.server_port, server.share, auth=auth, css=CSS)
+
+
+if __name__ == "__main__":
+    main()

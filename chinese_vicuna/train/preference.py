@@ -1,0 +1,305 @@
+"""Preference training on LoRA: DPO (sigmoid), IPO, hinge, ORPO, SimPO and KTO losses, the
+reference model without a second copy of the base, and TRL's metric names.
+
+Every loss is computed in fp32 from per-sequence log-probabilities (`train/packing.py
+sequence_log_probs`, packed or padded: the same values), in forms that stay finite where a
+naive one overflows (log-sigmoids, log(1 - p) through `log1mexp`).
+
+The reference (DPO, IPO, hinge, KTO) is the policy itself: the trained adapter disabled
+(starting from the base), or the starting adapter loaded a second time, frozen, under the name
+`REFERENCE_ADAPTER` (starting from `--lora_weights`): switched on for a no-grad forward, in eval
+mode (no dropout), then back. `precompute_reference` computes it once before training instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from chinese_vicuna.errors import UserError
+from chinese_vicuna.train.packing import LengthSamplingMixin, sequence_log_probs
+
+logger = logging.getLogger(__name__)
+
+PAIR_LOSSES = ("sigmoid", "ipo", "hinge", "orpo", "simpo")
+PREFERENCE_LOSSES = (*PAIR_LOSSES, "kto")
+REFERENCE_FREE = ("orpo", "simpo")
+REFERENCE_ADAPTER = "reference"
+TRAINED_ADAPTER = "default"
+# KTO estimates its KL term from each prompt paired with another sample's answer in the batch.
+KTO_MIN_BATCH = 2
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation near 0 nor underflow far below it."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+@dataclass
+class PreferenceOutput:
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+
+def pair_loss(
+    loss_type: str,
+    beta: float,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    chosen_counts: torch.Tensor,
+    rejected_counts: torch.Tensor,
+    ref_chosen: torch.Tensor | None = None,
+    ref_rejected: torch.Tensor | None = None,
+    simpo_gamma: float = 0.5,
+) -> PreferenceOutput:
+    """The per-pair loss (mean over pairs) and rewards from summed log-probabilities (fp32).
+
+    sigmoid/hinge/IPO as TRL's DPOTrainer (IPO on per-token averages, as TRL); ORPO: the SFT
+    term (negative per-token average log-probability of chosen) minus beta × log σ(log odds
+    ratio) of the per-token averages, rewards beta × average log-probabilities; SimPO:
+    -log σ(beta × (average chosen - average rejected) - gamma)."""
+    chosen, rejected = chosen.float(), rejected.float()
+    chosen_avg, rejected_avg = chosen / chosen_counts.clamp(min=1), rejected / rejected_counts.clamp(min=1)
+    if loss_type in REFERENCE_FREE:
+        if loss_type == "orpo":
+            log_odds = (chosen_avg - rejected_avg) - (log1mexp(chosen_avg) - log1mexp(rejected_avg))
+            losses = -chosen_avg - beta * F.logsigmoid(log_odds)
+        else:
+            losses = -F.logsigmoid(beta * (chosen_avg - rejected_avg) - simpo_gamma)
+        return PreferenceOutput(losses.mean(), beta * chosen_avg.detach(), beta * rejected_avg.detach())
+    assert ref_chosen is not None and ref_rejected is not None
+    chosen_ratio, rejected_ratio = chosen - ref_chosen.float(), rejected - ref_rejected.float()
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * (chosen_ratio - rejected_ratio))
+    elif loss_type == "ipo":
+        delta = chosen_ratio / chosen_counts.clamp(min=1) - rejected_ratio / rejected_counts.clamp(min=1)
+        losses = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown pair loss {loss_type!r}")
+    return PreferenceOutput(losses.mean(), beta * chosen_ratio.detach(), beta * rejected_ratio.detach())
+
+
+def kto_loss(
+    beta: float,
+    log_probs: torch.Tensor,
+    ref_log_probs: torch.Tensor,
+    kl_log_probs: torch.Tensor,
+    ref_kl_log_probs: torch.Tensor,
+    desirable: torch.Tensor,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[PreferenceOutput, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, as TRL): the KL reference point estimated from mismatched
+    prompt/answer pairs of the batch (detached, at least 0); rewards beta × log-ratio.
+    Returns the output (rewards of the desirable and the undesirable samples) and the KL estimate."""
+    kl = (kl_log_probs.float() - ref_kl_log_probs.float()).mean().clamp(min=0).detach()
+    ratio = log_probs.float() - ref_log_probs.float()
+    good, bad = ratio[desirable], ratio[~desirable]
+    losses = torch.cat(
+        [desirable_weight * (1 - torch.sigmoid(beta * (good - kl))), undesirable_weight * (1 - torch.sigmoid(beta * (kl - bad)))]
+    )
+    return PreferenceOutput(losses.mean(), beta * good.detach(), beta * bad.detach()), kl
+
+
+@contextlib.contextmanager
+def reference_model(model: Any, adapter: str | None) -> Iterator[None]:
+    """The reference for the span of a no-grad forward: the trained adapter disabled, or the
+    frozen `adapter` active; dropout off. Trainable flags and mode are restored after."""
+    peft_model = getattr(model, "module", model)  # DDP-wrapped or not
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        if adapter is None:
+            with peft_model.disable_adapter():
+                yield
+        else:
+            active = peft_model.active_adapter
+            peft_model.set_adapter(adapter, inference_mode=True)
+            try:
+                yield
+            finally:
+                peft_model.set_adapter(active)  # trainable again; the reference stays frozen
+    finally:
+        peft_model.train(was_training)
+
+
+def add_reference_adapter(model: Any, adapter_dir: str) -> None:
+    """The starting adapter loaded a second time, frozen, beside the trained one (a few MB, not a
+    second base); saving keeps only the trained adapter (`save_pretrained` bound to select it)."""
+    model.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    model.set_adapter(TRAINED_ADAPTER)
+    model.save_pretrained = functools.partial(model.save_pretrained, selected_adapters=[TRAINED_ADAPTER])
+
+
+class PreferenceCollator:
+    """The stage's batches: the sequence collator's row(s) plus what a sample carries beside its
+    sequences: precomputed reference log-probabilities (`ref_log_probs`), and for KTO the flag
+    (`label`) and each sample's mismatched sequence (its prompt, the next sample's answer)."""
+
+    def __init__(self, sequences: Any, kto: bool = False) -> None:
+        self.sequences, self.kto = sequences, kto
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch_extra: dict[str, torch.Tensor] = {}
+        if "ref_log_probs" in features[0]:
+            batch_extra["ref_log_probs"] = torch.as_tensor(np.stack([f["ref_log_probs"] for f in features]), dtype=torch.float32).reshape(
+                -1
+            )
+        if self.kto:
+            # a batch of one (the last of an epoch or of the held-out set) has no mismatched pair: its KL term is 0
+            batch_extra["kto_kl_valid"] = torch.tensor(len(features) >= KTO_MIN_BATCH)
+            batch_extra["kto_desirable"] = torch.tensor([bool(f["label"]) for f in features])
+            features = [_with_mismatched(f, features[(i + 1) % len(features)]) for i, f in enumerate(features)]
+        else:
+            features = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        return {**self.sequences(features), **batch_extra}
+
+
+def _with_mismatched(sample: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    from chinese_vicuna.data.preference import prompt_length
+
+    own, theirs = prompt_length(sample["labels"]), prompt_length(other["labels"])
+    ids = np.concatenate([np.asarray(sample["input_ids"][:own]), np.asarray(other["input_ids"][theirs:])])
+    labels = np.concatenate([np.asarray(sample["labels"][:own]), np.asarray(other["labels"][theirs:])])
+    return {"input_ids": [np.asarray(sample["input_ids"]), ids], "labels": [np.asarray(sample["labels"]), labels]}
+
+
+class WithReference:
+    """A dataset view whose samples also carry their reference log-probabilities (one per sequence)."""
+
+    def __init__(self, samples: Any, ref_log_probs: np.ndarray) -> None:
+        self.samples, self.ref_log_probs = samples, ref_log_probs
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {**self.samples[i], "ref_log_probs": self.ref_log_probs[i]}
+
+    @property
+    def lengths(self) -> Any:
+        return self.samples.lengths
+
+
+class PreferenceTrainer(LengthSamplingMixin, Trainer):
+    """Trainer whose loss is a preference loss on per-sequence log-probabilities of pairs
+    (chosen, rejected) or, for KTO, of single answers with their mismatched sequences.
+    Logs TRL's `rewards/chosen`, `rewards/rejected`, `rewards/accuracies`, `rewards/margins`,
+    `logps/chosen`, `logps/rejected` (`eval_` prefixed on held-out data), averaged since the last log."""
+
+    # compute_loss returns a mean over this micro-batch: Trainer divides by the accumulation steps
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        *args: Any,
+        loss_type: str = "sigmoid",
+        beta: float = 0.1,
+        ftx: float = 0.0,
+        simpo_gamma: float = 0.5,
+        reference_adapter: str | None = None,
+        kto_weights: tuple[float, float] = (1.0, 1.0),
+        **kwargs: Any,
+    ) -> None:
+        if loss_type not in PREFERENCE_LOSSES:
+            raise UserError(f"--pref_loss {loss_type}: pick one of {', '.join(PREFERENCE_LOSSES)}")
+        self.loss_type, self.beta, self.ftx, self.simpo_gamma = loss_type, beta, ftx, simpo_gamma
+        self.reference_adapter, self.kto_weights = reference_adapter, kto_weights
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        train_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if train_args is not None:
+            # the stage's collator reads its own keys (reference log-probs, the KTO flag): keep them
+            train_args.remove_unused_columns = False
+        super().__init__(*args, **kwargs)
+
+    def reference_log_probs(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        if "ref_log_probs" in inputs:
+            return inputs["ref_log_probs"]
+        with torch.no_grad(), reference_model(model, self.reference_adapter):
+            return sequence_log_probs(model, inputs)[0]
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        log_probs, counts = sequence_log_probs(model, inputs)
+        ref = None if self.loss_type in REFERENCE_FREE else self.reference_log_probs(model, inputs)
+        metrics: dict[str, float] = {}
+        if self.loss_type == "kto":
+            own, kl = log_probs.view(-1, 2).unbind(1)
+            ref_own, ref_kl = ref.view(-1, 2).unbind(1)
+            desirable = inputs["kto_desirable"].to(own.device)
+            if not bool(inputs["kto_kl_valid"]):
+                kl = ref_kl  # no mismatched pair: the estimate is its lower bound, 0
+            out, kl_value = kto_loss(self.beta, own, ref_own, kl, ref_kl, desirable, *self.kto_weights)
+            loss = out.loss
+            metrics["kl"] = float(kl_value)
+            own_counts = counts.view(-1, 2)[:, 0]
+            if self.ftx and desirable.any():
+                loss = loss + self.ftx * (-(own[desirable] / own_counts[desirable].clamp(min=1)).mean())
+            chosen_logps, rejected_logps = own[desirable].detach(), own[~desirable].detach()
+        else:
+            chosen, rejected = log_probs.view(-1, 2).unbind(1)
+            chosen_counts, rejected_counts = counts.view(-1, 2).unbind(1)
+            ref_chosen, ref_rejected = (None, None) if ref is None else ref.view(-1, 2).unbind(1)
+            out = pair_loss(self.loss_type, self.beta, chosen, rejected, chosen_counts, rejected_counts, ref_chosen, ref_rejected, self.simpo_gamma)  # fmt: skip
+            loss = out.loss
+            if self.ftx and self.loss_type != "orpo":  # ORPO's loss has its SFT term already
+                loss = loss + self.ftx * (-(chosen / chosen_counts.clamp(min=1)).mean())
+            chosen_logps, rejected_logps = chosen.detach(), rejected.detach()
+            metrics["rewards/accuracies"] = float((out.chosen_rewards > out.rejected_rewards).float().mean())
+            metrics["rewards/margins"] = float((out.chosen_rewards - out.rejected_rewards).mean())
+        for name, values in (
+            ("rewards/chosen", out.chosen_rewards), ("rewards/rejected", out.rejected_rewards),
+            ("logps/chosen", chosen_logps), ("logps/rejected", rejected_logps),
+        ):  # fmt: skip
+            if values.numel():
+                metrics[name] = float(values.float().mean())
+        mode = "train" if model.training else "eval"
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(value)
+        return (loss, {}) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        averaged = {f"{prefix}{k}": sum(v) / len(v) for k, v in self._metrics[mode].items() if v}
+        self._metrics[mode].clear()
+        super().log({**logs, **averaged}, start_time)
+
+
+def check_kto_batch(loss_type: str, micro_batch: int, packing_max_tokens: int) -> None:
+    """KTO's KL estimate needs another sample in every batch: refuse a setting that gives fewer."""
+    if loss_type != "kto":
+        return
+    if packing_max_tokens:
+        raise UserError("--pref_loss kto needs batches of a fixed number of samples for its KL estimate; drop --packing_max_tokens")
+    if micro_batch < KTO_MIN_BATCH:
+        raise UserError(
+            f"--pref_loss kto estimates its KL term from mismatched pairs within a batch: --micro_batch_size {micro_batch} "
+            f"is too small; the minimum is {KTO_MIN_BATCH}"
+        )
+
+
+def precompute_reference(trainer: PreferenceTrainer, samples: Any, collator: Any, batch_size: int) -> np.ndarray:
+    """Reference log-probabilities of every sequence of `samples`, computed once (no grad): an
+    array (samples, sequences per sample) in the view's order."""
+    model = trainer.model
+    out = []
+    for start in range(0, len(samples), batch_size):
+        batch = collator([samples[i] for i in range(start, min(start + batch_size, len(samples)))])
+        batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        out.append(trainer.reference_log_probs(model, batch).cpu().numpy())
+    group = len(samples[0]["input_ids"]) if len(samples) else 2
+    return np.concatenate(out).reshape(-1, group) if out else np.zeros((0, group), dtype=np.float32)
