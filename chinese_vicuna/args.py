@@ -78,6 +78,17 @@ class ModelArguments(BaseModelArguments):
         default=None,
         metadata={"help": "sdpa (default; packed rows attend per sample), eager, or flash_attention_2 (GPU, varlen on packed rows)."},
     )
+    # RoPE scaling for a longer context (model/rope.py); an adapter trained with it records it (rope_scaling.json)
+    rope_scaling: str | None = field(
+        default=None,
+        metadata={
+            "help": "RoPE scaling: linear (position interpolation), dynamic (NTK), yarn or llama3; default: the adapter's, else none."
+        },
+    )
+    rope_factor: float = field(default=1.0, metadata={"help": "With --rope_scaling: the context grows by this factor (e.g. 2, 4)."})
+    model_max_length: int | None = field(
+        default=None, metadata={"help": "With --rope_scaling: the new context window in tokens (default: the base's × --rope_factor)."}
+    )
 
 
 @dataclass
@@ -186,12 +197,36 @@ class LoraArguments:
         },
     )
 
+    # LoRA variants (docs/lora_variants.md): saved in adapter_config.json, so stock PEFT loads them
+    use_dora: bool = field(default=False, metadata={"help": "DoRA: a trained magnitude per output row beside the LoRA direction."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale alpha/sqrt(r) instead of alpha/r (stable at high ranks)."})
+    init_lora_weights: str = field(
+        default="default",
+        metadata={
+            "help": "LoRA initialisation: default (B=0), gaussian, pissa, pissa_niter_N (fast SVD), olora, or loftq (with "
+            "--precision 4bit). PiSSA/OLoRA adapters are saved converted, for the original base."
+        },
+    )
+
     def __post_init__(self) -> None:
+        check_lora_init(self.init_lora_weights)
         check_flags(
             (self.lora_r >= 1, f"--lora_r {self.lora_r}: the LoRA rank must be at least 1 (8-64 are usual)"),
             (self.lora_alpha > 0, f"--lora_alpha {self.lora_alpha}: must be > 0 (usually 2 × --lora_r)"),
             (0 <= self.lora_dropout < 1, f"--lora_dropout {self.lora_dropout}: must be in [0, 1)"),
         )
+
+
+LORA_INITS = ("default", "true", "gaussian", "pissa", "olora", "loftq")
+
+
+def check_lora_init(value: str) -> None:
+    """--init_lora_weights is one PEFT knows (pissa_niter_N with a whole N)."""
+    if value in LORA_INITS or re.fullmatch(r"pissa_niter_[1-9][0-9]*", value):
+        return
+    raise UserError(
+        f"--init_lora_weights {value}: use one of {', '.join(LORA_INITS[:1] + LORA_INITS[2:])} or pissa_niter_N (e.g. pissa_niter_4)"
+    )
 
 
 @dataclass
@@ -200,7 +235,9 @@ class DataArguments:
         default="sample/instruct/data_sample.jsonl",
         metadata={"help": "Alpaca-format data: .json/.jsonl/.parquet/.csv/.arrow, a folder, a hub dataset (docs/data.md); comma-separated: mixed."},
     )
-    data_weights: str | None = field(default=None, metadata={"help": "Sampling weights of the --data_path files, e.g. 0.3,0.7 (docs/data.md)."})
+    data_weights: str | None = field(
+        default=None, metadata={"help": "Sampling weights of the --data_path files, e.g. 0.3,0.7 (docs/data.md)."}
+    )
     data_mix_size: int | None = field(default=None, metadata={"help": "Samples in the mixture (default: all files' samples)."})
     val_data_path: str | None = field(default=None, metadata={"help": "Validation file, used instead of a --val_set_size split."})
     cutoff_len: int = field(default=256, metadata={"help": "Maximum tokens per sample; longer samples are truncated."})
@@ -276,6 +313,16 @@ class TrainArguments(TrainingArguments):
             "OUTPUT_DIR/superseded-<time>/."
         },
     )
+    loraplus_lr_ratio: float = field(
+        default=0.0,
+        metadata={"help": "LoRA+: the LoRA B matrices learn at --learning_rate × this ratio (16 is usual); 0: off."},
+    )
+    loss_chunk_size: int = field(
+        default=1024,
+        metadata={
+            "help": "Loss through lm_head this many positions at a time: no [tokens, vocab] logits (train/losses.py); 0: the model's own logits."
+        },
+    )
     def __post_init__(self) -> None:
         check_flags(
             (self.learning_rate > 0, f"--learning_rate {self.learning_rate}: must be > 0 (LoRA: 1e-4 to 3e-4 are usual)"),
@@ -289,6 +336,10 @@ class TrainArguments(TrainingArguments):
             self.activation_checkpointing = self.gradient_checkpointing
         if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is not None:
             self.activation_checkpointing_kwargs = self.gradient_checkpointing_kwargs
+        if self.loss_chunk_size < 0:
+            raise UserError(f"--loss_chunk_size {self.loss_chunk_size}: must be >= 0 (positions per chunk; 0: unchunked)")
+        if self.loraplus_lr_ratio < 0:
+            raise UserError(f"--loraplus_lr_ratio {self.loraplus_lr_ratio}: must be >= 0 (0: off; 16 is usual)")
         if self.packing_max_tokens < 0 or (self.packing_max_tokens and not self.packing):
             raise UserError(f"--packing_max_tokens {self.packing_max_tokens} needs --packing true and a count ≥ 0 (0: off)")
         # mixed precision and the CPU flag: decided with the weights' precision, in one function

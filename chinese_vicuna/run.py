@@ -119,6 +119,7 @@ def prepare_output_dir(args: TrainingArguments, resume_from_checkpoint: str | No
 def load_from_args(model_args: ModelArguments) -> tuple[Any, Any]:
     """`model.build.load_for_inference` with the values of the scripts' model flags (precision decided while parsing)."""
     from chinese_vicuna.model.build import load_for_inference
+    from chinese_vicuna.model.rope import resolve_rope
 
     return load_for_inference(
         model_args.base_model,
@@ -129,4 +130,5 @@ def load_from_args(model_args: ModelArguments) -> tuple[Any, Any]:
         model_args.trust_remote_code,
         model_args.attn_implementation,
         model_args.lora_config,
+        resolve_rope(model_args.rope_scaling, model_args.rope_factor, model_args.model_max_length, model_args.lora_weights),
     )

@@ -422,10 +422,12 @@ def test_packed_loss_takes_bf16_logits_from_a_prepared_model(tiny_model_dir: Pat
     model, samples = _bf16_lora_model(tiny_model_dir)
     model = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
     inputs = PackedCollator()(samples)
-    with torch.no_grad():
-        fp32_loss, outputs, _ = packed_loss(model, inputs)
+    with torch.no_grad():  # chunk 0: the model's own logits (the chunked loss builds none)
+        fp32_loss, outputs, _ = packed_loss(model, inputs, chunk=0)
         assert outputs.logits.dtype == torch.float32
         assert keep_logits_dtype(model) and not keep_logits_dtype(model)  # once; a second call finds nothing
-        loss, outputs, _ = packed_loss(model, inputs)
+        loss, outputs, _ = packed_loss(model, inputs, chunk=0)
+        chunked, _, _ = packed_loss(model, inputs)
     assert outputs.logits.dtype == torch.bfloat16
     assert loss.item() == fp32_loss.item()
+    assert abs(chunked.item() - loss.item()) < 1e-2 * loss.item()

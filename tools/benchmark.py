@@ -18,6 +18,7 @@ the CPU (AVX512-BF16 / AMX) or GPU runs it natively, fp32 otherwise (`--precisio
     python tools/benchmark.py run WORK --repeats 2    # → WORK/benchmark.json, WORK/benchmark.png
     python tools/benchmark.py sweep WORK              # the same at cutoff_len 256/512/1024/2048
     python tools/benchmark.py tokenize WORK           # batched vs one-at-a-time tokenization
+    python tools/benchmark.py logits WORK             # peak memory of the loss: 128k vocabulary, 4×2048 tokens
     python tools/benchmark.py quick WORK              # seconds: tiny model, used by the tests
 """
 
@@ -49,11 +50,23 @@ logger = logging.getLogger("benchmark")
 # "{precision}" is the run's precision (bf16 where the machine runs it natively, else fp32);
 # "{max_tokens}" is micro_batch_size × cutoff_len, the token budget of the "tokens" configurations;
 # "{micro_batch}" is micro_batch_size.
+# HF's loss over the model's full logits (alpaca-lora's), not train/losses.py's lm_head chunks.
+UNCHUNKED = ["--loss_chunk_size", "0"]
 CONFIGS: dict[str, list[str]] = {
     # alpaca-lora's finetune.py: pad each micro-batch to its longest sample, HF's loss over full
     # logits, PEFT's own dropout; 16-bit weights under bf16 (its GPU recipe loads 8-bit weights under
     # fp16 autocast; the CPU has no fast 8-bit kernels, so bf16 weights, as ours), fp32 weights in fp32.
-    "recipe": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "{precision}"],
+    "recipe": [
+        "--packing",
+        "false",
+        "--group_by_length",
+        "false",
+        "--fast_lora_dropout",
+        "false",
+        "--precision",
+        "{precision}",
+        *UNCHUNKED,
+    ],
     # this project's defaults.
     "ours": [],
     # packed rows filled up to a token budget instead of a fixed number of samples: fewer, fuller
@@ -62,7 +75,19 @@ CONFIGS: dict[str, list[str]] = {
     # ... or one row per optimizer step (about as many tokens per step as the sample-count batch).
     "tokens-step": ["--packing_max_tokens", "{max_tokens}", "--batch_size", "{micro_batch}"],
     # the recipe with fp32 weights under bf16 autocast (for reference: same speed, more memory).
-    "recipe-fp32-weights": ["--packing", "false", "--group_by_length", "false", "--fast_lora_dropout", "false", "--precision", "fp32"],
+    "recipe-fp32-weights": [
+        "--packing",
+        "false",
+        "--group_by_length",
+        "false",
+        "--fast_lora_dropout",
+        "false",
+        "--precision",
+        "fp32",
+        *UNCHUNKED,
+    ],
+    # ours with the model's own logits at the trained positions (the loss before train/losses.py's lm_head chunks)
+    "logits": UNCHUNKED,
     # this project's fallback without packing: length-grouped padded batches.
     "grouped": ["--packing", "false", "--group_by_length", "true"],
 }
@@ -1093,7 +1118,69 @@ class TokenizeArguments:
     model: str | None = field(default=None, metadata={"help": "Tokenizer/model folder (default: WORK/llama-50m, built if missing)."})
 
 
+@dataclass
+class LogitsArguments:
+    vocab: int = field(default=128256, metadata={"help": "Vocabulary of the tiny model (Llama-3's: 128256)."})
+    micro_batch_size: int = field(default=4)
+    cutoff_len: int = field(default=2048)
+    chunks: str = field(default="0,1024", metadata={"help": "--loss_chunk_size values to measure (0: the model's own logits)."})
+    repeats: int = field(default=3)
+
+
+# One packed training step (forward + backward, LoRA r=8 on all linear layers, every position
+# trained as in pretraining) of a tiny fp32 LLaMA with a large vocabulary; prints its peak RSS.
+LOGITS_STEP = """
+import json, sys, time, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from chinese_vicuna.model.adapters import add_lora
+from chinese_vicuna.train.packing import packed_loss
+vocab, rows, length, chunk = (int(x) for x in sys.argv[1:5])
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=length)
+model = add_lora(LlamaForCausalLM(config), 8, 16, 0.0, "all-linear")
+ids = torch.randint(3, vocab, (1, rows * length))
+targets = torch.cat([torch.cat([ids[0, i * length + 1:(i + 1) * length], torch.tensor([-100])]) for i in range(rows)])[None]
+inputs = {"input_ids": ids, "position_ids": torch.arange(length).repeat(rows)[None], "shift_labels": targets}
+def hwm():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+before = hwm()
+start = time.perf_counter()
+loss, _, _ = packed_loss(model, inputs, chunk=chunk)
+loss.backward()
+print(json.dumps({"chunk": chunk, "loss": loss.item(), "peak_mib": hwm(), "before_step_mib": before, "step_s": time.perf_counter() - start}))
+"""
+
+
+def logits_memory(vocab: int, rows: int, length: int, chunks: list[int], repeats: int) -> dict[str, Any]:
+    """Peak memory of one training step per --loss_chunk_size, each in a fresh process (LOGITS_STEP)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    runs = []
+    for _ in range(repeats):
+        for chunk in chunks:  # interleaved: a busy machine hurts every configuration alike
+            proc = subprocess.run(
+                [sys.executable, "-c", LOGITS_STEP, str(vocab), str(rows), str(length), str(chunk)], env=env, capture_output=True, text=True
+            )
+            if proc.returncode:
+                raise UserError(f"logits step with --loss_chunk_size {chunk} failed: {proc.stderr.strip().splitlines()[-1]}")
+            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    summary = {
+        str(c): {k: statistics.median(r[k] for r in runs if r["chunk"] == c) for k in ("peak_mib", "before_step_mib", "step_s", "loss")}
+        for c in chunks
+    }
+    fp32_logits_mib = rows * length * vocab * 4 / 2**20
+    return {
+        "vocab": vocab,
+        "tokens": rows * length,
+        "fp32_logits_mib": fp32_logits_mib,
+        "machine": machine_info(),
+        "summary": summary,
+        "runs": runs,
+    }
+
+
 COMMANDS = {
+    "logits": LogitsArguments,
     "prepare": PrepareArguments,
     "run": RunArguments,
     "quick": QuickArguments,
@@ -1155,6 +1242,12 @@ def main(argv: list[str] | None = None) -> None:
         result, table = gpu_report(work)
         atomic_write_bytes(work / "gpu_check.json", json.dumps(result, indent=2).encode())
         atomic_write_bytes(work / "gpu_check.md", table.encode())
+        return
+    if command == "logits":
+        work.mkdir(parents=True, exist_ok=True)
+        result = logits_memory(args.vocab, args.micro_batch_size, args.cutoff_len, [int(c) for c in args.chunks.split(",")], args.repeats)
+        atomic_write_bytes(out or work / "logits-memory.json", json.dumps(result, indent=2).encode())
+        print(json.dumps({"fp32_logits_mib": result["fp32_logits_mib"], **result["summary"]}, indent=2))
         return
     if command == "tokenize":
         model_dir, data = prepare(work, 400, "50m", model)

@@ -121,9 +121,13 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
         raise UserError(
             f"{model_dir}/config.json: model_type {config.get('model_type')!r}; this converter writes LLaMA-architecture models"
         )
-    rope = config.get("rope_scaling") or {}
-    if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        raise UserError(f"{model_dir}/config.json: rope_scaling {rope} is not supported by this converter")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type")) or "default"
+    if rope_type not in ("default", "linear", "yarn"):
+        raise UserError(
+            f"{model_dir}/config.json: rope_type {rope_type!r}: llama.cpp runs linear and yarn RoPE scaling "
+            "(dynamic NTK it does not have); train with --rope_scaling linear or yarn for a GGUF export"
+        )
     n_heads = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_heads)
     hidden = int(config["hidden_size"])
@@ -145,6 +149,11 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
         writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_rope_freq_base(float(theta))
+    if rope_type != "default":  # llama.cpp's keys, as its own converter writes them
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope_type == "linear" else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        original = rope.get("original_max_position_embeddings") or int(config.get("max_position_embeddings", 2048) / float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(original))
     writer.add_vocab_size(vocab_size)
     writer.add_file_type(OUTTYPES[float_type])
 

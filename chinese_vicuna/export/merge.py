@@ -20,6 +20,7 @@ from chinese_vicuna.export.tensors import DTYPE_NAMES, TOKENIZER_FILES, ShardWri
 from chinese_vicuna.files import read_json
 from chinese_vicuna.model.adapters import AdapterInfo, check_lora_modules, inner_name, load_adapter_tensors, read_adapter
 from chinese_vicuna.model.loading import has_tokenizer, tokenizer_length, unused_vocab_rows
+from chinese_vicuna.model.rope import ROPE_FILE, adapter_rope_settings, apply_rope_scaling, scaled_config
 from chinese_vicuna.prompts import save_template_files
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class MergePlan:
     tokenizer_dir: Path
     tokenizer_len: int
     notes: list[str] = field(default_factory=list)
+    rope: dict[str, Any] | None = None  # the RoPE scaling the adapters were trained with (model/rope.py)
 
 
 def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str], lora_config: str | None = None) -> MergePlan:
@@ -98,6 +100,12 @@ def plan_merge(base_model: str | os.PathLike, lora_dirs: list[str], lora_config:
             tokenizer_dir, tokenizer_len = info.path, info.tokenizer_len
         vocab = new_vocab
         plan.adapters.append(info)
+        rope = adapter_rope_settings(info.path)
+        if rope is not None and plan.rope is not None and rope != plan.rope:
+            raise UserError(
+                f"{info.path}/{ROPE_FILE}: RoPE scaling {rope} differs from an earlier adapter's {plan.rope}; merge them separately"
+            )
+        plan.rope = rope or plan.rope
     if tokenizer_dir is None:
         raise UserError(f"{base}: no tokenizer (tokenizer.json / tokenizer.model) in the base or any adapter folder")
     if tokenizer_len is not None and tokenizer_len > vocab:
@@ -209,6 +217,7 @@ def merge_with_peft(plan: MergePlan, tokenizer: Any, verify: bool = False) -> tu
     from chinese_vicuna.model.loading import check_special_tokens, load_base_model
 
     model = load_base_model(str(plan.base), "fp32")
+    apply_rope_scaling(model, plan.rope)
     check_special_tokens(model, tokenizer, str(plan.base))
     model.eval()
     report = []
@@ -231,7 +240,7 @@ def merge_with_peft(plan: MergePlan, tokenizer: Any, verify: bool = False) -> tu
 
 
 def config_for_output(plan: MergePlan, dtype: torch.dtype) -> dict[str, Any]:
-    cfg = dict(plan.config)
+    cfg = scaled_config(plan.config, plan.rope) if plan.rope else dict(plan.config)
     cfg["vocab_size"] = plan.final_vocab
     cfg["dtype"] = DTYPE_NAMES[dtype]
     cfg.pop("torch_dtype", None)
@@ -247,12 +256,19 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def adapter_ops(info: AdapterInfo) -> dict[str, list[tuple[str, Any]]]:
-    """Per base tensor name, what this adapter does to it: ("add", (A, B, scale, transpose)) or ("replace", tensor)."""
+    """Per base tensor name, what this adapter does to it: ("add", (A, B, scale, transpose, magnitude)) or
+    ("replace", tensor). `magnitude` is DoRA's per-row magnitude vector (None for LoRA and rsLoRA)."""
     cfg = info.config
-    # what W + scale·B·A does not cover: refused, never dropped (a dropped lora_bias moves the logits)
-    for flag in ("use_dora", "lora_bias", "layer_replication"):
+    # what W + scale·B·A (DoRA: rescaled per row) does not cover: refused, never dropped (a dropped lora_bias moves the logits)
+    for flag in ("lora_bias", "layer_replication"):
         if cfg.get(flag):
-            raise UserError(f"{info.path}/adapter_config.json: {flag} is set; --low_mem merges plain LoRA only: drop --low_mem")
+            raise UserError(f"{info.path}/adapter_config.json: {flag} is set; --low_mem merges LoRA, rsLoRA and DoRA only: drop --low_mem")
+    init = str(cfg.get("init_lora_weights", True)).lower()
+    if init.startswith("pissa") or init in ("olora", "corda", "lora_ga"):
+        raise UserError(
+            f"{info.path}/adapter_config.json: init_lora_weights={init}: a checkpoint in training form applies to a residual base "
+            "that PEFT recomputes on load; drop --low_mem (or merge the run's final adapter, saved for the original base)"
+        )
     if cfg.get("bias", "none") != "none":
         raise UserError(
             f"{info.path}/adapter_config.json: bias={cfg['bias']!r} (trained biases); --low_mem merges plain LoRA only: drop --low_mem"
@@ -270,8 +286,13 @@ def adapter_ops(info: AdapterInfo) -> dict[str, list[tuple[str, Any]]]:
             scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             # the full-size delta is computed when its tensor streams by, never all at once
             transpose = kind == "lora_embedding_A" or bool(cfg.get("fan_in_fan_out"))
-            ops.setdefault(module + ".weight", []).append(("add", (a, b, scale, transpose)))
-        elif re.search(r"\.(lora_B|lora_embedding_B)(\.weight)?$", name) or ".original_module." in name:
+            magnitude = tensors.get(module + ".lora_magnitude_vector")
+            if magnitude is not None and kind != "lora_A":
+                raise UserError(f"{info.weights}: {module} is a DoRA embedding; --low_mem folds DoRA of linear layers only: drop --low_mem")
+            if cfg.get("use_dora") and magnitude is None:
+                raise UserError(f"{info.weights}: use_dora is set but {module} has no lora_magnitude_vector; the adapter is incomplete")
+            ops.setdefault(module + ".weight", []).append(("add", (a, b, scale, transpose, magnitude)))
+        elif re.search(r"\.(lora_B|lora_embedding_B|lora_magnitude_vector)(\.weight)?$", name) or ".original_module." in name:
             continue  # B goes with its A; the untouched original of a modules_to_save copy
         elif ".lora_" in name or not name.endswith(".weight"):
             raise UserError(f"{info.weights}: {name} is not a plain LoRA A/B or a saved module; --low_mem cannot merge it: drop --low_mem")
@@ -301,11 +322,21 @@ def merge_low_mem(plan: MergePlan, out: Path, dtype: torch.dtype, max_shard_size
                     if kind == "replace":
                         w = value.float().clone()
                     else:
-                        a, b, scale, transpose = value
+                        a, b, scale, transpose, magnitude = value
                         delta = (b.float() @ a.float()) * scale  # PEFT's get_delta_weight: B·A·scale
                         w = w + (delta.T if transpose else delta)
+                        if magnitude is not None:
+                            w = dora_rescale(w, magnitude, transpose)
                 t = w
             writer.add(name, t.to(dtype) if t.is_floating_point() else t)
         writer.flush()  # output shards follow input shards: memory holds one at a time
         logger.info("merged %s", path.name)
     return writer.finish()
+
+
+def dora_rescale(weight: torch.Tensor, magnitude: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """DoRA's merge (PEFT's): W' = m / ||W + ΔW|| · (W + ΔW), the norm taken per output row of the
+    already updated weight (columns where the weight is stored transposed)."""
+    rows = weight.T if transpose else weight
+    scaled = rows * (magnitude.float() / torch.linalg.norm(rows, dim=1)).unsqueeze(1)
+    return scaled.T if transpose else scaled

@@ -346,8 +346,10 @@ def add_lora(
     dropout: float = 0.05,
     target_modules: str | list[str] = "q_proj,v_proj",
     modules_to_save: list[str] | None = None,
+    variant: dict[str, Any] | None = None,
 ) -> Any:
-    """A fresh LoRA on the given modules."""
+    """A fresh LoRA on the given modules; `variant`: LoraConfig fields of a LoRA variant
+    (use_dora, use_rslora, init_lora_weights; train/lora_variants.py)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -358,6 +360,7 @@ def add_lora(
         modules_to_save=modules_to_save,
         bias="none",
         task_type="CAUSAL_LM",
+        **(variant or {}),
     )
     try:
         return get_peft_model(model, config)

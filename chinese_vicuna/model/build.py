@@ -18,6 +18,7 @@ from chinese_vicuna.model.adapters import (
     resize_to_adapter,
 )
 from chinese_vicuna.model.loading import check_special_tokens, check_vocab, load_base_model, load_tokenizer, resize_embeddings_to_tokenizer
+from chinese_vicuna.model.rope import adapter_rope_settings, apply_rope_scaling
 
 
 def load_checked_model(
@@ -30,18 +31,21 @@ def load_checked_model(
     attn_implementation: str | None = None,
     grow_to_tokenizer: bool = False,
     lora_config: str | None = None,
+    rope: dict[str, Any] | None = None,
 ) -> Any:
     """The base model, with its special tokens and vocabulary checked against `tokenizer`.
 
     With `lora_weights`, an adapter trained on an expanded vocabulary first grows the base to
     its rows, so the vocabulary check compares the tokenizer with what will actually run.
     `grow_to_tokenizer` (continued pretraining after vocabulary expansion) resizes the base to
-    the tokenizer instead of refusing a larger one.
+    the tokenizer instead of refusing a larger one. `rope`: RoPE scaling (model/rope.py); default:
+    what the adapter was trained with.
     """
     if lora_weights and Path(lora_weights).exists():
         # a missing config or weights file is found now, not after minutes of loading a 13B base
         read_adapter(lora_weights, lora_config)
     model = load_base_model(base_model, precision, device_map, trust_remote_code, attn_implementation)
+    apply_rope_scaling(model, rope if rope is not None else adapter_rope_settings(lora_weights))
     check_special_tokens(model, tokenizer, base_model)
     if lora_weights:
         resize_to_adapter(model, lora_weights, tokenizer)
@@ -60,6 +64,7 @@ def load_for_inference(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     lora_config: str | None = None,
+    rope: dict[str, Any] | None = None,
 ) -> tuple[Any, Any]:
     """Model (base, base + LoRA, or a merged model) and tokenizer, in eval mode.
 
@@ -72,7 +77,15 @@ def load_for_inference(
     # the tokenizer it was trained with: that tokenizer is the one to use.
     tokenizer = load_tokenizer(tokenizer_path or adapter_tokenizer_path(lora_weights) or base_model, trust_remote_code)
     model = load_checked_model(
-        base_model, tokenizer, precision, device_map, trust_remote_code, lora_weights, attn_implementation, lora_config=lora_config
+        base_model,
+        tokenizer,
+        precision,
+        device_map,
+        trust_remote_code,
+        lora_weights,
+        attn_implementation,
+        lora_config=lora_config,
+        rope=rope,
     )
     if lora_weights:
         resized = Path(lora_weights).is_dir() and adapter_vocab_rows(lora_weights) is not None

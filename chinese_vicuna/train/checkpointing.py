@@ -25,6 +25,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from chinese_vicuna.checkpoints import FINGERPRINT_NAME, STAGING_DIR
 from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.train.losses import ChunkedLossMixin
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,9 @@ class AtomicCheckpointMixin:
         return str(staged.parent.parent / staged.name) if staged.parent.name == STAGING_DIR else path
 
 
-class CheckpointTrainer(AtomicCheckpointMixin, Trainer):
-    """The stock Trainer with atomic checkpoints (padded batches, `--packing false`)."""
+class CheckpointTrainer(ChunkedLossMixin, AtomicCheckpointMixin, Trainer):
+    """The stock Trainer with atomic checkpoints (padded batches, `--packing false`), its loss
+    through lm_head in chunks (train/losses.py)."""
 
 
 def with_atomic_checkpoints(trainer_class: type[Trainer]) -> type[Trainer]:

@@ -17,7 +17,9 @@ from chinese_vicuna.errors import UserError
 from chinese_vicuna.model.adapters import add_lora, load_lora, parse_modules_to_save, parse_target_modules
 from chinese_vicuna.model.build import load_checked_model
 from chinese_vicuna.model.loading import prepare_for_training
+from chinese_vicuna.model.rope import resolve_rope
 from chinese_vicuna.train.fast_lora import use_fast_lora_dropout
+from chinese_vicuna.train.lora_variants import check_lora_variant, lora_variant_config, prepare_variant
 from chinese_vicuna.train.packing import use_packed_attention
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ def load_model_for_training(
     `grow_to_tokenizer`: resize the base to an expanded tokenizer (continued pretraining);
     `default_modules_to_save`: modules trained in full when --modules_to_save is not given.
     """
+    check_lora_variant(lora_args, model_args.precision, model_args.lora_weights)
     if not model_args.lora_weights:
         check_target_modules(model_args.base_model, lora_args.lora_target_modules, model_args.trust_remote_code)
     model = load_checked_model(
@@ -49,13 +52,18 @@ def load_model_for_training(
         model_args.attn_implementation,
         grow_to_tokenizer,
         lora_config=model_args.lora_config,
+        rope=resolve_rope(model_args.rope_scaling, model_args.rope_factor, model_args.model_max_length, model_args.lora_weights),
     )
     model = prepare_for_training(model, train_args.gradient_checkpointing)
     if model_args.lora_weights:
         model = load_lora(model, model_args.lora_weights, is_trainable=True, lora_config=model_args.lora_config)
     else:
         modules = parse_modules_to_save(lora_args.modules_to_save, default_modules_to_save)
-        model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules, modules)
+        model = add_lora(
+            model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules, modules,
+            lora_variant_config(lora_args),
+        )  # fmt: skip
+        prepare_variant(model, lora_args, model_args.base_model)
     return model
 
 

@@ -46,7 +46,7 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSa
 from chinese_vicuna.data.collate import PackedCollator, PaddingCollator, sequences_of
 from chinese_vicuna.data.encode import IGNORE_INDEX
 from chinese_vicuna.train.checkpointing import AtomicCheckpointMixin, CheckpointTrainer
-from chinese_vicuna.train.losses import chunked_cross_entropy
+from chinese_vicuna.train.losses import DEFAULT_CHUNK, causal_lm_loss, loss_for_trainer, token_mean
 from chinese_vicuna.train.mixed_precision import keep_logits_dtype
 
 logger = logging.getLogger(__name__)
@@ -261,8 +261,11 @@ def pad_row_to_bucket(model: Any, inputs: dict[str, torch.Tensor], multiple: int
     return padded
 
 
-def packed_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> tuple[torch.Tensor, Any, int]:
-    """(loss, outputs, trainable tokens) of a packed batch; see the module docstring.
+def packed_loss(
+    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, chunk: int = DEFAULT_CHUNK
+) -> tuple[torch.Tensor, Any, int]:
+    """(loss, outputs, trainable tokens) of a packed batch; see the module docstring. `chunk`:
+    rows of logits at a time (`--loss_chunk_size`, train/losses.py).
 
     The loss is `sum of token losses / num_items_in_batch` when the Trainer gives the count of
     the whole accumulated batch (as HF's ForCausalLMLoss does), else the mean over this batch.
@@ -271,13 +274,8 @@ def packed_loss(model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch:
     targets = inputs["shift_labels"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     with last_layer_at_targets(model, inputs, keep):
-        outputs = packed_forward(model, inputs, logits_to_keep=keep)
-    logits = outputs.logits
-    total = chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[keep])
-    denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.numel()), 1)
-    if torch.is_tensor(denominator):
-        denominator = denominator.to(total.device)
-    return total / denominator, outputs, int(keep.numel())
+        total, outputs = causal_lm_loss(model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk)
+    return token_mean(total, num_items_in_batch, int(keep.numel())), outputs, int(keep.numel())
 
 
 class PackedLossMixin:
@@ -289,13 +287,9 @@ class PackedLossMixin:
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)  # type: ignore[misc]
         # The packed loss takes bf16 logits as they are: no fp32 copy (train/mixed_precision.py).
         keep_logits_dtype(model)
-        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch)
-        # Divided by the accumulated batch's token count → Trainer must not divide by GA steps again.
-        self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        args = self.args  # type: ignore[attr-defined]
-        if args.average_tokens_across_devices and num_items_in_batch is not None:
-            # num_items_in_batch is the count over all processes; DDP averages gradients.
-            loss = loss * self.accelerator.num_processes  # type: ignore[attr-defined]
+        chunk = getattr(self.args, "loss_chunk_size", DEFAULT_CHUNK)  # type: ignore[attr-defined]
+        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch, chunk)
+        loss = loss_for_trainer(self, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -23,6 +23,7 @@ from chinese_vicuna.files import atomic_write_text, save_figure
 from chinese_vicuna.model.loading import trainable_parameters
 from chinese_vicuna.prompts import PromptTemplate, save_template_files
 from chinese_vicuna.train.checkpointing import with_atomic_checkpoints, write_fingerprint
+from chinese_vicuna.train.lora_variants import with_lora_variants
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ def _make_trainer(
     callbacks: list[TrainerCallback] | None,
     trainer_kwargs: dict[str, Any],
 ) -> Trainer:
-    return with_atomic_checkpoints(trainer_class)(
+    return with_lora_variants(with_atomic_checkpoints(trainer_class))(
         model=model,
         args=args,
         train_dataset=train_dataset,
