@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from chinese_vicuna import checkpoints
 from chinese_vicuna.devices import bf16_supported, cpu_has_native_bf16, is_main_process, resolve_precision, world_size
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.outputlock import hold_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -454,6 +455,10 @@ def finalize(parsed: Sequence[Any]) -> None:
     kwargs = train.activation_checkpointing_kwargs or {"use_reentrant": False}
     train.activation_checkpointing_kwargs = train.gradient_checkpointing_kwargs = kwargs
     # the output folder and the checkpoint to resume from, checked before anything loads
+    checkpoints.check_writable(train.output_dir)
+    if is_main_process():
+        # one writer per folder, before anything reads it for a resume or moves a run aside
+        hold_output_folder(train.output_dir)
     train.run_fingerprint = checkpoints.run_fingerprint(parsed)
     train.resume_from_checkpoint = resolve_resume(train)
     prepare_output_dir(train)

@@ -40,6 +40,16 @@ def make_readable(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, umask_mode(directory))
 
 
+def follow_umask(*paths: str | os.PathLike) -> None:
+    """Files (every file under a folder) written by a library that makes them private get the umask's
+    permissions: safetensors' `save_file` writes 0600, so PEFT's and transformers' weights were unreadable
+    to the group and others while every other file of the folder was not. Only for files the toolkit wrote."""
+    for path in map(Path, paths):
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, umask_mode())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, then rename it into place (with the
     umask's permissions, not mkstemp's 0600)."""

@@ -24,7 +24,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from chinese_vicuna.checkpoints import FINGERPRINT_NAME, STAGING_DIR
-from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.files import atomic_write_text, follow_umask
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class AtomicCheckpointMixin:
             write_fingerprint(staged, args_fingerprint)
             for writer in getattr(self, "checkpoint_writers", []):
                 writer(staged)
+            follow_umask(staged)  # safetensors writes the adapter 0600
             _sync_tree(staged)
             if final.exists():  # a checkpoint of the same step from an earlier attempt: replaced whole
                 old = staging_root / f"{name}.replaced"

@@ -18,9 +18,10 @@ from typing import Any
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from chinese_vicuna.args import ModelArguments
+from chinese_vicuna.checkpoints import WEIGHT_FILES
 from chinese_vicuna.devices import is_main_process, world_size
 from chinese_vicuna.errors import TrainingInterrupted, UserError
-from chinese_vicuna.files import atomic_write_text, save_figure
+from chinese_vicuna.files import atomic_write_text, follow_umask, save_figure
 from chinese_vicuna.model.loading import trainable_parameters
 from chinese_vicuna.prompts import PromptTemplate
 from chinese_vicuna.train.checkpointing import with_atomic_checkpoints, write_fingerprint
@@ -185,6 +186,7 @@ def train_and_save(
     # unwrapped (uncompiled) model: adapter_config.json + adapter_model.safetensors.
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
+        follow_umask(*(Path(args.output_dir) / name for name in WEIGHT_FILES if (Path(args.output_dir) / name).is_file()))
         tokenizer.save_pretrained(args.output_dir)
         if template is not None:
             template.save(args.output_dir)
