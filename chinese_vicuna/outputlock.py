@@ -2,7 +2,9 @@
 what they write, so a second run into a folder in use is refused before it touches anything.
 
 The lock is `.{name}.lock` beside the folder (or file) it guards, locked with `flock`: the kernel
-releases it when the holder ends in any way (a SIGKILL included), so a stale lock never blocks.
+releases it when the holder ends in any way (a SIGKILL included), so a stale lock never blocks
+(what a killed holder leaves is an unlocked file, taken over by the next run); a holder that
+ends normally removes it.
 It sits beside, not inside, because a merge replaces the whole folder by a rename. While held it
 records the holder (pid, host, start time, command line) for the refusal message. Where the file
 system has no `flock` (some network mounts), the record alone decides, with a liveness check of
@@ -15,6 +17,7 @@ main, or by the process's end); `OutputLock` is scoped (a `with` block, e.g. a m
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -65,29 +68,43 @@ class OutputLock:
         self.target = Path(path).absolute()
         self.path = lock_file(path)
         self.fd: int | None = None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # non-inheritable: a child script does not hold it
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                os.close(fd)
-                raise UserError(self._refusal(flag, self._read_record())) from None
-            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-                os.close(fd)
-                raise
-            # no flock here: the record decides (a live pid on this host that is not this process holds it)
-            record = self._read_record()
-            if (
-                record.get("host") == socket.gethostname()
-                and isinstance(record.get("pid"), int)
-                and record["pid"] != os.getpid()
-                and _alive(record["pid"])
-            ):
-                os.close(fd)
-                raise UserError(self._refusal(flag, record)) from None
+        while True:
+            fd = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise UserError(self._refusal(flag, self._read_record())) from None
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    os.close(fd)
+                    raise
+                # no flock here: the record decides (a live pid on this host that is not this process holds it)
+                record = self._read_record()
+                if (
+                    record.get("host") == socket.gethostname()
+                    and isinstance(record.get("pid"), int)
+                    and record["pid"] != os.getpid()
+                    and _alive(record["pid"])
+                ):
+                    os.close(fd)
+                    raise UserError(self._refusal(flag, record)) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder removed that file as it let go: lock the one there now
         self.fd = fd
         self._write_record()
+
+    def _open(self) -> int:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # non-inheritable: a child script does not hold it
+        except OSError as exc:  # named by what the user gave, not the lock file they have not heard of
+            raise OSError(exc.errno, exc.strerror, os.fspath(self.target)) from None
 
     def _refusal(self, flag: str, record: dict[str, Any]) -> str:
         # Never a flag here: --overwrite_output_dir or --resume_from_checkpoint would harm the running run.
@@ -115,7 +132,10 @@ class OutputLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # the record of a finished run would only mislead
+            # removed while still locked, so nothing is left beside the user's files; a process that
+            # opened it meanwhile finds, once it gets the lock, that the name is gone and opens anew
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
             os.close(self.fd)  # closing the last descriptor releases the flock
             self.fd = None
         _HELD.pop(self.path, None)

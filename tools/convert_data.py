@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.datatools.formats_convert import TARGETS, Splitter, convert_file
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.outputlock import hold_output_folder
 
 
 @dataclass
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
         tokenizer = load_tokenizer(args.base_model)
         splitter = Splitter(tokenizer, load_template(args.prompt_template, tokenizer), args.split_to_tokens)
+    hold_output_folder(args.output, "--output")
     stats = convert_file(args.input, args.output, args.to, args.html_to_markdown, splitter)
     print(json.dumps(stats.as_dict(), ensure_ascii=False))
 

@@ -14,9 +14,11 @@ import logging
 from dataclasses import dataclass, field
 
 from chinese_vicuna.args import parse_args
-from chinese_vicuna.datatools.doctor import data_kind, diagnose, write_report
+from chinese_vicuna.checkpoints import check_writable
+from chinese_vicuna.datatools.doctor import NEAR_DUPLICATE_WINDOW, data_kind, diagnose, write_report
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
+from chinese_vicuna.outputlock import hold_output_folder
 from chinese_vicuna.prompts import load_template
 
 
@@ -33,6 +35,10 @@ class DoctorArguments:
     near_duplicates: bool = field(
         default=True, metadata={"help": "Search for near duplicates (false skips the slowest part on large files)."}
     )
+    near_duplicate_window: int = field(
+        default=NEAR_DUPLICATE_WINDOW,
+        metadata={"help": "Kept prompts each prompt is compared with, at least (bounds memory: about 8 KB each)."},
+    )
 
 
 @exit_on_user_error
@@ -41,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.cutoff_len < 2:
         raise UserError(f"--cutoff_len {args.cutoff_len}: must be at least 2")
+    if args.near_duplicate_window < 1:
+        raise UserError(f"--near_duplicate_window {args.near_duplicate_window}: must be at least 1")
+    check_writable(args.output_dir)
+    hold_output_folder(args.output_dir)
     tokenizer = load_tokenizer(args.base_model)
     template_name = args.prompt_template
     if template_name is None:
@@ -51,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         load_template(template_name, tokenizer),
         args.cutoff_len,
         args.similarity_threshold if args.near_duplicates else None,
+        args.near_duplicate_window,
     )
     out = write_report(report, lengths, args.output_dir)
     print(
