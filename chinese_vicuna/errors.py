@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -9,7 +10,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import PurePath
 from types import TracebackType
 from typing import TypeVar
@@ -43,6 +44,30 @@ OS_ERROR_FIXES = {
     errno.ELOOP: "too many levels of symbolic links (a symlink loop); fix or remove the link",
     errno.ENAMETOOLONG: "file name too long; use a shorter path",
 }
+
+
+# Below this many free bytes, a write that failed without saying why failed for want of space.
+NEARLY_FULL = 1 << 20
+
+
+@contextlib.contextmanager
+def disk_full_as_os_error(folder: str | os.PathLike) -> Iterator[None]:
+    """Writers that hide ENOSPC in their own exceptions (safetensors' `SafetensorError: ... No space left
+    on device (os error 28)`, torch.save's `RuntimeError: ... unexpected pos`) raise an OSError ENOSPC
+    naming `folder` instead, which `exit_on_user_error` reports in one line."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as exc:
+        full = "No space left on device" in str(exc) or "os error 28" in str(exc)
+        if not full:
+            with contextlib.suppress(OSError):
+                stat = os.statvfs(folder)
+                full = stat.f_bavail * stat.f_frsize < NEARLY_FULL
+        if not full:
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(folder)) from exc
 
 
 def _path_in_traceback(tb: TracebackType | None) -> str | None:

@@ -143,7 +143,9 @@ class _ListReader:
             self.text += self.utf8.decode(block, final=not block)
         except UnicodeDecodeError as exc:
             at = self.bytes_read - len(self.utf8.getstate()[0]) + exc.start
-            raise UserError(f"{self.path}:{_line_at(self.path, at)}: bytes that are not UTF-8 (at byte {at}); save the file as UTF-8") from None
+            raise UserError(
+                f"{self.path}:{_line_at(self.path, at)}: bytes that are not UTF-8 (at byte {at}); save the file as UTF-8"
+            ) from None
         self.bytes_read += len(block)
         self.eof = not block
         return True
@@ -202,9 +204,13 @@ def _iter_json_list(path: Path) -> Iterator[Record]:
                     continue
                 raise text.invalid(exc) from None
             except ValueError as exc:
-                raise UserError(f"{path}:{text.line + text.text.count(chr(10), 0, start)}: a value JSON allows but Python cannot read ({exc}); fix the record") from None
+                raise UserError(
+                    f"{path}:{text.line + text.text.count(chr(10), 0, start)}: a value JSON allows but Python cannot read ({exc}); fix the record"
+                ) from None
             except RecursionError:
-                raise UserError(f"{path}:{text.line + text.text.count(chr(10), 0, start)}: JSON nested too deeply to read; fix the record") from None
+                raise UserError(
+                    f"{path}:{text.line + text.text.count(chr(10), 0, start)}: JSON nested too deeply to read; fix the record"
+                ) from None
             count += 1
             where = f"{path} record {count}"
             if may_hold_surrogates(text.text[start:end]):

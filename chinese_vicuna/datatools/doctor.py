@@ -169,7 +169,9 @@ class _Tally:
     samples: int = 0
     no_trainable: int = 0
     lengths: Counter[int] = field(default_factory=Counter)
-    tokens: dict[str, Counter[int]] = field(default_factory=lambda: {k: Counter() for k in ("prompt", "answer", "user_turn", "assistant_turn")})
+    tokens: dict[str, Counter[int]] = field(
+        default_factory=lambda: {k: Counter() for k in ("prompt", "answer", "user_turn", "assistant_turn")}
+    )
     languages: Counter[str] = field(default_factory=Counter)
     longest: list[tuple[int, int, str]] = field(default_factory=list)  # a heap of (tokens, -sample number, where)
     seen: set[bytes] = field(default_factory=set)  # a 16-byte digest per distinct record

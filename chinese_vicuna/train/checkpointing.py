@@ -24,6 +24,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from chinese_vicuna.checkpoints import FINGERPRINT_NAME, STAGING_DIR
+from chinese_vicuna.errors import disk_full_as_os_error
 from chinese_vicuna.files import atomic_write_text, follow_umask
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            with disk_full_as_os_error(run_dir):  # the previous checkpoint stays whole: this one was only staged
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every process wrote its part
