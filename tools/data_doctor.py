@@ -37,7 +37,7 @@ class DoctorArguments:
     )
     near_duplicate_window: int = field(
         default=NEAR_DUPLICATE_WINDOW,
-        metadata={"help": "Kept prompts each prompt is compared with, at least (bounds memory: about 8 KB each)."},
+        metadata={"help": "Kept prompts each prompt is compared with, at least (bounds memory: about 10 KB each)."},
     )
 
 

@@ -346,7 +346,7 @@ class NearDuplicateWindow:
     `NearDuplicateIndex` (the older is dropped when the newer fills). With fewer than `window` kept
     texts this is exactly `NearDuplicateIndex` fed in order: the flags of `near_duplicate_flags`."""
 
-    def __init__(self, threshold: float = DEFAULT_THRESHOLD, window: int = 20_000) -> None:
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, window: int = 10_000) -> None:
         if window < 1:
             raise UserError(f"near-duplicate window {window}: must be at least 1")
         self.threshold, self.window = threshold, window

@@ -36,7 +36,7 @@ NO_CUTOFF = 1 << 40
 PERCENTILES = (50, 90, 95, 99)
 LONGEST_SHOWN = 5
 CHUNK_RECORDS = 2048  # records validated, tokenized and counted together: what the doctor holds at once
-NEAR_DUPLICATE_WINDOW = 20_000  # kept prompts each prompt is compared with, at least (datatools/dedupe.py)
+NEAR_DUPLICATE_WINDOW = 10_000  # kept prompts each prompt is compared with, at least: about 10 KB each (datatools/dedupe.py)
 
 
 def percentiles(values: Sequence[int]) -> dict[str, float]:
