@@ -24,7 +24,7 @@ from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.train.data import load_training_data
-from chinese_vicuna.train.model import load_model_for_training
+from chinese_vicuna.train.model import apply_training_speedups, load_model_for_training
 from chinese_vicuna.train.packing import packed_or_padded
 from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. base model (fp32 / bf16 / fp16 / 8-bit / 4-bit) and a new or continued LoRA
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)
+    apply_training_speedups(model, lora_args, train_args)  # fast LoRA dropout, attention within packed samples (same results)
 
     # 3. train: packed rows unless --packing false (then padded, length-grouped batches)
     collator, trainer_class = packed_or_padded(train_args.packing, tokenizer)

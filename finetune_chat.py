@@ -27,7 +27,7 @@ from chinese_vicuna.errors import exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.train.data import load_training_data
-from chinese_vicuna.train.model import load_model_for_training
+from chinese_vicuna.train.model import apply_training_speedups, load_model_for_training
 from chinese_vicuna.train.packing import packed_or_padded
 from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
 
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # 2. base model and a new or continued LoRA (gradient checkpointing on by default here)
     model = load_model_for_training(model_args, lora_args, train_args, tokenizer)
+    apply_training_speedups(model, lora_args, train_args)  # fast LoRA dropout, attention within packed samples (same results)
 
     # 3. train on packed conversations (--packing false: padded batches)
     collator, trainer_class = packed_or_padded(train_args.packing, tokenizer)

@@ -20,7 +20,6 @@ Batch, checkpoint, resume and reporting flags are finetune.py's (`python tools/p
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -36,7 +35,7 @@ from chinese_vicuna.files import atomic_write_bytes
 from chinese_vicuna.model.adapters import parse_modules_to_save
 from chinese_vicuna.model.build import load_checked_model
 from chinese_vicuna.model.loading import load_tokenizer
-from chinese_vicuna.train.model import load_model_for_training
+from chinese_vicuna.train.model import apply_training_speedups, load_model_for_training, save_without_embedding_copies
 from chinese_vicuna.train.packing import packed_or_padded
 from chinese_vicuna.train.trainer import build_trainer, start_run, train_and_save
 
@@ -126,9 +125,8 @@ def main(argv: list[str] | None = None) -> None:
             model_args, lora_args, train_args, tokenizer, grow_to_tokenizer=True, default_modules_to_save=",".join(EMBEDDING_MODULES)
         )
         if set(EMBEDDING_MODULES) <= set(parse_modules_to_save(lora_args.modules_to_save, ",".join(EMBEDDING_MODULES)) or []):
-            # PEFT's save_embedding_layers="auto" would store a resized embed_tokens and lm_head twice
-            # more (the base's copy and the trained one under a second name).
-            model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+            save_without_embedding_copies(model)  # else PEFT stores the resized embeddings twice more
+    apply_training_speedups(model, lora_args, train_args)  # fast LoRA dropout, attention within packed samples (same results)
 
     # 3. train (packed rows, or padded batches with --packing false) and save, with held-out perplexity before and after
     collator, trainer_class = packed_or_padded(train_args.packing, tokenizer)

@@ -3,7 +3,9 @@ tokenize or load from the cache), and the seeded train/validation split.
 
 Every loader returns a `TokenizedDataset` (data/store.py): samples memory-mapped from a store
 folder, written once by the main process in batches (records are streamed from `.jsonl` files)
-and read by index by every process.
+and read by index by every process. A new stage's loader (its own module in data/) builds on
+`load_tokenized` and `template_settings` the same way; groups of sequences (pairs) are read
+through `store.SequenceGroups`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from chinese_vicuna.data.encode import TokenizeStats, instruction_batches
 from chinese_vicuna.data.formats import read_conversations
 from chinese_vicuna.data.pretrain import TextBlocks
 from chinese_vicuna.data.records import data_files, iter_records, validate_instruction
-from chinese_vicuna.data.store import StoreWriter, TokenizedDataset
+from chinese_vicuna.data.store import SequenceGroups, StoreWriter, TokenizedDataset
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.prompts import PromptTemplate
 
@@ -57,12 +59,12 @@ def load_chat_dataset(
     settings = {
         "kind": "chat",
         "version": CHAT_DATA_VERSION,
-        **_template_settings(template, tokenizer),
+        **template_settings(template, tokenizer),
         "cutoff_len": cutoff_len,
         "train_on_inputs": train_on_inputs,
         "train_on_last_turn_only": train_on_last_turn_only,
     }
-    return _load(str(data_path), files, tokenizer, settings, build, cache_dir, use_cache)
+    return load_tokenized(str(data_path), files, tokenizer, settings, build, cache_dir, use_cache)
 
 
 def load_instruction_dataset(
@@ -88,23 +90,23 @@ def load_instruction_dataset(
             writer.add_samples(samples)
         stats.log(str(data_path))
 
-    settings = {"kind": "instruct", **_template_settings(template, tokenizer), "cutoff_len": cutoff_len, "train_on_inputs": train_on_inputs}
-    return _load(str(data_path), files, tokenizer, settings, build, cache_dir, use_cache)
+    settings = {"kind": "instruct", **template_settings(template, tokenizer), "cutoff_len": cutoff_len, "train_on_inputs": train_on_inputs}
+    return load_tokenized(str(data_path), files, tokenizer, settings, build, cache_dir, use_cache)
 
 
-Samples = TypeVar("Samples", TokenizedDataset, list)
+Samples = TypeVar("Samples", TokenizedDataset, SequenceGroups, list)
 
 
 def split_train_val(samples: Samples, val_set_size: int, seed: int = 42) -> tuple[Samples, Samples]:
-    """A seeded random hold-out of `val_set_size` samples (0: no validation set); a
-    TokenizedDataset is split into two views by index (no sample is read)."""
+    """A seeded random hold-out of `val_set_size` samples (0: no validation set); a store view
+    (TokenizedDataset, SequenceGroups) is split into two views by index (no sample is read)."""
     if val_set_size <= 0:
         return samples, samples[:0] if isinstance(samples, list) else samples.select([])
     if val_set_size >= len(samples):
         raise UserError(f"--val_set_size {val_set_size} leaves no training data ({len(samples)} samples); lower it or pass 0")
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
     val_idx, train_idx = order[:val_set_size], order[val_set_size:].sort().values
-    if isinstance(samples, TokenizedDataset):
+    if hasattr(samples, "select"):
         return samples.select(train_idx.numpy()), samples.select(val_idx.numpy())
     return [samples[i] for i in train_idx.tolist()], [samples[i] for i in val_idx.tolist()]
 
@@ -137,7 +139,7 @@ def load_pretrain_dataset(
         )
 
     settings = {"kind": "pretrain", "block_size": block_size}
-    return _load(
+    return load_tokenized(
         f"--dataset_dir {dataset_dir}", files, tokenizer, settings, build, cache_dir, use_cache,
         "the text is shorter than one block; lower --block_size", labels_are_input_ids=True,
     )  # fmt: skip
@@ -165,7 +167,7 @@ def _progress(items: Iterable[T], name: str, unit: str, count: Callable[[T], int
     logger.info("%s: %d %s tokenized in %.1f s (%.0f %s/s)", name, done, unit, seconds, done / max(seconds, 1e-9), unit)
 
 
-def _template_settings(template: PromptTemplate, tokenizer: Any) -> dict[str, Any]:
+def template_settings(template: PromptTemplate, tokenizer: Any) -> dict[str, Any]:
     """What of a template shapes the samples (part of the cache key); `auto` is the tokenizer's chat_template."""
     return {
         "template": template.name,
@@ -174,7 +176,7 @@ def _template_settings(template: PromptTemplate, tokenizer: Any) -> dict[str, An
     }
 
 
-def _load(
+def load_tokenized(
     name: str,
     files: list[Path],
     tokenizer: Any,

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 
 from chinese_vicuna.args import DataArguments
 from chinese_vicuna.data.datasets import split_train_val
-from chinese_vicuna.data.store import TokenizedDataset
+from chinese_vicuna.data.store import SequenceGroups, TokenizedDataset
 from chinese_vicuna.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class MixedDataset(Dataset):
     """Samples of several datasets by number (global numbers: dataset k's sample j is
     offsets[k] + j): a view; each sample is read from its dataset when asked for."""
 
-    def __init__(self, pools: Sequence[TokenizedDataset], numbers: Sequence[int] | np.ndarray) -> None:
+    def __init__(self, pools: Sequence[TokenizedDataset | SequenceGroups], numbers: Sequence[int] | np.ndarray) -> None:
         self.pools = list(pools)
         self.offsets = np.cumsum([0] + [len(p) for p in self.pools])
         self.numbers = np.asarray(numbers, dtype=np.int64)
@@ -150,7 +150,7 @@ def load_train_val(data_args: DataArguments, load: Callable[[str], list[T]], see
     pools = [load(path) for path, _ in parts]
     # Stores: draw sample numbers and return views (memory flat in the data size); the draws
     # are the same as on the samples themselves, so the data is the same.
-    stores = all(isinstance(p, TokenizedDataset) for p in pools)
+    stores = all(isinstance(p, (TokenizedDataset, SequenceGroups)) for p in pools)
     offsets = np.cumsum([0] + [len(p) for p in pools]).tolist()
     sources = [range(offsets[k], offsets[k + 1]) for k in range(len(pools))] if stores else pools
     if val_data_path:

@@ -10,6 +10,10 @@ A store is a folder written once and then only read:
 Every process (each torchrun rank) maps the same files read-only, so the operating system
 keeps one copy of the data in its page cache, shared, and a process's own memory holds only
 the samples of the batch at hand.
+
+A stage whose sample is a group of sequences (a preference pair: chosen and rejected) writes
+each group as `group_size` consecutive sequences and reads it through `SequenceGroups`: the
+same files, no other format.
 """
 
 from __future__ import annotations
@@ -139,6 +143,41 @@ class TokenizedDataset(Dataset):
     def to_list(self) -> list[dict[str, list[int]]]:
         """Every sample as Python lists (small sets: tests, comparisons)."""
         return [{k: v.tolist() for k, v in s.items()} for s in self]
+
+
+class SequenceGroups(Dataset):
+    """Samples that are groups of `group_size` sequences, stored consecutively in one store:
+    sample i is `{"input_ids": [ids of sequence 0, ...], "labels": [...]}` (lists of k arrays,
+    under the keys Trainer's column filter keeps). The packing and padding collators take such
+    samples as they take single sequences (data/collate.py)."""
+
+    def __init__(self, sequences: TokenizedDataset, group_size: int, groups: np.ndarray | None = None) -> None:
+        if group_size < 1 or len(sequences) % group_size:
+            raise ValueError(f"{len(sequences)} sequences do not form groups of {group_size}")
+        self.sequences, self.group_size = sequences, group_size
+        self.groups = np.arange(len(sequences) // group_size) if groups is None else np.asarray(groups, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, i: int) -> dict[str, list[np.ndarray]]:
+        first = int(self.groups[i]) * self.group_size
+        members = [self.sequences[first + j] for j in range(self.group_size)]
+        return {key: [m[key] for m in members] for key in ("input_ids", "labels")}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens of every sample (all its sequences), in this view's order: what a packed row holds."""
+        return self.sequences.lengths.reshape(-1, self.group_size).sum(axis=1)[self.groups]
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> SequenceGroups:
+        return SequenceGroups(self.sequences, self.group_size, self.groups[np.asarray(indices, dtype=np.int64)])
+
+    def to_list(self) -> list[dict[str, list[list[int]]]]:
+        return [{k: [x.tolist() for x in v] for k, v in s.items()} for s in self]
 
 
 def _open(folder: Path) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None, np.ndarray]:

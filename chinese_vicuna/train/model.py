@@ -1,8 +1,12 @@
 """The model of the training stage: checked base at its precision, k-bit preparation and
-checkpointing, a new or continued LoRA, fast LoRA dropout. Shared by the SFT and pretraining recipes."""
+checkpointing, a new or continued LoRA; then, called by the recipe in view, the changes made
+for speed (`apply_training_speedups`) and for saving (`save_without_embedding_copies`).
+Shared by every training recipe; docs/architecture.md lists every change made to the model."""
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any
 
 import torch
@@ -14,6 +18,9 @@ from chinese_vicuna.model.adapters import add_lora, load_lora, parse_modules_to_
 from chinese_vicuna.model.build import load_checked_model
 from chinese_vicuna.model.loading import prepare_for_training
 from chinese_vicuna.train.fast_lora import use_fast_lora_dropout
+from chinese_vicuna.train.packing import use_packed_attention
+
+logger = logging.getLogger(__name__)
 
 
 def load_model_for_training(
@@ -24,7 +31,8 @@ def load_model_for_training(
     grow_to_tokenizer: bool = False,
     default_modules_to_save: str = "",
 ) -> Any:
-    """The PEFT model ready to train (precision as resolved by `args.parse_args`).
+    """The PEFT model ready to train (precision as resolved by `args.parse_args`); the recipe then
+    calls `apply_training_speedups`.
 
     `grow_to_tokenizer`: resize the base to an expanded tokenizer (continued pretraining);
     `default_modules_to_save`: modules trained in full when --modules_to_save is not given.
@@ -48,9 +56,37 @@ def load_model_for_training(
     else:
         modules = parse_modules_to_save(lora_args.modules_to_save, default_modules_to_save)
         model = add_lora(model, lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout, lora_args.lora_target_modules, modules)
-    if lora_args.fast_lora_dropout:
-        use_fast_lora_dropout(model, autocast=bool(train_args.bf16 or train_args.fp16))
     return model
+
+
+def apply_training_speedups(model: Any, lora_args: LoraArguments, train_args: TrainingArguments) -> list[str]:
+    """The changes made to a loaded model for speed, same results (tests/test_fast_lora.py,
+    tests/test_packing.py); logged and returned:
+    - `--fast_lora_dropout`: every LoRA layer's nn.Dropout → `FastDropout` (train/fast_lora.py);
+    - `--packing`: an sdpa model's attention → `packed_sdpa_attention`, within each packed
+      sequence (train/packing.py `use_packed_attention`). The packed loss also runs the last
+      layer only at trained positions, for the span of each forward (`last_layer_at_targets`)."""
+    changes = []
+    if lora_args.fast_lora_dropout:
+        layers = use_fast_lora_dropout(model, autocast=bool(train_args.bf16 or train_args.fp16))
+        changes.append(f"fast LoRA dropout in {layers} layers")
+    if getattr(train_args, "packing", False):
+        config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        before = config._attn_implementation
+        use_packed_attention(model)
+        if config._attn_implementation != before:
+            changes.append(f"attention {before} → {config._attn_implementation}")
+    if changes:
+        logger.info("model changes for speed: %s", "; ".join(changes))
+    return changes
+
+
+def save_without_embedding_copies(model: Any) -> None:
+    """The adapter's save stores `modules_to_save` embeddings once: PEFT's `save_embedding_layers="auto"`
+    would add the resized base embed_tokens and lm_head a second time (continued pretraining with
+    both trained in full). Trainer saves through `model.save_pretrained` and has no save option for
+    it, so the instance's `save_pretrained` gets `save_embedding_layers=False` bound."""
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
 
 
 def skeleton(base_model: str, trust_remote_code: bool = False) -> torch.nn.Module | None:

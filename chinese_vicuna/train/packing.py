@@ -41,9 +41,9 @@ from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.trainer_pt_utils import BatchRebalanceSampler
+from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSampler
 
-from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
+from chinese_vicuna.data.collate import PackedCollator, PaddingCollator, sequences_of
 from chinese_vicuna.data.encode import IGNORE_INDEX
 from chinese_vicuna.train.checkpointing import AtomicCheckpointMixin, CheckpointTrainer
 from chinese_vicuna.train.losses import chunked_cross_entropy
@@ -266,6 +266,34 @@ class PackedLossMixin:
         return (loss, outputs) if return_outputs else loss
 
 
+def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of the trained tokens, their count) of every sequence of a batch,
+    in fp32, shape (sequences,): for a stage whose loss is per sequence (preference pairs).
+
+    Takes either collator's batch: a packed row (`sequence_spans`; logits only at trained
+    positions and the last layer run there, as `packed_loss`) or padded rows (one sequence each).
+    Sequence `g * k + j` is member j of sample g (data/collate.py)."""
+    if "sequence_spans" in inputs:
+        targets = inputs["shift_labels"].reshape(-1)
+        keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        with last_layer_at_targets(model, inputs, keep):
+            logits = packed_forward(model, inputs, logits_to_keep=keep).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        spans = inputs["sequence_spans"].to(keep.device)
+        owner = torch.searchsorted(spans[:, 1].contiguous(), keep, right=True)  # the sequence each target lies in
+        token_log_probs = -torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+        sums = torch.zeros(spans.shape[0], dtype=torch.float32, device=logits.device).index_add(0, owner, token_log_probs)
+        counts = torch.zeros(spans.shape[0], dtype=torch.long, device=keep.device).index_add(0, owner, torch.ones_like(owner))
+        return sums, counts
+    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).logits[:, :-1]
+    targets = inputs["labels"][:, 1:]
+    trained = targets != IGNORE_INDEX
+    token_log_probs = -torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), targets.masked_fill(~trained, 0), reduction="none"
+    )  # fmt: skip
+    return (token_log_probs * trained).sum(dim=1), trained.sum(dim=1)
+
+
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, order: Sequence[int]) -> list[list[int]]:
     """Samples in `order`, cut into consecutive rows of at most `max_tokens` tokens (next-fit).
 
@@ -322,43 +350,56 @@ class TokenBudgetBatchSampler(BatchRebalanceSampler):
 
 
 def dataset_lengths(dataset: Any) -> list[int]:
-    """Tokens per sample: the store's lengths where it has them, else counted."""
+    """Tokens per sample (all its sequences): the store's lengths where it has them, else counted."""
     lengths = getattr(dataset, "lengths", None)
     if lengths is not None:
         return [int(n) for n in lengths]
-    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+    return [sum(len(f["input_ids"]) for f in sequences_of([dataset[i]])) for i in range(len(dataset))]
 
 
-class PackedTrainer(PackedLossMixin, AtomicCheckpointMixin, Trainer):
-    """The Trainer for packed rows (`data.collate.PackedCollator`): the packed loss, and an sdpa
-    model switched to `packed_sdpa_attention` (attention within each sample, no wasted work);
-    checkpoints saved atomically (train/checkpointing.py).
-    With `--packing_max_tokens N` its rows hold up to N tokens (`TokenBudgetBatchSampler`)."""
-
-    def __init__(self, model: Any = None, *args: Any, **kwargs: Any) -> None:
-        if model is not None:
-            use_packed_attention(model)
-        super().__init__(model, *args, **kwargs)
+class LengthSamplingMixin:
+    """Trainer mixin for any stage: samplers that take each sample's tokens from the dataset's
+    `lengths` (a group of sequences counts all of them, data/store.py `SequenceGroups`):
+    `--packing_max_tokens N` rows of up to N tokens (`TokenBudgetBatchSampler`), and
+    `--group_by_length` batches (Trainer's own sampler, which would measure a group by its
+    number of sequences). Trainer has no public hook for its sampler: this overrides `_get_train_sampler`."""
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        max_tokens = getattr(self.args, "packing_max_tokens", 0)
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if not max_tokens or dataset is None:
-            return super()._get_train_sampler(train_dataset)
-        return TokenBudgetBatchSampler(
-            dataset_lengths(dataset),
-            max_tokens,
-            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
-            shuffle=self.args.train_sampling_strategy != "sequential",
-            rank=self.args.process_index,
-            world=max(1, self.args.world_size),
-        )
+        args = self.args  # type: ignore[attr-defined]
+        max_tokens = getattr(args, "packing_max_tokens", 0)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset  # type: ignore[attr-defined]
+        if dataset is None or not hasattr(dataset, "__len__"):
+            return super()._get_train_sampler(train_dataset)  # type: ignore[misc]
+        if max_tokens:
+            return TokenBudgetBatchSampler(
+                dataset_lengths(dataset),
+                max_tokens,
+                seed=args.data_seed if args.data_seed is not None else args.seed,
+                shuffle=args.train_sampling_strategy != "sequential",
+                rank=args.process_index,
+                world=max(1, args.world_size),
+            )
+        if args.train_sampling_strategy == "group_by_length":
+            return LengthGroupedSampler(args.train_batch_size * args.gradient_accumulation_steps, lengths=dataset_lengths(dataset))
+        return super()._get_train_sampler(train_dataset)  # type: ignore[misc]
+
+
+class PackedTrainer(PackedLossMixin, LengthSamplingMixin, AtomicCheckpointMixin, Trainer):
+    """The SFT / pretraining Trainer for packed rows (`data.collate.PackedCollator`): the packed
+    loss, rows by token budget with `--packing_max_tokens`, checkpoints saved atomically
+    (train/checkpointing.py). It changes nothing in the model: the recipe switches an sdpa
+    model to `packed_sdpa_attention` (`use_packed_attention`, via train/model.py
+    `apply_training_speedups`)."""
+
+
+def sequence_collator(packing: bool, tokenizer: Any) -> PackedCollator | PaddingCollator:
+    """Packed rows (`--packing true`) or padded batches, for any stage whose samples are
+    sequences or groups of them (data/collate.py)."""
+    return PackedCollator() if packing else PaddingCollator(tokenizer.pad_token_id)
 
 
 def packed_or_padded(packing: bool, tokenizer: Any) -> tuple[Any, type[Trainer]]:
-    """The recipe's choice of collator and Trainer class: packed rows (`--packing true`: one row per
-    micro-batch, attention within each sample) or padded batches with the stock Trainer (both
+    """The SFT recipes' choice of collator and Trainer class: packed rows (`--packing true`: one row
+    per micro-batch, attention within each sample) or padded batches with the stock Trainer (both
     with atomic checkpoints)."""
-    if packing:
-        return PackedCollator(), PackedTrainer
-    return PaddingCollator(tokenizer.pad_token_id), CheckpointTrainer
+    return sequence_collator(packing, tokenizer), PackedTrainer if packing else CheckpointTrainer

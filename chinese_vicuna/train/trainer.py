@@ -107,8 +107,13 @@ def build_trainer(
     eval_dataset: Any = None,
     data_collator: Any = None,
     callbacks: list[TrainerCallback] | None = None,
+    **trainer_kwargs: Any,
 ) -> Trainer:
-    """`trainer_class` as given, logging to trainer_log.jsonl; every checkpoint is a loadable adapter.
+    """An instance of `trainer_class` (the stage's Trainer) with the stage's own keyword arguments
+    `trainer_kwargs` (e.g. a preference stage's reference model and beta), logging to
+    trainer_log.jsonl. Every checkpoint is a loadable adapter saved atomically: a class without
+    `AtomicCheckpointMixin` is subclassed with it (`with_atomic_checkpoints`), one that has it
+    is used as it is.
 
     A `train_dataset` without a length (a stream: data/pretrain.py StreamingBlocks) needs --max_steps."""
     if not hasattr(train_dataset, "__len__"):
@@ -120,7 +125,7 @@ def build_trainer(
             args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size(),
             args.max_steps,
         )
-        return _make_trainer(trainer_class, model, tokenizer, args, train_dataset, eval_dataset, data_collator, callbacks)
+        return _make_trainer(trainer_class, model, tokenizer, args, train_dataset, eval_dataset, data_collator, callbacks, trainer_kwargs)
     if len(train_dataset) == 0:
         raise UserError("no training samples left; check the data file and --cutoff_len")
     steps_per_epoch = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * world_size() * args.gradient_accumulation_steps))
@@ -141,7 +146,7 @@ def build_trainer(
         world_size(),
         steps_per_epoch,
     )
-    return _make_trainer(trainer_class, model, tokenizer, args, train_dataset, eval_dataset, data_collator, callbacks)
+    return _make_trainer(trainer_class, model, tokenizer, args, train_dataset, eval_dataset, data_collator, callbacks, trainer_kwargs)
 
 
 def _make_trainer(
@@ -153,6 +158,7 @@ def _make_trainer(
     eval_dataset: Any,
     data_collator: Any,
     callbacks: list[TrainerCallback] | None,
+    trainer_kwargs: dict[str, Any],
 ) -> Trainer:
     return with_atomic_checkpoints(trainer_class)(
         model=model,
@@ -162,6 +168,7 @@ def _make_trainer(
         data_collator=data_collator,
         processing_class=tokenizer,
         callbacks=[JsonlLogCallback(args.output_dir), *(callbacks or [])],
+        **trainer_kwargs,
     )
 
 
