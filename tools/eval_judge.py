@@ -128,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"(see the errors above and {judgments}); fix the judge and rerun the same command"
         )
     if failed:
-        logger.warning("%d of %d judgments failed and are not in the results; rerun the same command to retry them", failed, failed + judged)
+        logger.warning(
+            "%d of %d judgments failed and are not in the results; rerun the same command to retry them", failed, failed + judged
+        )
     return results
 
 

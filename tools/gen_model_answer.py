@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> Path:
     if empty == len(todo):
         raise UserError(f"{source}: all {empty} replies were empty, none saved to {out}; check the model or endpoint and rerun")
     if empty:
-        logger.warning("%d of %d questions got an empty reply and were not saved; rerun the same command to ask them again", empty, len(todo))
+        logger.warning(
+            "%d of %d questions got an empty reply and were not saved; rerun the same command to ask them again", empty, len(todo)
+        )
     logger.info("answers of %s in %s", model_id, out)
     return out
 
