@@ -17,6 +17,7 @@ main, or by the process's end); `OutputLock` is scoped (a `with` block, e.g. a m
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -68,6 +69,7 @@ class OutputLock:
         self.target = Path(path).absolute()
         self.path = lock_file(path)
         self.fd: int | None = None
+        self.pid = os.getpid()  # a forked child inherits the descriptor, not the right to remove the file
         while True:
             fd = self._open()
             try:
@@ -131,6 +133,8 @@ class OutputLock:
         os.fchmod(self.fd, umask_mode())
 
     def release(self) -> None:
+        if self.fd is not None and self.pid != os.getpid():
+            self.fd = None  # a fork's copy: the parent still holds the lock
         if self.fd is not None:
             # removed while still locked, so nothing is left beside the user's files; a process that
             # opened it meanwhile finds, once it gets the lock, that the name is gone and opens anew
@@ -162,3 +166,7 @@ def release_output_folders() -> None:
     """Let go of every folder `hold_output_folder` took (the end of a script's main)."""
     for lock in list(_HELD.values()):
         lock.release()
+
+
+# Held past main() (a test or a tool that parsed a recipe's flags itself): let go at the interpreter's exit.
+atexit.register(release_output_folders)

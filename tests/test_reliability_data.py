@@ -312,16 +312,19 @@ def test_written_files_follow_the_umask(umask: int, tmp_path: Path) -> None:
         from chinese_vicuna.export.tensors import StagingDir
         root = Path({str(tmp_path)!r})
         atomic_write_text(root / "manifest.json", "{{}}")
+        import torch
+        from safetensors.torch import save_file
         with StagingDir(root / "model") as stage:
             atomic_write_text(stage.path / "config.json", "{{}}")
-        for p in ("manifest.json", "model", "model/config.json"):
+            save_file({{"w": torch.zeros(2)}}, str(stage.path / "model.safetensors"))  # safetensors writes 0600: a merged model
+        for p in ("manifest.json", "model", "model/config.json", "model/model.safetensors"):
             print(oct(stat.S_IMODE((root / p).stat().st_mode)))
     """)
     proc = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, umask=umask
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == [oct(0o666 & ~umask), oct(0o777 & ~umask), oct(0o666 & ~umask)]
+    assert proc.stdout.split() == [oct(0o666 & ~umask), oct(0o777 & ~umask), oct(0o666 & ~umask), oct(0o666 & ~umask)]
 
 
 # --- 5. merge outputs are never lost ---------------------------------------------------------
