@@ -28,12 +28,12 @@ from chinese_vicuna.args import (
     parse_args,
 )
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.infer.engine import CHAT, Engine
 from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.i18n import Messages
 from chinese_vicuna.infer.session import ChatSession, Message, keeps_answer, save_conversation
 from chinese_vicuna.infer.terminal import ChatEnded, enable_line_editing, print_answer, read_line
 from chinese_vicuna.model.build import load_from_args
-from chinese_vicuna.prompts import resolve_template, saved_template
 
 logger = logging.getLogger("chat")
 
@@ -248,13 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore")
 
     model, tokenizer = load_from_args(model_args)
-    saved = saved_template([model_args.lora_weights, model_args.base_model], tokenizer)
-    template = resolve_template(template_args.prompt_template, saved, template_args.fallback_template, tokenizer)
-    if not template.is_chat:
-        raise UserError(
-            f"template {template.name!r} is an instruction template; chat needs a chat template (e.g. --prompt_template chinese-vicuna-chat)"
-        )
-    chat = ChatSession(model, tokenizer, template, session_args, decoding)
+    # the template the adapter (or merged model) was trained with, unless one is named
+    engine = Engine.around(model, tokenizer, template_args.prompt_template, [model_args.lora_weights, model_args.base_model], CHAT)
+    chat = ChatSession(engine, session_args, decoding)  # refuses an instruction template
 
     if args.cli:
         code = run_cli(chat, args.save_dir, ui.ui_language)

@@ -20,11 +20,10 @@ from tqdm import tqdm
 from chinese_vicuna.args import DecodingArguments, ModelArguments, ServerArguments, TemplateArguments, UIArguments, parse_args
 from chinese_vicuna.data.records import Record, read_records
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.infer.batch_generate import answer_in_batches
-from chinese_vicuna.infer.generation import GenerationStats, prompt_ids, stream_generate
+from chinese_vicuna.infer.engine import INSTRUCTION, Engine
+from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.jsonl import JsonlAppender, check_output_file, question_of, resume_point
 from chinese_vicuna.model.build import load_from_args
-from chinese_vicuna.prompts import PromptTemplate, resolve_template, saved_template
 
 logger = logging.getLogger("generate")
 
@@ -47,19 +46,11 @@ def read_batch_input(data_file: str, output_file: str) -> tuple[list[Record], li
     return records, questions, resume_point(output_file, records)
 
 
-def run_batch(
-    model: Any,
-    tokenizer: Any,
-    template: PromptTemplate,
-    decoding: DecodingArguments,
-    data_file: str,
-    output_file: str,
-    batch_size: int = 16,
-) -> None:
+def run_batch(engine: Engine, decoding: DecodingArguments, data_file: str, output_file: str, batch_size: int = 16) -> None:
     records, questions, done = read_batch_input(data_file, output_file)
     if done:
         logger.info("%s: %d of %d records already answered; resuming", output_file, done, len(records))
-    prompts = [prompt_ids(tokenizer, template, instruction, inp) for instruction, inp in questions[done:]]
+    prompts = [engine.instruction_ids(instruction, inp) for instruction, inp in questions[done:]]
     with JsonlAppender(output_file) as out, tqdm(total=len(records), initial=done, desc="generate", unit="record") as bar:
 
         def write(start: int, answers: list[str]) -> None:
@@ -67,11 +58,11 @@ def run_batch(
                 out.write({**record.data, "output": text})
             bar.update(len(answers))
 
-        answer_in_batches(model, tokenizer, prompts, decoding, template.stop_strings, template.is_chat, batch_size, write)
+        engine.answer_in_batches(prompts, decoding, batch_size, write)
     logger.info("wrote %d lines to %s", len(records), output_file)
 
 
-def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: DecodingArguments, title: str, language: str = "zh") -> Any:
+def build_page(engine: Engine, decoding: DecodingArguments, title: str, language: str = "zh") -> Any:
     from chinese_vicuna.infer.i18n import Messages
     from chinese_vicuna.infer.webui import SessionStops, check_context, decoding_controls, decoding_from_values, gr, page_error
 
@@ -82,17 +73,17 @@ def build_page(model: Any, tokenizer: Any, template: PromptTemplate, decoding: D
         if not (instruction or "").strip():
             raise page_error(t("generate.need_instruction"))
         settings = decoding_from_values(values)
-        ids = prompt_ids(tokenizer, template, instruction, inp or "")
-        check_context(model, len(ids), settings)
+        ids = engine.instruction_ids(instruction, inp or "")
+        check_context(engine.model, len(ids), settings)
         stats, text = GenerationStats(), ""
         yield "", t("generating") if settings.streams else t("beam_search")
-        for piece in stream_generate(model, tokenizer, ids, settings, template.stop_strings, template.is_chat, stops.start(request), stats):
+        for piece in engine.stream_answer(ids, settings, stop_event=stops.start(request), stats=stats):
             text += piece
             yield text, t("generating")
         yield text, t("generate.done", prompt_tokens=len(ids), stats=t.stats(stats))
 
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(t("generate.intro", title=title, template=template.name))
+        gr.Markdown(t("generate.intro", title=title, template=engine.template.name))
         with gr.Row():
             with gr.Column():
                 instruction = gr.Textbox(
@@ -140,16 +131,15 @@ def main(argv: list[str] | None = None) -> None:
 
     model, tokenizer = load_from_args(model_args)
     # the template the adapter (or merged model) was trained with, unless one is named
-    saved = saved_template([model_args.lora_weights, model_args.base_model], tokenizer)
-    template = resolve_template(template_args.prompt_template, saved, template_args.fallback_template, tokenizer)
+    engine = Engine.around(model, tokenizer, template_args.prompt_template, [model_args.lora_weights, model_args.base_model], INSTRUCTION)
 
     if args.data_file:
-        run_batch(model, tokenizer, template, decoding, args.data_file, args.output_file, args.batch_size)
+        run_batch(engine, decoding, args.data_file, args.output_file, args.batch_size)
         return
     from chinese_vicuna.infer.webui import launch
 
     title = f"Chinese-Vicuna · {model_args.lora_weights or model_args.base_model}"
-    launch(build_page(model, tokenizer, template, decoding, title, ui.ui_language), server.server_name, server.server_port, server.share)
+    launch(build_page(engine, decoding, title, ui.ui_language), server.server_name, server.server_port, server.share)
 
 
 if __name__ == "__main__":

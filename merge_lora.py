@@ -36,8 +36,8 @@ from chinese_vicuna.export.merge import (
 from chinese_vicuna.export.meta import save_meta
 from chinese_vicuna.export.tensors import DTYPE_NAMES, StagingDir, parse_size, resolve_dtype, split_list, write_manifest
 from chinese_vicuna.files import write_json
+from chinese_vicuna.infer.engine import model_template
 from chinese_vicuna.model.loading import load_tokenizer
-from chinese_vicuna.prompts import resolve_template, saved_template
 
 logger = logging.getLogger("merge_lora")
 
@@ -154,9 +154,8 @@ def main(argv: list[str] | None = None) -> None:
                 shards = save_meta(state, config, stage.path, args.num_shards)
                 logger.info("wrote %d consolidated shard(s) + params.json", len(shards))
         copy_tokenizer(plan, stage.path)
-        template = resolve_template(
-            args.prompt_template, saved_template([*(a.path for a in reversed(plan.adapters)), plan.base], tokenizer), None, tokenizer
-        )
+        # the template inference would ask in, with no default: nothing saved, nothing written
+        template = model_template(args.prompt_template, [*(a.path for a in reversed(plan.adapters)), plan.base], None, tokenizer)
         if template is not None and not template.is_auto:
             write_template(stage.path, template)
             info["prompt_template"] = template.name

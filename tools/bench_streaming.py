@@ -19,9 +19,9 @@ import torch
 
 from chinese_vicuna.args import DecodingArguments, ModelArguments, parse_args
 from chinese_vicuna.errors import exit_on_user_error
-from chinese_vicuna.infer.generation import prompt_ids, stream_generate
+from chinese_vicuna.infer.engine import INSTRUCTION, Engine
+from chinese_vicuna.infer.generation import stream_generate
 from chinese_vicuna.model.build import load_from_args
-from chinese_vicuna.prompts import load_template
 
 
 def plain(model: Any, tokenizer: Any, ids: list[int], n: int) -> str:
@@ -49,7 +49,7 @@ class StreamBenchArguments:
 def main(argv: list[str] | None = None) -> None:
     model_args, args = parse_args((ModelArguments, StreamBenchArguments), argv)
     model, tokenizer = load_from_args(model_args)
-    ids = prompt_ids(tokenizer, load_template("alpaca", tokenizer), args.instruction)
+    ids = Engine.around(model, tokenizer, "alpaca", (), INSTRUCTION).instruction_ids(args.instruction)
     n = args.new_tokens
     decoding = DecodingArguments(max_new_tokens=n, min_new_tokens=n)
     # no stop strings: both runs must produce exactly n tokens

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from chinese_vicuna.args import DecodingArguments, ModelArguments, TemplateArguments, parse_args
 from chinese_vicuna.data.records import read_records, validate_instruction
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.infer.generation import generate_answer
+from chinese_vicuna.infer.engine import INSTRUCTION, Engine
 from chinese_vicuna.model.adapters import load_lora
 from chinese_vicuna.model.build import load_for_inference
-from chinese_vicuna.prompts import resolve_template, saved_template
 
 
 @dataclass
@@ -33,12 +32,12 @@ def main(argv: list[str] | None = None) -> None:
 
     records = [validate_instruction(r) for r in read_records(args.data_path)[: args.num]]
     model, tokenizer = load_for_inference(model_args.base_model, None, model_args.precision, tokenizer_path=model_args.tokenizer_path)
-    saved = saved_template([model_args.lora_weights, model_args.base_model], tokenizer)
-    template = resolve_template(template_args.prompt_template, saved, template_args.fallback_template, tokenizer)
+    engine = Engine.around(model, tokenizer, template_args.prompt_template, [model_args.lora_weights, model_args.base_model], INSTRUCTION)
     greedy = DecodingArguments(max_new_tokens=args.max_new_tokens)
-    before = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], greedy) for r in records]
-    model = load_lora(model, model_args.lora_weights).eval()
-    after = [generate_answer(model, tokenizer, template, r["instruction"], r["input"], greedy) for r in records]
+    prompts = [engine.instruction_ids(r["instruction"], r["input"]) for r in records]
+    before = [engine.answer(ids, greedy) for ids in prompts]
+    tuned = Engine.for_model(load_lora(model, model_args.lora_weights).eval(), tokenizer, engine.template)
+    after = [tuned.answer(ids, greedy) for ids in prompts]
     for r, b, a in zip(records, before, after, strict=True):
         print(f"### {r['instruction']}")
         print(f"  expected: {r['output']}")

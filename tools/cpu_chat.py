@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from chinese_vicuna.args import ChatSessionArguments, ChatTemplateArguments, DecodingArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.infer.generation import chat_prompt_ids, prompt_ids
+from chinese_vicuna.infer.engine import CHAT, Engine
 from chinese_vicuna.infer.i18n import Messages
 from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer, gguf_template, load_gguf, stream_answer
 from chinese_vicuna.infer.session import keeps_answer
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
     llm = load_gguf(model_args.gguf, model_args.n_ctx, model_args.threads)
     tokenizer = LlamaCppTokenizer(llm)
-    template = gguf_template(llm, model_args.gguf, template_args.prompt_template, template_args.fallback_template)
+    template = gguf_template(llm, model_args.gguf, template_args.prompt_template, CHAT)
+    engine = Engine.for_model(llm, tokenizer, template)  # prompt ids as everywhere; llama.cpp decodes
     max_new_tokens = decoding.max_new_tokens
     if max_new_tokens >= model_args.n_ctx:  # no room left for a prompt: half the context each
         max_new_tokens = model_args.n_ctx // 2
@@ -90,11 +91,11 @@ def main(argv: list[str] | None = None) -> None:
             continue
         try:
             if template.is_chat:
-                ids, dropped = chat_prompt_ids(tokenizer, template, history, question, session_args.system, budget)
+                ids, dropped = engine.chat_ids(history, question, session_args.system, budget)
                 if dropped:
                     print(f"(dropped the {dropped} oldest turn(s) to fit {budget} tokens)", file=sys.stderr, flush=True)
             else:
-                ids = prompt_ids(tokenizer, template, question)
+                ids = engine.instruction_ids(question)
         except UserError as exc:  # this line is too long: say so, the chat goes on
             print(f"[{exc}]", flush=True)
             continue

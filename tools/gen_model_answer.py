@@ -24,9 +24,9 @@ from chinese_vicuna.endpoint import openai_client, resolve_api_key
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.evaluation.answers import answer_record, answered_ids, endpoint_turns, local_turns
 from chinese_vicuna.evaluation.judge import read_questions
+from chinese_vicuna.infer.engine import CHAT, Engine, adapter_template, model_template
 from chinese_vicuna.model.build import load_from_args
 from chinese_vicuna.outputlock import hold_output_folder
-from chinese_vicuna.prompts import load_template
 
 logger = logging.getLogger("gen_model_answer")
 
@@ -50,14 +50,6 @@ class AnswerArguments:
     api_key: str | None = field(default=None, metadata={"help": "API key (default: the OPENAI_API_KEY environment variable)."})
     parallel: int = field(default=4, metadata={"help": "Endpoint: questions in flight at once."})
     max_retries: int = field(default=5, metadata={"help": "Endpoint: retries on 429 / 5xx (exponential backoff)."})
-
-
-def chat_template_for(args: AnswerArguments, lora_weights: str | None, tokenizer: object):
-    """The template saved with the adapter when there is one, else --prompt_template."""
-    saved = Path(lora_weights) / "prompt_template.json" if lora_weights else None
-    if saved is not None and saved.is_file():
-        return load_template(str(saved), tokenizer)
-    return load_template(args.prompt_template, tokenizer)
 
 
 @exit_on_user_error
@@ -115,9 +107,13 @@ def main(argv: list[str] | None = None) -> Path:
             from tqdm.auto import tqdm
 
             model, tokenizer = load_from_args(model_args)
-            template = chat_template_for(args, model_args.lora_weights, tokenizer)
+            # --prompt_template names the base's template; an adapter's saved one wins
+            template = model_template(args.prompt_template, (), CHAT, tokenizer)
+            if model_args.lora_weights:
+                template = adapter_template(model_args.lora_weights, template, tokenizer)
+            engine = Engine.for_model(model, tokenizer, template)
             for q in tqdm(todo, desc="questions"):
-                write(q, local_turns(model, tokenizer, template, q["turns"], decoding, args.system, args.max_memory))
+                write(q, local_turns(engine, q["turns"], decoding, args.system, args.max_memory))
     source = f"--api_base {args.api_base} --api_model {args.api_model}" if args.api_base else f"model {model_id}"
     if empty == len(todo):
         raise UserError(f"{source}: all {empty} replies were empty, none saved to {out}; check the model or endpoint and rerun")

@@ -3,8 +3,8 @@
 Questions: `question_id`, `category`, `turns` (one string per user turn). Answers:
 `{"question_id", "answer_id", "model_id", "choices": [{"index": 0, "turns": [...]}], "tstamp"}`,
 one line per question. Every turn is asked after the earlier turns and the model's own answers
-to them: locally through the chat template (the prompt ids inference uses everywhere), at an
-endpoint as a growing `messages` list.
+to them: locally through `Engine` (the prompt ids inference uses everywhere), at an endpoint as
+a growing `messages` list.
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any
 
 from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.endpoint import chat_completion
-from chinese_vicuna.infer.generation import chat_prompt_ids, generate_text
-from chinese_vicuna.prompts import PromptTemplate
+from chinese_vicuna.infer.engine import Engine
 
 
 def answer_record(question_id: Any, model_id: str, turns: Sequence[str]) -> dict[str, Any]:
@@ -34,9 +33,7 @@ def answer_record(question_id: Any, model_id: str, turns: Sequence[str]) -> dict
 
 
 def local_turns(
-    model: Any,
-    tokenizer: Any,
-    template: PromptTemplate,
+    engine: Engine,
     questions: Sequence[str],
     decoding: DecodingArguments,
     system: str | None = None,
@@ -46,8 +43,8 @@ def local_turns(
     history: list[dict[str, str]] = []
     answers = []
     for question in questions:
-        ids, _ = chat_prompt_ids(tokenizer, template, history, question, system, max_memory)
-        answer = generate_text(model, tokenizer, ids, decoding, template.stop_strings, strip=True)
+        ids, _ = engine.chat_ids(history, question, system, max_memory)
+        answer = engine.answer(ids, decoding)
         answers.append(answer)
         if not answer.strip():
             break  # no later turn is asked after an empty reply: the question is asked again on a rerun

@@ -138,6 +138,28 @@ class StopStringFilter:
         return piece
 
 
+class AnswerText:
+    """Generated token ids in, the answer text a user may see out, piece by piece: no broken UTF-8
+    (`IncrementalDecoder`), no stop string (`StopStringFilter`). Every decoding loop (streamed
+    generation, serve.py's batched engine, llama.cpp) turns ids into text through this."""
+
+    def __init__(self, tokenizer: Any, stop_strings: Sequence[str] = (), strip: bool = False) -> None:
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.filter = StopStringFilter(stop_strings, strip)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string appeared: nothing after it is ever shown."""
+        return self.filter.stopped
+
+    def push(self, ids: Sequence[int]) -> str:
+        return self.filter.push(self.decoder.push(ids))
+
+    def finish(self) -> str:
+        """At the end of generation: what was held back (an unfinished character, a possible stop string)."""
+        return self.filter.push(self.decoder.flush()) + self.filter.flush()
+
+
 class StopOnEvent(StoppingCriteria):
     """Ends generation at the next decoding step once `event` is set (the UI's stop button)."""
 
@@ -274,8 +296,7 @@ class _QueueStreamer(BaseStreamer):
     """Receives token ids from `generate` (its thread) and queues the text a user may see."""
 
     def __init__(self, tokenizer: Any, stop_strings: Sequence[str], strip: bool, stop: threading.Event) -> None:
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.filter = StopStringFilter(stop_strings, strip)
+        self.text = AnswerText(tokenizer, stop_strings, strip)
         self.stop = stop
         self.queue: queue.Queue[Any] = queue.Queue()
         self.prompt_seen = False
@@ -286,22 +307,21 @@ class _QueueStreamer(BaseStreamer):
         if not self.prompt_seen:  # generate() first hands over the prompt
             self.prompt_seen = True
             return
-        if self.filter.stopped:
+        if self.text.stopped:
             return  # the step after a stop string: generation is ending
         ids = value.reshape(-1).tolist()
         if self.first_token_time is None:
             self.first_token_time = time.perf_counter()
         self.new_ids.extend(ids)
-        piece = self.filter.push(self.decoder.push(ids))
-        if self.filter.stopped:
+        piece = self.text.push(ids)
+        if self.text.stopped:
             self.stop.set()
         if piece:
             self.queue.put(piece)
 
     def end(self) -> None:
-        if not self.filter.stopped:
-            piece = self.filter.push(self.decoder.flush())
-            piece += self.filter.flush()
+        if not self.text.stopped:
+            piece = self.text.finish()
             if piece:
                 self.queue.put(piece)
 
@@ -377,7 +397,7 @@ def stream_generate(
             if streamer.first_token_time is not None:
                 stats.first_token_seconds = streamer.first_token_time - start
             signal = bool(stop_event is not None and stop_event.is_set())
-            stats.stopped_by = _ended_by(streamer.new_ids, tokenizer.eos_token_id, decoding, streamer.filter.stopped, signal)
+            stats.stopped_by = _ended_by(streamer.new_ids, tokenizer.eos_token_id, decoding, streamer.text.stopped, signal)
         else:
             stats.new_tokens, stats.stopped_by = beam_stats.new_tokens, beam_stats.stopped_by
 

@@ -12,8 +12,9 @@ from typing import Any
 
 from chinese_vicuna.data.fast_tokenize import encode_continuations
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.infer.generation import IncrementalDecoder, StopStringFilter, prompt_ids
-from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, PromptTemplate, resolve_template, saved_template, template_from_json
+from chinese_vicuna.infer.engine import Engine, model_template
+from chinese_vicuna.infer.generation import AnswerText
+from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, PromptTemplate, saved_template, template_from_json
 
 
 class LlamaCppTokenizer:
@@ -67,12 +68,13 @@ def load_gguf(path: str, n_ctx: int = 2048, threads: int | None = None, logits_a
     return Llama(model_path=path, n_ctx=n_ctx, n_threads=threads or os.cpu_count(), logits_all=logits_all, verbose=False)
 
 
-def gguf_template(llm: Any, path: str, requested: str | None, fallback: str) -> PromptTemplate:
+def gguf_template(llm: Any, path: str, requested: str | None, kind: str) -> PromptTemplate:
     """The template a GGUF file was trained with (carried in its metadata by export/gguf.py, or a
-    prompt_template.json beside it), unless --prompt_template names one."""
+    prompt_template.json beside it), unless --prompt_template names one; else the kind's default
+    (`engine.model_template`'s rule)."""
     text = (getattr(llm, "metadata", None) or {}).get(GGUF_TEMPLATE_KEY)
     saved = template_from_json(text, f"{path}: {GGUF_TEMPLATE_KEY}") if text else saved_template([Path(path).parent])
-    return resolve_template(requested, saved, fallback)
+    return model_template(requested, (), kind, None, saved)
 
 
 def stream_tokens(
@@ -90,15 +92,14 @@ def stream_answer(
     llm: Any, tokenizer: LlamaCppTokenizer, ids: list[int], stop_strings: Sequence[str], strip: bool, **decoding: Any
 ) -> Iterator[str]:
     """Text pieces of the answer: UTF-8-safe (byte tokens held until a character is whole), cut at stop strings."""
-    decoder = IncrementalDecoder(tokenizer)
-    stops = StopStringFilter(stop_strings, strip)
+    text = AnswerText(tokenizer, stop_strings, strip)
     for token in stream_tokens(llm, ids, **decoding):
-        piece = stops.push(decoder.push([token]))
+        piece = text.push([token])
         if piece:
             yield piece
-        if stops.stopped:
+        if text.stopped:
             return
-    tail = stops.push(decoder.flush()) + stops.flush()
+    tail = text.finish()
     if tail:
         yield tail
 
@@ -107,7 +108,7 @@ def greedy_answer(
     llm: Any, tokenizer: LlamaCppTokenizer, template: Any, instruction: str, input: str = "", max_new_tokens: int = 256
 ) -> str:
     """One instruction's answer, greedy (what tests compare with the trained output)."""
-    ids = prompt_ids(tokenizer, template, instruction, input)
+    ids = Engine.for_model(llm, tokenizer, template).instruction_ids(instruction, input)
     pieces = stream_answer(
         llm,
         tokenizer,

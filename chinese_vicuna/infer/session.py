@@ -12,28 +12,28 @@ from typing import Any
 from chinese_vicuna.args import ChatSessionArguments, DecodingArguments
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import atomic_write_text
-from chinese_vicuna.infer.generation import GenerationStats, chat_prompt_ids, stream_generate
+from chinese_vicuna.infer.engine import Engine, chat_templates
+from chinese_vicuna.infer.generation import GenerationStats
 from chinese_vicuna.infer.jsonl import JsonlAppender
-from chinese_vicuna.prompts import PromptTemplate, available_templates, load_template
+from chinese_vicuna.prompts import PromptTemplate
 
 Message = dict[str, str]
 
 
 class ChatSession:
-    """What the page, the terminal (and an API) share: model, templates, budget, and a streamed reply."""
+    """What the page, the terminal (and an API) share: the engine, the chat templates it may be
+    asked in, the history budget, and a streamed reply."""
 
-    def __init__(
-        self, model: Any, tokenizer: Any, template: PromptTemplate, settings: ChatSessionArguments, decoding: DecodingArguments
-    ) -> None:
-        self.model, self.tokenizer, self.settings, self.decoding = model, tokenizer, settings, decoding
-        self.templates = {template.name: template}
-        for name in available_templates():
-            if name == "auto" and not getattr(tokenizer, "chat_template", None):
-                continue
-            candidate = load_template(name, tokenizer)
-            if candidate.is_chat:
-                self.templates.setdefault(name, candidate)
-        self.default_template = template.name
+    def __init__(self, engine: Engine, settings: ChatSessionArguments, decoding: DecodingArguments) -> None:
+        if not engine.template.is_chat:
+            raise UserError(
+                f"template {engine.template.name!r} is an instruction template; chat needs a chat template "
+                "(e.g. --prompt_template chinese-vicuna-chat)"
+            )
+        self.engine, self.settings, self.decoding = engine, settings, decoding
+        self.model, self.tokenizer = engine.model, engine.tokenizer
+        self.templates = chat_templates(engine.tokenizer, engine.template)
+        self.default_template = engine.template.name
 
     def system_of(self, template_name: str, system: str | None) -> str:
         template = self.templates[template_name]
@@ -50,7 +50,7 @@ class ChatSession:
         """Prompt ids for `question` after `history` within the budget, and a note if turns were dropped."""
         template = self.templates[template_name or self.default_template]
         budget = max_memory if max_memory is not None else self.settings.max_memory
-        ids, dropped = chat_prompt_ids(self.tokenizer, template, history, question, self.system_of(template.name, system), budget)
+        ids, dropped = self.engine.chat_ids(history, question, self.system_of(template.name, system), budget, template)
         return ids, template, f"dropped the {dropped} oldest turn(s) to fit max_memory={budget}" if dropped else ""
 
     def stream(
@@ -62,7 +62,7 @@ class ChatSession:
         stats: GenerationStats | None = None,
     ) -> Iterator[str]:
         """The answer in pieces (see stream_generate); chat answers are stripped."""
-        return stream_generate(self.model, self.tokenizer, ids, decoding or self.decoding, template.stop_strings, True, stop_event, stats)
+        return self.engine.stream_answer(ids, decoding or self.decoding, template, stop_event, stats)
 
 
 def conversation_record(history: list[Message], system: str) -> dict[str, list[Message]]:

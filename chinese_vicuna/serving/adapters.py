@@ -6,7 +6,8 @@ the model, so they run only on the engine's scheduler thread (between decoding s
 HTTP side only registers and unregisters names, under a lock.
 
 Each adapter is asked in the template it was trained with: `prompt_template.json` in its
-folder when present, else the server's `--prompt_template`.
+folder when present, else the base's (the server's `--prompt_template`), resolved by
+`infer/engine.py` like every front end's.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.infer.engine import INSTRUCTION, adapter_template, model_template
 from chinese_vicuna.model.adapters import adapter_vocab_rows, check_adapter_fits, check_adapter_matches_base
-from chinese_vicuna.prompts import PromptTemplate, load_template
+from chinese_vicuna.prompts import PromptTemplate
 
 logger = logging.getLogger(__name__)
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
-SAVED_TEMPLATE = "prompt_template.json"
 
 
 def parse_lora_modules(values: list[str] | None) -> dict[str, str]:
@@ -38,12 +39,6 @@ def parse_lora_modules(values: list[str] | None) -> dict[str, str]:
             raise UserError(f"--lora_modules: the name {name!r} is given twice")
         modules[name] = path
     return modules
-
-
-def template_for_adapter(adapter_dir: str | Path, default: str, tokenizer: Any) -> PromptTemplate:
-    """The template saved with the adapter (`prompt_template.json`), else `default`."""
-    saved = Path(adapter_dir) / SAVED_TEMPLATE
-    return load_template(str(saved) if saved.is_file() else default, tokenizer)
 
 
 def check_adapter_dir(name: str, path: str) -> None:
@@ -69,7 +64,7 @@ class AdapterRegistry:
         self.tokenizer = tokenizer
         self.default_template = default_template
         self.max_loras = max_loras
-        self.base_template = load_template(default_template, tokenizer)
+        self.base_template = model_template(default_template, (), INSTRUCTION, tokenizer)
         self._lock = threading.Lock()
         self._paths: dict[str, str] = {}
         self._templates: dict[str, PromptTemplate] = {}
@@ -87,7 +82,7 @@ class AdapterRegistry:
         if name == BASE:
             raise UserError(f"{BASE!r} is reserved")
         check_adapter_dir(name, path)
-        template = template_for_adapter(path, self.default_template, self.tokenizer)
+        template = adapter_template(path, self.base_template, self.tokenizer)
         with self._lock:
             if name in self._paths and self._paths[name] != path:
                 raise UserError(f"LoRA {name!r} is already served from {self._paths[name]}; unload it first")

@@ -15,7 +15,7 @@ Finished rows leave the batch at once and padding columns no row needs any more 
 a request never waits for a longer neighbour. Padding is masked everywhere, so a greedy answer
 is the one the request gets decoded by itself (tests compare them token for token).
 
-Text goes out through the same `IncrementalDecoder` + `StopStringFilter` as the web pages:
+Text goes out through the same `AnswerText` (infer/generation.py) as the web pages:
 no broken UTF-8, no stop string shown, and the streamed pieces joined equal the whole answer.
 """
 
@@ -35,7 +35,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.infer.generation import IncrementalDecoder, StopStringFilter, model_device
+from chinese_vicuna.infer.generation import AnswerText, model_device
 from chinese_vicuna.serving.adapters import AdapterRegistry
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,7 @@ class _Slot:
     def __init__(self, request: GenerationRequest, tokenizer: Any) -> None:
         self.request = request
         self.params = request.params
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.filter = StopStringFilter(request.params.stop, request.params.strip)
+        self.text = AnswerText(tokenizer, request.params.stop, request.params.strip)
         self.length = len(request.prompt_ids)  # real tokens in the KV cache
         self.next_token = -1  # sampled, not yet fed to the model
         self.generated = 0  # tokens produced (EOS included)
@@ -372,8 +371,8 @@ class BatchEngine:
         if token == self.eos_id:
             self._finish(slot, "stop")
             return
-        piece = slot.filter.push(slot.decoder.push([token]))
-        if slot.filter.stopped:
+        piece = slot.text.push([token])
+        if slot.text.stopped:
             if piece:
                 slot.request.sink(Event(text=piece))
             self._finish(slot, "stop", flush=False)
@@ -390,8 +389,8 @@ class BatchEngine:
     def _finish(self, slot: _Slot, reason: str, flush: bool = True, error: str | None = None) -> None:
         slot.done = True
         text = ""
-        if flush and reason in ("stop", "length") and not slot.filter.stopped:
-            text = slot.filter.push(slot.decoder.flush()) + slot.filter.flush()
+        if flush and reason in ("stop", "length") and not slot.text.stopped:
+            text = slot.text.finish()
         with self._cond:
             self.finished += 1
             self._inflight -= 1

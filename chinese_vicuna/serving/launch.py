@@ -20,8 +20,8 @@ from pathlib import Path
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import atomic_write_text
-from chinese_vicuna.prompts import PromptTemplate, load_template
-from chinese_vicuna.serving.adapters import template_for_adapter
+from chinese_vicuna.infer.engine import INSTRUCTION, adapter_template, model_template
+from chinese_vicuna.prompts import PromptTemplate
 
 API_KEY_ENV = "CHINESE_VICUNA_API_KEY"
 
@@ -62,9 +62,9 @@ def vllm_command(
     if not base_model:
         raise UserError("--base_model is required")
     tokenizer = None
-    template = load_template(prompt_template, tokenizer)
+    template = model_template(prompt_template, (), INSTRUCTION, tokenizer)
     for name, path in lora_modules.items():
-        theirs = template_for_adapter(path, prompt_template, tokenizer)
+        theirs = adapter_template(path, template, tokenizer)
         if theirs.spec != template.spec:
             raise UserError(
                 f"LoRA {name!r} was trained with the template {theirs.name!r} but vLLM renders every model with one chat template "

@@ -16,7 +16,7 @@ import os
 from typing import Any
 
 from chinese_vicuna.errors import UserError, exit_on_user_error
-from chinese_vicuna.prompts import load_template
+from chinese_vicuna.infer.engine import INSTRUCTION, model_template
 from chinese_vicuna.serving.launch import API_KEY_ENV
 
 
@@ -24,7 +24,7 @@ def register_template_format(template_name: str) -> str:
     """Register our template as a llama-cpp-python chat format; returns the format's name."""
     from llama_cpp import llama_chat_format
 
-    template = load_template(template_name, None)
+    template = model_template(template_name, (), INSTRUCTION)
     stops = template.stop_strings
 
     class TemplateFormatter(llama_chat_format.Jinja2ChatFormatter):

@@ -35,10 +35,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from chinese_vicuna.data.encode import encode_segments
-from chinese_vicuna.data.fast_tokenize import protect_messages
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.infer.generation import prompt_ids
+from chinese_vicuna.infer.engine import Engine
 from chinese_vicuna.prompts import PromptTemplate
 from chinese_vicuna.serving.engine import BatchEngine, Event, GenerationRequest, QueueFull, SamplingParams
 
@@ -147,6 +145,8 @@ class OpenAIServer:
         self.engine = engine
         self.registry = engine.registry
         self.tokenizer = engine.tokenizer
+        # prompt ids come from the one inference path; the batched engine decodes them
+        self.prompts = Engine.for_model(None, engine.tokenizer, engine.registry.base_template)
         self.base_name = base_name
         self.limits = limits
         self._key = api_key.encode("utf-8") if api_key else None
@@ -166,8 +166,7 @@ class OpenAIServer:
         msgs = [{"role": m.role, "content": m.text()} for m in messages]
         if template.is_chat:
             try:
-                # special-token text in messages stays text, as in training
-                ids, _ = encode_segments(self.tokenizer, template.chat_segments(protect_messages(self.tokenizer, msgs)))
+                ids = self.prompts.conversation_ids(msgs, template)
             except UserError as exc:
                 raise ApiError(400, str(exc), param="messages") from None
             return ids
@@ -179,7 +178,7 @@ class OpenAIServer:
                 "system message) as the instruction; conversations need a model trained with a chat template",
                 param="messages",
             )
-        return prompt_ids(self.tokenizer, template, rest[0]["content"])
+        return self.prompts.instruction_ids(rest[0]["content"], template=template)
 
     def sampling(
         self, body: _SamplingFields, max_tokens: int | None, prompt_len: int, template_stops: list[str], strip: bool
@@ -392,7 +391,7 @@ def create_app(server: OpenAIServer) -> FastAPI:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
             raise ApiError(400, "send one prompt per request (a list of several prompts is not supported)", param="prompt")
-        ids = server.tokenizer(prompts[0])["input_ids"]
+        ids = server.prompts.text_ids(prompts[0])
         params = server.sampling(body, body.max_tokens, len(ids), [], False)
         gen, events, first = await server.run(request, ids, adapter, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
