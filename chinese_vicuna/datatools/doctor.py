@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 NO_CUTOFF = 1 << 40
 PERCENTILES = (50, 90, 95, 99)
 LONGEST_SHOWN = 5
-CHUNK_RECORDS = 2048  # records validated, tokenized and counted together: what the doctor holds at once
+CHUNK_RECORDS = 512  # records validated, tokenized and counted together: what the doctor holds at once (their minhash rows the most)
 NEAR_DUPLICATE_WINDOW = 10_000  # kept prompts each prompt is compared with, at least: about 10 KB each (datatools/dedupe.py)
 
 
