@@ -2,7 +2,7 @@
 
     python serve.py --base_model BASE --lora_modules medical=./lora-med legal=./lora-law \\
         [--api_key KEY] [--host 127.0.0.1] [--port 8000] [--served_model_name NAME] \\
-        [--max_loras 4] [--prompt_template alpaca]
+        [--max_loras 4] [--prompt_template alpaca] [--enable_lora_loading true --lora_root DIR]
     python serve.py --engine vllm --base_model BASE --lora_modules ...        # hand off to vLLM (GPU)
     python serve.py --engine llamacpp --gguf model.gguf                       # llama.cpp on the CPU
 
@@ -31,6 +31,7 @@ from chinese_vicuna.serving.launch import API_KEY_ENV, llamacpp_command, vllm_co
 from chinese_vicuna.serving.openai_api import OpenAIServer, ServeLimits, create_app, serve_app
 
 logger = logging.getLogger("serve")
+ENGINE_STOP_SECONDS = 1  # on SIGTERM: how long the decoding step in progress may take to finish
 
 
 @dataclass
@@ -58,10 +59,28 @@ class ServeArguments:
     num_threads: int | None = field(
         default=None, metadata={"help": "CPU: torch threads for decoding (default: the cores less one, kept for the HTTP side)."}
     )
+    enable_lora_loading: bool = field(
+        default=False, metadata={"help": "Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --lora_root)."}
+    )
+    lora_root: str | None = field(default=None, metadata={"help": "--enable_lora_loading: adapters load only from folders under it."})
+    max_request_bytes: int = field(default=16 * 2**20, metadata={"help": "Largest request body accepted; beyond it a 413."})
 
 
 def api_key_of(args: ServeArguments) -> str | None:
     return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def lora_root_of(args: ServeArguments) -> str | None:
+    """The folder run-time adapters load from; None when run-time loading is off."""
+    if not args.enable_lora_loading:
+        if args.lora_root:
+            raise UserError("--lora_root is used with --enable_lora_loading true; add it, or leave --lora_root out")
+        return None
+    if not args.lora_root:
+        raise UserError("--enable_lora_loading true needs --lora_root DIR: the folder under which adapters may be loaded")
+    if not Path(args.lora_root).is_dir():
+        raise UserError(f"--lora_root {args.lora_root}: no such folder")
+    return args.lora_root
 
 
 def hand_off(model_args: ModelArguments, args: ServeArguments) -> None:
@@ -92,9 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.engine not in ("builtin", "vllm", "llamacpp"):
         raise UserError(f"--engine {args.engine!r}: use builtin, vllm or llamacpp")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port {args.port}: a port is a number from 0 to 65535")
     if args.engine != "builtin":
         hand_off(model_args, args)
         return
+    lora_root = lora_root_of(args)
     if model_args.lora_weights:
         raise UserError("serve.py serves LoRAs by name: use --lora_modules NAME=DIR instead of --lora_weights")
 
@@ -109,16 +131,17 @@ def main(argv: list[str] | None = None) -> None:
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,
         max_model_len=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+        max_request_bytes=args.max_request_bytes,
     )
     base_name = args.served_model_name or Path(model_args.base_model.rstrip("/")).name
-    server = OpenAIServer(engine, base_name, limits, api_key_of(args))
+    server = OpenAIServer(engine, base_name, limits, api_key_of(args), lora_root)
     if args.host not in ("127.0.0.1", "localhost", "::1") and server._key is None:
         logger.warning("listening on %s without an API key: anyone who can reach this port can use the model", args.host)
     logger.info("models: %s", ", ".join([base_name, *registry.names()]))
     try:
-        serve_app(create_app(server), args.host, args.port)
+        serve_app(create_app(server), args.host, args.port, on_stop=lambda: engine.close(timeout=ENGINE_STOP_SECONDS))
     finally:
-        engine.close()
+        engine.close(timeout=ENGINE_STOP_SECONDS)  # a step still running ends with the process (a daemon thread)
 
 
 if __name__ == "__main__":

@@ -229,7 +229,7 @@ class LoraArguments:
 class DataArguments:
     data_path: str = field(
         default="sample/instruct/data_sample.jsonl",
-        metadata={"help": "Alpaca-format .json (list) or .jsonl file, or a folder of them; several, comma-separated, are mixed."},
+        metadata={"help": "Alpaca-format data: .json/.jsonl/.parquet/.csv/.arrow, a folder, a hub dataset (docs/data.md); comma-separated: mixed."},
     )
     data_weights: str | None = field(default=None, metadata={"help": "Sampling weights of the --data_path files, e.g. 0.3,0.7 (docs/data.md)."})
     data_mix_size: int | None = field(default=None, metadata={"help": "Samples in the mixture (default: all files' samples)."})

@@ -157,23 +157,41 @@ class PromptTemplate:
                 out.append("{{ " + json.dumps("{" + part + "}") + " }}")
         return "".join(out)
 
-    def jinja(self, bos: bool = False, single_instruction: bool = False) -> str:
+    def jinja(self, bos: bool = False, single_instruction: bool = False, after_bos: str = "plain") -> str:
         """A Jinja `chat_template` that renders exactly what this template renders (tested on the
         same matrix as the encoding): `apply_chat_template`, vLLM, TGI and llama.cpp servers then
         ask the model in its training format. Instruction templates: a user message is the
-        instruction (no input), an assistant message the response. BOS is not part of the text,
-        as in training: `tokenizer(text)` adds it (docs/export.md).
+        instruction (no input), an assistant message the response. Without `bos` the text holds
+        no BOS, as in training: `tokenizer(text)` adds it (docs/export.md).
 
-        `bos`: begin the text with `{{ bos_token }}`, for servers that tokenize a rendered chat
-        without special tokens (vLLM, llama-cpp-python). `single_instruction`: an instruction
-        template accepts exactly one user message (after an optional system message) and raises
-        otherwise, where a server cannot answer a multi-turn chat in an instruction format."""
+        `bos`: begin the text with `{{ bos_token }}`, for the consumers that tokenize a rendered
+        chat without adding special tokens (`apply_chat_template(tokenize=True)`, vLLM,
+        llama-cpp-python), and `after_bos` (one of AFTER_BOS) says how the text goes on after it
+        so that the consumer's tokenizer gets the training ids (`after_bos_for`). `single_instruction`:
+        an instruction template accepts exactly one user message (after an optional system
+        message) and raises otherwise, where a server cannot answer a multi-turn chat in an
+        instruction format."""
         if self.is_auto:
             tpl = getattr(self.tokenizer, "chat_template", None)
             if not tpl:
                 raise UserError("template 'auto' has no chat_template of its own; the tokenizer has none")
             return tpl
-        start = "{{ bos_token }}" if bos else ""
+        if after_bos not in AFTER_BOS:
+            raise ValueError(f"after_bos must be one of {', '.join(AFTER_BOS)}, got {after_bos!r}")
+        body = self._jinja_body(single_instruction)
+        if not bos:
+            return body
+        if after_bos == "plain":
+            return "{{ bos_token }}" + body
+        # the rendered text is needed whole to see how it begins
+        captured = "{%- set body -%}" + body + "{%- endset -%}{{ bos_token }}"
+        if after_bos == "space":
+            return captured + "{{ body if body.startswith(' ') else ' ' + body }}"
+        return captured + "{{ body[1:] if body.startswith(' ') else body }}"
+
+    def _jinja_body(self, single_instruction: bool) -> str:
+        """The Jinja of `jinja()` without BOS."""
+        start = ""
         special = {"bos": "bos_token", "eos": "eos_token"}
         gen = "(add_generation_prompt is defined and add_generation_prompt)"
         if not self.is_chat:
@@ -339,6 +357,101 @@ class PromptTemplate:
             final = render(full, add_generation_prompt)
             segments.append(Segment(final[len(done) :], False))
         return merge_segments(segments)
+
+
+# How a rendered chat goes on after the BOS text, so that a consumer that tokenizes it without
+# adding special tokens gets the training ids `[bos] + tokenizer(text)`:
+# - "plain": the text as it is (a tokenizer that treats the text after a special token as the start
+#   of a text: sentencepiece's legacy mode, byte-level BPE);
+# - "space": one space in front unless the text begins with one (transformers' converted LLaMA
+#   tokenizers: their dummy prefix "▁" is added at the very start of a string only, never after a
+#   special token, and not where the text already begins with a space);
+# - "strip": a space the text begins with dropped (llama.cpp's SPM tokenizer adds the dummy prefix
+#   after every special token itself, even where the text begins with a space).
+AFTER_BOS = ("plain", "space", "strip")
+# llama.cpp's SPM tokenizer set against the HF tokenizer of the same vocabulary (docs/export.md)
+LLAMA_CPP_AFTER_BOS = {"plain": "plain", "space": "strip"}
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # how transformers 5 saves a tokenizer's chat template
+
+
+def after_bos_for(tokenizer: Any) -> str:
+    """Which of AFTER_BOS makes `tokenizer(bos_token + text, add_special_tokens=False)` equal the
+    training ids `[bos] + tokenizer(text, add_special_tokens=False)` for texts with and without a
+    leading space; "plain" for a tokenizer without BOS (nothing is joined to it)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    if tokenizer is None or bos is None or tokenizer.bos_token_id is None:
+        return "plain"
+    probes = ("Below", " Below", "\n你好", "  x")
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    joins = {
+        "plain": lambda t: t,
+        "space": lambda t: t if t.startswith(" ") else " " + t,
+    }
+    for name, join in joins.items():
+        if all(ids(bos + join(p)) == [tokenizer.bos_token_id, *ids(p)] for p in probes):
+            return name
+    logger.warning(
+        "the tokenizer (%s) tokenizes text after its BOS token unlike text at the start; chat templates are written "
+        "with BOS followed by the text as it is",
+        type(tokenizer).__name__,
+    )
+    return "plain"
+
+
+def hf_chat_template(template: PromptTemplate, tokenizer: Any = None) -> str:
+    """The Jinja `chat_template` of a model or adapter folder: BOS once, joined as `tokenizer`
+    needs it, for `apply_chat_template(tokenize=True)` and vLLM (which add no special tokens to a
+    rendered chat)."""
+    tokenizer = tokenizer if tokenizer is not None else template.tokenizer
+    return template.jinja(bos=True, after_bos=after_bos_for(tokenizer))
+
+
+def llama_cpp_chat_template(template: PromptTemplate, tokenizer: Any = None) -> str:
+    """The Jinja `chat_template` a GGUF file carries: BOS once, joined as llama.cpp's tokenizer
+    needs it for the ids `tokenizer` (HF, same vocabulary) gives (llama-cpp-python's chat handler
+    and `llama-server --jinja` add no BOS of their own to a rendered chat)."""
+    tokenizer = tokenizer if tokenizer is not None else template.tokenizer
+    return template.jinja(bos=True, after_bos=LLAMA_CPP_AFTER_BOS.get(after_bos_for(tokenizer), "plain"))
+
+
+def save_template_files(folder: str | Path, template: PromptTemplate, tokenizer: Any = None) -> None:
+    """The template beside a model or adapter, for this toolkit (`prompt_template.json`) and for
+    stock tools (`chat_template.jinja`, as transformers 5 saves a chat template: `AutoTokenizer`
+    reads it, and vLLM serving the folder as a LoRA uses it). A `chat_template` that a copied
+    `tokenizer_config.json` carries (the base's own) is removed, not kept beside ours. `auto`
+    writes nothing: the tokenizer's own chat_template is the template."""
+    if template.is_auto:
+        return
+    folder = Path(folder)
+    template.save(folder)
+    config_path = folder / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except ValueError:
+            config = None
+        if isinstance(config, dict) and config.pop("chat_template", None) is not None:
+            atomic_write_text(config_path, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+    (folder / "chat_template.json").unlink(missing_ok=True)
+    atomic_write_text(folder / CHAT_TEMPLATE_FILE, hf_chat_template(template, tokenizer))
+
+
+def carry_template_files(source: str | Path, out: str | Path, tokenizer: Any = None) -> str | None:
+    """The template files of a model folder into a converted copy of it (Meta `.pth` → HF): from
+    `prompt_template.json` both files are written again for `tokenizer` (`save_template_files`); a
+    folder with only a `chat_template.jinja` has it copied. Returns what was carried (for the log)."""
+    source, out = Path(source), Path(out)
+    if (source / TEMPLATE_FILE).is_file():
+        template = load_template(str(source / TEMPLATE_FILE), tokenizer)
+        save_template_files(out, template, tokenizer)
+        return f"{TEMPLATE_FILE} ({template.name}) + {CHAT_TEMPLATE_FILE}"
+    if (source / CHAT_TEMPLATE_FILE).is_file():
+        atomic_write_text(out / CHAT_TEMPLATE_FILE, (source / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8"))
+        return CHAT_TEMPLATE_FILE
+    return None
 
 
 def load_template(name_or_path: str, tokenizer: Any = None) -> PromptTemplate:

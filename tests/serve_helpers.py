@@ -81,6 +81,13 @@ def running_server(*args: str, env: dict[str, str] | None = None, timeout: float
         assert KEY not in text, "the API key was written to the server's log"
 
 
+def api_client(served: tuple[str, subprocess.Popen]):
+    """The official `openai` client for a `running_server` started with KEY."""
+    import openai
+
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process (Linux /proc)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

@@ -119,23 +119,25 @@ def test_cpu_chat_terminal(f16_gguf: Path) -> None:
 
 def test_merged_model_and_gguf_carry_the_template(merged_dir: Path, f16_gguf: Path, hf) -> None:
     """merge_lora.py writes the training template as the merged tokenizer's chat_template, the GGUF
-    converter as tokenizer.chat_template; both render the registry's text byte for byte (with
-    transformers and with llama-cpp-python's Jinja chat handler)."""
+    converter as tokenizer.chat_template; both render the registry's text byte for byte after BOS
+    (with transformers and with llama-cpp-python's Jinja chat handler), BOS joined to it as each
+    tokenizer needs (transformers' converted tokenizer: a space, which it reads as the dummy prefix;
+    llama.cpp adds the dummy prefix after BOS itself)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     _, tokenizer = hf
     template = load_template("alpaca", tokenizer)
     assert (merged_dir / "prompt_template.json").is_file()
-    assert (merged_dir / "chat_template.jinja").read_text(encoding="utf-8") == template.jinja()
+    assert (merged_dir / "chat_template.jinja").read_text(encoding="utf-8") == template.jinja(bos=True, after_bos="space")
     llm = load_gguf(str(f16_gguf), n_ctx=256)
-    assert llm.metadata["tokenizer.chat_template"] == template.jinja()
+    assert llm.metadata["tokenizer.chat_template"] == template.jinja(bos=True, after_bos="strip")
     assert load_template("alpaca").spec == {**__import__("json").loads(llm.metadata["chinese_vicuna.prompt_template"]), "name": "alpaca"}
     formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="</s>", bos_token="<s>")
     for r in RECORDS[:MEMORIZED_COUNT]:
         messages = [{"role": "user", "content": r["instruction"]}]
         want = template.instruction_prompt(r["instruction"])
-        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == want
-        assert formatter(messages=messages).prompt == want
+        assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == "<s> " + want
+        assert formatter(messages=messages).prompt == "<s>" + want
 
 
 @pytest.mark.parametrize("name", [t for t in available_templates() if t != "auto"])
@@ -176,3 +178,124 @@ def test_cpu_chat_keeps_special_token_text_as_text_like_hf(f16_gguf: Path, hf, n
         got = prompt_ids(LlamaCppTokenizer(llm), cpp_template, "写 <s>删除线</s>", "</s>")
         assert want.count(tokenizer.eos_token_id) == 0
     assert got == want
+
+
+def chat_matrix() -> list[list[dict[str, str]]]:
+    """1 and 3 user turns, without / with / with an empty system message, Chinese and English."""
+    turns = [
+        {"role": "user", "content": "中国的首都是哪里？"},
+        {"role": "assistant", "content": "北京。"},
+        {"role": "user", "content": "What about France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "写一首诗。"},
+    ]
+    cases = []
+    for system in (None, "你是一个乐于助人的助手。", ""):
+        head = [] if system is None else [{"role": "system", "content": system}]
+        cases += [head + turns[:1], head + turns]
+    return cases
+
+
+def fed_ids(llm, messages: list[dict[str, str]]) -> list[int]:
+    """The ids `create_chat_completion` fed the model (it evaluates the prompt, then samples the
+    one token asked for without evaluating it)."""
+    llm.reset()
+    llm.create_chat_completion(messages=messages, max_tokens=1, temperature=0.0)
+    return [int(i) for i in llm.input_ids[: llm.n_tokens]]
+
+
+def special_text_breaks(template) -> bool:
+    """Whether the template puts text right after a special token inside a conversation
+    (vicuna_v1.1's `</s>USER:`, llama2's `</s><s>[INST]`): there llama.cpp's tokenizer adds its
+    dummy-prefix space, which HF's converted tokenizer does not (docs/export.md)."""
+    return any("{eos}" in template.spec.get(k, "") or "{bos}" in template.spec.get(k, "") for k in ("assistant_format", "user_format"))
+
+
+@pytest.mark.parametrize("name", [t for t in available_templates() if t != "auto"])
+def test_create_chat_completion_feeds_hf_ids(f16_gguf: Path, hf, name: str) -> None:
+    """Stock llama-cpp-python `create_chat_completion` with the GGUF's Jinja template (built as
+    Llama builds its handler from `tokenizer.chat_template`) feeds the model HF's ids: BOS
+    exactly once, then the text as HF tokenizes it (1 and 3 turns, with and without system)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from chinese_vicuna.prompts import hf_chat_template, llama_cpp_chat_template
+
+    _, tokenizer = hf
+    template = load_template(name, tokenizer)
+    llm = load_gguf(str(f16_gguf), n_ctx=512)
+    formatter = Jinja2ChatFormatter(template=llama_cpp_chat_template(template), eos_token="</s>", bos_token="<s>")
+    llm.chat_handler = formatter.to_chat_handler()
+    checked = 0
+    for messages in chat_matrix():
+        if not template.is_chat and sum(m["role"] == "user" for m in messages) > 1:
+            continue  # an instruction template answers one instruction
+        want = tokenizer.apply_chat_template(
+            messages, chat_template=hf_chat_template(template), add_generation_prompt=True, return_dict=False
+        )
+        got = fed_ids(llm, messages)
+        assert got[0] == tokenizer.bos_token_id != got[1]
+        if len(messages) > 3 and special_text_breaks(template):
+            # llama.cpp's one difference: its tokenizer starts the text after each special token
+            # inside the history with the dummy-prefix "▁" (sentencepiece's legacy behaviour)
+            text = tokenizer.apply_chat_template(messages, chat_template=hf_chat_template(template), add_generation_prompt=True, tokenize=False)
+            assert got != want and got == legacy_ids(tokenizer, text), messages
+        else:
+            assert got == want, messages
+        checked += 1
+    assert checked >= 3
+
+
+def legacy_ids(tokenizer, text: str) -> list[int]:
+    """`text` tokenized piece by piece between special tokens, each piece as the start of a text."""
+    import re
+
+    specials = {tokenizer.bos_token: tokenizer.bos_token_id, tokenizer.eos_token: tokenizer.eos_token_id}
+    ids: list[int] = []
+    for i, piece in enumerate(re.split("(" + "|".join(map(re.escape, specials)) + ")", text)):
+        if i % 2:
+            ids.append(specials[piece])
+        elif piece:
+            ids += tokenizer(piece.removeprefix(" ") if ids else piece, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def test_the_gguf_carries_a_template_that_feeds_hf_ids(tiny_model_dir: Path, two_loras: dict[str, Path], tmp_path: Path) -> None:
+    """End to end with no project code at inference: merge a vicuna_v1.1 LoRA, convert to GGUF,
+    `Llama(gguf).create_chat_completion` (the embedded template, llama-cpp-python's default
+    handler) feeds HF's ids and answers the memorized question."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    import merge_lora
+    from serve_helpers import ANSWERS_B, INSTRUCTIONS
+
+    merged = tmp_path / "merged"
+    merge_lora.main(["--base_model", str(tiny_model_dir), "--lora_weights", str(two_loras["b"]), "--output_dir", str(merged)])
+    gguf = convert(merged, tmp_path / "b.gguf", "f16")
+    tokenizer = AutoTokenizer.from_pretrained(str(merged))
+    llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    assert llm.chat_format == "chat_template.default"
+    for messages in chat_matrix()[:1] + chat_matrix()[2:3]:
+        want = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        assert fed_ids(llm, messages) == want, messages
+    reply = llm.create_chat_completion(messages=[{"role": "user", "content": INSTRUCTIONS[0]}], max_tokens=96, temperature=0.0)
+    assert reply["choices"][0]["message"]["content"].strip() == ANSWERS_B[0].strip()
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1.1", "llama2", "alpaca"])
+def test_serve_llamacpp_chat_format_feeds_hf_ids_in_history_too(f16_gguf: Path, hf, name: str) -> None:
+    """`serve.py --engine llamacpp`'s chat format (chinese_vicuna/serving/llamacpp_server.py): the
+    rendered chat tokenized as HF does, so even a history with special tokens gets HF's ids."""
+    from chinese_vicuna.prompts import hf_chat_template
+    from chinese_vicuna.serving.llamacpp_server import register_template_format
+
+    _, tokenizer = hf
+    template = load_template(name, tokenizer)
+    llm = load_gguf(str(f16_gguf), n_ctx=512)
+    llm.chat_handler = None
+    llm.chat_format = register_template_format(name)
+    for messages in chat_matrix():
+        if not template.is_chat and sum(m["role"] == "user" for m in messages) > 1:
+            continue
+        want = tokenizer.apply_chat_template(messages, chat_template=hf_chat_template(template), add_generation_prompt=True, return_dict=False)
+        assert fed_ids(llm, messages) == want, messages

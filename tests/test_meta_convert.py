@@ -123,3 +123,34 @@ def test_missing_files_are_clear_errors(tmp_path: Path) -> None:
 
     with pytest.raises(UserError, match=r"no consolidated\.NN\.pth|no params\.json"):
         convert_meta(ConvertMetaArguments(input_dir=str(tmp_path), output_dir=str(tmp_path / "out")))
+
+
+def test_round_trip_keeps_the_template(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """merge_lora.py --output_type pth writes the template files beside the .pth; converting back
+    carries them, so the HF folder asks the model exactly as the one merged directly (same ids
+    from stock `apply_chat_template`)."""
+    from convert_meta_to_hf import main as convert_main
+    from transformers import AutoTokenizer
+
+    import merge_lora
+
+    lora = tmp_path / "lora"
+    make_lora(tiny_model_dir, lora, safe=True)
+    hf, pth, back = tmp_path / "hf", tmp_path / "pth", tmp_path / "back"
+    common = ["--base_model", str(tiny_model_dir), "--lora_weights", str(lora), "--prompt_template", "chinese-vicuna-chat"]
+    merge_lora.main([*common, "--output_dir", str(hf)])
+    merge_lora.main([*common, "--output_dir", str(pth), "--output_type", "pth"])
+    assert (pth / "prompt_template.json").is_file() and (pth / "chat_template.jinja").is_file()
+    convert_main(["--input_dir", str(pth), "--output_dir", str(back)])
+    for name in ("prompt_template.json", "chat_template.jinja"):
+        assert (back / name).read_bytes() == (hf / name).read_bytes(), name
+    chat = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "Hi"}]
+    want = AutoTokenizer.from_pretrained(str(hf)).apply_chat_template(chat, add_generation_prompt=True, return_dict=False)
+    assert AutoTokenizer.from_pretrained(str(back)).apply_chat_template(chat, add_generation_prompt=True, return_dict=False) == want
+
+    # a Meta folder with only a Jinja template (from another tool): copied as it is
+    (pth / "prompt_template.json").unlink()
+    (pth / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}", encoding="utf-8")
+    convert_main(["--input_dir", str(pth), "--output_dir", str(tmp_path / "back2")])
+    assert not (tmp_path / "back2" / "prompt_template.json").exists()
+    assert (tmp_path / "back2" / "chat_template.jinja").read_bytes() == (pth / "chat_template.jinja").read_bytes()

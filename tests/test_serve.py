@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve_helpers import ANSWERS_A, ANSWERS_B, INSTRUCTIONS, KEY, rss_mib, running_server
+from serve_helpers import ANSWERS_A, ANSWERS_B, INSTRUCTIONS, KEY, api_client, rss_mib, running_server
 
 openai = pytest.importorskip("openai")
 
@@ -23,14 +23,14 @@ def server(tiny_model_dir: Path, two_loras: dict[str, Path]):
     args = ["--base_model", str(tiny_model_dir), "--served_model_name", BASE, "--lora_modules"]
     args += [f"{name}={path}" for name, path in two_loras.items()]
     args += ["--max_loras", "2", "--max_batch_size", "16", "--max_queue", "64", "--max_prompt_tokens", "200", "--max_tokens_limit", "300"]
-    with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as (url, proc):
-        yield url, proc
+    args += ["--enable_lora_loading", "true", "--lora_root", str(two_loras["a"].parent)]
+    with running_server(*args, env={"CHINESE_VICUNA_API_KEY": KEY}) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    url, _ = server
-    return openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+    return api_client(server)
 
 
 def ask(client, model: str, question: str, **kw) -> str:
@@ -146,8 +146,8 @@ def test_limits_are_400_or_404_with_openai_errors(client) -> None:
         ask(client, "a", "长" * 400)
     with pytest.raises(openai.BadRequestError, match="max_tokens_limit"):
         ask(client, "a", INSTRUCTIONS[0], max_tokens=301)
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        ask(client, "a", INSTRUCTIONS[0], n=2)
+    with pytest.raises(openai.BadRequestError, match="at most 16 choices"):
+        ask(client, "a", INSTRUCTIONS[0], n=17)
     with pytest.raises(openai.NotFoundError):
         ask(client, "no-such-lora", INSTRUCTIONS[0])
 

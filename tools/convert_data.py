@@ -22,7 +22,7 @@ from chinese_vicuna.outputlock import hold_output_folder
 
 @dataclass
 class ConvertArguments:
-    input: str = field(metadata={"help": "A .json (list) or .jsonl data file in any supported format (detected per record)."})
+    input: str = field(metadata={"help": "Data in any supported format (per record): .json/.jsonl/.parquet/.csv/.arrow, or a hub dataset."})
     output: str = field(metadata={"help": "Output file: .jsonl (JSON lines) or .json (a list)."})
     to: str = field(metadata={"help": "alpaca, sharegpt or openai."})
     html_to_markdown: bool = field(default=False, metadata={"help": "Turn HTML messages (ShareGPT) into markdown."})

@@ -9,7 +9,8 @@ convert_llama_weights_to_hf). 1 to 8 shards, params.json with or without n_kv_he
 ffn_dim_multiplier; shards are memory-mapped, so a tensor is read from every shard only when
 its merged copy is written. When the folder has a checklist.chk (Meta's md5 list) or
 --checksums names a list (md5 or SHA-256, `HEX  FILE` per line), every file listed is checked
-before anything is converted. The output is written in a staging folder and moved into place
+before anything is converted. The template files beside the `.pth` (`prompt_template.json`,
+`chat_template.jinja`, as merge_lora.py --output_type pth writes them) go with it. The output is written in a staging folder and moved into place
 when complete, with a manifest.json of SHA-256 sums.
 """
 
@@ -28,6 +29,7 @@ from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.export.meta import hf_config_from_params, iter_meta_as_hf, load_meta
 from chinese_vicuna.export.tensors import DTYPE_NAMES, ShardWriter, StagingDir, parse_size, write_manifest
 from chinese_vicuna.files import write_json
+from chinese_vicuna.prompts import carry_template_files
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +119,9 @@ def convert_meta(args: ConvertMetaArguments) -> Path:
                 f"{tokenizer_model}: {len(tokenizer)} tokens but the checkpoint has {rows} embedding rows: another model's tokenizer"
             )
         tokenizer.save_pretrained(str(stage.path))
+        carried = carry_template_files(input_dir, stage.path, tokenizer)  # what merge_lora.py --output_type pth wrote there
+        if carried:
+            logger.info("template carried over: %s", carried)
         write_manifest(stage.path, {"converted_from": str(input_dir), "shards_in": len(shards), "files_out": [f.name for f in files]})
     logger.info("wrote %s (%d safetensors file(s), %s)", args.output_dir, len(files), DTYPE_NAMES[dtype])
     return Path(args.output_dir)

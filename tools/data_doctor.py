@@ -24,7 +24,7 @@ from chinese_vicuna.prompts import load_template
 
 @dataclass
 class DoctorArguments:
-    data_path: str = field(metadata={"help": "Alpaca or chat data: a .json/.jsonl file or a folder of them."})
+    data_path: str = field(metadata={"help": "Alpaca or chat data: .json/.jsonl/.parquet/.csv/.arrow, a folder, a hub dataset (docs/data.md)."})
     base_model: str = field(metadata={"help": "Model folder (or tokenizer folder) whose tokenizer training will use."})
     cutoff_len: int = field(metadata={"help": "The --cutoff_len you will train with."})
     output_dir: str = field(metadata={"help": "Where report.json, report.md and length_histogram.png go."})

@@ -1,5 +1,11 @@
 """Reading data files: alpaca records, folders of data files, plain text lines; every problem
 is a UserError naming the file and the line or record.
+
+Records come from `.json` / `.jsonl` files and from the formats datasets are published in on the
+Hugging Face hub: `.parquet` (read a record batch at a time), `.csv`, `.arrow` (memory-mapped),
+a `datasets.save_to_disk` folder, a local clone of a hub dataset repository (its `train` split, as
+`datasets` finds it: `data/train-*.parquet`, a README's `configs`...), and a hub id `user/name`
+(read through `datasets.load_dataset`, so it is cached and works offline from the cache).
 """
 
 from __future__ import annotations
@@ -104,15 +110,24 @@ def read_records(path: str | os.PathLike) -> list[Record]:
 
 
 def iter_records(path: str | os.PathLike) -> Iterator[Record]:
-    """`read_records`, one record at a time: a `.jsonl` file line by line, a `.json` list element by
-    element (`_iter_json_list`), so a file's size does not bound memory."""
+    """`read_records`, one record at a time: a `.jsonl` or `.csv` file is read line by line, a
+    `.parquet` file a record batch at a time, an `.arrow` file memory-mapped and a `.json` list
+    element by element (`_iter_json_list`), so their size does not bound memory. A folder or a hub
+    id is every record of its data files (`data_files`)."""
     path = Path(path)
+    if path.suffix not in DATA_SUFFIXES and not path.is_file():
+        for file in data_files(path):
+            yield from iter_records(file)
+        return
     check_readable(path, "data file")
     if path.suffix == ".jsonl":
         yield from _iter_jsonl(path)
         return
+    if path.suffix in TABLE_READERS:
+        yield from _count_rows(path, TABLE_READERS[path.suffix](path))
+        return
     if path.suffix != ".json":
-        raise UserError(f"{path}: unknown data file type {path.suffix!r}; use .json (a list of records) or .jsonl")
+        raise UserError(f"{path}: unknown data file type {path.suffix!r}; use {', '.join(DATA_SUFFIXES)}")
     yield from _iter_json_list(path)
 
 
@@ -255,6 +270,83 @@ def _iter_jsonl(path: Path) -> Iterator[Record]:
         raise UserError(f"{path}: the file is empty; it needs at least one record")
 
 
+# A record batch of a Parquet or Arrow file: rows converted to Python a batch at a time.
+TABLE_BATCH_ROWS = 1024
+
+
+def _count_rows(path: Path, records: Iterator[Record]) -> Iterator[Record]:
+    count = 0
+    for record in records:
+        count += 1
+        yield record
+    if not count:
+        raise UserError(f"{path}: the file has no rows; it needs at least one record")
+
+
+def _table_rows(path: Path, batches: Iterable[Any]) -> Iterator[Record]:
+    """Rows of Arrow record batches as dicts (a null as None, as in JSON), numbered from 1."""
+    row = 0
+    for batch in batches:
+        for value in batch.to_pylist():
+            row += 1
+            yield Record(value, f"{path} row {row}")
+
+
+def _iter_parquet(path: Path) -> Iterator[Record]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        # buffered reads, no pre-buffering of whole column chunks: memory is a record batch
+        parquet = pq.ParquetFile(str(path), buffer_size=1 << 20, pre_buffer=False)
+        yield from _table_rows(path, parquet.iter_batches(batch_size=TABLE_BATCH_ROWS))
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: cannot read it as Parquet ({str(exc).splitlines()[0]}); check the file") from None
+
+
+def _iter_arrow(path: Path) -> Iterator[Record]:
+    """An Arrow IPC stream (what `datasets` writes) or file (Feather v2), memory-mapped."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as source:
+            try:
+                reader = pa.ipc.open_stream(source)
+                batches: Iterable[Any] = reader
+            except pa.ArrowInvalid:
+                source.seek(0)
+                file_reader = pa.ipc.open_file(source)
+                batches = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+            yield from _table_rows(path, batches)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{path}: cannot read it as Arrow ({str(exc).splitlines()[0]}); check the file") from None
+
+
+def _iter_csv(path: Path) -> Iterator[Record]:
+    """Rows of a CSV file with a header line, every value a string (as typed: "42" stays text)."""
+    import csv
+
+    csv.field_size_limit(1 << 30)  # a long answer in one cell
+    with _reading(path), path.open("r", encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        try:
+            for row in reader:
+                extra = row.pop(None, None)  # type: ignore[call-overload]
+                if extra:
+                    raise UserError(f"{path}:{reader.line_num}: {len(extra)} more values than the header has columns; quote the cells")
+                yield Record(row, f"{path}:{reader.line_num}")
+        except UnicodeDecodeError as exc:
+            raise UserError(
+                f"{path}: bytes that are not UTF-8 (after line {reader.line_num}, {exc.reason}); save the file as UTF-8"
+            ) from None
+        except csv.Error as exc:
+            raise UserError(f"{path}:{reader.line_num}: not valid CSV ({exc}); check the quoting") from None
+
+
+TABLE_READERS = {".parquet": _iter_parquet, ".arrow": _iter_arrow, ".csv": _iter_csv}
+DATA_SUFFIXES = (".json", ".jsonl", *TABLE_READERS)
+
+
 def validate_instruction(record: Record, require_output: bool = True) -> dict[str, str]:
     """An alpaca record: `instruction` and `output` strings, optional `input` string.
 
@@ -285,12 +377,21 @@ def validate_instruction(record: Record, require_output: bool = True) -> dict[st
     return {"instruction": rec["instruction"], "input": rec.get("input") or "", "output": rec.get("output") or ""}
 
 
-def data_files(data_path: str | os.PathLike, suffixes: tuple[str, ...] = (".json", ".jsonl"), flag: str = "--data_path") -> list[Path]:
+def data_files(data_path: str | os.PathLike, suffixes: tuple[str, ...] = DATA_SUFFIXES, flag: str = "--data_path") -> list[Path]:
     """A data file, or every file with one of `suffixes` in a folder (sorted). In a folder, hidden
     files are skipped, other files are skipped and counted in the log, and an entry named like a
-    data file that is not a readable file (a folder, a dangling or looping symlink) is a UserError."""
+    data file that is not a readable file (a folder, a dangling or looping symlink) is a UserError.
+
+    Where `suffixes` are those of records (the default), also the hub's layouts: a
+    `datasets.save_to_disk` folder (its Arrow files), a local clone of a hub dataset repository
+    (its `train` split), and a hub id `user/name` that is not a local path (`hub_data_files`)."""
     path = Path(data_path)
     kinds = " or ".join(suffixes)
+    records = set(suffixes) == set(DATA_SUFFIXES)
+    if path.is_dir() and records:
+        hub = hub_layout_files(path, flag)
+        if hub is not None:
+            return hub
     if path.is_dir():
         files, hidden, other = [], [], []
         for p in sorted(path.iterdir()):
@@ -302,16 +403,100 @@ def data_files(data_path: str | os.PathLike, suffixes: tuple[str, ...] = (".json
             else:
                 other.append(p.name)
         if hidden or other:
+            found = " or ".join(k for k in suffixes if any(f.suffix == k for f in files)) or kinds
             logger.info(
                 "%s %s: %d %s files read; skipped %d hidden and %d other entries%s",
-                flag, path, len(files), kinds, len(hidden), len(other), f" ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''})" if other else "",
+                flag, path, len(files), found, len(hidden), len(other), f" ({', '.join(other[:5])}{', ...' if len(other) > 5 else ''})" if other else "",
             )  # fmt: skip
         if not files:
             raise UserError(f"{flag} {path}: the folder has no {kinds} files")
         return files
     if not path.exists() and not path.is_symlink():
+        if records and HUB_ID.fullmatch(str(data_path)) and path.suffix not in DATA_SUFFIXES:
+            return hub_data_files(str(data_path), flag)
         raise UserError(f"{flag} {path}: {'file' if path.suffix else 'folder'} not found")
     return [path]
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+SPLIT = "train"
+
+
+def hub_layout_files(folder: Path, flag: str) -> list[Path] | None:
+    """The files of a folder in one of the hub's layouts, or None for a plain folder of data files:
+    a `save_to_disk` Dataset (`state.json`: its Arrow files in order) or DatasetDict
+    (`dataset_dict.json`: the `train` split's folder); a hub dataset repository (a `.gitattributes`
+    or README with YAML front matter, or data only in subfolders such as `data/`): the `train`
+    split's files as `datasets` resolves them (`data/train-*.parquet`, `train/`, README `configs`)."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = _json_file(folder / "dataset_dict.json").get("splits") or []
+        if SPLIT not in splits:
+            raise UserError(f"{flag} {folder}: a saved DatasetDict without a {SPLIT!r} split (it has {', '.join(map(str, splits))})")
+        return hub_layout_files(folder / SPLIT, flag)
+    if (folder / "state.json").is_file():
+        names = [entry.get("filename") for entry in _json_file(folder / "state.json").get("_data_files") or []]
+        if not names or not all(isinstance(n, str) for n in names):
+            raise UserError(f"{folder}/state.json: no data files listed; not a complete datasets.save_to_disk folder")
+        files = [folder / n for n in names]
+        for f in files:
+            check_readable(f, "data file")
+        return files
+    readme = folder / "README.md"
+    is_repo = (folder / ".gitattributes").is_file() or (readme.is_file() and readme.read_bytes()[:4] in (b"---\n", b"---\r"))
+    has_data_here = any(p.suffix in DATA_SUFFIXES and not p.name.startswith(".") for p in folder.iterdir())
+    if not is_repo and has_data_here:
+        return None
+    if not is_repo and not any(p.is_dir() and not p.name.startswith(".") for p in folder.iterdir()):
+        return None
+    return _split_files(str(folder), flag)
+
+
+def hub_data_files(hub_id: str, flag: str) -> list[Path]:
+    """The cached Arrow files of a hub dataset's `train` split: `datasets.load_dataset` downloads
+    and converts it once, into its cache (HF_DATASETS_CACHE), and reads it from there offline."""
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(hub_id, split=SPLIT)
+    except Exception as exc:  # offline, an unknown id, no train split: one message for all
+        raise UserError(
+            f"{flag} {hub_id}: not a local file or folder, and not loadable as a hub dataset ({str(exc).splitlines()[0]}); "
+            "offline, a hub dataset must be in the datasets cache from an earlier run with network"
+        ) from None
+    files = [Path(f["filename"]) for f in dataset.cache_files]
+    if not files:
+        raise UserError(
+            f"{flag} {hub_id}: the dataset is held in memory, not in cache files; save it with save_to_disk and pass that folder"
+        )
+    logger.info("%s %s: the %r split from the datasets cache (%d Arrow files, %d rows)", flag, hub_id, SPLIT, len(files), len(dataset))
+    return files
+
+
+def _split_files(folder: str, flag: str) -> list[Path]:
+    """The `train` split's data files of a local hub dataset repository, as `datasets` resolves them."""
+    try:
+        import datasets
+
+        builder = datasets.load_dataset_builder(folder)
+        splits = builder.config.data_files or {}
+    except Exception as exc:  # datasets raises many kinds for a layout it cannot read
+        raise UserError(f"{flag} {folder}: a dataset repository datasets cannot read ({str(exc).splitlines()[0]})") from None
+    if SPLIT not in splits:
+        raise UserError(f"{flag} {folder}: no {SPLIT!r} split (it has {', '.join(map(str, splits)) or 'none'}); give the data file itself")
+    files = [Path(f) for f in splits[SPLIT]]
+    unknown = [f for f in files if f.suffix not in DATA_SUFFIXES]
+    if unknown:
+        raise UserError(f"{unknown[0]}: unknown data file type {unknown[0].suffix!r}; use {', '.join(DATA_SUFFIXES)}")
+    logger.info("%s %s: the %r split, %d files (%s)", flag, folder, SPLIT, len(files), ", ".join(f.name for f in files[:3]))
+    return files
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    with _reading(path):
+        value = parse_json(path.read_text(encoding="utf-8"), path)
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object")
+    return value
 
 
 def read_text_lines(files: Iterable[str | os.PathLike]) -> list[str]:

@@ -21,7 +21,7 @@ from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.names import gguf_name, unpermute_qk
 from chinese_vicuna.export.tensors import TensorIndex
 from chinese_vicuna.files import make_readable, read_json
-from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, TEMPLATE_FILE
+from chinese_vicuna.prompts import GGUF_TEMPLATE_KEY, TEMPLATE_FILE, llama_cpp_chat_template, load_template
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,19 @@ def special_ids(model_dir: Path) -> dict[str, Any]:
     }
 
 
+def gguf_chat_template(model_dir: Path) -> str | None:
+    """The chat template the GGUF file carries: from the model's `prompt_template.json`, with BOS
+    in the text as llama.cpp needs it (llama-cpp-python's chat handler and `llama-server --jinja`
+    tokenize the rendered chat adding no BOS of their own, and llama.cpp's tokenizer puts the
+    dummy-prefix space after BOS itself); else the folder's own Jinja template as it is."""
+    if (model_dir / TEMPLATE_FILE).is_file():
+        from chinese_vicuna.model.loading import load_tokenizer
+
+        tokenizer = load_tokenizer(str(model_dir))
+        return llama_cpp_chat_template(load_template(str(model_dir / TEMPLATE_FILE), tokenizer))
+    return model_chat_template(model_dir)
+
+
 def model_chat_template(model_dir: Path) -> str | None:
     """The model folder's Jinja chat template (chat_template.jinja, else tokenizer_config.json)."""
     if (model_dir / "chat_template.jinja").is_file():
@@ -148,7 +161,7 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
         writer.add_pad_token_id(int(ids["pad"]))
     writer.add_add_bos_token(ids["add_bos"])
     writer.add_add_eos_token(ids["add_eos"])
-    chat_template = model_chat_template(model_dir)
+    chat_template = gguf_chat_template(model_dir)
     if chat_template:
         writer.add_chat_template(chat_template)  # tokenizer.chat_template: llama.cpp, Ollama, LM Studio
     if (model_dir / TEMPLATE_FILE).is_file():
@@ -183,7 +196,9 @@ def quantize(infile: Path, outfile: Path, outtype: str, threads: int | None = No
     try:
         import llama_cpp
     except ImportError:
-        raise UserError(f"--outtype {outtype} needs llama-cpp-python: pip install -r requirements-llamacpp.txt (it compiles llama.cpp)") from None
+        raise UserError(
+            f"--outtype {outtype} needs llama-cpp-python: pip install -r requirements-llamacpp.txt (it compiles llama.cpp)"
+        ) from None
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = OUTTYPES[outtype]
     params.nthread = threads or os.cpu_count() or 1

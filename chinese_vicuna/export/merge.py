@@ -4,7 +4,6 @@ verification, and a low-memory merge that streams one tensor at a time.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,9 +17,10 @@ import torch
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.tensors import DTYPE_NAMES, TOKENIZER_FILES, ShardWriter, TensorIndex, sha256_file
-from chinese_vicuna.files import atomic_write_text, read_json
+from chinese_vicuna.files import read_json
 from chinese_vicuna.model.adapters import AdapterInfo, _lora_module_checks, inner_name, load_adapter_tensors, read_adapter
 from chinese_vicuna.model.loading import has_tokenizer, tokenizer_length, unused_vocab_rows
+from chinese_vicuna.prompts import save_template_files
 
 logger = logging.getLogger(__name__)
 
@@ -163,17 +163,10 @@ def copy_tokenizer(plan: MergePlan, out: Path) -> None:
 
 def write_template(out: Path, template: Any) -> None:
     """The training template travels with the merged model (pitfall 17): `prompt_template.json`
-    for this toolkit, and the same template as a Jinja `chat_template.jinja` (how transformers 5
-    saves a chat template) for apply_chat_template, vLLM, TGI and the GGUF converter. A
-    `chat_template` copied from the base's tokenizer_config.json is replaced, not kept beside it."""
-    template.save(out)
-    config_path = out / "tokenizer_config.json"
-    if config_path.is_file():
-        config = read_json(config_path)
-        if config.pop("chat_template", None) is not None:
-            atomic_write_text(config_path, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
-    (out / "chat_template.json").unlink(missing_ok=True)
-    atomic_write_text(out / "chat_template.jinja", template.jinja())
+    for this toolkit, and the same template as a Jinja `chat_template.jinja` (BOS once, joined as
+    the tokenizer needs it) for apply_chat_template, vLLM, TGI and the GGUF converter
+    (`prompts.save_template_files`, the one writer, as for adapter folders)."""
+    save_template_files(out, template)
 
 
 def sentencepiece_matches(sp_model: Path, tokenizer_dir: Path) -> bool:

@@ -20,7 +20,14 @@ from typing import Any
 
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.engine import INSTRUCTION, adapter_template, model_template
-from chinese_vicuna.model.adapters import adapter_vocab_rows, check_adapter_fits, check_adapter_matches_base
+from chinese_vicuna.model.adapters import (
+    adapter_files,
+    adapter_vocab_rows,
+    check_adapter_fits,
+    check_adapter_matches_base,
+    load_adapter_tensors,
+    read_adapter_config,
+)
 from chinese_vicuna.prompts import PromptTemplate
 
 logger = logging.getLogger(__name__)
@@ -53,6 +60,65 @@ def check_adapter_dir(name: str, path: str) -> None:
         )
 
 
+def validate_adapter(name: str, path: str, base: Any, tokenizer: Any) -> None:
+    """Everything loading `path` into `base` will need, checked before the name is served: the
+    config parses as a PEFT config, the weights file reads whole with finite values, and every
+    LoRA matrix fits the base layer it adapts. A UserError naming the LoRA and what is wrong."""
+    import torch
+    from peft import PeftConfig
+
+    if not (Path(path) / "adapter_config.json").is_file():
+        raise UserError(f"LoRA {name!r}: {path} has no adapter_config.json; give a PEFT adapter folder (output_dir or checkpoint-N)")
+    try:
+        cfg_file, weights = adapter_files(path)
+        config = PeftConfig.from_peft_type(**read_adapter_config(cfg_file))
+    except UserError as exc:
+        raise UserError(f"LoRA {name!r}: {exc}") from None
+    except Exception as exc:  # a config PEFT cannot take: wrong types, unknown peft_type
+        raise UserError(f"LoRA {name!r}: {path}/adapter_config.json is not a valid PEFT adapter config ({_first_line(exc)})") from None
+    if weights is None:
+        raise UserError(f"LoRA {name!r}: {path} has no adapter_model.safetensors or adapter_model.bin; the folder is incomplete")
+    try:
+        tensors = load_adapter_tensors(weights)
+    except UserError as exc:
+        raise UserError(f"LoRA {name!r}: {exc}") from None
+    except Exception as exc:
+        raise UserError(f"LoRA {name!r}: {weights} cannot be read ({_first_line(exc)}); save or copy the adapter again") from None
+    layers = {n.split("base_model.model.")[-1]: m for n, m in base.named_modules()}
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"LoRA {name!r}: {weights}: {key} holds NaN or infinite values; the adapter is damaged")
+        inner = key.split("base_model.model.", 1)[-1]
+        for part, dim in ((".lora_A.", 1), (".lora_B.", 0)):
+            if part not in inner:
+                continue
+            module = inner.split(part)[0]
+            layer = layers.get(module)
+            layer = getattr(layer, "base_layer", layer)
+            if layer is None or not hasattr(layer, "weight"):
+                raise UserError(
+                    f"LoRA {name!r}: {weights} adapts {module}, which the base model does not have: it was made for another base"
+                )
+            wanted = layer.in_features if dim == 1 else layer.out_features
+            if tensor.dim() != 2 or tensor.shape[dim] != wanted:
+                raise UserError(
+                    f"LoRA {name!r}: {weights}: {key} has shape {tuple(tensor.shape)} but the base layer {module} needs "
+                    f"{'inputs' if dim == 1 else 'outputs'} of size {wanted}: it was made for another base"
+                )
+    if getattr(config, "r", None) is not None and not isinstance(config.r, int):
+        raise UserError(f"LoRA {name!r}: {cfg_file}: r must be an integer")
+    check_adapter_dir(name, path)
+    try:
+        check_adapter_fits(base, path)
+        check_adapter_matches_base(path, base, tokenizer)
+    except UserError as exc:
+        raise UserError(f"LoRA {name!r}: {exc}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+
+
 class AdapterRegistry:
     """Served names → adapter folders and templates; at most `max_loras` loaded (LRU)."""
 
@@ -78,10 +144,11 @@ class AdapterRegistry:
 
     # --- names (any thread) ------------------------------------------------------------------
     def register(self, name: str, path: str) -> None:
-        """Make `name` servable; its weights load on first use. Checks the folder and template now."""
+        """Make `name` servable; its weights load on first use. The adapter is validated now
+        (`validate_adapter`): a bad one never reaches the engine."""
         if name == BASE:
             raise UserError(f"{BASE!r} is reserved")
-        check_adapter_dir(name, path)
+        validate_adapter(name, path, self.base, self.tokenizer)
         template = adapter_template(path, self.base_template, self.tokenizer)
         with self._lock:
             if name in self._paths and self._paths[name] != path:
@@ -158,8 +225,9 @@ class AdapterRegistry:
                 self.model = PeftModel.from_pretrained(self.base, path, adapter_name=peft_name)
             else:
                 self.model.load_adapter(path, adapter_name=peft_name)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise UserError(f"LoRA {name!r}: cannot load {path} ({str(exc).splitlines()[0]})") from None
+        except (OSError, ValueError, RuntimeError):
+            logger.exception("LoRA %s: loading %s failed", name, path)
+            raise UserError(f"LoRA {name!r}: cannot load it (the server log has the details)") from None
         self.model.eval()
         with self._lock:
             self._loaded[name] = path

@@ -48,7 +48,14 @@ class QueueFull(Exception):
 @dataclass
 class SamplingParams:
     """How one request decodes. `temperature` 0 is greedy; `seed` makes sampling repeatable
-    whatever else is in the batch (each request samples from its own generator)."""
+    whatever else is in the batch (each request samples from its own generator).
+
+    `logit_bias` ({token id: bias}) and the OpenAI penalties (`frequency_penalty` × times a token
+    was generated + `presence_penalty` if it was) change the scores before greedy or sampling;
+    `logprobs` reports each generated token's log-probability (of the model's own distribution,
+    before bias, penalties and temperature) with the `top_logprobs` best; `prompt_logprobs`
+    (a count of alternatives, None = off) does the same for every prompt token. `max_tokens` 0
+    runs the prompt only (`echo` of prompt log-probabilities)."""
 
     max_tokens: int = 256
     temperature: float = 1.0
@@ -56,6 +63,26 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     strip: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    prompt_logprobs: int | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Greedy on the raw scores: the batch's argmax gives the token."""
+        return self.temperature <= 0 and not self.logit_bias and not self.frequency_penalty and not self.presence_penalty
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability and the `top` best alternatives as (id, log-probability)."""
+
+    token: int
+    logprob: float | None  # None: the first prompt token (nothing before it)
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -68,6 +95,8 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     client_error: bool = False  # the request was at fault (e.g. its LoRA cannot load): a 400
+    logprobs: list[TokenLogprob] | None = None  # the generated tokens whose text this event shows
+    prompt_logprobs: list[TokenLogprob] | None = None  # on a request's first event, when asked
 
 
 _ids = itertools.count(1)
@@ -102,6 +131,9 @@ class _Slot:
         self.next_token = -1  # sampled, not yet fed to the model
         self.generated = 0  # tokens produced (EOS included)
         self.done = False
+        self.counts: collections.Counter[int] = collections.Counter()  # generated tokens, for the penalties
+        self.pending_logprobs: list[TokenLogprob] = []  # tokens whose text is not shown yet
+        self.prompt_logprobs: list[TokenLogprob] | None = None  # sent with the first event
         self.generator: torch.Generator | None = None
         if request.params.temperature > 0:
             self.generator = torch.Generator()
@@ -111,25 +143,77 @@ class _Slot:
                 self.generator.manual_seed(int(request.params.seed))
 
 
-def pick_tokens(logits: torch.Tensor, slots: list[_Slot]) -> list[int]:
-    """One token per row: argmax for greedy rows, temperature + top-p sampling for the others."""
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for row, slot in enumerate(slots):
-        p = slot.params
-        if p.temperature <= 0:
-            tokens.append(int(greedy[row]))
-            continue
-        scores = logits[row].float() / p.temperature
-        probs = torch.softmax(scores, dim=-1)
+def top_of(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    if k <= 0:
+        return []
+    values, ids = logprobs.topk(k)
+    return list(zip(ids.tolist(), values.tolist()))
+
+
+def pick_token(logits: torch.Tensor, slot: _Slot) -> tuple[int, TokenLogprob | None]:
+    """One row's token (greedy or temperature + top-p sampling, after bias and penalties) and,
+    when asked, its log-probability."""
+    p = slot.params
+    scores = logits.float()
+    logprobs = torch.log_softmax(scores, dim=-1) if p.logprobs else None
+    if p.logit_bias or p.frequency_penalty or p.presence_penalty:
+        scores = scores.clone()
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=scores.device)
+        scores[ids] += torch.tensor(list(p.logit_bias.values()), dtype=scores.dtype, device=scores.device)
+    if slot.counts and (p.frequency_penalty or p.presence_penalty):
+        ids = torch.tensor(list(slot.counts), dtype=torch.long, device=scores.device)
+        counts = torch.tensor(list(slot.counts.values()), dtype=scores.dtype, device=scores.device)
+        scores[ids] -= counts * p.frequency_penalty + p.presence_penalty
+    if p.temperature <= 0:
+        token = int(scores.argmax())
+    else:
+        probs = torch.softmax(scores / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             cumulative = sorted_probs.cumsum(-1)
             drop = cumulative - sorted_probs >= p.top_p  # keep the smallest set reaching top_p
             sorted_probs[drop] = 0.0
             probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        tokens.append(int(torch.multinomial(probs, 1, generator=slot.generator).item()))
-    return tokens
+        token = int(torch.multinomial(probs, 1, generator=slot.generator).item())
+    if logprobs is None:
+        return token, None
+    return token, TokenLogprob(token, float(logprobs[token]), top_of(logprobs, p.top_logprobs))
+
+
+def pick_tokens(logits: torch.Tensor, slots: list[_Slot]) -> list[tuple[int, TokenLogprob | None] | None]:
+    """One token per row: the batch's argmax for plain greedy rows, `pick_token` for the others.
+    A row that fails (its own numbers) is None and is logged: the other rows are unaffected."""
+    greedy = logits.argmax(dim=-1).tolist()
+    picked: list[tuple[int, TokenLogprob | None] | None] = []
+    for row, slot in enumerate(slots):
+        if slot.params.plain and not slot.params.logprobs:
+            picked.append((int(greedy[row]), None))
+            continue
+        try:
+            picked.append(pick_token(logits[row], slot))
+        except Exception:
+            logger.exception("request %d: picking a token failed", slot.request.id)
+            picked.append(None)
+    return picked
+
+
+def prompt_token_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the tokens before it (`logits`: the prompt's
+    rows, one per token); the first has none."""
+    entries = [TokenLogprob(ids[0], None, [])]
+    if len(ids) > 1:
+        logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+        targets = torch.tensor(ids[1:], dtype=torch.long, device=logprobs.device)
+        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+        tops = logprobs.topk(k, dim=-1) if k > 0 else None
+        for i, token in enumerate(ids[1:]):
+            top = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if tops is not None else []
+            entries.append(TokenLogprob(token, chosen[i], top))
+    return entries
+
+
+GENERATION_FAILED = "generation failed for this request (the server log has the details)"
 
 
 # Padded prompt tokens per prefill pass: enough for the matmuls to run near their best, few
@@ -175,6 +259,7 @@ class BatchEngine:
         self._inflight = 0  # taken from the queue and not finished (in prefill or active)
         self.steps = 0
         self.finished = 0
+        self.cancelled = 0  # requests whose client left, queued or running
         self._thread = threading.Thread(target=self._loop, name="batch-engine", daemon=True)
         self._thread.start()
 
@@ -198,15 +283,22 @@ class BatchEngine:
                 "waiting": len(self._waiting),
                 "steps": self.steps,
                 "finished": self.finished,
+                "cancelled": self.cancelled,
                 "cache_tokens": 0 if self._mask is None else int(self._mask.shape[1]),
                 "loaded_loras": self.registry.loaded(),
             }
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30) -> None:
+        """Stop: waiting requests end with an error at once; the step in progress finishes
+        (within `timeout`; the thread is a daemon)."""
         with self._cond:
             self._closed = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
             self._cond.notify()
-        self._thread.join(timeout=30)
+        for request in waiting:
+            request.sink(Event(finish_reason="error", error="the server is shutting down"))
+        self._thread.join(timeout=timeout)
 
     # --- the scheduler thread ----------------------------------------------------------------
     def _loop(self) -> None:
@@ -222,13 +314,14 @@ class BatchEngine:
                     self._admit()
                     if self._slots:
                         self._step()
-            except Exception as exc:  # a failed step fails its requests, never the server
+            except Exception:  # a failed step fails its requests, never the server
                 logger.exception("decoding step failed")
                 with self._cond:
                     slots, self._slots = self._slots, []
                     self._cache, self._mask, self._step_cache = [], None, None
                 for slot in slots:
-                    self._finish(slot, "error", error=f"{type(exc).__name__}: {exc}")
+                    if not slot.done:
+                        self._finish(slot, "error", error=GENERATION_FAILED)
         with self._cond:
             leftover = list(self._waiting) + [s.request for s in self._slots]
             self._waiting.clear()
@@ -242,10 +335,12 @@ class BatchEngine:
         with self._cond:
             for request in [r for r in self._waiting if r.cancelled.is_set()]:
                 self._waiting.remove(request)
+                self.cancelled += 1
                 request.sink(Event(finish_reason="cancelled"))
         gone = [i for i, s in enumerate(self._slots) if s.request.cancelled.is_set()]
         for i in gone:
             self._slots[i].done = True
+            self.cancelled += 1
             self._finish(self._slots[i], "cancelled")
         if gone:
             self._keep_rows([i for i, s in enumerate(self._slots) if not s.done])
@@ -260,6 +355,7 @@ class BatchEngine:
                 request = self._waiting.popleft()
                 self._inflight += 1
             if request.cancelled.is_set():
+                self.cancelled += 1
                 self._end_early(request, Event(finish_reason="cancelled"))
                 continue
             if request.adapter is not None:
@@ -271,14 +367,28 @@ class BatchEngine:
                 except UserError as exc:
                     self._end_early(request, Event(finish_reason="error", error=str(exc), client_error=True))
                     continue
+                except Exception:  # this request fails, never the queue behind it
+                    logger.exception("request %d: loading LoRA %r failed", request.id, request.adapter)
+                    self._end_early(request, Event(finish_reason="error", error=GENERATION_FAILED))
+                    continue
             admitted.append(request)
         for group in prefill_groups(admitted, PREFILL_TOKENS):
+            slots = []
+            for request in group:  # a request whose settings fail fails alone
+                try:
+                    slots.append(_Slot(request, self.tokenizer))
+                except Exception:
+                    logger.exception("request %d: its sampling settings failed", request.id)
+                    self._end_early(request, Event(finish_reason="error", error=GENERATION_FAILED))
+            if not slots:
+                continue
             try:
-                self._prefill(group)
-            except Exception as exc:  # these requests fail; the batch carries on
+                self._prefill(slots)
+            except Exception:  # these requests fail; the batch carries on
                 logger.exception("prefill failed")
-                for request in group:
-                    self._end_early(request, Event(finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
+                for slot in slots:
+                    if not slot.done:
+                        self._end_early(slot.request, Event(finish_reason="error", error=GENERATION_FAILED))
         if deferred:
             with self._cond:
                 self._waiting.extendleft(reversed(deferred))
@@ -296,9 +406,10 @@ class BatchEngine:
             kwargs["adapter_names"] = names
         return self.registry.model(input_ids=input_ids, use_cache=True, **kwargs)
 
-    def _prefill(self, requests: list[GenerationRequest]) -> None:
+    def _prefill(self, slots: list[_Slot]) -> None:
         """The prompts of newly admitted requests in one forward pass, left-padded to the longest
         (the mask hides the padding, positions count real tokens only), then their caches join the batch."""
+        requests = [s.request for s in slots]
         width = max(len(r.prompt_ids) for r in requests)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in requests], dtype=torch.long, device=self.device)
@@ -307,9 +418,16 @@ class BatchEngine:
         )
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         out = self._forward(ids, [r.adapter for r in requests], attention_mask=mask, position_ids=positions, cache=DynamicCache())
-        slots = [_Slot(r, self.tokenizer) for r in requests]
-        for slot, token in zip(slots, pick_tokens(out.logits[:, -1, :], slots)):
-            self._accept(slot, token)
+        for row, slot in enumerate(slots):
+            k = slot.params.prompt_logprobs
+            if k is not None:
+                n = len(slot.request.prompt_ids)
+                slot.prompt_logprobs = prompt_token_logprobs(out.logits[row, width - n :], slot.request.prompt_ids, k)
+        for slot, picked in zip(slots, pick_tokens(out.logits[:, -1, :], slots)):
+            if slot.params.max_tokens <= 0:  # the prompt alone (echo)
+                self._finish(slot, "length")
+            else:
+                self._accept(slot, picked)
         cache = [(layer.keys, layer.values) for layer in out.cache.layers]
         self._add_rows(slots, cache, mask)
         if any(s.done for s in slots):  # answered by their first token
@@ -359,32 +477,49 @@ class BatchEngine:
         self._cache = [(layer.keys, layer.values) for layer in self._step_cache.layers]
         self._mask = mask
         self.steps += 1
-        for slot, token in zip(slots, pick_tokens(out.logits[:, -1, :], slots)):
+        for slot, picked in zip(slots, pick_tokens(out.logits[:, -1, :], slots)):
             slot.length += 1
-            self._accept(slot, token)
+            self._accept(slot, picked)
         if any(s.done for s in slots):
             self._keep_rows([i for i, s in enumerate(slots) if not s.done])
 
-    def _accept(self, slot: _Slot, token: int) -> None:
+    def _accept(self, slot: _Slot, picked: tuple[int, TokenLogprob | None] | None) -> None:
         """A new token: emit the text it makes visible, and end the request when it should."""
+        if picked is None:  # picking this row's token failed (logged)
+            self._finish(slot, "error", error=GENERATION_FAILED)
+            return
+        token, logprob = picked
         slot.generated += 1
         if token == self.eos_id:
             self._finish(slot, "stop")
             return
+        slot.counts[token] += 1
+        if logprob is not None:
+            slot.pending_logprobs.append(logprob)
         piece = slot.text.push([token])
         if slot.text.stopped:
             if piece:
-                slot.request.sink(Event(text=piece))
+                self._emit(slot, Event(text=piece))
+            slot.pending_logprobs.clear()  # the stop string's tokens: their text is never shown
             self._finish(slot, "stop", flush=False)
             return
         if slot.generated >= slot.params.max_tokens:
             if piece:
-                slot.request.sink(Event(text=piece))
+                self._emit(slot, Event(text=piece))
             self._finish(slot, "length")
             return
         slot.next_token = token
         if piece or slot.generated == 1:  # the first event tells the client its request started
-            slot.request.sink(Event(text=piece))
+            self._emit(slot, Event(text=piece))
+
+    def _emit(self, slot: _Slot, event: Event) -> None:
+        """Send `event` with the log-probabilities of the tokens whose text it shows (when asked)
+        and, on the first, the prompt's."""
+        if slot.params.logprobs and (event.text or event.finish_reason):
+            event.logprobs, slot.pending_logprobs = slot.pending_logprobs, []
+        if slot.prompt_logprobs is not None:
+            event.prompt_logprobs, slot.prompt_logprobs = slot.prompt_logprobs, None
+        slot.request.sink(event)
 
     def _finish(self, slot: _Slot, reason: str, flush: bool = True, error: str | None = None) -> None:
         slot.done = True
@@ -394,15 +529,17 @@ class BatchEngine:
         with self._cond:
             self.finished += 1
             self._inflight -= 1
-        slot.request.sink(
-            Event(
-                text=text,
-                finish_reason=reason,
-                prompt_tokens=len(slot.request.prompt_ids),
-                completion_tokens=slot.generated,
-                error=error,
-            )
+        event = Event(
+            text=text,
+            finish_reason=reason,
+            prompt_tokens=len(slot.request.prompt_ids),
+            completion_tokens=slot.generated,
+            error=error,
         )
+        if reason == "error":
+            slot.request.sink(event)
+        else:
+            self._emit(slot, event)
 
 
 class GrowingLayer(DynamicLayer):

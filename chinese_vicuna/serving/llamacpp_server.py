@@ -35,12 +35,39 @@ def register_template_format(template_name: str) -> str:
             return response
 
     name = f"chinese-vicuna-{template.name}"
-    # BOS in the text: llama-cpp-python tokenizes a rendered chat without adding special tokens
-    formatter = TemplateFormatter(template=template.jinja(bos=True, single_instruction=True), eos_token="</s>", bos_token="<s>")
-    llama_chat_format.LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(
-        name, formatter.to_chat_handler(), overwrite=True
-    )
+    # BOS in the text, then the text as HF's converted LLaMA tokenizer reads it after BOS (the
+    # vocabulary tools/convert_to_gguf.py writes); the rendered chat is tokenized as HF does
+    # (HFTokenizedChat), so the ids are the training ids in history too
+    jinja = template.jinja(bos=True, single_instruction=True, after_bos="space")
+    formatter = TemplateFormatter(template=jinja, eos_token="</s>", bos_token="<s>")
+    handler = formatter.to_chat_handler()
+
+    def hf_tokenized_handler(*, llama: Any, **kwargs: Any) -> Any:
+        return handler(llama=HFTokenizedChat(llama), **kwargs)
+
+    llama_chat_format.LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(name, hf_tokenized_handler, overwrite=True)
     return name
+
+
+class HFTokenizedChat:
+    """A `Llama` whose tokenization of a rendered chat (text with its special tokens, no BOS
+    added) is HF's: llama.cpp's own puts its dummy-prefix "▁" after every special token, so
+    `</s>USER:` in a vicuna_v1.1 history would not be the ids the model was trained on
+    (docs/export.md). Everything else is the `Llama` itself."""
+
+    def __init__(self, llama: Any) -> None:
+        from chinese_vicuna.infer.llamacpp import LlamaCppTokenizer
+
+        self._llama = llama
+        self._tokenizer = LlamaCppTokenizer(llama)
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
+        if special and not add_bos:
+            return self._tokenizer.encode(text.decode("utf-8"))
+        return self._llama.tokenize(text, add_bos=add_bos, special=special)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._llama, name)
 
 
 @exit_on_user_error

@@ -23,7 +23,7 @@ from chinese_vicuna.devices import is_main_process, world_size
 from chinese_vicuna.errors import TrainingInterrupted, UserError, disk_full_as_os_error
 from chinese_vicuna.files import atomic_write_text, follow_umask, save_figure
 from chinese_vicuna.model.loading import trainable_parameters
-from chinese_vicuna.prompts import PromptTemplate
+from chinese_vicuna.prompts import PromptTemplate, save_template_files
 from chinese_vicuna.train.checkpointing import with_atomic_checkpoints, write_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -176,14 +176,16 @@ def train_and_save(
     trainer: Trainer, tokenizer: Any, template: PromptTemplate | None = None, resume_from_checkpoint: str | None = None
 ) -> None:
     """Train (or resume) and save the final adapter through the Trainer (ZeRO-3 safe), with its
-    tokenizer, the template it was trained with (`prompt_template.json`, also in every checkpoint,
-    pitfall 17) and the run fingerprint. Ctrl-C ends in one line that says how to resume."""
+    tokenizer, the template it was trained with (`prompt_template.json` and `chat_template.jinja`,
+    also in every checkpoint with the tokenizer files, so that `AutoTokenizer` + `PeftModel` on the
+    folder ask the model as generate.py does: pitfall 17) and the run fingerprint. Ctrl-C ends in one line that says how to resume."""
     args = trainer.args
     if is_main_process():
         log_trainable(trainer.model)
         write_fingerprint(args.output_dir, getattr(args, "run_fingerprint", None))
     if template is not None:
-        trainer.add_checkpoint_writer(template.save)
+        # every checkpoint-N is an adapter folder a stock tool can use: the template both ways
+        trainer.add_checkpoint_writer(lambda folder: save_template_files(folder, template, tokenizer))
     try:
         with ctrl_c_at_step_end(trainer):
             trainer.train(resume_from_checkpoint=resume_from_checkpoint)
@@ -197,7 +199,7 @@ def train_and_save(
         follow_umask(*(Path(args.output_dir) / name for name in WEIGHT_FILES if (Path(args.output_dir) / name).is_file()))
         tokenizer.save_pretrained(args.output_dir)
         if template is not None:
-            template.save(args.output_dir)
+            save_template_files(args.output_dir, template, tokenizer)
         logger.info("adapter saved to %s", args.output_dir)
 
 
