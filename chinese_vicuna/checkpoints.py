@@ -292,6 +292,18 @@ def check_writable(output_dir: str | os.PathLike, flag: str = "--output_dir") ->
         raise UserError(f"{flag} {output_dir}: cannot write in {existing} ({exc.strerror}); choose a writable {flag}") from None
 
 
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """`path` can be written as a file: not a folder, and no file where one of its folders should be."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    folder = target.absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: {folder} is a file, not a folder; choose another {flag}")
+
+
 def previous_run_entries(output_dir: str | os.PathLike) -> list[Path]:
     """What a finished or interrupted run left in `output_dir` that a fresh run would overwrite or mix with."""
     root = Path(output_dir)

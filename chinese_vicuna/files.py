@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from chinese_vicuna.errors import UserError
 
@@ -40,20 +42,46 @@ def make_readable(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, umask_mode(directory))
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place (with the
-    umask's permissions, not mkstemp's 0600)."""
+def follow_umask(*paths: str | os.PathLike) -> None:
+    """Files (every file under a folder) written by a library that makes them private get the umask's
+    permissions: safetensors' `save_file` writes 0600, so PEFT's and transformers' weights were unreadable
+    to the group and others while every other file of the folder was not. Only for files the toolkit wrote."""
+    for path in map(Path, paths):
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, umask_mode())
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through, piece by piece: a temporary file beside it, renamed into
+    place (with the umask's permissions, not mkstemp's 0600) when the block ends without an error.
+    An OS error names `path`, never the temporary file the user has not heard of."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, umask_mode())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if exc.filename not in (None, tmp, os.fspath(path.parent)):
+            raise  # another file's error (an input read while writing): its own name
+        raise OSError(exc.errno, exc.strerror, os.fspath(path)) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place (`atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -22,6 +22,7 @@ from chinese_vicuna.args import ModelArguments
 from chinese_vicuna.devices import cpu_has_native_bf16, is_main_process
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.outputlock import hold_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,10 @@ def prepare_run(parsed: Sequence[Any], identity: checkpoints.RunIdentity) -> Run
 
     set_seed(train.seed)
     fingerprint = checkpoints.run_fingerprint(parsed, identity)
+    checkpoints.check_writable(train.output_dir)
+    if is_main_process():
+        # one writer per folder, before anything reads it for a resume or moves a run aside
+        hold_output_folder(train.output_dir)
     resume = resolve_resume(train, fingerprint, identity.data_choice)
     prepare_output_dir(train, resume)
     return RunSetup(resume, fingerprint)

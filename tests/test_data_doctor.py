@@ -114,7 +114,7 @@ def test_chat_data_counts_the_samples_training_makes(tokenizer) -> None:
     stats = TokenizeStats()
     samples = tokenize_conversations(read_conversations(path), tokenizer, template, cutoff, stats=stats)
     assert report["kind"] == "chat" and report["records"] == 24
-    assert report["samples"] == len(samples) + stats.dropped_no_trainable == len(lengths)
+    assert report["samples"] == len(samples) + stats.dropped_no_trainable == sum(lengths.values())  # {length: samples}
     assert report["split"]["conversations_split"] == stats.extra["conversations split at turn boundaries"] > 0
     assert report["truncated"] == stats.truncated and report["no_trainable"] == stats.dropped_no_trainable
     assert set(report["tokens"]) == {"prompt", "answer", "whole", "user_turn", "assistant_turn"}

@@ -312,16 +312,19 @@ def test_written_files_follow_the_umask(umask: int, tmp_path: Path) -> None:
         from chinese_vicuna.export.tensors import StagingDir
         root = Path({str(tmp_path)!r})
         atomic_write_text(root / "manifest.json", "{{}}")
+        import torch
+        from safetensors.torch import save_file
         with StagingDir(root / "model") as stage:
             atomic_write_text(stage.path / "config.json", "{{}}")
-        for p in ("manifest.json", "model", "model/config.json"):
+            save_file({{"w": torch.zeros(2)}}, str(stage.path / "model.safetensors"))  # safetensors writes 0600: a merged model
+        for p in ("manifest.json", "model", "model/config.json", "model/model.safetensors"):
             print(oct(stat.S_IMODE((root / p).stat().st_mode)))
     """)
     proc = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, umask=umask
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == [oct(0o666 & ~umask), oct(0o777 & ~umask), oct(0o666 & ~umask)]
+    assert proc.stdout.split() == [oct(0o666 & ~umask), oct(0o777 & ~umask), oct(0o666 & ~umask), oct(0o666 & ~umask)]
 
 
 # --- 5. merge outputs are never lost ---------------------------------------------------------
@@ -348,12 +351,12 @@ def test_overwrite_interrupted_during_the_swap_keeps_the_old_model(tmp_path: Pat
         monkeypatch.setattr(os, "rename", lambda src, dst: killed(src, dst) if Path(src) == stage.path else real_rename(src, dst))
     monkeypatch.setattr(os, "rename", real_rename)
     assert (out / "model.safetensors").read_bytes() == b"old weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock", "merged"]  # the aborted staging folder is gone too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # the aborted staging folder is gone too, and the lock
     with StagingDir(out, overwrite=True) as stage:
         (stage.path / "model.safetensors").write_bytes(b"new weights")
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]  # replaced as a whole
     assert (out / "model.safetensors").read_bytes() == b"new weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock", "merged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 def test_a_second_writer_of_the_same_model_is_refused_and_leaves_the_first_intact(tmp_path: Path) -> None:
@@ -362,7 +365,10 @@ def test_a_second_writer_of_the_same_model_is_refused_and_leaves_the_first_intac
     out = old_model(tmp_path / "merged")
     with StagingDir(out, overwrite=True) as first:
         (first.path / "model.safetensors").write_bytes(b"new weights")
-        with pytest.raises(UserError, match=f"--output_dir {out}: another run is writing it now"):
+        with pytest.raises(
+            UserError,
+            match=rf"--output_dir {re.escape(str(out))}: in use by pid {os.getpid()} \(.*\), since .*; wait for it to end, or choose another --output_dir$",
+        ):
             StagingDir(out, overwrite=True)  # would have removed the first one's staging folder as a leftover
         assert (first.path / "model.safetensors").is_file()
     assert (out / "model.safetensors").read_bytes() == b"new weights"
@@ -383,7 +389,7 @@ def test_leftovers_of_a_killed_merge_are_cleaned_and_the_old_model_put_back(tmp_
     with caplog.at_level(logging.WARNING), pytest.raises(UserError, match="already holds weights"):
         StagingDir(out)  # without --overwrite: refused, but the old model is back first
     assert (out / "model.safetensors").read_bytes() == b"old weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".merged.lock", ".other.partial-x", "merged"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.partial-x", "merged"]
     assert f"{out}: put back the model an interrupted run was replacing" in caplog.text
     assert f"removed {tmp_path / '.merged.partial-def'}, left by an interrupted run" in caplog.text
     # a folder of the user's own files is never replaced without --overwrite
@@ -392,3 +398,276 @@ def test_leftovers_of_a_killed_merge_are_cleaned_and_the_old_model_put_back(tmp_
     (notes / "todo.txt").write_text("x")
     with pytest.raises(UserError, match=r"holds other files \(todo\.txt, \.\.\.\)"):
         StagingDir(notes)
+
+
+# --- 6. issue 31: data tools stream, exit codes that tell, one writer per output ------------------
+
+
+def test_a_json_list_is_read_incrementally_and_equals_json_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import chinese_vicuna.data.records as records_module
+
+    records = [{"instruction": f"第{i}题" * (i % 5 + 1), "input": "", "output": f"答{i}", "n": 10**12 + i, "x": i / 7} for i in range(200)]
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    for block in (1, 7, 4096):  # windows smaller than one record, than a number, than the file
+        monkeypatch.setattr(records_module, "READ_BLOCK", block)
+        assert [r.data for r in read_records(path)] == records
+        assert [r.where for r in read_records(path)][-1] == f"{path} record 200"
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"a": 1},\n {"a": 2} {"a": 3}]', encoding="utf-8")
+    with pytest.raises(UserError, match=re.escape(f"{bad}:2: invalid JSON (Expecting ',' delimiter at column 11)")):
+        read_records(bad)
+
+
+def test_doctor_memory_does_not_grow_with_the_file(tok, tmp_path: Path) -> None:
+    """Peak Python memory (tracemalloc: numpy arrays included) of a report on a file and on one 4× larger,
+    as a .json list and as JSON lines: the larger file adds what its per-record digests need, not its size."""
+    import tracemalloc
+
+    from chinese_vicuna.datatools.doctor import diagnose
+
+    template = load_template("alpaca", tok)
+
+    def data(n: int, suffix: str) -> Path:
+        rng = __import__("random").Random(n)
+        records = [
+            {
+                "instruction": "".join(chr(0x4E00 + rng.randrange(3000)) for _ in range(30)),
+                "input": "",
+                "output": "回答" * (100 + i * 37 % 300),  # every chunk alike: the same peak of one chunk's work
+            }
+            for i in range(n)
+        ]
+        path = tmp_path / f"d{n}{suffix}"
+        text = (
+            json.dumps(records, ensure_ascii=False)
+            if suffix == ".json"
+            else "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        )
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    for suffix in (".json", ".jsonl"):
+        peaks, sizes = [], []
+        for n in (800, 3200):  # about 2 and 8 MB
+            path = data(n, suffix)
+            tracemalloc.start()
+            report, _ = diagnose(path, tok, template, 256, 0.7, near_duplicate_window=100, chunk_records=256)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+            assert report["valid_records"] == n
+            sizes.append(path.stat().st_size)
+        grown, added = peaks[1] - peaks[0], sizes[1] - sizes[0]
+        # a digest per record (exact duplicates) grows; reading the file whole alone would add more than `added`
+        assert grown < added / 4, (suffix, peaks, sizes)
+
+
+def test_judge_that_failed_every_judgment_exits_non_zero_and_a_partial_failure_is_counted(tmp_path: Path, capsys) -> None:
+    from eval_judge import main
+    from test_eval_judge import QUESTIONS, ScriptedEndpoint, write_answers
+
+    answers = write_answers(tmp_path / "alpha.jsonl", "alpha", lambda q, t: f"回答{q}-{t}")
+    server = ScriptedEndpoint()
+    import threading
+
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        argv = ["--questions", str(QUESTIONS), "--judge_api_base", server.url, "--judge_model", "judge-x", "--answers", str(answers),
+                "--progress", "false", "--parallel", "2"]  # fmt: skip
+        server.script = lambda n, body: "I will not rate this."
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--output_dir", str(tmp_path / "none")])
+        assert exit_info.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith(f"error: --judge_api_base {server.url} --judge_model judge-x: all 11 judgments failed")
+        server.script = lambda n, body: "Rating: [[6]]" if "回答1-" in body["messages"][-1]["content"] else "no verdict"
+        results = main([*argv, "--output_dir", str(tmp_path / "some")])
+        assert results == {"alpha": {"score": 6.0, "judged": 2, "failed": 9}}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_empty_replies_are_not_answers_and_are_asked_again(tmp_path: Path, capsys) -> None:
+    import threading
+
+    from gen_model_answer import main
+    from test_eval_judge import ScriptedEndpoint, two_questions
+
+    server = ScriptedEndpoint()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    out = tmp_path / "answers.jsonl"
+    questions = two_questions(tmp_path)
+    argv = ["--questions", str(questions), "--api_base", server.url, "--api_model", "m", "--answer_file", str(out), "--parallel", "1"]
+    try:
+        server.script = lambda n, body: None  # `content: null`
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: --api_base {server.url} --api_model m: all 2 replies were empty, none saved to {out}; check the model or endpoint and rerun"
+        )
+        assert len(server.requests) == 2  # no second turn asked after an empty first one
+        assert not out.is_file() or read_jsonl_text(out) == []
+        first_question = json.loads(questions.read_text(encoding="utf-8").splitlines()[0])["turns"][0]
+        server.script = lambda n, body: "" if body["messages"][0]["content"] == first_question else "答"
+        main(argv)  # one question answered, one empty: exit 0 with a count
+        assert len(read_jsonl_text(out)) == 1
+        server.script = lambda n, body: "答"
+        main(argv)  # the empty one is asked again
+        assert len(read_jsonl_text(out)) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def read_jsonl_text(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_eval_choice_with_no_answer_column_is_one_line(tmp_path: Path, capsys) -> None:
+    from eval_choice import main
+
+    data = tmp_path / "ceval"
+    (data / "val").mkdir(parents=True)
+    (data / "dev").mkdir()
+    header = "id,question,A,B,C,D"
+    (data / "val" / "computer_network_val.csv").write_text(f"{header}\n0,1+1=?,1,2,3,4\n", encoding="utf-8")
+    (data / "dev" / "computer_network_dev.csv").write_text(f"{header},answer,explanation\n0,2+2=?,1,2,3,4,D,\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--base_model", "unused", "--data_dir", str(data), "--split", "val", "--ntrain", "0", "--output_dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: --data_dir {data} --split val: none of the 1 questions has an answer (no answer column), "
+        "so nothing can be scored; use a split with answers (val or dev)"
+    )
+
+
+def test_self_instruct_names_a_non_json_endpoint_and_asks_only_for_what_is_missing(tmp_path: Path) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from openai_stub import StubServer
+
+    from chinese_vicuna.datatools.selfinstruct import SelfInstructConfig, generate
+
+    arrivals = []
+
+    class NotJson(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            arrivals.append(1)
+            body = b"\x80\x81 <html>bad gateway</html>"  # neither JSON nor UTF-8
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NotJson)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        cfg = SelfInstructConfig(model="m", num_samples=1, output_file=str(tmp_path / "a.jsonl"), api_base=base, api_key="k",
+                                 concurrency=4, max_retries=0, max_useless_requests=3, progress=False)  # fmt: skip
+        with pytest.raises(UserError, match=rf"^{re.escape(base)}: the last 3 replies were not JSON .*check that --api_base is an OpenAI"):
+            generate(cfg)
+        assert len(arrivals) == 3  # one request at a time for one missing record, not one per worker
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    out = tmp_path / "b.jsonl"
+    with StubServer([], per_reply=3) as server:
+        cfg = SelfInstructConfig(model="m", num_samples=4, output_file=str(out), api_base=server.base, api_key="k",
+                                 concurrency=4, records_per_request=3, progress=False)  # fmt: skip
+        generate(cfg)
+    assert len(read_jsonl_text(out)) == 4 and len(server.arrivals) == 2  # 3 + 1 missing: two requests, not four
+
+
+@pytest.mark.parametrize("case", ["self_instruct", "data_doctor"])
+def test_an_output_under_a_file_is_one_line(case: str, tmp_path: Path, capsys) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    if case == "self_instruct":
+        from self_instruct import main
+
+        argv = ["--api_base", "http://127.0.0.1:9/v1", "--model", "m", "--num_samples", "3", "--output_file", str(a_file / "out.jsonl")]
+        expected = f"error: --output_file {a_file / 'out.jsonl'}: {a_file} is a file, not a folder; choose another --output_file"
+    else:
+        from data_doctor import main
+
+        argv = ["--data_path", str(a_file), "--base_model", "unused", "--cutoff_len", "64", "--output_dir", str(a_file)]
+        expected = f"error: --output_dir {a_file}: is a file, not a folder; choose another --output_dir"
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err.strip() == expected
+
+
+def test_convert_data_names_the_output_it_cannot_write(tmp_path: Path, capsys) -> None:
+    from convert_data import main
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "问", "input": "", "output": "答"}])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--input", str(src), "--output", "/proc/x.jsonl", "--to", "alpaca"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: /proc/x.jsonl: not found; check the path"
+
+
+def hold_in_another_process(path: Path, flag: str) -> subprocess.Popen:
+    """A process that holds `path`'s output lock until killed (it prints once it holds it)."""
+    code = f"from chinese_vicuna.outputlock import hold_output_folder; hold_output_folder({str(path)!r}, {flag!r}); print('held', flush=True); input()"
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("tool", ["convert_data", "data_doctor", "eval_judge", "gen_model_answer", "self_instruct"])
+def test_every_tool_refuses_an_output_in_use_and_names_the_process(tool: str, tmp_path: Path, capsys) -> None:
+    import importlib
+
+    from test_eval_judge import QUESTIONS, write_answers
+
+    src = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "问", "input": "", "output": "答"}])
+    answers = write_answers(tmp_path / "alpha.jsonl", "alpha", lambda q, t: "答")
+    out, flag = tmp_path / "out", "--output_dir"
+    argv = {
+        "convert_data": ["--input", str(src), "--to", "alpaca", "--output", str(out)],
+        "data_doctor": ["--data_path", str(src), "--base_model", "unused", "--cutoff_len", "64", "--output_dir", str(out)],
+        "eval_judge": ["--questions", str(QUESTIONS), "--answers", str(answers), "--judge_api_base", "http://127.0.0.1:9/v1",
+                       "--judge_model", "j", "--judge_api_key", "k", "--output_dir", str(out)],
+        "gen_model_answer": ["--questions", str(QUESTIONS), "--api_base", "http://127.0.0.1:9/v1", "--api_model", "m", "--answer_file", str(out)],
+        "self_instruct": ["--api_base", "http://127.0.0.1:9/v1", "--model", "m", "--api_key", "k", "--num_samples", "3",
+                          "--output_file", str(out)],
+    }[tool]  # fmt: skip
+    flag = argv[-2]
+    holder = hold_in_another_process(out, flag)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            importlib.import_module(tool).main(argv)
+        assert exit_info.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"error: {flag} {out}: in use by pid {holder.pid} (python")
+        assert line.endswith(f"; wait for it to end, or choose another {flag}")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not out.exists()  # nothing was written while it was refused
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path: Path) -> None:
+    from chinese_vicuna.outputlock import OutputLock, lock_file
+
+    out = tmp_path / "out"
+    holder = hold_in_another_process(out, "--output_dir")
+    with pytest.raises(UserError, match=f"in use by pid {holder.pid}"):
+        OutputLock(out)
+    holder.send_signal(__import__("signal").SIGKILL)  # no chance to let go: the kernel releases its flock
+    holder.wait()
+    assert lock_file(out).is_file()  # what it left
+    with OutputLock(out):
+        pass
+    assert not lock_file(out).exists()

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from chinese_vicuna.args import (
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.run import prepare_run
 from chinese_vicuna.train.data import default_val_set_size
-from conftest import REPO, SAMPLE_INSTRUCT, read_jsonl
+from conftest import REPO, SAMPLE_INSTRUCT, read_jsonl, run_script
 
 TRAIN_GROUPS = finetune.FLAG_GROUPS
 
@@ -349,3 +350,115 @@ def test_the_defaults_train_on_the_shipped_data_and_warn_about_warm_up(tiny_mode
         finetune.main(argv)
     assert "validation: 7 of 72 samples held out (the default: 200, at most a tenth of the data" in caplog.text
     assert "warm-up (100 steps) is longer than the whole run (3 optimizer steps)" in caplog.text
+
+
+# ---------------------------------------------------------------- 5. issue 31: one run per folder, weights readable, a full disk
+
+
+NON_DETERMINISTIC = {"trainer_state.json", "trainer_log.jsonl", "training_args.bin"}  # timings and wall-clock stamps
+
+
+def folder_bytes(out: Path) -> dict[str, bytes]:
+    """Every file of a run's folder (relative path → bytes), those holding timings without their timing fields."""
+    files = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        name = str(path.relative_to(out))
+        data = path.read_bytes()
+        if path.name == "trainer_log.jsonl":
+            data = b"".join(
+                json.dumps(
+                    {k: v for k, v in json.loads(line).items() if "runtime" not in k and "per_second" not in k and k != "time"}
+                ).encode()
+                for line in data.splitlines()
+            )
+        elif path.name == "trainer_state.json":
+            state = json.loads(data)
+            state["log_history"] = [
+                {k: v for k, v in e.items() if "runtime" not in k and "per_second" not in k} for e in state["log_history"]
+            ]
+            data = json.dumps(state).encode()
+        elif path.name == "training_args.bin":
+            continue
+        files[name] = data
+    return files
+
+
+def test_a_second_run_into_a_running_runs_folder_is_refused_under_every_flag_combination(
+    tiny_model_dir: Path, data_files: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    argv = run_args(tiny_model_dir, data_files[0], out)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "0"}  # adapter_config.json lists a set of module names
+    # The run left alone, under umask 022: its folder, then moved aside (the same path for both runs).
+    old_umask = os.umask(0o022)
+    try:
+        alone = subprocess.run([sys.executable, "finetune.py", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        os.umask(old_umask)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert {name for name, mode in modes.items() if mode != (0o755 if (out / name).is_dir() else 0o644)} == set(), modes
+    assert {"adapter_model.safetensors", "checkpoint-3/adapter_model.safetensors", "checkpoint-8/optimizer.pt"} <= modes.keys()
+    reference = folder_bytes(out)
+    shutil.rmtree(out)
+
+    first = subprocess.Popen(
+        [sys.executable, "finetune.py", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoint-3" / "trainer_state.json").is_file():
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint before the deadline"
+            time.sleep(0.05)
+        first.send_signal(signal.SIGSTOP)  # held mid-run: it keeps its lock, the attempts below cannot race its steps
+        try:
+            for flags in ([], ["--overwrite_output_dir", "true"], ["--resume_from_checkpoint", "true"], ["--max_steps", "2"]):
+                line = user_error(run_args(tiny_model_dir, data_files[1], out, *flags), capsys)
+                assert line.startswith(f"error: --output_dir {out.absolute()}: in use by pid {first.pid} (python finetune.py --base_model")
+                assert line.endswith("; wait for it to end, or choose another --output_dir")
+                assert "--overwrite_output_dir true" not in line and "--resume_from_checkpoint true" not in line  # nothing that harms it
+            # a second process, as a user starts it
+            second = run_script("finetune.py", *run_args(tiny_model_dir, data_files[0], out, "--overwrite_output_dir", "true"))
+            assert second.returncode == 2 and f"in use by pid {first.pid}" in second.stderr.strip().splitlines()[-1]
+        finally:
+            first.send_signal(signal.SIGCONT)
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr[-3000:]
+    assert folder_bytes(out) == reference  # byte for byte what the run left alone wrote (timings aside)
+    assert not (tmp_path / ".out.lock").exists()  # let go at the end
+
+
+def test_a_full_disk_is_one_line_and_the_previous_checkpoint_survives(
+    tiny_model_dir: Path, data_files: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A real full disk: a small tmpfs in a private mount namespace (`unshare`), filled once checkpoint-3 is published."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm)")
+    disk, kept = tmp_path / "disk", tmp_path / "kept"
+    disk.mkdir()
+    argv = " ".join(run_args(tiny_model_dir, data_files[0], disk / "out", "--num_epochs", "100"))
+    script = f"""
+        set -u
+        mount -t tmpfs -o size=4m tmpfs {disk}
+        {sys.executable} finetune.py {argv} 2> {tmp_path / "stderr"} > /dev/null &
+        pid=$!
+        while [ ! -f {disk}/out/checkpoint-3/trainer_state.json ] && kill -0 $pid 2>/dev/null; do sleep 0.1; done
+        dd if=/dev/zero of={disk}/filler bs=64k 2>/dev/null
+        wait $pid; echo $? > {tmp_path / "rc"}
+        cp -r {disk}/out {kept}
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stderr = (tmp_path / "stderr").read_text()
+    assert (tmp_path / "rc").read_text().strip() == "2", stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {disk / 'out'}") and last.endswith(
+        "no space left on the device; free some space or write somewhere else"
+    )
+    from chinese_vicuna.checkpoints import checkpoint_problem
+
+    assert checkpoint_problem(kept / "checkpoint-3") is None  # the previous checkpoint is whole

@@ -17,6 +17,7 @@ from chinese_vicuna.args import BaseModelArguments, ChatTemplateArguments, parse
 from chinese_vicuna.datatools.formats_convert import TARGETS, Splitter, convert_file
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.outputlock import hold_output_folder
 
 
 @dataclass
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
         tokenizer = load_tokenizer(base.base_model)
         splitter = Splitter(tokenizer, load_template(template_args.template_or_fallback, tokenizer), args.split_to_tokens)
+    hold_output_folder(args.output, "--output")
     stats = convert_file(args.input, args.output, args.to, args.html_to_markdown, splitter)
     print(json.dumps(stats.as_dict(), ensure_ascii=False))
 

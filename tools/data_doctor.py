@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from chinese_vicuna.args import BaseModelArguments, TemplateArguments, parse_args
-from chinese_vicuna.datatools.doctor import data_kind, diagnose, write_report
+from chinese_vicuna.checkpoints import check_writable
+from chinese_vicuna.datatools.doctor import NEAR_DUPLICATE_WINDOW, data_kind, diagnose, write_report
 from chinese_vicuna.datatools.preference_doctor import diagnose_preferences, is_preference_data, write_preference_report
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.loading import load_tokenizer
+from chinese_vicuna.outputlock import hold_output_folder
 from chinese_vicuna.prompts import load_template
 
 
@@ -30,6 +32,10 @@ class DoctorArguments:
     near_duplicates: bool = field(
         default=True, metadata={"help": "Search for near duplicates (false skips the slowest part on large files)."}
     )
+    near_duplicate_window: int = field(
+        default=NEAR_DUPLICATE_WINDOW,
+        metadata={"help": "Kept prompts each prompt is compared with, at least (bounds memory: about 10 KB each)."},
+    )
 
 
 @exit_on_user_error
@@ -40,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     if args.cutoff_len < 2:
         raise UserError(f"--cutoff_len {args.cutoff_len}: must be at least 2")
+    if args.near_duplicate_window < 1:
+        raise UserError(f"--near_duplicate_window {args.near_duplicate_window}: must be at least 1")
+    check_writable(args.output_dir)
+    hold_output_folder(args.output_dir)
     tokenizer = load_tokenizer(base.require_base_model("the model (or tokenizer) folder training will use"))
     template_name = template_args.prompt_template
     if is_preference_data(args.data_path):  # pairs or KTO records: their own checks (docs/preference.md)
@@ -54,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         load_template(template_name, tokenizer),
         args.cutoff_len,
         args.similarity_threshold if args.near_duplicates else None,
+        args.near_duplicate_window,
     )
     out = write_report(report, lengths, args.output_dir)
     print(

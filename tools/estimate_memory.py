@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chinese_vicuna.args import parse_args
+from chinese_vicuna.args import BaseModelArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.files import read_json
 from chinese_vicuna.train.memory import GIB, WEIGHT_BYTES, estimate_training_memory
@@ -32,7 +32,6 @@ KNOWN_SHAPES = {
 
 @dataclass
 class EstimateArguments:
-    base_model: str = field(default="", metadata={"help": f"A model folder (its config.json) or one of {', '.join(KNOWN_SHAPES)}."})
     precision: str = field(default="4bit", metadata={"help": f"Weights: {', '.join(WEIGHT_BYTES)}."})
     lora_r: int = field(default=8)
     lora_target_modules: str = field(default="q_proj,v_proj", metadata={"help": "Comma list, or all-linear."})
@@ -58,13 +57,14 @@ def read_config(base_model: str) -> dict:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    (args,) = parse_args((EstimateArguments,), argv)
+    # --base_model: a model folder (its config.json) or one of KNOWN_SHAPES' names
+    base, args = parse_args((BaseModelArguments, EstimateArguments), argv)
     if args.precision not in WEIGHT_BYTES:
         raise UserError(f"--precision {args.precision}: use one of {', '.join(WEIGHT_BYTES)}")
     if args.device not in ("cuda", "cpu"):
         raise UserError(f"--device {args.device}: use cuda or cpu")
     estimate = estimate_training_memory(
-        read_config(args.base_model), args.precision, args.lora_r, args.lora_target_modules, args.cutoff_len, args.micro_batch_size,
+        read_config(base.require_base_model(f"a model folder (its config.json) or one of {', '.join(KNOWN_SHAPES)}")), args.precision, args.lora_r, args.lora_target_modules, args.cutoff_len, args.micro_batch_size,
         args.gradient_checkpointing, 2 if args.bf16 else 4, args.loss_chunk_size, args.trained_fraction, args.device, args.lora_dropout,
     )  # fmt: skip
     if args.json:

@@ -33,6 +33,7 @@ from chinese_vicuna.evaluation.choice import (
 )
 from chinese_vicuna.files import atomic_write_text
 from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.outputlock import hold_output_folder
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.run import load_from_args
 
@@ -85,8 +86,16 @@ def main(argv: list[str] | None = None) -> dict:
     only = [s.strip() for s in args.subjects.split(",") if s.strip()] if args.subjects else None
     subjects = find_subjects(bench, args.data_dir, args.split, only)
     questions, shots = load_questions(bench, args.data_dir, args.split, subjects, args.ntrain)
+    for_submission = bench.name == "ceval" and args.split == "test"  # C-Eval hides these answers: the submission file is the result
+    unanswered = sum(not q.answer for q in questions)
+    if questions and unanswered == len(questions) and not for_submission:
+        raise UserError(
+            f"--data_dir {args.data_dir} --split {args.split}: none of the {len(questions)} questions has an answer "
+            "(no answer column), so nothing can be scored; use a split with answers (val or dev)"
+        )
 
     out = Path(args.output_dir)
+    hold_output_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     config = {**asdict(args), "base_model": model_args.base_model, "lora_weights": model_args.lora_weights, "prompt_template": wrapper}
     check_resume(out, config, args.overwrite)
@@ -143,6 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         atomic_write_text(out / "submission.json", json.dumps(submission(records), ensure_ascii=False, indent=1) + "\n")
     if results["average"] is not None:
         logger.info("average accuracy %.2f%% over %d subjects; %s", results["average"], len(results["subjects"]), out / "summary.md")
+    if unanswered and not for_submission:
+        logger.warning("%d of %d questions have no answer in --split %s: predicted, not scored", unanswered, len(questions), args.split)
     return results
 
 

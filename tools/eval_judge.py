@@ -36,6 +36,7 @@ from chinese_vicuna.evaluation.judge import (
 )
 from chinese_vicuna.files import atomic_write_text
 from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.outputlock import hold_output_folder
 
 logger = logging.getLogger("eval_judge")
 
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         return chat_completion(client, args.judge_model, messages, temperature=0.0, max_tokens=args.judge_max_tokens)
 
     out = Path(args.output_dir)
+    hold_output_folder(out)  # two judges into one folder would pay twice for every judgment
     out.mkdir(parents=True, exist_ok=True)
     judgments = out / "judgments.jsonl"
     answers = read_answers(args.answers)
@@ -102,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         run_jobs(jobs, ask, args.judge_model, judgments, args.parallel, args.progress)
         results = single_results(read_judgments(judgments), jobs)
         summary = single_summary(results, [r for r in read_judgments(judgments) if r.get("mode") == "single"], args.judge_model)
+        judged, failed = sum(r["judged"] for r in results.values()), sum(r["failed"] for r in results.values())
     else:
         answers_b = read_answers(args.answers_b)
         if len(answers) != 1 or len(answers_b) != 1:
@@ -116,9 +119,19 @@ def main(argv: list[str] | None = None) -> dict:
         outcomes = pair_outcomes(read_judgments(judgments), jobs, model_a)
         results = pair_results(outcomes, model_a, model_b)
         summary = pair_summary(results, args.judge_model)
+        judged, failed = results["win_a"] + results["win_b"] + results["tie"], results["failed"]
     atomic_write_text(out / "results.json", json.dumps(results, ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(out / "summary.md", summary)
     logger.info("results: %s", json.dumps(results, ensure_ascii=False))
+    if failed and not judged:
+        raise UserError(
+            f"--judge_api_base {args.judge_api_base} --judge_model {args.judge_model}: all {failed} judgments failed "
+            f"(see the errors above and {judgments}); fix the judge and rerun the same command"
+        )
+    if failed:
+        logger.warning(
+            "%d of %d judgments failed and are not in the results; rerun the same command to retry them", failed, failed + judged
+        )
     return results
 
 

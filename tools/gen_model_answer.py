@@ -26,6 +26,7 @@ from chinese_vicuna.evaluation.answers import answer_record, answered_ids, endpo
 from chinese_vicuna.evaluation.judge import read_questions
 from chinese_vicuna.infer.engine import CHAT, Engine, adapter_template, model_template
 from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.outputlock import hold_output_folder
 from chinese_vicuna.run import load_from_args
 
 logger = logging.getLogger("gen_model_answer")
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> Path:
             raise UserError("give --base_model (a local model, optionally with --lora_weights) or --api_base with --api_model")
         model_id = args.model_id or Path(model_args.lora_weights or model_args.base_model).name
     out = Path(args.answer_file or f"answers/{model_id}.jsonl")
+    hold_output_folder(out, "--answer_file")
     out.parent.mkdir(parents=True, exist_ok=True)
     done = answered_ids(out, model_id)
     todo = [q for q in questions if q["question_id"] not in done]
@@ -72,9 +74,14 @@ def main(argv: list[str] | None = None) -> Path:
     if not todo:
         return out
 
+    empty = 0
     with out.open("a", encoding="utf-8") as f:
 
         def write(question: dict, turns: list[str]) -> None:
+            nonlocal empty
+            if not turns or any(not turn.strip() for turn in turns):  # an empty reply is no answer: a rerun asks again
+                empty += 1
+                return
             f.write(json.dumps(answer_record(question["question_id"], model_id, turns), ensure_ascii=False) + "\n")
             f.flush()
 
@@ -105,6 +112,13 @@ def main(argv: list[str] | None = None) -> Path:
             engine = Engine.for_model(model, tokenizer, template)
             for q in tqdm(todo, desc="questions"):
                 write(q, local_turns(engine, q["turns"], decoding, args.system, args.max_memory))
+    source = f"--api_base {args.api_base} --api_model {args.api_model}" if args.api_base else f"model {model_id}"
+    if empty == len(todo):
+        raise UserError(f"{source}: all {empty} replies were empty, none saved to {out}; check the model or endpoint and rerun")
+    if empty:
+        logger.warning(
+            "%d of %d questions got an empty reply and were not saved; rerun the same command to ask them again", empty, len(todo)
+        )
     logger.info("answers of %s in %s", model_id, out)
     return out
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from chinese_vicuna.args import parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
+from chinese_vicuna.files import follow_umask
 from chinese_vicuna.logs import configure_logging
 from chinese_vicuna.model.vocab import train_sentencepiece_model
 
@@ -79,6 +80,7 @@ def make_tiny_model(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(out), safe_serialization=True)
+    follow_umask(out / "model.safetensors")  # safetensors writes 0600
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("wrote %s: %d parameters, vocabulary %d", out, n_params, len(tokenizer))
     return out

@@ -10,6 +10,7 @@ a `datasets.save_to_disk` folder, a local clone of a hub dataset repository (its
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import logging
@@ -110,9 +111,9 @@ def read_records(path: str | os.PathLike) -> list[Record]:
 
 def iter_records(path: str | os.PathLike) -> Iterator[Record]:
     """`read_records`, one record at a time: a `.jsonl` or `.csv` file is read line by line, a
-    `.parquet` file a record batch at a time and an `.arrow` file memory-mapped, so their size does
-    not bound memory; a `.json` file (one list) is parsed whole. A folder or a hub id is every
-    record of its data files (`data_files`)."""
+    `.parquet` file a record batch at a time, an `.arrow` file memory-mapped and a `.json` list
+    element by element (`_iter_json_list`), so their size does not bound memory. A folder or a hub
+    id is every record of its data files (`data_files`)."""
     path = Path(path)
     if path.suffix not in DATA_SUFFIXES and not path.is_file():
         for file in data_files(path):
@@ -127,27 +128,121 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
         return
     if path.suffix != ".json":
         raise UserError(f"{path}: unknown data file type {path.suffix!r}; use {', '.join(DATA_SUFFIXES)}")
-    with _reading(path):
-        raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: bytes that are not UTF-8 (at byte {exc.start}); save the file as UTF-8") from None
-    del raw
-    if not text.strip():
-        raise UserError(f"{path}: the file is empty; it needs at least one record")
-    value = parse_json(text, path)
-    if not isinstance(value, list):
-        raise UserError(f"{path}: a .json data file must hold a list of records, got {type(value).__name__}; or use .jsonl")
-    if not value:
-        raise UserError(f"{path}: the list of records is empty")
-    check = may_hold_surrogates(text)  # once for the file, not per record
-    for i, v in enumerate(value):
-        where = f"{path} record {i + 1}"
-        if check:
-            check_text(v, where)
-        yield Record(v, where)
+    yield from _iter_json_list(path)
+
+
+READ_BLOCK = 1 << 20  # bytes read at a time from a .json list
+_WHITESPACE = " \t\n\r"
+
+
+class _ListReader:
+    """The text of a .json file, read a block at a time, with the line number of what is kept."""
+
+    def __init__(self, path: Path, f: Any) -> None:
+        self.path, self.f = path, f
+        self.utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+        self.text, self.pos, self.line, self.bytes_read, self.eof = "", 0, 1, 0, False
+        self.column = 0  # characters of the window's first line that were dropped
+
+    def more(self) -> bool:
+        """Read on (at least as much as is held: a long record costs no quadratic re-parsing); False at the end."""
+        if self.eof:
+            return False
+        if self.pos > len(self.text) // 2:  # drop what was consumed
+            self.line += self.text.count("\n", 0, self.pos)
+            newline = self.text.rfind("\n", 0, self.pos)
+            self.column = self.column + self.pos if newline < 0 else self.pos - newline - 1
+            self.text, self.pos = self.text[self.pos :], 0
+        block = self.f.read(max(READ_BLOCK, len(self.text) - self.pos))
+        try:
+            self.text += self.utf8.decode(block, final=not block)
+        except UnicodeDecodeError as exc:
+            at = self.bytes_read - len(self.utf8.getstate()[0]) + exc.start
+            raise UserError(
+                f"{self.path}:{_line_at(self.path, at)}: bytes that are not UTF-8 (at byte {at}); save the file as UTF-8"
+            ) from None
+        self.bytes_read += len(block)
+        self.eof = not block
+        return True
+
+    def skip_space(self) -> str:
+        """The next character that is not whitespace ("" at the end of the file)."""
+        while True:
+            while self.pos < len(self.text) and self.text[self.pos] in _WHITESPACE:
+                self.pos += 1
+            if self.pos < len(self.text) or not self.more():
+                return self.text[self.pos : self.pos + 1]
+
+    def invalid(self, exc: json.JSONDecodeError) -> UserError:
+        column = exc.colno + (self.column if exc.lineno == 1 else 0)
+        return UserError(f"{self.path}:{self.line + exc.lineno - 1}: invalid JSON ({exc.msg} at column {column})")
+
+
+def _line_at(path: Path, offset: int) -> int:
+    line = 1
+    with path.open("rb") as f:
+        while offset > 0 and (block := f.read(min(READ_BLOCK, offset))):
+            line += block.count(b"\n")
+            offset -= len(block)
+    return line
+
+
+def _iter_json_list(path: Path) -> Iterator[Record]:
+    """The elements of a `.json` list, parsed one at a time from a window of the file (an incremental
+    reader: `json.load` held the whole text and every parsed record at once, several times the file)."""
+    decoder = json.JSONDecoder()
+    count = 0
+    with _reading(path), path.open("rb") as f:
+        text = _ListReader(path, f)
+        first = text.skip_space()
+        if not first:
+            raise UserError(f"{path}: the file is empty; it needs at least one record")
+        if first != "[":  # not a list: read whole for the message (a small file, or a mistake)
+            while text.more():
+                pass
+            value = parse_json(text.text, path)
+            raise UserError(f"{path}: a .json data file must hold a list of records, got {type(value).__name__}; or use .jsonl")
+        text.pos += 1
+        if text.skip_space() == "]":
+            raise UserError(f"{path}: the list of records is empty")
+        while True:
+            text.skip_space()
+            start = text.pos
+            try:
+                value, end = decoder.raw_decode(text.text, start)
+                # a number cut at the window's end parses short ("1." as 1, "12" of "123")
+                if not text.eof and (end >= len(text.text) or (type(value) in (int, float) and end + 32 >= len(text.text))):
+                    raise json.JSONDecodeError("cut", text.text, len(text.text))
+            except json.JSONDecodeError as exc:
+                cut = exc.pos >= len(text.text) - 6 or exc.msg.startswith("Unterminated string")
+                if cut and text.more():
+                    continue
+                raise text.invalid(exc) from None
+            except ValueError as exc:
+                raise UserError(
+                    f"{path}:{text.line + text.text.count(chr(10), 0, start)}: a value JSON allows but Python cannot read ({exc}); fix the record"
+                ) from None
+            except RecursionError:
+                raise UserError(
+                    f"{path}:{text.line + text.text.count(chr(10), 0, start)}: JSON nested too deeply to read; fix the record"
+                ) from None
+            count += 1
+            where = f"{path} record {count}"
+            if may_hold_surrogates(text.text[start:end]):
+                check_text(value, where)
+            text.pos = end
+            yield Record(value, where)
+            after = text.skip_space()
+            if after == ",":
+                text.pos += 1
+                continue
+            if after == "]":
+                text.pos += 1
+                if text.skip_space():
+                    raise text.invalid(json.JSONDecodeError("Extra data", text.text, text.pos))
+                return
+            message = "Expecting ',' delimiter" if after else "Unterminated list (the file ends inside it)"
+            raise text.invalid(json.JSONDecodeError(message, text.text, text.pos))
 
 
 def _iter_jsonl(path: Path) -> Iterator[Record]:

@@ -13,7 +13,8 @@ with probability >= 1 - (1 - J**ROWS)**BANDS (99.64% at 0.7, 99.986% at 0.75; `r
 Every candidate is then checked exactly (length bound, minhash agreement, bit-parallel LCS), so
 nothing below the threshold is ever flagged; the trade-off is a rare missed pair.
 `NearDuplicateIndex` takes texts one at a time (self_instruct); `near_duplicate_flags` does a
-whole file in bulk with numpy (the doctor), with the same hashes and the same flags.
+whole list in bulk with numpy, and `NearDuplicateWindow` a stream in bounded memory (the doctor),
+with the same hashes and the same flags.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import sys
 import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -336,6 +338,44 @@ class NearDuplicateIndex:
                 buckets[key] = [i]
             else:
                 bucket.append(i)
+
+
+class NearDuplicateWindow:
+    """Near duplicates in a stream, in memory bounded by `window` (not by the stream's length): each
+    text is checked against at least the last `window` kept texts, in two generations of
+    `NearDuplicateIndex` (the older is dropped when the newer fills). With fewer than `window` kept
+    texts this is exactly `NearDuplicateIndex` fed in order: the flags of `near_duplicate_flags`."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, window: int = 10_000) -> None:
+        if window < 1:
+            raise UserError(f"near-duplicate window {window}: must be at least 1")
+        self.threshold, self.window = threshold, window
+        self.hasher = MinHasher(*lsh_shape(threshold))
+        self.current = NearDuplicateIndex(threshold, self.hasher)
+        self.previous: NearDuplicateIndex | None = None
+        self.rotations = 0
+
+    def flags(self, texts: Sequence[Sequence[str]], skip: Sequence[bool] | None = None) -> list[bool]:
+        """For the next texts of the stream: whether each is a near duplicate of a kept one (and keep those that are not)."""
+        flags = [False] * len(texts)
+        todo = [i for i, tokens in enumerate(texts) if tokens and not (skip is not None and skip[i])]
+        if not todo:
+            return flags
+        sigs = self.hasher.signatures([texts[i] for i in todo])
+        keys = self.hasher.band_keys(sigs).tolist()
+        for row, i in enumerate(todo):
+            tokens = [sys.intern(t) for t in texts[i]]  # kept texts share their token strings
+            sig, key = sigs[row], keys[row]
+            if self.current._find(tokens, sig, key) is not None or (
+                self.previous is not None and self.previous._find(tokens, sig, key) is not None
+            ):
+                flags[i] = True
+                continue
+            self.current._add(tokens, sig, key)
+            if len(self.current.texts) >= self.window:
+                self.previous, self.current = self.current, NearDuplicateIndex(self.threshold, self.hasher)
+                self.rotations += 1
+        return flags
 
 
 def near_duplicate_flags(

@@ -9,21 +9,23 @@ so `truncated` and `no_trainable` are the numbers training will log.
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import itertools
 import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chinese_vicuna.data.chat import conversation_segment_lists, template_trains_eos
 from chinese_vicuna.data.encode import IGNORE_INDEX, TokenizeStats, tokenize_instructions, tokenize_segment_lists
 from chinese_vicuna.data.formats import Conversation, check_messages, detect_format, to_messages
-from chinese_vicuna.data.records import Record, data_files, read_records, validate_instruction
-from chinese_vicuna.datatools.dedupe import near_duplicate_flags, rouge_tokens
+from chinese_vicuna.data.records import Record, data_files, iter_records, validate_instruction
+from chinese_vicuna.datatools.dedupe import NearDuplicateWindow, near_duplicate_flags, rouge_tokens
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.files import atomic_write_text, save_figure
 
@@ -33,6 +35,8 @@ logger = logging.getLogger(__name__)
 NO_CUTOFF = 1 << 40
 PERCENTILES = (50, 90, 95, 99)
 LONGEST_SHOWN = 5
+CHUNK_RECORDS = 512  # records validated, tokenized and counted together: what the doctor holds at once (their minhash rows the most)
+NEAR_DUPLICATE_WINDOW = 10_000  # kept prompts each prompt is compared with, at least: about 10 KB each (datatools/dedupe.py)
 
 
 def percentiles(values: Sequence[int]) -> dict[str, float]:
@@ -108,45 +112,17 @@ def label_stats(label_lists: Sequence[Sequence[int]], cutoff_len: int) -> tuple[
     return (lens - answer).tolist(), answer.tolist(), runs[~kind].tolist(), runs[kind].tolist(), int((head == 0).sum())
 
 
-@dataclass
-class _Read:
-    kind: str  # instruct or chat
-    items: list[Any]  # alpaca dicts or Conversations
-    wheres: list[str]
-    invalid: Counter[str]
-    invalid_examples: list[str]
-
-
 def data_kind(data_path: str | os.PathLike) -> str:
     """chat or instruct, by the first record of the first file."""
-    first = read_records(data_files(data_path)[0])[0].data
+    first = next(iter_records(data_files(data_path)[0])).data
     return "chat" if detect_format(first) is not None else "instruct"
 
 
-def _read(files: Sequence[Path]) -> _Read:
-    records: list[Record] = [r for path in files for r in read_records(path)]
-    kind = "chat" if detect_format(records[0].data) is not None else "instruct"
-    items: list[Any] = []
-    wheres: list[str] = []
-    invalid: Counter[str] = Counter()
-    examples: list[str] = []
-    for record in records:
-        try:
-            if kind == "instruct":
-                items.append(validate_instruction(record))
-            else:
-                fmt = detect_format(record.data)
-                if fmt is None:
-                    raise UserError(f"{record.where}: not a conversation in a known format")
-                messages, _ = check_messages(to_messages(record, fmt), record.where)
-                items.append(Conversation(messages, record.where))
-            wheres.append(record.where)
-        except UserError as exc:
-            message = str(exc)
-            invalid[message.split(": ", 1)[-1]] += 1
-            if len(examples) < 10:
-                examples.append(message)
-    return _Read(kind, items, wheres, invalid, examples)
+def _chunks(files: Sequence[Path], size: int) -> Iterator[list[Record]]:
+    """The records of every file in lists of `size`, read as they are needed (streamed)."""
+    records = (r for path in files for r in iter_records(path))
+    while chunk := list(itertools.islice(records, size)):
+        yield chunk
 
 
 def _text_of(kind: str, item: Any) -> str:
@@ -162,15 +138,86 @@ def _prompt_key(kind: str, item: Any) -> str:
     return "\n".join(m["content"] for m in item.messages if m["role"] != "assistant")
 
 
-def duplicate_counts(kind: str, items: Sequence[Any], threshold: float | None = 0.7) -> tuple[int, int | None]:
-    """(records that repeat an earlier record exactly, records whose prompt has ROUGE-L >= threshold
-    with an earlier non-duplicate record's prompt; None when threshold is None)."""
-    seen: set[str] = set()
+def percentiles_of_counts(counts: Counter[int]) -> dict[str, float]:
+    """`percentiles` of the values counted in `counts` ({value: how many}): memory by distinct values."""
+    n = sum(counts.values())
+    if not n:
+        return {}
+    ordered = sorted(counts.items())
+    ranks = {p: min(n - 1, max(0, -(-p * n // 100) - 1)) for p in PERCENTILES}
+    out: dict[str, float] = {}
+    seen = 0
+    for value, count in ordered:
+        for p, rank in ranks.items():
+            if f"p{p}" not in out and rank < seen + count:
+                out[f"p{p}"] = value
+        seen += count
+    out = {f"p{p}": out[f"p{p}"] for p in PERCENTILES}
+    out["mean"] = round(sum(v * c for v, c in ordered) / n, 1)
+    out["max"] = ordered[-1][0]
+    return out
+
+
+@dataclass
+class _Tally:
+    """What the report counts, added up one chunk of records at a time."""
+
+    kind: str
+    valid: int = 0
+    invalid: Counter[str] = field(default_factory=Counter)
+    invalid_examples: list[str] = field(default_factory=list)
+    samples: int = 0
+    no_trainable: int = 0
+    lengths: Counter[int] = field(default_factory=Counter)
+    tokens: dict[str, Counter[int]] = field(
+        default_factory=lambda: {k: Counter() for k in ("prompt", "answer", "user_turn", "assistant_turn")}
+    )
+    languages: Counter[str] = field(default_factory=Counter)
+    longest: list[tuple[int, int, str]] = field(default_factory=list)  # a heap of (tokens, -sample number, where)
+    seen: set[bytes] = field(default_factory=set)  # a 16-byte digest per distinct record
+    duplicates: int = 0
+    near: int = 0
+    conversations_split: int = 0
+    split_samples: int = 0  # chat: the samples conversations are split into
+
+
+def _valid_items(chunk: Sequence[Record], tally: _Tally) -> tuple[list[Any], list[str]]:
+    items: list[Any] = []
+    wheres: list[str] = []
+    for record in chunk:
+        try:
+            if tally.kind == "instruct":
+                items.append(validate_instruction(record))
+            else:
+                fmt = detect_format(record.data)
+                if fmt is None:
+                    raise UserError(f"{record.where}: not a conversation in a known format")
+                messages, _ = check_messages(to_messages(record, fmt), record.where)
+                items.append(Conversation(messages, record.where))
+            wheres.append(record.where)
+        except UserError as exc:
+            message = str(exc)
+            tally.invalid[message.split(": ", 1)[-1]] += 1
+            if len(tally.invalid_examples) < 10:
+                tally.invalid_examples.append(message)
+    return items, wheres
+
+
+def _repeats(kind: str, items: Sequence[Any], seen: set[bytes]) -> list[bool]:
+    """Whether each record repeats an earlier one exactly (by a digest of its content: memory per record, not per byte)."""
     repeats = []
     for item in items:
         key = json.dumps(item if kind == "instruct" else item.messages, ensure_ascii=False, sort_keys=True)
-        repeats.append(key in seen)
-        seen.add(key)
+        digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+        repeats.append(digest in seen)
+        seen.add(digest)
+    return repeats
+
+
+def duplicate_counts(kind: str, items: Sequence[Any], threshold: float | None = 0.7) -> tuple[int, int | None]:
+    """(records that repeat an earlier record exactly, records whose prompt has ROUGE-L >= threshold
+    with an earlier non-duplicate record's prompt; None when threshold is None)."""
+    repeats = _repeats(kind, items, set())
     if threshold is None:
         return sum(repeats), None
     near = near_duplicate_flags([rouge_tokens(_prompt_key(kind, item)) for item in items], threshold, skip=repeats)
@@ -183,75 +230,120 @@ def diagnose(
     template: Any,
     cutoff_len: int,
     threshold: float | None = 0.7,
-) -> tuple[dict[str, Any], list[int]]:
-    """(the report, every sample's whole token length) of a data file or folder.
+    near_duplicate_window: int = NEAR_DUPLICATE_WINDOW,
+    chunk_records: int = CHUNK_RECORDS,
+) -> tuple[dict[str, Any], Counter[int]]:
+    """(the report, how many samples have each whole token length) of a data file or folder.
 
-    `threshold` None skips the near-duplicate search (the slowest part on large files).
+    The records are streamed `chunk_records` at a time: memory is bounded by the chunk, the
+    near-duplicate window and the distinct lengths, not by the file's size (an exact-duplicate
+    digest per record aside). `threshold` None skips the near-duplicate search; each prompt is
+    compared with at least the last `near_duplicate_window` kept ones (all of them in smaller files).
     """
     files = data_files(data_path)
-    read = _read(files)
-    if not read.items:
-        raise UserError(f"{data_path}: no valid record ({', '.join(f'{k}: {v}' for k, v in read.invalid.items())})")
-    kind, items = read.kind, read.items
+    tally: _Tally | None = None
+    window = NearDuplicateWindow(threshold, near_duplicate_window) if threshold is not None else None
+    add_eos = not template.is_chat
+    for chunk in _chunks(files, chunk_records):
+        if tally is None:
+            tally = _Tally("chat" if detect_format(chunk[0].data) is not None else "instruct")
+            if tally.kind == "chat":
+                if not template.is_chat:
+                    raise UserError(f"--prompt_template {template.name}: chat data needs a chat template")
+                add_eos = not template_trains_eos(template, tokenizer)
+        items, wheres = _valid_items(chunk, tally)
+        if items:
+            _count_chunk(tally, items, wheres, tokenizer, template, cutoff_len, add_eos, window)
+    if tally is None or not tally.valid:
+        invalid = tally.invalid if tally is not None else {}
+        raise UserError(f"{data_path}: no valid record ({', '.join(f'{k}: {v}' for k, v in invalid.items())})")
+    if window is not None and window.rotations:
+        logger.info("near duplicates: each prompt was compared with at least the %d kept before it", near_duplicate_window)
+    total = tally.valid
+    report: dict[str, Any] = {
+        "data_path": str(data_path),
+        "kind": tally.kind,
+        "template": template.name,
+        "cutoff_len": cutoff_len,
+        "records": total + sum(tally.invalid.values()),
+        "valid_records": total,
+        "invalid_records": sum(tally.invalid.values()),
+        "invalid_reasons": dict(tally.invalid),
+        "invalid_examples": tally.invalid_examples,
+        "duplicates": tally.duplicates,
+        "near_duplicates": tally.near if window is not None else None,
+        "near_duplicate_rule": (
+            f"ROUGE-L >= {threshold} between prompts (instruction + input; user turns for chat)" if threshold is not None else "not checked"
+        ),
+        "samples": tally.samples,
+        "truncated": sum(c for n, c in tally.lengths.items() if n > cutoff_len),
+        "no_trainable": tally.no_trainable,
+        "tokens": {
+            "prompt": percentiles_of_counts(tally.tokens["prompt"]),
+            "answer": percentiles_of_counts(tally.tokens["answer"]),
+            "whole": percentiles_of_counts(tally.lengths),
+        },
+        "language_mix": {lang: round(tally.languages.get(lang, 0) / total, 4) for lang in ("chinese", "english", "other")},
+        "longest": [{"where": where, "tokens": n} for n, _, where in sorted(tally.longest, key=lambda x: (-x[0], -x[1]))],
+    }
+    if tally.kind == "chat":
+        report["split"] = {"conversations": total, "samples": tally.split_samples, "conversations_split": tally.conversations_split}
+        report["tokens"]["user_turn"] = percentiles_of_counts(tally.tokens["user_turn"])
+        report["tokens"]["assistant_turn"] = percentiles_of_counts(tally.tokens["assistant_turn"])
+    return report, tally.lengths
+
+
+def _count_chunk(
+    tally: _Tally,
+    items: list[Any],
+    wheres: list[str],
+    tokenizer: Any,
+    template: Any,
+    cutoff_len: int,
+    add_eos: bool,
+    window: NearDuplicateWindow | None,
+) -> None:
+    kind = tally.kind
     stats = TokenizeStats()
     if kind == "instruct":
         samples = tokenize_instructions(items, tokenizer, template, NO_CUTOFF, stats=stats)
-        sample_where = list(read.wheres)
-        split_info: dict[str, int] = {}
-        add_eos = not template.is_chat
+        sample_where = list(wheres)
     else:
-        if not template.is_chat:
-            raise UserError(f"--prompt_template {template.name}: chat data needs a chat template")
-        add_eos = not template_trains_eos(template, tokenizer)
         # The split plan training makes at this cutoff, then whole lengths of its samples.
         plan_stats = TokenizeStats()
         segment_lists = conversation_segment_lists(items, tokenizer, template, cutoff_len, add_eos, stats=plan_stats)
         samples = tokenize_segment_lists(tokenizer, segment_lists, NO_CUTOFF, add_eos, stats=stats)
         sample_where = _split_wheres(items, segment_lists, template)
-        split_info = {
-            "conversations": len(items),
-            "samples": len(segment_lists),
-            "conversations_split": plan_stats.extra.get("conversations split at turn boundaries", 0),
-        }
+        tally.conversations_split += plan_stats.extra.get("conversations split at turn boundaries", 0)
+        tally.split_samples += len(segment_lists)
     empty = stats.dropped_no_trainable  # no trainable token even untruncated (rare: empty answers)
     if empty:
         logger.warning("%d samples have no trainable token even before truncation", empty)
         sample_where = sample_where[: len(samples)]  # positions of the longest records may shift by those
-
     lengths = [len(s["input_ids"]) for s in samples]
     prompt_lens, answer_lens, turn_prompt, turn_answer, no_trainable = label_stats([s["labels"] for s in samples], cutoff_len)
-    no_trainable += empty
-    duplicates, near = duplicate_counts(kind, items, threshold)
-    languages = Counter(languages_of([_text_of(kind, item) for item in items]))
-    total = len(items)
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:LONGEST_SHOWN]
-    report: dict[str, Any] = {
-        "data_path": str(data_path),
-        "kind": kind,
-        "template": template.name,
-        "cutoff_len": cutoff_len,
-        "records": total + sum(read.invalid.values()),
-        "valid_records": total,
-        "invalid_records": sum(read.invalid.values()),
-        "invalid_reasons": dict(read.invalid),
-        "invalid_examples": read.invalid_examples,
-        "duplicates": duplicates,
-        "near_duplicates": near,
-        "near_duplicate_rule": (
-            f"ROUGE-L >= {threshold} between prompts (instruction + input; user turns for chat)" if threshold is not None else "not checked"
-        ),
-        "samples": len(samples) + empty,
-        "truncated": sum(1 for n in lengths if n > cutoff_len),
-        "no_trainable": no_trainable,
-        "tokens": {"prompt": percentiles(prompt_lens), "answer": percentiles(answer_lens), "whole": percentiles(lengths)},
-        "language_mix": {lang: round(languages.get(lang, 0) / total, 4) for lang in ("chinese", "english", "other")},
-        "longest": [{"where": sample_where[i], "tokens": lengths[i]} for i in order if i < len(sample_where)],
-    }
+    first = tally.samples
+    tally.samples += len(samples) + empty
+    tally.no_trainable += no_trainable + empty
+    tally.lengths.update(lengths)
+    tally.tokens["prompt"].update(prompt_lens)
+    tally.tokens["answer"].update(answer_lens)
     if kind == "chat":
-        report["split"] = split_info
-        report["tokens"]["user_turn"] = percentiles(turn_prompt)
-        report["tokens"]["assistant_turn"] = percentiles(turn_answer)
-    return report, lengths
+        tally.tokens["user_turn"].update(turn_prompt)
+        tally.tokens["assistant_turn"].update(turn_answer)
+    for i, n in enumerate(lengths):
+        if i < len(sample_where):
+            entry = (n, -(first + i), sample_where[i])
+            if len(tally.longest) < LONGEST_SHOWN:
+                heapq.heappush(tally.longest, entry)
+            elif entry[:2] > tally.longest[0][:2]:
+                heapq.heapreplace(tally.longest, entry)
+    tally.valid += len(items)
+    tally.languages.update(languages_of([_text_of(kind, item) for item in items]))
+    repeats = _repeats(kind, items, tally.seen)
+    tally.duplicates += sum(repeats)
+    if window is not None:
+        tally.near += sum(window.flags([rouge_tokens(_prompt_key(kind, item)) for item in items], skip=repeats))
 
 
 def _split_wheres(conversations: Sequence[Conversation], segment_lists: Sequence[Any], template: Any) -> list[str]:
@@ -302,25 +394,26 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_lengths(lengths: Sequence[int], cutoff_len: int, path: str | os.PathLike) -> None:
-    """Histogram of whole-sample token lengths with the cutoff as a vertical line."""
+def plot_lengths(lengths: Counter[int], cutoff_len: int, path: str | os.PathLike) -> None:
+    """Histogram of whole-sample token lengths ({length: samples}) with the cutoff as a vertical line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    ax.hist(lengths, bins=min(60, max(10, len(set(lengths)))), color="tab:blue", alpha=0.8)
+    values = sorted(lengths)
+    ax.hist(values, weights=[lengths[v] for v in values], bins=min(60, max(10, len(values))), color="tab:blue", alpha=0.8)
     ax.axvline(cutoff_len, color="tab:red", linestyle="--", label=f"cutoff_len {cutoff_len}")
-    over = sum(1 for n in lengths if n > cutoff_len)
-    ax.set_title(f"{len(lengths)} samples, {over} longer than the cutoff")
+    over = sum(c for n, c in lengths.items() if n > cutoff_len)
+    ax.set_title(f"{sum(lengths.values())} samples, {over} longer than the cutoff")
     ax.set_xlabel("tokens per sample (BOS and EOS included)")
     ax.set_ylabel("samples")
     ax.legend()
     save_figure(fig, path)
 
 
-def write_report(report: dict[str, Any], lengths: Sequence[int], output_dir: str | os.PathLike) -> Path:
+def write_report(report: dict[str, Any], lengths: Counter[int], output_dir: str | os.PathLike) -> Path:
     out = Path(output_dir)
     atomic_write_text(out / "report.json", json.dumps(report, ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(out / "report.md", report_markdown(report))

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import textwrap
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import Any
 from chinese_vicuna.data.chat import plan_chunks, round_lengths, split_system, template_trains_eos
 from chinese_vicuna.data.fast_tokenize import encode_texts
 from chinese_vicuna.data.formats import check_messages, detect_format, to_messages
-from chinese_vicuna.data.records import Record, read_records
+from chinese_vicuna.data.records import Record, iter_records
 from chinese_vicuna.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -267,15 +268,20 @@ def convert_file(
     splitter: Splitter | None = None,
 ) -> ConvertStats:
     """Convert one .json/.jsonl file: JSON lines, or a JSON list when `output_path` ends in .json
-    (the training scripts read either by its suffix). Written atomically."""
-    from chinese_vicuna.files import atomic_write_text
+    (the training scripts read either by its suffix). Streamed: one record in memory at a time
+    (a .json list is read incrementally); written atomically."""
+    from chinese_vicuna.files import atomic_writer
 
     stats = ConvertStats()
-    records = list(convert_records(read_records(input_path), target, html, splitter, stats))
-    if not records:
-        raise UserError(f"{input_path}: no record could be converted ({json.dumps(stats.dropped, ensure_ascii=False)})")
-    if Path(output_path).suffix == ".json":
-        atomic_write_text(output_path, json.dumps(records, ensure_ascii=False, indent=1) + "\n")
-    else:
-        atomic_write_text(output_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    as_list = Path(output_path).suffix == ".json"
+    with atomic_writer(output_path) as f:
+        for n, record in enumerate(convert_records(iter_records(input_path), target, html, splitter, stats)):
+            if as_list:  # the bytes json.dumps(records, indent=1) writes, one record at a time
+                f.write(((",\n" if n else "[\n") + textwrap.indent(json.dumps(record, ensure_ascii=False, indent=1), " ")).encode("utf-8"))
+            else:
+                f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        if not stats.written:
+            raise UserError(f"{input_path}: no record could be converted ({json.dumps(stats.dropped, ensure_ascii=False)})")
+        if as_list:
+            f.write(b"\n]\n")
     return stats

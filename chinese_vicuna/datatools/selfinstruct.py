@@ -25,13 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chinese_vicuna.checkpoints import check_output_file
 from chinese_vicuna.data.records import read_records, validate_instruction
 from chinese_vicuna.datatools.dedupe import Deduper
 from chinese_vicuna.datatools.ratelimit import SlidingWindowLimiter
 from chinese_vicuna.endpoint import openai_client, resolve_api_key
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.outputlock import hold_output_folder
 
 logger = logging.getLogger(__name__)
+NOT_JSON = "replies not JSON"
 
 TOPICS_ZH = [
     "科技", "历史", "文学", "数学", "物理", "化学", "生物", "地理", "经济", "金融", "法律", "医疗健康", "心理",
@@ -302,6 +305,9 @@ class Requester:
             except (IndexError, AttributeError):
                 self._count("malformed responses")
                 return None
+            except ValueError:  # the body is not JSON (or not UTF-8): not a chat completion endpoint
+                self._count(NOT_JSON)
+                return None
             if attempt < cfg.max_retries:
                 self.sleep(delay)
         self._count("requests given up after retries")
@@ -362,6 +368,8 @@ def generate(
     if config.requests_per_minute < 1 or config.concurrency < 1:
         raise UserError("--requests_per_minute and --concurrency must be at least 1")
     out = Path(config.output_file)
+    check_output_file(out, "--output_file")
+    hold_output_folder(out, "--output_file")
     existing = read_existing(out)
     seeds = load_seed_tasks(config.seed_tasks) if config.seed_tasks else []
     deduper = Deduper(config.similarity_threshold)
@@ -395,7 +403,8 @@ def generate(
         pending: set[Future[str | None]] = set()
         try:
             while kept < config.num_samples:
-                while len(pending) < config.concurrency:
+                # no more requests in flight than the missing records need (1 missing record: 1 request)
+                while len(pending) < config.concurrency and len(pending) * config.records_per_request < config.num_samples - kept:
                     pending.add(pool.submit(one_request))
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
@@ -426,6 +435,11 @@ def generate(
                             new += 1
                             bar.update(1)
                     useless = 0 if new else useless + 1
+                    if useless >= config.max_useless_requests and requester.counts[NOT_JSON] >= useless:
+                        raise UserError(
+                            f"{config.api_base}: the last {useless} replies were not JSON ({_summary(counts | requester.counts)}); "
+                            "check that --api_base is an OpenAI-compatible endpoint (a URL ending in /v1)"
+                        )
                     if useless >= config.max_useless_requests:
                         raise UserError(
                             f"{config.api_base}: {useless} replies in a row gave no new record ({_summary(counts | requester.counts)}); "

@@ -39,28 +39,32 @@ def local_turns(
     system: str | None = None,
     max_memory: int | None = None,
 ) -> list[str]:
-    """The model's answer to each turn, asked after the earlier turns and its own answers."""
+    """The model's answer to each turn, asked after the earlier turns and its own answers; stops at an empty one."""
     history: list[dict[str, str]] = []
     answers = []
     for question in questions:
         ids, _ = engine.chat_ids(history, question, system, max_memory)
         answer = engine.answer(ids, decoding)
-        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         answers.append(answer)
+        if not answer.strip():
+            break  # no later turn is asked after an empty reply: the question is asked again on a rerun
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return answers
 
 
 def endpoint_turns(
     client: Any, model: str, questions: Sequence[str], temperature: float = 0.0, max_tokens: int = 1024, system: str | None = None
 ) -> list[str]:
-    """The endpoint model's answer to each turn, the conversation so far sent each time."""
+    """The endpoint model's answer to each turn, the conversation so far sent each time; stops at an empty one."""
     messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     answers = []
     for question in questions:
         messages.append({"role": "user", "content": question})
         answer = chat_completion(client, model, messages, temperature=temperature, max_tokens=max_tokens)
-        messages.append({"role": "assistant", "content": answer})
         answers.append(answer)
+        if not answer.strip():  # `content: null` or "": no later turn is paid for, a rerun asks again
+            break
+        messages.append({"role": "assistant", "content": answer})
     return answers
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
@@ -17,7 +16,8 @@ import torch
 
 from chinese_vicuna.devices import DTYPES
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.files import make_readable, read_json, write_json
+from chinese_vicuna.files import follow_umask, make_readable, read_json, write_json
+from chinese_vicuna.outputlock import OutputLock
 
 DELTA_MANIFEST = "delta_manifest.json"  # written by export/delta.py; named here so tensors.py needs no import of it
 SAFE_INDEX = "model.safetensors.index.json"
@@ -103,8 +103,9 @@ class StagingDir:
     rename: old → `.old-*`, new → `out`, then the old one is removed. A kill at any point
     leaves either the old model or the new one at `out` (or the old one in `.old-*`, which the
     next run puts back); the next run removes the leftovers of killed runs and says so.
-    A lock file `.{name}.lock` (released by the kernel when a writer dies) keeps two runs from
-    writing the same `out`, and one run from removing the staging folder of another that is alive.
+    The output lock (`chinese_vicuna/outputlock.py`: `.{name}.lock`, released by the kernel when a writer
+    dies) keeps two runs from writing the same `out`, and one run from removing the staging folder of
+    another that is alive.
     """
 
     def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False) -> None:
@@ -112,12 +113,7 @@ class StagingDir:
         if self.out.exists() and not self.out.is_dir():
             raise UserError(f"--output_dir {self.out}: exists and is not a folder")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.lock: int | None = os.open(self.out.parent / f".{self.out.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.lock)
-            raise UserError(f"--output_dir {self.out}: another run is writing it now; wait for it to end or choose another folder") from None
+        self.lock: OutputLock | None = OutputLock(self.out)
         try:
             self._prepare(overwrite)
         except BaseException:
@@ -140,6 +136,7 @@ class StagingDir:
 
     def commit(self) -> None:
         try:
+            follow_umask(self.path)  # safetensors writes its files 0600
             old = None
             if self.out.exists():
                 old = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.old-"))
@@ -162,7 +159,7 @@ class StagingDir:
 
     def _unlock(self) -> None:
         if self.lock is not None:
-            os.close(self.lock)
+            self.lock.release()
             self.lock = None
 
     def __enter__(self) -> StagingDir:

@@ -24,7 +24,8 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from chinese_vicuna.checkpoints import FINGERPRINT_NAME, STAGING_DIR
-from chinese_vicuna.files import atomic_write_text
+from chinese_vicuna.errors import disk_full_as_os_error
+from chinese_vicuna.files import atomic_write_text, follow_umask
 from chinese_vicuna.train.losses import ChunkedLossMixin
 
 logger = logging.getLogger(__name__)
@@ -73,13 +74,15 @@ class AtomicCheckpointMixin:
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            with disk_full_as_os_error(run_dir):  # the previous checkpoint stays whole: this one was only staged
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()  # type: ignore[attr-defined]  # every process wrote its part
         if args.should_save:
             for writer in getattr(self, "checkpoint_writers", []):
                 writer(staged)
+            follow_umask(staged)  # safetensors writes the adapter 0600
             _sync_tree(staged)
             if final.exists():  # a checkpoint of the same step from an earlier attempt: replaced whole
                 old = staging_root / f"{name}.replaced"

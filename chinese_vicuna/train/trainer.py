@@ -17,9 +17,10 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from chinese_vicuna.checkpoints import WEIGHT_FILES
 from chinese_vicuna.devices import is_main_process, world_size
-from chinese_vicuna.errors import TrainingInterrupted, UserError
-from chinese_vicuna.files import atomic_write_text, save_figure
+from chinese_vicuna.errors import TrainingInterrupted, UserError, disk_full_as_os_error
+from chinese_vicuna.files import atomic_write_text, follow_umask, save_figure
 from chinese_vicuna.model.loading import trainable_parameters
 from chinese_vicuna.prompts import PromptTemplate, save_template_files
 from chinese_vicuna.train.checkpointing import with_atomic_checkpoints, write_fingerprint
@@ -199,8 +200,10 @@ def train_and_save(
         raise TrainingInterrupted(interrupted_message(trainer, resume_from_checkpoint)) from None
     # Trainer.save_model gathers ZeRO-3 shards and calls PEFT's save_pretrained on the
     # unwrapped (uncompiled) model: adapter_config.json + adapter_model.safetensors.
-    trainer.save_model(args.output_dir)
+    with disk_full_as_os_error(args.output_dir):
+        trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
+        follow_umask(*(Path(args.output_dir) / name for name in WEIGHT_FILES if (Path(args.output_dir) / name).is_file()))
         tokenizer.save_pretrained(args.output_dir)
         if template is not None:
             save_template_files(args.output_dir, template, tokenizer)
