@@ -30,6 +30,8 @@ ALLOWED = {
     "chinese_vicuna/data/chat.py": "training data",
     "chinese_vicuna/data/encode.py": "training data",
     "chinese_vicuna/data/fast_tokenize.py": "training data",
+    "chinese_vicuna/data/preference.py": "training data (preference pairs)",
+    "chinese_vicuna/board.py": "the training board's preview of training records, as training encodes them",
     "chinese_vicuna/datatools/formats_convert.py": "token counts of training data",
     "chinese_vicuna/model/vocab.py": "vocabulary expansion",
     "chinese_vicuna/evaluation/choice.py": "multiple-choice scoring: a letter's id as the prompt's continuation, no generation",

@@ -142,7 +142,7 @@ def test_low_mem_refuses_a_lora_bias(tiny_model_dir: Path, tmp_path: Path, capsy
             ["--base_model", str(tiny_model_dir), "--lora_weights", str(lora), "--output_dir", str(tmp_path / "m"), "--low_mem", "true"]
         )
     assert exit_info.value.code == 2
-    assert "lora_bias is set; --low_mem merges plain LoRA only: drop --low_mem" in capsys.readouterr().err
+    assert "lora_bias is set; --low_mem merges LoRA, rsLoRA and DoRA only: drop --low_mem" in capsys.readouterr().err
     assert not list((tmp_path / "m").glob("*.safetensors"))  # nothing written
 
 

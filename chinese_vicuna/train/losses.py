@@ -176,7 +176,9 @@ def lm_head_set_aside(model: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
     base = _causal_lm(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     state: dict[str, Any] = {}
-    if head is None or any(getattr(base.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
+    # DeepSpeed ZeRO-3 gathers a partitioned weight (`ds_id`) only inside its module's own forward.
+    partitioned = head is not None and hasattr(getattr(head, "weight", None), "ds_id")
+    if head is None or partitioned or any(getattr(base.config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
         yield None, state
         return
 
