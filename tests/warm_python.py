@@ -30,7 +30,11 @@ IMPORT_TIME_PREFIXES = (
     "PYTHON", "OMP_", "MKL_", "KMP_", "LD_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_",
     "TORCH", "PYTORCH_", "BNB_", "CUDA_", "XDG_", "HOME", "TMPDIR", "TOKENIZERS_",
 )  # fmt: skip
-READ_LATER = frozenset({"PYTORCH_NVML_BASED_CUDA_CHECK"})  # torch.cuda.is_available() reads it; DeepSpeed sets it
+# Set by libraries in the test process as they run, and read only later (so a fork is still right):
+# torch.cuda.is_available() reads the first (DeepSpeed sets it); inductor reads its cache folder when it
+# compiles (bitsandbytes' import sets it); Intel OpenMP reads KMP_DUPLICATE_LIB_OK when a second runtime
+# loads, hf-xet its setting when it downloads (lm_eval's import sets both).
+READ_LATER = frozenset({"PYTORCH_NVML_BASED_CUDA_CHECK", "TORCHINDUCTOR_CACHE_DIR", "KMP_DUPLICATE_LIB_OK", "HF_XET_HIGH_PERFORMANCE"})
 
 PRELOAD = """
 import torch, transformers, peft, datasets, accelerate, safetensors, sentencepiece, bitsandbytes
