@@ -58,17 +58,20 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         return grad, None, None
 
 
+def _trainable_rows(rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` flattened to (positions, features) and `targets` to (positions,), without the -100 ones."""
+    rows, targets = rows.reshape(-1, rows.shape[-1]), targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    return (rows, targets) if bool(keep.all()) else (rows[keep], targets[keep])
+
+
 def chunked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """Summed token cross-entropy of `logits` (rows, vocab) against `targets` (rows,).
 
     Rows whose target is -100 are skipped. Returns a fp32 scalar *sum*; divide by the number
     of trainable tokens (Trainer's `num_items_in_batch`) for the per-token mean.
     """
-    logits = logits.reshape(-1, logits.shape[-1])
-    targets = targets.reshape(-1)
-    keep = targets != IGNORE_INDEX
-    if not bool(keep.all()):
-        logits, targets = logits[keep], targets[keep]
+    logits, targets = _trainable_rows(logits, targets)
     if targets.numel() == 0:
         return logits.sum() * 0.0  # keeps the graph connected (no trainable token)
     return _ChunkedCrossEntropySum.apply(logits, targets, chunk)
@@ -131,11 +134,7 @@ def lm_head_cross_entropy(hidden: torch.Tensor, lm_head: Any, targets: torch.Ten
     """Summed token cross-entropy of `lm_head(hidden)` (rows, hidden) against `targets` (rows,),
     never more than `chunk` rows of logits at a time (module docstring). Rows whose target is -100
     are skipped. Returns a fp32 scalar *sum*; divide by the count of trainable tokens."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    keep = targets != IGNORE_INDEX
-    if not bool(keep.all()):
-        hidden, targets = hidden[keep], targets[keep]
+    hidden, targets = _trainable_rows(hidden, targets)
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph connected (no trainable token)
     chunk = chunk if chunk > 0 else hidden.shape[0]
