@@ -183,6 +183,55 @@ def test_packed_and_padded_pairs_give_the_same_log_probs(tiny_model_dir: Path, t
     torch.testing.assert_close(packed, padded, atol=1e-5 * float(packed.abs().max()), rtol=0)
 
 
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_log_probs_through_lm_head_chunks_equal_the_unchunked_ones(packed: bool, tiny_model_dir: Path, tokenizer, sample_pairs) -> None:
+    """--loss_chunk_size: the per-sequence log-probabilities (7 rows of logits at a time, so several
+    chunks, some across two sequences) equal those of the model's own logits to 1e-6 of their size in fp32, and the
+    LoRA gradients of a weighted sum to 1e-5 of theirs (fp32 matmuls of other row counts round apart)."""
+    model = policy_with_adapter(tiny_model_dir, tokenizer)
+    collate = PackedCollator() if packed else PaddingCollator(tokenizer.pad_token_id)
+    batch = collate([sample_pairs[i] for i in range(6)])
+    results = {}
+    for chunk in (0, 7):
+        model.zero_grad()
+        log_probs, counts = sequence_log_probs(model, batch, chunk)
+        (log_probs * torch.arange(1, log_probs.numel() + 1)).sum().backward()  # a different weight per sequence
+        results[chunk] = (log_probs.detach(), counts, _grads(model))
+    (whole, whole_counts, whole_grads), (chunked, chunked_counts, chunked_grads) = results[0], results[7]
+    assert chunked_counts.tolist() == whole_counts.tolist() and sum(whole_counts.tolist()) > 3 * 7  # many chunks, across sequences
+    torch.testing.assert_close(chunked, whole, atol=1e-6 * float(whole.abs().max()), rtol=0)
+    scale = max(float(g.abs().max()) for g in whole_grads.values())
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("head", ["linear", "biased"])
+def test_token_log_probs_and_their_gradients_equal_log_softmax(head: str) -> None:
+    """`lm_head_token_log_probs` (what GRPO's per-token ratios take) against log_softmax of the
+    whole logits: values to 1e-6, the gradients of hidden and of a trained head to 1e-5, for a
+    plain head (fused pass) and any other (per-chunk checkpointing)."""
+    from chinese_vicuna.train.losses import lm_head_token_log_probs
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 50, bias=head == "biased")
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    weights = torch.randn(23)  # an incoming gradient that differs per token
+    expected = torch.log_softmax(lm_head(hidden), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    (expected * weights).sum().backward()
+    want = (hidden.grad.clone(), lm_head.weight.grad.clone())
+    hidden.grad, lm_head.weight.grad = None, None
+    got = lm_head_token_log_probs(hidden, lm_head, targets, chunk=5)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(hidden.grad, want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lm_head.weight.grad, want[1], atol=1e-5, rtol=0)
+
+
 def trl_batch(pairs: list[dict], tokenizer) -> dict:
     """Our token ids of the pairs, as TRL's collator lays them out (prompt, chosen, rejected)."""
     from trl.trainer.dpo_trainer import DataCollatorForPreference

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.train.losses import DEFAULT_CHUNK
 from chinese_vicuna.train.packing import LengthSamplingMixin, sequence_log_probs
 
 logger = logging.getLogger(__name__)
@@ -226,15 +227,21 @@ class PreferenceTrainer(LengthSamplingMixin, Trainer):
             train_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
 
+    @property
+    def loss_chunk_size(self) -> int:
+        return getattr(self.args, "loss_chunk_size", DEFAULT_CHUNK)
+
     def reference_log_probs(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         if "ref_log_probs" in inputs:
             return inputs["ref_log_probs"]
         with torch.no_grad(), reference_model(model, self.reference_adapter):
-            return sequence_log_probs(model, inputs)[0]
+            return sequence_log_probs(model, inputs, self.loss_chunk_size)[0]
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
-        log_probs, counts = sequence_log_probs(model, inputs)
+        # The reference first: its no-grad forward's activations are gone before the policy's
+        # forward keeps its own for backward (the peak is the policy's, not the sum of both).
         ref = None if self.loss_type in REFERENCE_FREE else self.reference_log_probs(model, inputs)
+        log_probs, counts = sequence_log_probs(model, inputs, self.loss_chunk_size)
         metrics: dict[str, float] = {}
         if self.loss_type == "kto":
             own, kl = log_probs.view(-1, 2).unbind(1)
