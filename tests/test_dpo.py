@@ -357,6 +357,51 @@ def test_precomputed_reference_gives_the_same_loss(tiny_model_dir: Path, tokeniz
     assert abs(float(live) - float(cached)) < 1e-6
 
 
+def test_precomputed_reference_is_stored_with_the_pairs_and_read_back(tiny_model_dir: Path, tokenizer, tmp_path: Path, monkeypatch) -> None:
+    """--precompute_ref_log_probs: computed once for the tokenized store (train and held-out pairs
+    together) and stored in its cache folder; a second run on the same data and reference computes
+    nothing and trains on exactly the stored values; another reference (an SFT adapter) computes
+    and stores its own."""
+    import numpy as np
+
+    adapter = tmp_path / "adapter"
+    policy_with_adapter(tiny_model_dir, tokenizer).save_pretrained(str(adapter))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records())
+    computed: list = []
+    used: list = []
+    compute, with_reference = finetune_dpo.precompute_reference, finetune_dpo.WithReference
+    monkeypatch.setattr(finetune_dpo, "precompute_reference", lambda *a: computed.append(compute(*a)) or computed[-1])
+    monkeypatch.setattr(finetune_dpo, "WithReference", lambda samples, ref: used.append(ref) or with_reference(samples, ref))
+
+    def run(name: str, *extra: str) -> tuple[list, list]:
+        computed.clear()
+        used.clear()
+        flags = ["--precompute_ref_log_probs", "true", "--max_steps", "2", "--val_set_size", "3", "--cache_dir", str(tmp_path / "cache")]
+        finetune_dpo.main(dpo_args(tiny_model_dir, data, tmp_path / name, *flags, "--save_steps", "2", *extra))
+        return list(computed), list(used)
+
+    def stored() -> dict[str, np.ndarray]:
+        return {p.name: np.load(p) for p in (tmp_path / "cache").glob("*/reference-log-probs/*.npy")}
+
+    first, first_used = run("a")
+    assert len(first) == 1 and first[0].shape == (PROMPTS, 2)  # one pass over the whole store
+    [(name, values)] = stored().items()
+    assert np.array_equal(values, first[0])  # stored exactly as computed
+    train, val = first_used
+    assert train.shape == (PROMPTS - 3, 2) and val.shape == (3, 2)
+    assert sorted(map(tuple, np.concatenate([train, val]).tolist())) == sorted(map(tuple, values.tolist()))
+
+    again, again_used = run("b")
+    assert again == []  # nothing computed: read back
+    assert all(np.array_equal(x, y) for x, y in zip(again_used, first_used, strict=True))
+
+    other, _ = run("c", "--lora_weights", str(adapter))
+    assert len(other) == 1  # another reference: computed and stored beside the first
+    assert len(stored()) == 2 and np.array_equal(stored()[name], values)
+    assert np.abs(other[0] - values).min() > 1e-4
+    assert (tmp_path / "c" / "adapter_model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------- the tiny model learns its pairs
 
 

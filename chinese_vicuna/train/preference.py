@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import math
 from collections import defaultdict
@@ -310,3 +312,31 @@ def precompute_reference(trainer: PreferenceTrainer, samples: Any, collator: Any
         out.append(trainer.reference_log_probs(model, batch).cpu().numpy())
     group = len(samples[0]["input_ids"]) if len(samples) else 2
     return np.concatenate(out).reshape(-1, group) if out else np.zeros((0, group), dtype=np.float32)
+
+
+# Bump when the reference log-probabilities' computation changes (the stored ones are keyed by it).
+REFERENCE_LOG_PROBS_VERSION = "1"
+
+
+def reference_key(model: Any, base_model: str, reference_adapter_dir: str | None, template: Any, train_args: Any) -> str:
+    """What the reference's log-probabilities depend on besides the tokenized pairs (whose cache key
+    holds data, tokenizer, template and cutoff): the base's files (by content), the reference
+    adapter's files (or none: the adapter disabled), the loaded model's config (dtype, quantization,
+    RoPE), the mixed precision and the template. Another reference never reads them."""
+    from chinese_vicuna.checkpoints import data_identity
+
+    peft_model = getattr(model, "module", model)
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    config = {k: v for k, v in base.config.to_dict().items() if k != "_name_or_path"}
+    identity = {
+        "version": REFERENCE_LOG_PROBS_VERSION,
+        "base": data_identity(base_model),
+        "reference_adapter": data_identity(reference_adapter_dir) if reference_adapter_dir else "adapter disabled",
+        "config": config,
+        "weights_dtype": str(base.get_input_embeddings().weight.dtype),
+        "mixed_precision": {"bf16": bool(getattr(train_args, "bf16", False)), "fp16": bool(getattr(train_args, "fp16", False))},
+        "template": getattr(template, "name", None),
+        "template_spec": getattr(template, "spec", None),
+    }
+    text = json.dumps(identity, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
