@@ -494,6 +494,36 @@ def test_plain_dpo_after_sft_raises_the_chosen_log_probs(tiny_model_dir: Path, s
     assert share([m > 0 for m in margins]) >= 0.9, margins
 
 
+@pytest.mark.parametrize("flag", ["--load_in_8bit", "--load_in_4bit"])
+def test_kbit_dpo_after_sft_raises_the_chosen_and_saves_a_stock_adapter(
+    flag: str, tiny_model_dir: Path, sft_adapter: Path, tmp_path: Path
+) -> None:
+    """QLoRA / 8-bit DPO on the CPU (bitsandbytes): the base quantized, the SFT adapter trained on
+    and loaded again as the frozen reference. The first step is log 2 (policy = reference), the loss
+    falls and the chosen answers' log-probabilities rise; the adapter loads in stock PEFT on the
+    unquantized base, with the SFT adapter's tensors, moved away from them."""
+    import math
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records())
+    out = tmp_path / "out"
+    flags = ["--lora_weights", str(sft_adapter), flag, "true", "--lora_dropout", "0", "--pref_beta", "0.5"]  # no dropout: step 1 is exact
+    flags += ["--max_steps", "6", "--logging_steps", "1", "--val_set_size", "0"]
+    finetune_dpo.main(dpo_args(tiny_model_dir, data, out, *flags, "--save_steps", "6"))
+    log = [e for e in read_jsonl(out / "trainer_log.jsonl") if "loss" in e and "logps/chosen" in e]
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
+    # 4-bit: policy = reference to fp32 rounding. 8-bit: bitsandbytes runs LLM.int8 by another path in
+    # training mode (the policy) than in eval mode (the reference), both with inputs cast to fp16
+    # (2^-10 relative): the sequences' summed log-probabilities differ by a few 1e-3.
+    tolerance = 1e-2 if flag == "--load_in_8bit" else 1e-4
+    assert abs(log[0]["loss"] - math.log(2)) < tolerance and abs(log[0]["rewards/margins"]) < tolerance, log[0]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.05, log
+    assert log[-1]["logps/chosen"] > log[0]["logps/chosen"] and log[-1]["rewards/accuracies"] == 1.0, log
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out))
+    assert not any("Linear4bit" in type(m).__name__ or "Linear8bit" in type(m).__name__ for m in model.modules())
+    trained, start = load_file(str(out / "adapter_model.safetensors")), load_file(str(sft_adapter / "adapter_model.safetensors"))
+    assert trained.keys() == start.keys() and max(float((trained[k] - start[k]).abs().max()) for k in start) > 1e-4
+
+
 def test_orpo_from_the_bare_base_answers_the_chosen(tiny_model_dir: Path, tokenizer, tmp_path: Path) -> None:
     """ORPO needs no reference; its SFT term teaches X from the bare base."""
     records = [{**r, "chosen": r["rejected"], "rejected": CHOSEN} for r in pair_records()]  # per-prompt answers to learn
