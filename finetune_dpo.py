@@ -65,6 +65,13 @@ class PreferenceArguments:
             "help": "Compute the reference log-probabilities once before training (one forward per sample less each step); stored with the tokenized data, reused by a later run of the same reference."
         },
     )
+    pref_split_sequences: bool = field(
+        default=False,
+        metadata={
+            "help": "Chosen and rejected through the model one after the other: the activations of one answer per pair "
+            "at a time (about SFT's peak), one more no-grad forward; the same gradients. Single process, no DeepSpeed."
+        },
+    )
     kto_chosen_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the desirable answers' loss."})
     kto_rejected_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the undesirable answers' loss."})
 
@@ -114,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     kto = pref_args.pref_loss == "kto"
     check_kto_batch(pref_args.pref_loss, train_args.per_device_train_batch_size, train_args.packing_max_tokens)
     needs_reference = pref_args.pref_loss not in REFERENCE_FREE
+    if pref_args.pref_split_sequences and (train_args.deepspeed or train_args.world_size > 1):
+        raise UserError("--pref_split_sequences runs each answer's backward inside the loss's: one process without DeepSpeed only")
     if pref_args.precompute_ref_log_probs and kto:
         raise UserError("--precompute_ref_log_probs: KTO's KL pairs change with every batch; compute the reference as it trains")
 
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         reference = REFERENCE_ADAPTER
 
     # 3. train: pairs packed in rows unless --packing false (then padded); the reference computed per batch or once
-    collator = PreferenceCollator(sequence_collator(train_args.packing, tokenizer), kto=kto)
+    collator = PreferenceCollator(sequence_collator(train_args.packing, tokenizer), kto=kto, split=pref_args.pref_split_sequences)
     trainer = build_trainer(
         PreferenceTrainer, model, tokenizer, train_args, train_data, val_data, collator,
         loss_type=pref_args.pref_loss, beta=pref_args.pref_beta, ftx=pref_args.pref_ftx, simpo_gamma=pref_args.simpo_gamma,

@@ -154,11 +154,11 @@ def test_the_recipe_refuses_a_malformed_record_and_a_small_kto_batch_in_one_line
     assert proc.returncode == 2 and "the minimum is 2" in proc.stderr.strip().splitlines()[-1]
 
 
-def policy_with_adapter(tiny_model_dir: Path, tokenizer, seed: int = 0):
+def policy_with_adapter(tiny_model_dir: Path, tokenizer, seed: int = 0, dropout: float = 0.0):
     from chinese_vicuna.model.build import load_checked_model
 
     torch.manual_seed(seed)
-    model = add_lora(load_checked_model(str(tiny_model_dir), tokenizer, "fp32"), 8, 16, 0.0, "all-linear")
+    model = add_lora(load_checked_model(str(tiny_model_dir), tokenizer, "fp32"), 8, 16, dropout, "all-linear")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -230,6 +230,49 @@ def test_token_log_probs_and_their_gradients_equal_log_softmax(head: str) -> Non
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(hidden.grad, want[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(lm_head.weight.grad, want[1], atol=1e-5, rtol=0)
+
+
+def test_split_sequences_give_the_joint_loss_and_gradients(tiny_model_dir: Path, tokenizer, sample_pairs) -> None:
+    """--pref_split_sequences: chosen and rejected in separate batches, each run again in backward.
+    The loss and the LoRA gradients equal those of the joint packed batch (no dropout: the same
+    function; 1e-5 of their size, fp32 sums of rows in other orders), and with dropout the
+    recomputation draws the masks of the no-grad pass (the gradients of one forward with grad)."""
+    from chinese_vicuna.train.packing import sequence_collator
+    from chinese_vicuna.train.preference import PreferenceCollator, parts_log_probs
+
+    model = policy_with_adapter(tiny_model_dir, tokenizer).train()
+    features = [sample_pairs[i] for i in range(6)]
+    joint_batch = PreferenceCollator(sequence_collator(True, tokenizer))(features)
+    split_batch = PreferenceCollator(sequence_collator(True, tokenizer), split=True)(features)
+    assert set(split_batch) == {"sequence_parts"} and len(split_batch["sequence_parts"]) == 2
+
+    def loss_and_grads(log_probs, counts):
+        chosen, rejected = log_probs.view(-1, 2).unbind(1)
+        ref = (chosen.detach() - 1.0, rejected.detach() + 1.0)  # a reference the policy differs from
+        out = pair_loss("sigmoid", 0.1, chosen, rejected, *counts.view(-1, 2).unbind(1), *ref)
+        loss = out.loss + 0.5 * (-(chosen / counts.view(-1, 2)[:, 0]).mean())  # --pref_ftx: a second gradient path
+        model.zero_grad()
+        loss.backward()
+        return float(loss), _grads(model)
+
+    joint_loss, joint = loss_and_grads(*sequence_log_probs(model, joint_batch, 7))
+    split_loss, split = loss_and_grads(*parts_log_probs(model, split_batch["sequence_parts"], 7))
+    assert abs(joint_loss - split_loss) < 1e-6 * abs(joint_loss)
+    scale = max(float(g.abs().max()) for g in joint.values())
+    assert all(torch.allclose(split[n], g, atol=1e-5 * scale, rtol=0) for n, g in joint.items())
+
+    model = policy_with_adapter(tiny_model_dir, tokenizer, dropout=0.3).train()  # the recomputation must draw the same masks
+    parts = split_batch["sequence_parts"]
+    torch.manual_seed(5)
+    direct = torch.stack([sequence_log_probs(model, part, 7)[0] for part in parts], dim=1).reshape(-1)
+    with_grad_loss, with_grad = loss_and_grads(direct, parts_log_probs(model, parts, 7)[1].detach())
+    torch.manual_seed(5)
+    recomputed_loss, recomputed = loss_and_grads(*parts_log_probs(model, parts, 7))
+    torch.manual_seed(6)
+    other_masks_loss, _ = loss_and_grads(*parts_log_probs(model, parts, 7))
+    assert recomputed_loss == with_grad_loss != other_masks_loss  # dropout is on, and drew the same masks
+    scale = max(float(g.abs().max()) for g in with_grad.values())
+    assert all(torch.allclose(recomputed[n], g, atol=1e-6 * scale, rtol=0) for n, g in with_grad.items())
 
 
 def trl_batch(pairs: list[dict], tokenizer) -> dict:
@@ -583,6 +626,8 @@ def test_every_loss_and_format_trains(loss: str, tiny_model_dir: Path, tmp_path:
         "--eval_steps",
         "2",
     ]
+    if loss in ("ipo", "kto"):
+        flags += ["--pref_split_sequences", "true"]  # each answer (KTO: and its mismatched one) through the model apart
     finetune_dpo.main(dpo_args(tiny_model_dir, tmp_path / "data", out, *flags, "--save_steps", "2", "--logging_steps", "1"))
     log = read_jsonl(out / "trainer_log.jsonl")
     assert [e["step"] for e in log if "loss" in e] == [1, 2] and all(torch.isfinite(torch.tensor(e["loss"])) for e in log if "loss" in e)

@@ -1191,6 +1191,8 @@ DPO_CONFIGS = {
     "sft-pairs": "finetune.py on chosen and rejected as samples, micro-batch 2M (DPO's sequences a step)",
     "dpo": "finetune_dpo.py from the base (reference: the adapter disabled), micro-batch M pairs",
     "dpo-sft": "finetune_dpo.py --lora_weights (the sft run's adapter; reference: it, loaded again frozen)",
+    "dpo-split": "finetune_dpo.py --pref_split_sequences true from the base (chosen, then rejected through the model)",
+    "dpo-sft-split": "finetune_dpo.py --pref_split_sequences true --lora_weights (the sft run's adapter)",
     "trl": "TRL DPOTrainer on the same token ids, LoRA via peft_config (reference: the adapter disabled)",
 }
 DPO_LR, DPO_BETA = 1e-4, 0.1
@@ -1332,8 +1334,9 @@ def run_dpo(
     unknown = [c for c in configs if c not in DPO_CONFIGS]
     if unknown:
         raise UserError(f"--configs {','.join(unknown)}: unknown; use some of {', '.join(DPO_CONFIGS)}")
-    if "dpo-sft" in configs and ("sft" not in configs or configs.index("sft") > configs.index("dpo-sft")):
-        raise UserError("--configs: dpo-sft starts from the sft run's adapter; list sft before it")
+    for after_sft in ("dpo-sft", "dpo-sft-split"):
+        if after_sft in configs and ("sft" not in configs or configs.index("sft") > configs.index(after_sft)):
+            raise UserError(f"--configs: {after_sft} starts from the sft run's adapter; list sft before it")
     precision = resolve_bench_precision(precision)
     files = make_dpo_data(data, work)
     tokenizer = load_tokenizer(str(model_dir))
@@ -1346,12 +1349,15 @@ def run_dpo(
         "sft-pairs": data_token_counts(model_dir, files["sft-pairs"], cutoff_len, 2 * micro_batch, 42)["tokens"] * share,
         "dpo": pair_tokens * share,
         "dpo-sft": pair_tokens * share,
+        "dpo-split": pair_tokens * share,
+        "dpo-sft-split": pair_tokens * share,
         "trl": pair_tokens * share,
     }
     common = dpo_flags(precision, cutoff_len, max_steps)
     batch = ["--micro_batch_size", str(micro_batch), "--batch_size", str(micro_batch)]
     pair_batch = ["--micro_batch_size", str(2 * micro_batch), "--batch_size", str(2 * micro_batch)]
     dpo = ["--pref_beta", str(DPO_BETA)]
+    split = ["--pref_split_sequences", "true"]
     runs = []
     for i in range(repeats):
         for name in configs:
@@ -1363,6 +1369,12 @@ def run_dpo(
                     "sft-pairs": ("finetune.py", files["sft-pairs"], pair_batch),
                     "dpo": ("finetune_dpo.py", files["pairs"], batch + dpo),
                     "dpo-sft": ("finetune_dpo.py", files["pairs"], [*batch, *dpo, "--lora_weights", str(work / "runs" / f"sft-{i}")]),
+                    "dpo-split": ("finetune_dpo.py", files["pairs"], batch + dpo + split),
+                    "dpo-sft-split": (
+                        "finetune_dpo.py",
+                        files["pairs"],
+                        [*batch, *dpo, *split, "--lora_weights", str(work / "runs" / f"sft-{i}")],
+                    ),
                 }[name]
                 o = one_run(name, work, model_dir, data_file, common, i, flags, script=script)
                 r = {"config": name, "index": i, "train_wall_s": o["train_runtime_s"], "train_cpu_s": o["train_cpu_s"],
@@ -1386,11 +1398,13 @@ def run_dpo(
             "runs": DPO_CONFIGS[name],
         }
     ratios = {}
-    for a, b in (("dpo", "sft"), ("dpo", "sft-pairs"), ("dpo-sft", "sft"), ("dpo-sft", "sft-pairs"), ("dpo", "trl")):
-        if a in summary and b in summary:
-            ratios[f"peak {a}/{b}"] = summary[a]["peak_mib_max"] / summary[b]["peak_mib_max"]
-    if "dpo" in summary and "trl" in summary:
-        ratios["tokens_per_cpu_s dpo/trl"] = summary["dpo"]["tokens_per_cpu_s_median"] / summary["trl"]["tokens_per_cpu_s_median"]
+    for a in ("dpo", "dpo-sft", "dpo-split", "dpo-sft-split"):
+        for b in ("sft", "sft-pairs", "trl"):
+            if a in summary and b in summary:
+                ratios[f"peak {a}/{b}"] = summary[a]["peak_mib_max"] / summary[b]["peak_mib_max"]
+    for a in ("dpo", "dpo-split"):
+        if a in summary and "trl" in summary:
+            ratios[f"tokens_per_cpu_s {a}/trl"] = summary[a]["tokens_per_cpu_s_median"] / summary["trl"]["tokens_per_cpu_s_median"]
     summary["ratios"] = ratios
     return {
         "machine": machine_info(),
