@@ -62,7 +62,8 @@ class PreferenceArguments:
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata={
-            "help": "Compute the reference log-probabilities once before training (one forward per sample less each step); stored with the tokenized data, reused by a later run of the same reference."
+            "help": "Compute the reference log-probabilities once before training (one forward per sample less each step); "
+            "stored with the tokenized data, reused by a later run of the same reference."
         },
     )
     pref_split_sequences: bool = field(
