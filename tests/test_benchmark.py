@@ -69,7 +69,7 @@ def test_quick_benchmark_writes_json_and_plot(tiny_model_dir: Path, tmp_path: Pa
     assert summary["speedup_per_pair"] and summary["peak_memory_ratio"] > 0
 
 
-GPU_CHECK_STEPS = ["env", "memory", "speed-1b", "speed-7b", "flash", "peers", "tests", "report"]
+GPU_CHECK_STEPS = ["env", "memory", "speed-1b", "speed-7b", "flash", "peers", "liger", "tests", "report"]
 
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:

@@ -262,7 +262,7 @@ def pad_row_to_bucket(model: Any, inputs: dict[str, torch.Tensor], multiple: int
 
 
 def packed_loss(
-    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, chunk: int = DEFAULT_CHUNK
+    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, chunk: int = DEFAULT_CHUNK, kernel: str = "chunked"
 ) -> tuple[torch.Tensor, Any, int]:
     """(loss, outputs, trainable tokens) of a packed batch; see the module docstring. `chunk`:
     rows of logits at a time (`--loss_chunk_size`, train/losses.py).
@@ -274,7 +274,7 @@ def packed_loss(
     targets = inputs["shift_labels"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     with last_layer_at_targets(model, inputs, keep):
-        total, outputs = causal_lm_loss(model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk)
+        total, outputs = causal_lm_loss(model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk, kernel)
     return token_mean(total, num_items_in_batch, int(keep.numel())), outputs, int(keep.numel())
 
 
@@ -288,7 +288,7 @@ class PackedLossMixin:
         # The packed loss takes bf16 logits as they are: no fp32 copy (train/mixed_precision.py).
         keep_logits_dtype(model)
         chunk = getattr(self.args, "loss_chunk_size", DEFAULT_CHUNK)  # type: ignore[attr-defined]
-        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch, chunk)
+        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch, chunk, getattr(self.args, "loss_kernel", "chunked"))  # type: ignore[attr-defined]
         loss = loss_for_trainer(self, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
