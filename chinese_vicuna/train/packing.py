@@ -293,9 +293,10 @@ class PackedLossMixin:
         return (loss, outputs) if return_outputs else loss
 
 
-def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of the trained tokens, their count) of every sequence of a batch,
-    in fp32, shape (sequences,): for a stage whose loss is per sequence (preference pairs).
+def token_log_probs(model: Any, inputs: dict[str, torch.Tensor], temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of every trained target, the sequence it lies in) of a batch, in fp32,
+    shape (targets,), ordered by sequence then position: for a stage whose loss is per token
+    (GRPO). `temperature` divides the logits first (the distribution completions were sampled from).
 
     Takes either collator's batch: a packed row (`sequence_spans`; logits only at trained
     positions and the last layer run there, as `packed_loss`) or padded rows (one sequence each).
@@ -305,20 +306,30 @@ def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[tor
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         with last_layer_at_targets(model, inputs, keep):
             logits = packed_forward(model, inputs, logits_to_keep=keep).logits
-        logits = logits.reshape(-1, logits.shape[-1])
+        logits = logits.reshape(-1, logits.shape[-1]).float()
         spans = inputs["sequence_spans"].to(keep.device)
         owner = torch.searchsorted(spans[:, 1].contiguous(), keep, right=True)  # the sequence each target lies in
-        token_log_probs = -torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
-        sums = torch.zeros(spans.shape[0], dtype=torch.float32, device=logits.device).index_add(0, owner, token_log_probs)
-        counts = torch.zeros(spans.shape[0], dtype=torch.long, device=keep.device).index_add(0, owner, torch.ones_like(owner))
-        return sums, counts
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).logits[:, :-1]
-    targets = inputs["labels"][:, 1:]
-    trained = targets != IGNORE_INDEX
-    token_log_probs = -torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), targets.masked_fill(~trained, 0), reduction="none"
-    )  # fmt: skip
-    return (token_log_probs * trained).sum(dim=1), trained.sum(dim=1)
+        targets = targets[keep]
+    else:
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).logits[:, :-1]
+        shifted = inputs["labels"][:, 1:]
+        trained = (shifted != IGNORE_INDEX).nonzero()
+        owner, targets = trained[:, 0], shifted[trained[:, 0], trained[:, 1]]
+        logits = logits[trained[:, 0], trained[:, 1]].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -torch.nn.functional.cross_entropy(logits, targets, reduction="none"), owner
+
+
+def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of the trained tokens, their count) of every sequence of a batch,
+    in fp32, shape (sequences,): for a stage whose loss is per sequence (preference pairs).
+    Either collator's batch, as `token_log_probs`."""
+    log_probs, owner = token_log_probs(model, inputs)
+    sequences = inputs["sequence_spans"].shape[0] if "sequence_spans" in inputs else inputs["input_ids"].shape[0]
+    sums = torch.zeros(sequences, dtype=torch.float32, device=log_probs.device).index_add(0, owner, log_probs)
+    counts = torch.zeros(sequences, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))
+    return sums, counts
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, order: Sequence[int]) -> list[list[int]]:
