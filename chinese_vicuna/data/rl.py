@@ -72,11 +72,12 @@ def to_prompt(record: Record) -> RlPrompt:
         messages, instruction = _alpaca_prompt(record)
         shown = messages[-1]["content"]
     else:
-        messages = _messages(record, record.data[fmt], repr(fmt))
+        key = PROMPT_FIELDS[fmt][0]
+        messages = _messages(record, record.data[key], repr(key))
         if messages[-1]["role"] == "assistant":
             messages = messages[:-1]  # the answer of an SFT record: the policy writes its own
         if not messages:
-            raise UserError(f"{record.where}: {fmt!r} has no user turn before its answer")
+            raise UserError(f"{record.where}: {key!r} has no user turn before its answer")
         messages = _with_system(record, messages)
         single = len(messages) == 1 and messages[0]["role"] == "user"
         instruction, shown = ((messages[0]["content"], "") if single else None), messages
