@@ -19,7 +19,7 @@ from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.train.grpo import GrpoTrainer, collate_prompts, group_advantages, weighted_rewards
 from chinese_vicuna.train.rewards import RewardError, RewardFunction, load_reward_functions, required_columns, score
-from conftest import REPO, run_script
+from conftest import REPO, SAMPLE_INSTRUCT, read_jsonl, run_script
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -322,3 +322,106 @@ def test_loss_and_advantages_equal_trl_grpo_trainer(loss_type: str, beta: float,
         model.zero_grad()
         compute().backward()
         grads[name] = torch.cat([p.grad.flatten() for n, p in model.named_parameters() if p.grad is not None])
+
+
+# ---------------------------------------------------------------- the tiny model learns a rewarded ending
+
+ENDING = "祝你好运！"
+PROMPTS = 12
+TRL_REWARD_FILE = f'''
+def polite_ending(completions, **kwargs):
+    """A reward file as written for TRL's GRPOTrainer: completions are strings, columns keyword lists."""
+    return [1.0 if c.strip().endswith("{ENDING}") else 0.0 for c in completions]
+
+
+def keeps_answer(prompts, completions, answer, **kwargs):
+    return [1.0 if c.startswith(a) else 0.0 for c, a in zip(completions, answer)]
+'''
+
+
+@pytest.fixture(scope="module")
+def half_ending_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SFT on each prompt's answer once with ENDING and once without: about half its samples end with it."""
+    import finetune
+
+    folder = tmp_path_factory.mktemp("sft")
+    records = read_jsonl(SAMPLE_INSTRUCT)[:PROMPTS]
+    data = write_jsonl(folder / "sft.jsonl", [x for r in records for x in (r, {**r, "output": r["output"] + ENDING})])
+    out = folder / "adapter"
+    finetune.main([
+        "--base_model", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
+        "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--lora_target_modules", "all-linear",
+        "--learning_rate", "3e-3", "--warmup_steps", "0", "--micro_batch_size", "4", "--batch_size", "4",
+        "--num_epochs", "30", "--val_set_size", "0", "--save_steps", "1000", "--logging_steps", "50", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    return out
+
+
+def sampled_endings(base: Path, adapter: Path, samples: int = 16) -> tuple[float, float]:
+    """Shares of answers sampled at temperature 1 (the engine's sampler, stock PEFT loading) that end
+    with ENDING, and that start with the prompt's SFT answer."""
+    from chinese_vicuna.model.build import load_for_inference
+
+    model, tokenizer = load_for_inference(str(base), str(adapter))
+    engine = Engine.around(model, tokenizer, None, [str(adapter), str(base)], "instruction")
+    records = read_jsonl(SAMPLE_INSTRUCT)[:PROMPTS]
+    rollouts = engine.sample_groups(
+        [engine.instruction_ids(r["instruction"]) for r in records], samples, 48, temperature=1.0, generator=torch.Generator().manual_seed(0)
+    )  # fmt: skip
+    answers = [r["output"] for r in records for _ in range(samples)]
+    ends = [t.strip().endswith(ENDING) for t in rollouts.texts]
+    starts = [t.startswith(a) for t, a in zip(rollouts.texts, answers, strict=True)]
+    return sum(ends) / len(ends), sum(starts) / len(starts)
+
+
+@pytest.mark.slow
+def test_grpo_teaches_the_rewarded_ending(tiny_model_dir: Path, half_ending_adapter: Path, tmp_path: Path) -> None:
+    """About half the SFT adapter's sampled answers end with ENDING; GRPO with a TRL-style reward file
+    for it (and one for keeping the answer, reading the `answer` column) raises that to ≥ 85%, the
+    logged reward rising; the adapter and its checkpoint load in stock PEFT; completions.jsonl holds
+    the prompts, completions and rewards."""
+    before, _ = sampled_endings(tiny_model_dir, half_ending_adapter)
+    assert 0.2 <= before <= 0.8, before
+    records = [{"instruction": r["instruction"], "input": "", "answer": r["output"]} for r in read_jsonl(SAMPLE_INSTRUCT)[:PROMPTS]]
+    data = write_jsonl(tmp_path / "rl.jsonl", records)
+    rewards = write_text(tmp_path / "rewards.py", TRL_REWARD_FILE)
+    out = tmp_path / "grpo"
+    finetune_grpo.main([
+        "--base_model", str(tiny_model_dir), "--lora_weights", str(half_ending_adapter), "--data_path", str(data), "--output_dir", str(out),
+        "--reward_funcs", f"{rewards}:polite_ending,{rewards}:keeps_answer", "--reward_weights", "1,0.5",
+        "--num_generations", "8", "--max_completion_length", "48", "--learning_rate", "1e-3", "--lora_dropout", "0",
+        "--micro_batch_size", "4", "--batch_size", "4", "--num_epochs", "5", "--logging_steps", "1", "--save_steps", "12",
+        "--log_completions_steps", "5", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    after, answered = sampled_endings(tiny_model_dir, out)
+    assert after >= 0.85 and answered >= 0.8, (before, after, answered)
+    log = [e for e in read_jsonl(out / "trainer_log.jsonl") if "reward" in e]
+    assert [e["step"] for e in log] == list(range(1, 16))
+    first, last = log[0]["rewards/polite_ending/mean"], sum(e["rewards/polite_ending/mean"] for e in log[-3:]) / 3
+    assert last >= 0.9 and last > first + 0.1, [e["rewards/polite_ending/mean"] for e in log]
+    assert {"reward_std", "rewards/keeps_answer/std", "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio/region_mean", "frac_reward_zero_std"} <= set(log[-1])  # fmt: skip
+    logged = read_jsonl(out / "completions.jsonl")
+    assert {e["step"] for e in logged} == {5, 10, 15} and len(logged) == 3 * 4 * 8
+    assert set(logged[0]) >= {"prompt", "completion", "rewards", "reward", "advantage", "truncated"}
+    assert set(logged[0]["rewards"]) == {"polite_ending", "keeps_answer"}
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out / "checkpoint-12"))
+    assert (out / "prompt_template.json").is_file() and not (out / "reference").exists()
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """As SFT: --resume_from_checkpoint true continues from checkpoint-2; the logs keep one history."""
+    data = write_jsonl(tmp_path / "rl.jsonl", [{"prompt": f"{a}+{a}=", "answer": str(2 * a)} for a in range(10, 18)])
+    out = tmp_path / "out"
+    common = grpo_args(tiny_model_dir, data, out, "--reward_funcs", "accuracy,length", "--save_steps", "2", "--logging_steps", "1", "--log_completions_steps", "1")  # fmt: skip
+    finetune_grpo.main([*common, "--max_steps", "3"])
+    import shutil
+
+    shutil.rmtree(out / "checkpoint-3")  # as if killed after step 3, before its checkpoint
+    finetune_grpo.main([*common, "--max_steps", "4", "--resume_from_checkpoint", "true"])
+    assert [e["step"] for e in read_jsonl(out / "trainer_log.jsonl") if "reward" in e] == [1, 2, 3, 4]
+    assert sorted({e["step"] for e in read_jsonl(out / "completions.jsonl")}) == [1, 2, 3, 4]
+    assert len(read_jsonl(out / "completions.jsonl")) == 4 * 2 * 4
