@@ -255,11 +255,12 @@ class GrpoTrainer(LengthSamplingMixin, Trainer):
         batch = self.sequence_collator(completion_sequences(prompt_ids, completions, trained))
         batch = {k: v.to(self.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         temperature = self.sampling["temperature"] or 1.0
-        log_probs, owner = token_log_probs(model, batch, temperature)
         ref = None
         if self.beta != 0.0:
+            # before the policy's forward: its no-grad activations come and go before the policy's are held
             with torch.no_grad(), reference_model(model, self.reference_adapter):
                 ref, _ = token_log_probs(model, batch, temperature)
+        log_probs, owner = token_log_probs(model, batch, temperature)
         out = policy_loss(
             self.loss_type, log_probs, owner, advantages[rows].to(log_probs.device), len(rows),
             ref_log_probs=ref, beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
