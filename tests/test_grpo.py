@@ -334,8 +334,10 @@ def polite_ending(completions, **kwargs):
     return [1.0 if c.strip().endswith("{ENDING}") else 0.0 for c in completions]
 
 
-def keeps_answer(prompts, completions, answer, **kwargs):
-    return [1.0 if c.startswith(a) else 0.0 for c, a in zip(completions, answer)]
+def keeps_answer(prompts, completions, answer, log_metric=None, **kwargs):
+    kept = [1.0 if c.startswith(a) else 0.0 for c, a in zip(completions, answer)]
+    log_metric("answer_kept", sum(kept) / len(kept))  # TRL's keyword for a metric of the reward's own
+    return kept
 '''
 
 
@@ -394,12 +396,13 @@ def test_grpo_teaches_the_rewarded_ending(tiny_model_dir: Path, half_ending_adap
         "--log_completions_steps", "5", "--disable_tqdm", "true",
     ])  # fmt: skip
     after, answered = sampled_endings(tiny_model_dir, out)
+    print(f"ending share at temperature 1: before {before:.3f}, after {after:.3f}; answers kept {answered:.3f}")
     assert after >= 0.85 and answered >= 0.8, (before, after, answered)
     log = [e for e in read_jsonl(out / "trainer_log.jsonl") if "reward" in e]
     assert [e["step"] for e in log] == list(range(1, 16))
     first, last = log[0]["rewards/polite_ending/mean"], sum(e["rewards/polite_ending/mean"] for e in log[-3:]) / 3
     assert last >= 0.9 and last > first + 0.1, [e["rewards/polite_ending/mean"] for e in log]
-    assert {"reward_std", "rewards/keeps_answer/std", "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio/region_mean", "frac_reward_zero_std"} <= set(log[-1])  # fmt: skip
+    assert {"reward_std", "rewards/keeps_answer/std", "completions/mean_length", "completions/clipped_ratio", "kl", "clip_ratio/region_mean", "frac_reward_zero_std", "answer_kept"} <= set(log[-1])  # fmt: skip
     logged = read_jsonl(out / "completions.jsonl")
     assert {e["step"] for e in logged} == {5, 10, 15} and len(logged) == 3 * 4 * 8
     assert set(logged[0]) >= {"prompt", "completion", "rewards", "reward", "advantage", "truncated"}

@@ -231,9 +231,16 @@ class GrpoTrainer(LengthSamplingMixin, Trainer):
         completions = [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts, strict=True)]
         table = score(
             self.reward_functions, prompts, completions, column_lists(samples, group), [list(c) for c in rollouts.completion_ids],
-            trainer_state=self.state,
+            trainer_state=self.state, log_metric=self._log_metric, log_extra=self._log_extra,
         )  # fmt: skip
         return torch.tensor(table, dtype=torch.float32).reshape(len(completions), len(self.reward_functions))
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """TRL's `log_metric` keyword of a reward function: a scalar averaged into the step's logs."""
+        self._metrics[name].append(float(value))
+
+    def _log_extra(self, column: str, values: list[Any]) -> None:
+        """TRL's `log_extra` keyword: columns for TRL's completions table, which this trainer does not keep."""
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
         samples, group = inputs["prompts"], self.num_generations

@@ -5,7 +5,8 @@
 `prompts[i]` and `completions[i]` are one prompt and one of its completions (a prompt given as
 messages gives messages: `completions[i] == [{"role": "assistant", "content": text}]`, as TRL);
 every other column of the data record arrives as a keyword list of the same length (e.g.
-`answer`), with TRL's `completion_ids` (the generated token ids) beside them. None means "not
+`answer`), with TRL's `completion_ids` (the generated token ids), `trainer_state`, `log_metric`
+and `log_extra` beside them. None means "not
 scored by this function" (TRL's convention). So a reward file written for TRL's `GRPOTrainer`
 runs here unchanged.
 
