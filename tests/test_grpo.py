@@ -19,7 +19,7 @@ from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.train.grpo import GrpoTrainer, collate_prompts, group_advantages, weighted_rewards
 from chinese_vicuna.train.rewards import RewardError, RewardFunction, load_reward_functions, required_columns, score
-from conftest import REPO, SAMPLE_INSTRUCT, read_jsonl, run_script
+from conftest import REPO, SAMPLE_INSTRUCT, memorize_args, read_jsonl, run_script
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -249,12 +249,16 @@ def start_adapter(tiny_model_dir: Path, tokenizer, tmp_path_factory: pytest.Temp
     return out
 
 
-@pytest.mark.parametrize(("loss_type", "beta"), [("grpo", 0.04), ("grpo", 0.0), ("dr_grpo", 0.04), ("dr_grpo", 0.0), ("dapo", 0.04), ("dapo", 0.0)])  # fmt: skip
-def test_loss_and_advantages_equal_trl_grpo_trainer(loss_type: str, beta: float, tiny_model_dir: Path, tokenizer, start_adapter: Path, tmp_path: Path) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    ("loss_type", "beta", "mask_truncated"),
+    [("grpo", 0.04, False), ("grpo", 0.0, False), ("dr_grpo", 0.04, False), ("dr_grpo", 0.0, False), ("dapo", 0.04, False),
+     ("dapo", 0.0, False), ("grpo", 0.04, True), ("dapo", 0.04, True)],
+)  # fmt: skip
+def test_loss_and_advantages_equal_trl_grpo_trainer(loss_type: str, beta: float, mask_truncated: bool, tiny_model_dir: Path, tokenizer, start_adapter: Path, tmp_path: Path) -> None:  # fmt: skip
     """The same model, adapter (moved away from its starting point, which is the reference),
     prompt, completions (ended by EOS, one cut at the limit) and rewards: our trainer's loss
     against TRL's `_generate_and_score_completions` + `_compute_loss` (TRL's generation replaced by
-    the same completions), to 1e-5."""
+    the same completions), to 1e-5; with `mask_truncated_completions` too (the cut one carries no loss)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -272,6 +276,7 @@ def test_loss_and_advantages_equal_trl_grpo_trainer(loss_type: str, beta: float,
         output_dir=str(tmp_path / "trl"), report_to=[], use_cpu=True, bf16=False, per_device_train_batch_size=4, num_generations=4,
         max_completion_length=MAX_COMPLETION, loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=epsilon_high,
         temperature=TEMPERATURE, scale_rewards="none" if loss_type == "dr_grpo" else "group", gradient_checkpointing=False,
+        mask_truncated_completions=mask_truncated,
     )  # fmt: skip
     trl = GRPOTrainer(model=model, reward_funcs=[fixed_reward], args=config, train_dataset=Dataset.from_list([{"prompt": "x"}] * 4), processing_class=tokenizer)  # fmt: skip
     torch.manual_seed(1)
@@ -301,7 +306,7 @@ def test_loss_and_advantages_equal_trl_grpo_trainer(loss_type: str, beta: float,
         engine=FixedRollouts(completions, truncated, texts), reward_functions=[reward], num_generations=4,
         max_completion_length=MAX_COMPLETION, loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=epsilon_high,
         scale_rewards=loss_type != "dr_grpo", temperature=TEMPERATURE, reference_adapter=REFERENCE_ADAPTER if beta else None,
-        sequence_collator=sequence_collator(True, tokenizer),
+        sequence_collator=sequence_collator(True, tokenizer), mask_truncated_completions=mask_truncated,
     )  # fmt: skip
     sample = {"prompt_ids": prompt_ids, "prompt": "12 + 30 等于多少？", "columns": {}}
     loss = ours.compute_loss(model, collate_prompts([sample]))
@@ -350,12 +355,7 @@ def half_ending_adapter(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathF
     records = read_jsonl(SAMPLE_INSTRUCT)[:PROMPTS]
     data = write_jsonl(folder / "sft.jsonl", [x for r in records for x in (r, {**r, "output": r["output"] + ENDING})])
     out = folder / "adapter"
-    finetune.main([
-        "--base_model", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(out),
-        "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--lora_target_modules", "all-linear",
-        "--learning_rate", "3e-3", "--warmup_steps", "0", "--micro_batch_size", "4", "--batch_size", "4",
-        "--num_epochs", "30", "--val_set_size", "0", "--save_steps", "1000", "--logging_steps", "50", "--disable_tqdm", "true",
-    ])  # fmt: skip
+    finetune.main(memorize_args(tiny_model_dir, data, out, epochs=30, save_steps=1000)[1:])  # [0] is the script's name
     return out
 
 
@@ -428,3 +428,37 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tiny_model_dir: Path, tm
     assert [e["step"] for e in read_jsonl(out / "trainer_log.jsonl") if "reward" in e] == [1, 2, 3, 4]
     assert sorted({e["step"] for e in read_jsonl(out / "completions.jsonl")}) == [1, 2, 3, 4]
     assert len(read_jsonl(out / "completions.jsonl")) == 4 * 2 * 4
+
+
+def test_dapo_drops_groups_without_reward_spread_and_counts_them(tiny_model_dir: Path, tokenizer, start_adapter: Path, tmp_path: Path) -> None:  # fmt: skip
+    """Dynamic sampling: a group whose completions all scored the same carries no signal; DAPO drops
+    it before the forward (the loss is that of the other group alone) and logs it as dropped."""
+    from chinese_vicuna.args import TrainArguments, parse_args
+    from chinese_vicuna.model.adapters import load_lora
+    from chinese_vicuna.model.build import load_checked_model
+    from chinese_vicuna.train.packing import sequence_collator
+    from chinese_vicuna.train.trainer import build_trainer
+
+    model = load_lora(load_checked_model(str(tiny_model_dir), tokenizer, "fp32"), str(start_adapter), is_trainable=True).train()
+    engine = Engine.for_model(None, tokenizer, load_template("alpaca", tokenizer))
+    eos = tokenizer.eos_token_id
+    samples = [{"prompt_ids": engine.instruction_ids(q), "prompt": q, "columns": {}} for q in ("1+1=", "2+2=")]
+    flat = [[300, eos], [301, 302, eos], [303, eos], [304, 305, eos]]
+    (train_args,) = parse_args((TrainArguments,), ["--output_dir", str(tmp_path), "--report_to", "none"])
+
+    def loss_of(completions: list[list[int]], rewards: list[float], prompts: list[dict]) -> tuple[float, GrpoTrainer]:
+        reward = RewardFunction("fixed", lambda completions, **kwargs: list(rewards), ())
+        trainer = build_trainer(
+            GrpoTrainer, model, tokenizer, train_args, prompts, None, collate_prompts, engine=FixedRollouts(completions, [False] * len(completions), ["x"] * len(completions)),
+            reward_functions=[reward], num_generations=2, max_completion_length=8, loss_type="dapo", beta=0.0,
+            sequence_collator=sequence_collator(True, tokenizer),
+        )  # fmt: skip
+        with torch.no_grad():
+            return float(trainer.compute_loss(model, collate_prompts(prompts))), trainer
+
+    both, trainer = loss_of(flat, [1.0, 1.0, 1.0, 0.0], samples)
+    alone, _ = loss_of(flat[2:], [1.0, 0.0], samples[1:])
+    assert abs(both - alone) < 1e-6 and abs(alone) > 0
+    assert trainer._metrics["groups_dropped"] == [1.0] and trainer._metrics["frac_reward_zero_std"] == [0.5]
+    none, trainer = loss_of(flat[:2], [1.0, 1.0], samples[:1])
+    assert none == 0.0 and trainer._metrics["groups_dropped"] == [1.0]
