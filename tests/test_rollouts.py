@@ -102,6 +102,23 @@ def test_sampling_is_reproducible_with_a_seeded_generator(lora_engine: Engine, m
     assert lora_engine.sample_groups(prompts, 2, 16, temperature=1.5, top_p=1e-6) == greedy
 
 
+def test_sampled_groups_equal_the_models_own_forward(lora_engine: Engine, memorized_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling leaves groups uneven as rows end (the shared-prefix step's padded slots): with the same
+    draws, the LLaMA step and the model's own forward give the same completions."""
+    from chinese_vicuna.infer import rollouts as rollouts_module
+
+    prompts = prompts_of(lora_engine, memorized_data)
+
+    def run() -> Rollouts:
+        return lora_engine.sample_groups(prompts, 5, 16, temperature=1.5, generator=torch.Generator().manual_seed(3))
+
+    fast = run()
+    lengths = [len(c) for c in fast.completion_ids]
+    assert any(len(set(lengths[i : i + 5])) > 1 for i in range(0, len(lengths), 5))  # a group ended unevenly
+    monkeypatch.setattr(rollouts_module._SharedPrefixLlama, "supports", staticmethod(lambda model: False))
+    assert run() == fast
+
+
 @pytest.fixture(scope="module")
 def sharp_model(tiny_model_dir: Path):
     """The tiny base with lm_head scaled so its next-token distribution is far from flat: a wrong

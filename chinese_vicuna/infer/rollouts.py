@@ -238,8 +238,11 @@ class _SharedPrefixLlama(_Decoder):
         # -inf on each prompt's padding, added to its rows' prefix scores
         self.prefix_bias = torch.zeros(mask.shape, dtype=self.prefix[0][0].dtype, device=mask.device).masked_fill(mask == 0, float("-inf"))
         prompts, heads, _, dim = self.prefix[0][0].shape
-        self.group_sizes = [group] * prompts  # rows of each prompt, in order
         self.row_prompt = torch.arange(prompts, device=mask.device).repeat_interleave(group)
+        # the prefix part runs as one batched matmul over prompts, their rows side by side in
+        # `slots` columns; `slot_of_row` places each row (None: every group full, rows = slots)
+        self.slots = group
+        self.slot_of_row: torch.Tensor | None = None
         rows = prompts * group
         self.completion = [
             (k.new_empty(rows, heads, max_new_tokens, dim), k.new_empty(rows, heads, max_new_tokens, dim)) for k, _ in self.prefix
@@ -248,7 +251,11 @@ class _SharedPrefixLlama(_Decoder):
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         self.row_prompt = self.row_prompt[keep]
-        self.group_sizes = torch.bincount(self.row_prompt, minlength=len(self.group_sizes)).tolist()
+        sizes = torch.bincount(self.row_prompt, minlength=self.prefix[0][0].shape[0])
+        self.slots = int(sizes.max())
+        first_row = sizes.cumsum(0) - sizes  # rows stay in prompt order
+        rank = torch.arange(keep.numel(), device=keep.device) - first_row[self.row_prompt]
+        self.slot_of_row = self.row_prompt * self.slots + rank
         n, t = keep.numel(), self.filled
         for k, v in self.completion:  # compacted in place: the first n rows are the kept ones
             k[:n, :, :t] = k[keep, :, :t]
@@ -292,24 +299,26 @@ class _SharedPrefixLlama(_Decoder):
         own_v[:, :, t : t + 1] = v
         own_k, own_v = own_k[:, :, : t + 1], own_v[:, :, : t + 1]
         q = q.reshape(rows, kv_heads, groups, dim)  # a kv head's query heads side by side
-        # prefix scores per prompt: its rows' queries against its keys, one matmul for the group
         width = prefix_k.shape[2]
-        prefix_scores = torch.empty(rows, kv_heads, groups, width, dtype=q.dtype, device=q.device)
-        start = 0
-        for prompt, n in enumerate(self.group_sizes):
-            if n:
-                qp = q[start : start + n].permute(1, 0, 2, 3).reshape(kv_heads, n * groups, dim)
-                scores = torch.bmm(qp, prefix_k[prompt].transpose(1, 2)) * attn.scaling  # [kv heads, n*groups, width]
-                prefix_scores[start : start + n] = scores.view(kv_heads, n, groups, width).permute(1, 0, 2, 3)
-                start += n
+        prefix_scores = self._from_slots(torch.matmul(self._to_slots(q), prefix_k.transpose(2, 3)) * attn.scaling)
         own_scores = torch.matmul(q, own_k.transpose(2, 3)) * attn.scaling  # [rows, kv heads, groups, t+1]
         probs = torch.softmax(torch.cat([prefix_scores + bias, own_scores], dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
-        prefix_probs, own_probs = probs[..., :width], probs[..., width:]
-        out = torch.matmul(own_probs, own_v)  # [rows, kv heads, groups, dim]
-        start = 0
-        for prompt, n in enumerate(self.group_sizes):
-            if n:
-                pp = prefix_probs[start : start + n].permute(1, 0, 2, 3).reshape(kv_heads, n * groups, width)
-                out[start : start + n] += torch.bmm(pp, prefix_v[prompt]).view(kv_heads, n, groups, dim).permute(1, 0, 2, 3)
-                start += n
+        out = torch.matmul(probs[..., width:], own_v) + self._from_slots(torch.matmul(self._to_slots(probs[..., :width]), prefix_v))
         return attn.o_proj(out.reshape(rows, 1, kv_heads * groups * dim))
+
+    def _to_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """[rows, kv heads, groups, n] → [prompts, kv heads, slots*groups, n]: each prompt's rows side
+        by side, so one matmul against the prompts' caches [prompts, kv heads, ., .] serves all rows."""
+        prompts = self.prefix[0][0].shape[0]
+        if self.slot_of_row is not None:
+            padded = x.new_zeros(prompts * self.slots, *x.shape[1:])
+            padded[self.slot_of_row] = x
+            x = padded
+        _, kv_heads, groups, n = x.shape
+        return x.view(prompts, self.slots, kv_heads, groups, n).transpose(1, 2).reshape(prompts, kv_heads, self.slots * groups, n)
+
+    def _from_slots(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of `_to_slots`."""
+        prompts, kv_heads, _, n = x.shape
+        x = x.view(prompts, kv_heads, self.slots, -1, n).transpose(1, 2).reshape(prompts * self.slots, kv_heads, -1, n)
+        return x if self.slot_of_row is None else x[self.slot_of_row]
