@@ -983,10 +983,11 @@ def tokenize_speed(model_dir: Path, data: Path, n: int = 50000, repeats: int = 3
 # --------------------------------------------------------------------------------------------
 # GRPO rollouts: the group sampler (infer/rollouts.py) vs HF generate as TRL calls it
 # --------------------------------------------------------------------------------------------
-def rollout_model(model_dir: Path, lora_r: int, seed: int = 0) -> tuple[Any, Any, list[list[int]]]:
-    """The model as GRPO holds it (a PeftModel with a LoRA of rank `lora_r` whose B weights are
-    random, so the adapter changes the answers; none for 0), its tokenizer, and the alpaca prompt
-    ids of sample/instruct/data_sample.jsonl (through the inference owner)."""
+def rollout_model(model_dir: Path, lora_r: int, lora_weights: str | None = None, seed: int = 0) -> tuple[Any, Any, list[list[int]]]:
+    """The model as GRPO holds it: a PeftModel with the adapter `lora_weights` (an SFT adapter: its
+    answers end), else a LoRA of rank `lora_r` whose B weights are random, so that the adapter
+    changes the answers (none for 0); its tokenizer; and the alpaca prompt ids of
+    sample/instruct/data_sample.jsonl (through the inference owner)."""
     import torch
 
     from chinese_vicuna.data.records import read_records, validate_instruction
@@ -994,8 +995,8 @@ def rollout_model(model_dir: Path, lora_r: int, seed: int = 0) -> tuple[Any, Any
     from chinese_vicuna.model.adapters import add_lora
     from chinese_vicuna.model.build import load_for_inference
 
-    model, tokenizer = load_for_inference(str(model_dir))
-    if lora_r:
+    model, tokenizer = load_for_inference(str(model_dir), lora_weights)
+    if lora_r and not lora_weights:
         torch.manual_seed(seed)
         model = add_lora(model, lora_r, 2 * lora_r, 0.0, "all-linear")
         with torch.no_grad():
@@ -1027,7 +1028,14 @@ def hf_generate_groups(
 
 
 def rollout_speed(
-    model_dir: Path, prompts_count: int, group: int, max_new_tokens: int, repeats: int, temperature: float, lora_r: int
+    model_dir: Path,
+    prompts_count: int,
+    group: int,
+    max_new_tokens: int,
+    repeats: int,
+    temperature: float,
+    lora_r: int,
+    lora_weights: str | None = None,
 ) -> dict[str, Any]:
     """Generated tokens per second (each completion up to and including its EOS) of the built-in
     group sampler and of HF generate on the same prompts, interleaved `repeats` times; and whether
@@ -1036,7 +1044,7 @@ def rollout_speed(
 
     from chinese_vicuna.infer.rollouts import sample_groups
 
-    model, tokenizer, prompts = rollout_model(model_dir, lora_r)
+    model, tokenizer, prompts = rollout_model(model_dir, lora_r, lora_weights)
     prompts = prompts[:prompts_count]
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -1046,14 +1054,14 @@ def rollout_speed(
     runs = []
     for index in range(repeats):
         for config in ("hf_generate", "builtin"):  # interleaved: a busy machine hurts both alike
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             if config == "builtin":
                 generator = torch.Generator().manual_seed(index)
                 kwargs = {"temperature": temperature, "eos_token_id": eos, "pad_token_id": pad, "generator": generator}
                 completions = sample_groups(model, prompts, group, max_new_tokens, **kwargs).completion_ids
             else:
                 completions = hf_generate_groups(model, prompts, group, max_new_tokens, temperature, eos, pad)
-            seconds = time.perf_counter() - start
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             tokens = sum(len(c) for c in completions)
             ended = sum(1 for c in completions if c[-1] == eos)
             runs.append(
@@ -1063,23 +1071,30 @@ def rollout_speed(
                     "tokens": tokens,
                     "seconds": seconds,
                     "tokens_per_s": tokens / seconds,
+                    "cpu_seconds": cpu_seconds,
+                    "tokens_per_cpu_s": tokens / cpu_seconds,
                     "ended_by_eos": ended,
                 }
             )
             logger.info(
-                "%s: %d tokens in %.1f s (%.0f tokens/s), %d of %d ended by EOS",
+                "%s: %d tokens in %.1f s, %.1f CPU-s (%.0f tokens/s, %.0f tokens/CPU-s), %d of %d ended by EOS",
                 config,
                 tokens,
                 seconds,
+                cpu_seconds,
                 tokens / seconds,
+                tokens / cpu_seconds,
                 ended,
                 len(completions),
             )
+    # on a shared machine wall time counts the other jobs too; CPU time (one thread) much less so
     summary: dict[str, Any] = {
-        c: {"tokens_per_s_median": statistics.median(r["tokens_per_s"] for r in runs if r["config"] == c)}
+        c: {k + "_median": statistics.median(r[k] for r in runs if r["config"] == c) for k in ("tokens_per_s", "tokens_per_cpu_s")}
         for c in ("hf_generate", "builtin")
     }
-    summary["speedup_median"] = statistics.median(b["tokens_per_s"] / h["tokens_per_s"] for h, b in zip(runs[::2], runs[1::2]))
+    pairs = list(zip(runs[::2], runs[1::2]))
+    summary["speedup_median"] = statistics.median(b["tokens_per_s"] / h["tokens_per_s"] for h, b in pairs)
+    summary["cpu_speedup_median"] = statistics.median(b["tokens_per_cpu_s"] / h["tokens_per_cpu_s"] for h, b in pairs)
     return {
         "model": str(model_dir),
         "prompts": len(prompts),
@@ -1087,7 +1102,8 @@ def rollout_speed(
         "num_generations": group,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
-        "lora_r": lora_r,
+        "lora_r": None if lora_weights else lora_r,
+        "lora_weights": lora_weights,
         "torch_threads": torch.get_num_threads(),
         "greedy_equal": greedy_equal,
         "machine": machine_info(),
@@ -1241,7 +1257,8 @@ class RolloutArguments:
     num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt."})
     max_new_tokens: int = field(default=64)
     temperature: float = field(default=1.0)
-    lora_r: int = field(default=8, metadata={"help": "Rank of the LoRA on all linear layers the model carries (0: none)."})
+    lora_r: int = field(default=8, metadata={"help": "Rank of the random LoRA on all linear layers the model carries (0: none)."})
+    lora_weights: str | None = field(default=None, metadata={"help": "A trained adapter to carry instead (answers that end in EOS)."})
     repeats: int = field(default=2, metadata={"help": "Interleaved HF/built-in rounds."})
     model: str | None = field(default=None, metadata={"help": "Model folder (default: WORK/llama-50m, built if missing)."})
     out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/rollout.json)."})
@@ -1385,7 +1402,14 @@ def main(argv: list[str] | None = None) -> None:
         if not (model_dir / "config.json").is_file():
             build_model(model_dir, "50m")
         result = rollout_speed(
-            model_dir, args.prompts, args.num_generations, args.max_new_tokens, args.repeats, args.temperature, args.lora_r
+            model_dir,
+            args.prompts,
+            args.num_generations,
+            args.max_new_tokens,
+            args.repeats,
+            args.temperature,
+            args.lora_r,
+            args.lora_weights,
         )
         atomic_write_bytes(out or work / "rollout.json", json.dumps(result, indent=2).encode())
         print(json.dumps({"greedy_equal": result["greedy_equal"], **result["summary"]}, indent=2))

@@ -8,18 +8,21 @@ The model is used as it is (a PeftModel with its current adapter weights: no mer
 in eval mode and without gradients; its train/eval mode is restored afterwards.
 
 Why it is faster than `model.generate` over the prompts repeated G times (what TRL does):
-- each prompt is prefilled once and its KV cache expanded to its G rows, not prefilled G times;
-- a lean decoding loop calls the model's forward directly: one token per row, no logits
-  processors or stopping criteria, only the last position through lm_head (`logits_to_keep=1`);
-- the cache keeps spare columns (`GrowingLayer`), so a step writes one column instead of
-  copying the whole cache (`DynamicCache` concatenates every step);
-- finished rows leave the batch (and padding columns no row needs are cut), so a group's
-  short answers stop costing as soon as they end; `generate` computes them to the longest.
+- each prompt is prefilled once; in a LLaMA step (`_SharedPrefixLlama`) its keys and values serve
+  its whole group (one batched matmul over prompts), never copied G times;
+- each row's completion cache is preallocated, so a step writes one column (`DynamicCache`
+  concatenates the whole cache every step); other models run their own forward over a cache
+  with spare columns (`_GenericDecoder`, `GrowingLayer`);
+- the decoding step calls the model's modules directly: no logits processors or stopping
+  criteria, only the last position through lm_head;
+- sampling draws one uniform per row (inverse CDF), not `torch.multinomial`;
+- finished rows leave the batch, so a group's short answers stop costing as soon as they end;
+  `generate` computes them until the longest row ends.
 
 Exact: padding is masked and positions count real tokens, so at temperature 0 every completion
 is the greedy answer of its prompt decoded alone, token for token (generate.py's answers).
 Sampling follows HF's order: temperature, then top-k, then top-p (the smallest set of tokens
-whose probability reaches top_p), then one draw per row from `generator`.
+whose probability reaches top_p), then one draw per row from `generator` (on the model's device).
 """
 
 from __future__ import annotations
