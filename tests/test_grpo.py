@@ -397,7 +397,8 @@ def test_grpo_teaches_the_rewarded_ending(tiny_model_dir: Path, half_ending_adap
     ])  # fmt: skip
     after, answered = sampled_endings(tiny_model_dir, out)
     print(f"ending share at temperature 1: before {before:.3f}, after {after:.3f}; answers kept {answered:.3f}")
-    assert after >= 0.85 and answered >= 0.8, (before, after, answered)
+    # most answers still start with the SFT answer (the second reward keeps them, at half weight)
+    assert after >= 0.85 and answered >= 0.6, (before, after, answered)
     log = [e for e in read_jsonl(out / "trainer_log.jsonl") if "reward" in e]
     assert [e["step"] for e in log] == list(range(1, 16))
     first, last = log[0]["rewards/polite_ending/mean"], sum(e["rewards/polite_ending/mean"] for e in log[-3:]) / 3
