@@ -372,14 +372,28 @@ def lm_head_token_log_probs(hidden: torch.Tensor, lm_head: Any, targets: torch.T
     return torch.cat(parts)
 
 
-def causal_lm_token_log_probs(model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, Any]:
+def causal_lm_token_log_probs(
+    model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, Any]:
     """(fp32 log-probability of every one of `targets`, outputs) of `forward()`, one call of `model`
     whose `logits_to_keep` selects exactly the positions of `targets` (trained ones, in order):
     `causal_lm_loss`'s per-token form, for losses that weigh tokens or sequences apart (preference
-    pairs, GRPO). `chunk` rows of logits at a time; chunk 0: the model's own logits of the kept positions."""
-    log_probs, outputs = _through_lm_head(model, forward, chunk, lambda hidden, head: lm_head_token_log_probs(hidden, head, targets, chunk))
+    pairs, GRPO). `chunk` rows of logits at a time; chunk 0: the model's own logits of the kept
+    positions. `temperature` divides the logits (for a bias-free head, as LLaMA's: the hidden rows)."""
+
+    def through_head(hidden: torch.Tensor, head: Any) -> torch.Tensor:
+        if temperature == 1.0:
+            return lm_head_token_log_probs(hidden, head, targets, chunk)
+        if getattr(head, "bias", None) is None:
+            return lm_head_token_log_probs(hidden / temperature, head, targets, chunk)
+        logits = head(hidden).float() / temperature  # a biased head: logits / T is not head(hidden / T)
+        return -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+
+    log_probs, outputs = _through_lm_head(model, forward, chunk, through_head)
     if log_probs is not None:
         return log_probs, outputs
     logits = outputs.logits
-    logits = logits.reshape(-1, logits.shape[-1])
-    return -torch.nn.functional.cross_entropy(logits.float(), targets.reshape(-1), reduction="none"), outputs
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -torch.nn.functional.cross_entropy(logits, targets.reshape(-1), reduction="none"), outputs
