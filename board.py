@@ -37,6 +37,7 @@ from chinese_vicuna.board import (
     local_model_folder,
     loss_plot,
     memory_estimate,
+    memory_text,
     model_summary,
     preview_html,
     progress,
@@ -82,7 +83,6 @@ NUMBERS = ("length", "num_epochs", "max_steps", "learning_rate", "micro_batch_si
 INTEGERS = {"length", "max_steps", "micro_batch_size", "batch_size", "val_set_size", "lora_r", "lora_alpha", "warmup_steps",
             "logging_steps", "save_steps", "seed"}  # fmt: skip
 FIELDS = ("base_model", "prompt_template", "data", "output_dir", *NUMBERS, "lora_target_modules", "precision", *PREFERENCE_DEFAULTS)
-GIB = 2**30
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,10 +99,6 @@ def typed(values: dict[str, Any]) -> dict[str, Any]:
         if out.get(key) is not None:
             out[key] = int(out[key]) if key in INTEGERS else float(out[key])
     return out
-
-
-def gib(value: float | None) -> str:
-    return "—" if value is None else f"{value / GIB:.2f} GiB"
 
 
 def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
@@ -127,8 +123,8 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
             return t("board.memory_unknown", reason=str(exc))
         parts = dict(estimate.rows())
         return t(
-            "board.memory", total=gib(estimate.total), weights=gib(parts["weights"]), adapter=gib(parts["adapter + gradients + AdamW"]),
-            activations=gib(parts["activations"]), logits=gib(parts["logits (loss)"]), framework=gib(parts["framework"]),
+            "board.memory", total=memory_text(estimate.total), weights=memory_text(parts["weights"]), adapter=memory_text(parts["adapter + gradients + AdamW"]),
+            activations=memory_text(parts["activations"]), logits=memory_text(parts["logits (loss)"]), framework=memory_text(parts["framework"]),
             device="GPU" if _cuda() else "CPU",
         )  # fmt: skip
 
@@ -238,9 +234,9 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
             curve = None
         if running:
             memory = run_memory(run["pid"])
-            line += t("board.run_memory", rss=gib(memory["rss"]))
+            line += t("board.run_memory", rss=memory_text(memory["rss"]))
             if memory["gpu"] is not None:
-                line += t("board.gpu_memory", gpu=gib(memory["gpu"]))
+                line += t("board.gpu_memory", gpu=memory_text(memory["gpu"]))
         if run["returncode"] is not None:
             line += t("board.exit", code=run["returncode"])
         return line, curve, run["command"], console
@@ -356,7 +352,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         return start_steps("eval", judge_of(*values), f"{values[-1].rstrip('/')}/judge")
 
     def judge_summary(out: str) -> str:
-        path = Path((out or "").rstrip("/")) / "judge" / "judge" / "results.json"
+        path = Path((out or "").rstrip("/")) / "judge" / "results.json"
         if not path.is_file():
             return ""
         r = json.loads(path.read_text(encoding="utf-8"))

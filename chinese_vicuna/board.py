@@ -532,6 +532,13 @@ def gpu_memory(pids: list[int]) -> int | None:
     return total
 
 
+def memory_text(size: float | None) -> str:
+    """Bytes as the page says them: GiB from 1 GiB up, MiB below."""
+    if size is None:
+        return "—"
+    return f"{size / 2**30:.2f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 def run_memory(pid: int) -> dict[str, int | None]:
     """RSS (all of the child's processes) and GPU memory of a running run, in bytes."""
     tree = process_tree(pid)
@@ -627,7 +634,7 @@ def judge_steps(
     """Answers of the base and of the adapter (tools/gen_model_answer.py), then the judge at an
     OpenAI-compatible endpoint compares them pairwise (tools/eval_judge.py; its key from OPENAI_API_KEY
     in the board's environment, never on the command line)."""
-    answers = f"{out}/answers"
+    answers = f"{out}/answers"  # the judge's own output (judgments, results) goes to `out` itself
     gen = script_path("tools/gen_model_answer.py")
     return [
         [python, gen, "--base_model", base_model, "--questions", questions, "--model_id", "base", "--answer_file", f"{answers}/base.jsonl"],
@@ -635,7 +642,7 @@ def judge_steps(
          "--answer_file", f"{answers}/adapter.jsonl"],
         [python, script_path("tools/eval_judge.py"), "--mode", "pairwise", "--questions", questions,
          "--answers", f"{answers}/adapter.jsonl", "--answers_b", f"{answers}/base.jsonl",
-         "--judge_api_base", api_base, "--judge_model", judge_model, "--output_dir", f"{out}/judge"],
+         "--judge_api_base", api_base, "--judge_model", judge_model, "--output_dir", out],
     ]  # fmt: skip
 
 

@@ -64,7 +64,9 @@ def open_tab(page, name: str) -> None:
 
 
 def newest_run(runs_dir: Path, kind: str) -> dict:
-    return max((json.loads(p.read_text()) for p in runs_dir.glob("*/run.json")), key=lambda r: r["started"] if r["kind"] == kind else -1)
+    return max(
+        (r for r in (json.loads(p.read_text()) for p in runs_dir.glob("*/run.json")) if r["kind"] == kind), key=lambda r: r["started"]
+    )
 
 
 def wait_for_run(runs_dir: Path, run_id: str, timeout: float = 600) -> dict:
@@ -111,11 +113,11 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         )
         shown = page.locator("#command textarea").input_value()
         # the memory estimate of these settings: the package's estimator (tools/estimate_memory.py's), as the page says it
-        from chinese_vicuna.board import memory_estimate
+        from chinese_vicuna.board import memory_estimate, memory_text
 
         settings = {"precision": "auto", "lora_r": 16, "lora_target_modules": "all-linear", "length": 256, "micro_batch_size": 4}
         total = memory_estimate(str(tiny_model_dir), "sft", {**settings, "lora_dropout": 0.0}).total
-        page.wait_for_function("t => document.querySelector('#memory').innerText.includes(t)", arg=f"{total / 2**30:.2f} GiB")
+        page.wait_for_function("t => document.querySelector('#memory').innerText.includes(t)", arg=memory_text(total))
         assert "预计内存" in page.locator("#memory").inner_text()
         screenshot(page, "board-configure.png")
 
@@ -134,8 +136,8 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         assert page.locator("#run-command textarea").input_value() == shown
         # tokens/s from the run's trainer_log.jsonl (HF Trainer's count), the child's RSS from /proc
         page.wait_for_function(r"/\d+ tokens\/s/.test(document.querySelector('#progress').innerText)")
-        rss = re.search(r"RSS ([0-9.]+) GiB", page.locator("#progress").inner_text())
-        assert rss and float(rss.group(1)) > 0.1  # a Python with torch and the model loaded
+        rss = re.search(r"RSS ([0-9.]+) (MiB|GiB)", page.locator("#progress").inner_text())
+        assert rss and float(rss.group(1)) * (1024 if rss.group(2) == "GiB" else 1) > 100  # MiB: a Python with torch and the model
         # a second run into the same folder is refused while this one writes it
         open_tab(page, "配置")
         page.locator("#start-btn").click()
@@ -210,6 +212,7 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         shown_export = page.locator("#export-command textarea").input_value()
         assert f"--lora_weights {out}" in shown_export and "convert_to_gguf.py" in shown_export
         page.locator("#export-btn").click()
+        page.wait_for_function("document.querySelector('#export-status').innerText.includes('已开始运行')")
         export = wait_for_run(runs_dir, newest_run(runs_dir, "export")["id"])
         assert export["status"] == "finished" and export["command"] == shown_export
         gguf = Path(f"{out}-merged-q4_0.gguf")
