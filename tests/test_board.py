@@ -231,6 +231,7 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         page.locator("#output_dir textarea").fill(str(tmp_path / "dpo"))
         page.locator("#max_steps input").fill("4")
         page.locator("#length input").fill("128")
+        page.locator("#logging_steps input").fill("1")  # the reload above brought back the page's defaults
         page.locator("#check-btn").click()
         page.wait_for_function("document.querySelector('#doctor').innerText.includes('偏好数据检查')")
         assert page.locator("#preview .chosen .trained").first.inner_text() == pair["chosen"]
@@ -238,7 +239,9 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         assert pair["instruction"] in page.locator("#preview .chosen .masked").first.inner_text()
         dpo_flags = tmp_path / "dpo.yaml"
         page.locator("#flags_file textarea").fill(str(dpo_flags))
-        page.wait_for_function("document.querySelector('#command textarea').value.includes('--max_steps 4')")
+        page.wait_for_function(
+            "['--max_steps 4', '--logging_steps 1', '--pref_loss sigmoid'].every(f => document.querySelector('#command textarea').value.includes(f))"
+        )
         page.locator("#save-flags").click()
         page.wait_for_function("document.querySelector('#status').innerText.includes('finetune_dpo.py')")
 
