@@ -170,7 +170,8 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
 
     def run_choices(selected: str | None = None) -> Any:
         all_runs = runs.all()
-        choices = [(f"{r['id']} · {r['kind']} · {t('board.status.' + r['status'])} · {r['output_dir']}", r["id"]) for r in all_runs]
+        # the status is in the live list below (a label here would be stale until the next choice)
+        choices = [(f"{r['id']} · {r['kind']} · {r['output_dir']}", r["id"]) for r in all_runs]
         ids = [r["id"] for r in all_runs]
         return gr.update(choices=choices, value=selected if selected in ids else (ids[0] if ids else None))
 
@@ -240,6 +241,19 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         if run["returncode"] is not None:
             line += t("board.exit", code=run["returncode"])
         return line, curve, run["command"], console
+
+    def runs_list() -> str:
+        """Every run with its status and output folder; polled by the page's timer."""
+        rows = [
+            f"| {r['id']} | {t('board.kind.' + r['kind']) if r['kind'] not in STAGES else t('board.stage.' + r['kind'])} | "
+            f"{t('board.status.' + r['status'])} | `{r['output_dir']}` |"
+            for r in runs.all()
+        ]
+        if not rows:
+            return ""
+        return "\n".join(
+            [f"| {t('board.run')} | {t('board.kind')} | {t('board.status')} | {t('board.output_dir')} |", "|---|---|---|---|", *rows]
+        )
 
     def stop(run_id: str | None) -> tuple[str, Any]:
         try:
@@ -448,6 +462,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
                 console = gr.Textbox(
                     label=t("board.console"), elem_id="console", lines=10, max_lines=10, interactive=False, autoscroll=True
                 )
+                all_runs = gr.Markdown(elem_id="runs-list")
             with gr.Tab(t("board.tab.chat"), id="chat"):
                 adapter = gr.Textbox(label=t("board.adapter"), elem_id="chat-adapter")
                 history = gr.State([])
@@ -517,6 +532,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         load_btn.click(load_flags, flags_path, [stage, *values, status], api_name="load_flags")
         timer = gr.Timer(1.0)
         timer.tick(watch, run, [progress_md, plot, run_command, console], api_name=False, queue=False)
+        timer.tick(runs_list, None, all_runs, api_name=False, queue=False)
         run.change(watch, run, [progress_md, plot, run_command, console], api_name="watch")
         run.change(use_run, run, [adapter, eval_adapter, eval_dir, export_adapter, export_dir], api_name=False)
         stop_btn.click(stop, run, [run_status, run], api_name="stop")

@@ -157,6 +157,9 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         page.wait_for_function("document.querySelector('#progress').innerText.includes('已停止')", timeout=300_000)
         assert "退出码 130" in page.locator("#progress").inner_text()
         stopped_at = step_shown(page)
+        page.wait_for_function(  # the list of runs: this one, stopped, with its folder
+            "t => document.querySelector('#runs-list').innerText.includes(t)", arg=f"指令微调\t已停止（可继续）\t{out}"
+        )
         assert 40 <= stopped_at < TOTAL_STEPS
         page.wait_for_function("document.querySelector('#loss-plot img') !== null")
         screenshot(page, "board-run.png")

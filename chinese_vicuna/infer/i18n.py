@@ -132,6 +132,8 @@ MESSAGES: dict[str, dict[str, str]] = {
         "zh": "**{status}** · {kind} · 第 {step}/{steps} 条命令 · 输出 `{output_dir}`",
         "en": "**{status}** · {kind} · command {step}/{steps} · output `{output_dir}`",
     },
+    "board.kind": {"zh": "类型", "en": "Kind"},
+    "board.status": {"zh": "状态", "en": "Status"},
     "board.kind.eval": {"zh": "评测", "en": "evaluation"},
     "board.kind.export": {"zh": "导出", "en": "export"},
     "board.run_memory": {"zh": " · 内存 RSS {rss}", "en": " · RSS {rss}"},
