@@ -201,7 +201,8 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
             stage, settings = settings_of_flags(read_flags_file(path))
         except UserError as exc:
             raise page_error(exc) from None
-        return [stage, *[settings.get(key, gr.update()) for key in FIELDS], t("board.flags_loaded", path=path)]
+        shown = gr.update(visible=bool(STAGES[stage].own))
+        return [stage, *[settings.get(key, gr.update()) for key in FIELDS], shown, t("board.flags_loaded", path=path)]
 
     def switch_stage(stage: str) -> tuple[Any, Any, Any]:
         spec = STAGES[stage]
@@ -525,11 +526,12 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         for component in [stage, *values]:
             component.change(command_of, [stage, *values], command, api_name=False, queue=False)
             component.change(estimate_of, [stage, *values], memory, api_name=False, queue=False)
-        stage.change(switch_stage, stage, [template, data, preference_row], api_name=False)
+        # the user's choice of stage (not a loaded flags file's, whose data and template stay) brings its defaults
+        stage.input(switch_stage, stage, [template, data, preference_row], api_name=False)
         check_btn.click(check, [stage, *values], [model_info, preview, doctor, status], api_name="inspect")
         start_btn.click(start, [stage, *values], [model_info, preview, doctor, status, run], api_name="start")
         save_btn.click(save_flags, [flags_path, stage, *values], status, api_name="save_flags")
-        load_btn.click(load_flags, flags_path, [stage, *values, status], api_name="load_flags")
+        load_btn.click(load_flags, flags_path, [stage, *values, preference_row, status], api_name="load_flags")
         timer = gr.Timer(1.0)
         timer.tick(watch, run, [progress_md, plot, run_command, console], api_name=False, queue=False)
         timer.tick(runs_list, None, all_runs, api_name=False, queue=False)

@@ -277,6 +277,23 @@ def test_board_in_english(tiny_model_dir: Path, tmp_path: Path):
         assert "LlamaForCausalLM" in page.locator("#model-info").inner_text()
         assert page.locator("#command textarea").input_value().split()[1:3] == ["finetune.py", "--base_model"]
         screenshot(page, "board-en.png")
+        # a preference flags file loads as that stage, its own data and settings kept
+        from chinese_vicuna.board import stage_flags, write_flags_file
+
+        flags = {
+            "base_model": str(tiny_model_dir),
+            "lora_weights": str(tmp_path),
+            "prompt_template": "chatml",
+            "data": str(tmp_path / "p.jsonl"),
+        }
+        write_flags_file(tmp_path / "dpo.yaml", stage_flags("dpo", {**flags, "pref_loss": "orpo", "pref_beta": 0.5}))
+        page.locator("#flags_file textarea").fill(str(tmp_path / "dpo.yaml"))
+        page.locator("#load-flags").click()
+        page.wait_for_function("document.querySelector('#command textarea').value.includes('finetune_dpo.py')")
+        command = page.locator("#command textarea").input_value()
+        assert f"--data_path {tmp_path / 'p.jsonl'}" in command and "--prompt_template chatml" in command
+        assert "--pref_loss orpo --pref_beta 0.5" in command and f"--lora_weights {tmp_path}" in command
+        assert page.locator("#lora_weights textarea").is_visible()
 
 
 def fields_of(args: object) -> dict:
