@@ -20,6 +20,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="optional group: bash script
 
 from test_gguf import chat_matrix, fed_ids  # noqa: E402
 
+from chinese_vicuna.data.cache import tokenizer_fingerprint  # noqa: E402
 from chinese_vicuna.data.chat import template_trains_eos, tokenize_conversations  # noqa: E402
 from chinese_vicuna.data.encode import encode_segments  # noqa: E402
 from chinese_vicuna.data.fast_tokenize import (  # noqa: E402
@@ -82,6 +83,7 @@ def test_the_two_forms_of_the_llama_tokenizer(tiny_model_dir: Path, legacy_dir: 
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=64, verbose=False, vocab_only=True)
     assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == ids(legacy_tokenizer, text)
     assert restarts_after_special(legacy_tokenizer) and not restarts_after_special(default)
+    assert tokenizer_fingerprint(legacy_tokenizer) != tokenizer_fingerprint(default)  # no tokenized-data cache shared by the two
     assert not restarts_after_special(LlamaCppTokenizer(llm))  # the file says: converted from the default form
     assert llm.metadata[GGUF_RESTARTS_KEY] == "false" and llm.metadata[GGUF_FOLDS_SPACE_KEY] == "true"
     legacy_gguf = convert(legacy_dir, legacy_dir.parent / "legacy-vocab.gguf", "f16")
