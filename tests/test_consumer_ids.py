@@ -4,7 +4,7 @@ LLaMA-1/2-era folders that set it): transformers 5 then starts the text after ev
 token with sentencepiece's dummy prefix `▁`, as llama.cpp's tokenizer does, so llama.cpp's
 `create_chat_completion` on the GGUF, `apply_chat_template(tokenize=True)`, the project's
 Engine prompts and its training ids are one and the same for every built-in template, history
-included. (The default form — `legacy` false or unset, what transformers 5 builds from a bare
+included; so are they for the hub's `tokenizer.json` pipeline read as it is. (The default form — `legacy` false or unset, what transformers 5 builds from a bare
 `tokenizer.model` — continues the text there and llama.cpp cannot: that one difference is
 pinned in tests/test_gguf.py::test_create_chat_completion_feeds_hf_ids; docs/export.md.)"""
 
@@ -60,15 +60,40 @@ def legacy_tokenizer(legacy_dir: Path):
     return load_tokenizer(str(legacy_dir))
 
 
+@pytest.fixture(scope="module")
+def pipeline_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hub's LLaMA-1/2 `tokenizer.json` pipeline read as it is (transformers 4, the tokenizers
+    library; transformers 5 for `tokenizer_class: PreTrainedTokenizerFast`): a `Prepend("▁")` +
+    `Replace(" ", "▁")` normalizer, no pre-tokenizer — the dummy prefix after every special token,
+    and a leading space a `▁` of its own beside it, both as sentencepiece and llama.cpp."""
+    folder = tmp_path_factory.mktemp("pipeline") / "pipeline-llama"
+    shutil.copytree(tiny_model_dir, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    prepend = [{"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]
+    spec.update(normalizer={"type": "Sequence", "normalizers": prepend}, pre_tokenizer=None)
+    (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "PreTrainedTokenizerFast"}), encoding="utf-8")
+    return folder
+
+
+FORMS = {"legacy": "legacy_dir", "pipeline": "pipeline_dir"}
+
+
+def form_dir(request: pytest.FixtureRequest, form: str) -> Path:
+    return request.getfixturevalue(FORMS[form])
+
+
 def ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_the_two_forms_of_the_llama_tokenizer(tiny_model_dir: Path, legacy_dir: Path, legacy_tokenizer) -> None:
+def test_the_forms_of_the_llama_tokenizer(tiny_model_dir: Path, legacy_dir: Path, legacy_tokenizer, pipeline_dir: Path) -> None:
     """Same sentencepiece model and weights; only `"legacy": true` differs, and with it what
-    transformers 5 does after a special token. llama.cpp (one GGUF vocabulary for both) does
-    what the legacy form does."""
+    transformers 5 does after a special token. llama.cpp (one GGUF vocabulary for all) does
+    what the legacy form does there, and what the hub's tokenizer.json pipeline does everywhere."""
     default = load_tokenizer(str(tiny_model_dir))
+    pipeline = load_tokenizer(str(pipeline_dir))
     assert (legacy_dir / "tokenizer.model").read_bytes() == (tiny_model_dir / "tokenizer.model").read_bytes()
     assert json.loads((legacy_dir / "tokenizer_config.json").read_text(encoding="utf-8"))["legacy"] is True
     assert "legacy" not in json.loads((tiny_model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
@@ -89,9 +114,16 @@ def test_the_two_forms_of_the_llama_tokenizer(tiny_model_dir: Path, legacy_dir: 
     legacy_gguf = convert(legacy_dir, legacy_dir.parent / "legacy-vocab.gguf", "f16")
     legacy_llm = llama_cpp.Llama(model_path=str(legacy_gguf), n_ctx=64, verbose=False, vocab_only=True)
     assert legacy_llm.metadata[GGUF_RESTARTS_KEY] == "true" and restarts_after_special(LlamaCppTokenizer(legacy_llm))
-    for tokenizer, cpp in ((default, LlamaCppTokenizer(llm)), (legacy_tokenizer, LlamaCppTokenizer(legacy_llm))):
-        for probe in (text, " USER: hi", "x</s><s>[INST] hi", "</s> 你好"):
+    pipeline_llm = llama_cpp.Llama(
+        model_path=str(convert(pipeline_dir, legacy_dir.parent / "pipeline-vocab.gguf", "f16")), n_ctx=64, verbose=False, vocab_only=True
+    )
+    assert (pipeline_llm.metadata[GGUF_RESTARTS_KEY], pipeline_llm.metadata[GGUF_FOLDS_SPACE_KEY]) == ("true", "false")
+    forms = ((default, LlamaCppTokenizer(llm)), (legacy_tokenizer, LlamaCppTokenizer(legacy_llm)), (pipeline, LlamaCppTokenizer(pipeline_llm)))
+    for probe in (text, " USER: hi", "x</s><s>[INST] hi", "</s> 你好"):
+        for tokenizer, cpp in forms:  # the project's llama.cpp wrapper: each file's HF ids
             assert cpp(probe)["input_ids"] == ids(tokenizer, probe), probe
+        assert llm.tokenize(probe.encode("utf-8"), add_bos=False, special=True) == ids(pipeline, probe), probe  # llama.cpp itself
+    assert ids(pipeline, " USER: hi") != ids(legacy_tokenizer, " USER: hi")  # ▁▁USER vs ▁USER: a leading space
 
 
 def engine_prompt_ids(tokenizer, template, messages: list[dict[str, str]]) -> list[int]:
@@ -114,15 +146,20 @@ def model_with_template(legacy_dir: Path, tokenizer, name: str, root: Path) -> P
     return folder
 
 
-@pytest.mark.parametrize("name", NAMED)
-def test_create_chat_completion_on_the_gguf_feeds_hf_ids(legacy_dir: Path, legacy_tokenizer, tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("form", "name"), [("legacy", name) for name in NAMED] + [("pipeline", name) for name in ("vicuna_v1.1", "llama2", "alpaca")]
+)
+def test_create_chat_completion_on_the_gguf_feeds_hf_ids(request: pytest.FixtureRequest, tmp_path: Path, form: str, name: str) -> None:
     """tools/convert_to_gguf.py's file, stock `Llama(gguf).create_chat_completion` with the
     template it carries (llama-cpp-python's default handler): the ids it evaluates are exactly
     stock `AutoTokenizer(folder).apply_chat_template(tokenize=True)`'s, and the Engine's and
     training's for the same open prompt — 1 and 3 turns, without / with / with an empty system
-    message, history with `</s>` and `<s>` inside (vicuna_v1.1, llama2) included."""
+    message, history with `</s>` and `<s>` inside (vicuna_v1.1, llama2) included; so are
+    tools/cpu_chat.py's and serve.py --engine llamacpp's."""
     from transformers import AutoTokenizer
 
+    legacy_dir = form_dir(request, form)
+    legacy_tokenizer = load_tokenizer(str(legacy_dir))
     template = load_template(name, legacy_tokenizer)
     folder = model_with_template(legacy_dir, legacy_tokenizer, name, tmp_path)
     stock = AutoTokenizer.from_pretrained(str(folder))
@@ -155,12 +192,14 @@ def test_create_chat_completion_on_the_gguf_feeds_hf_ids(legacy_dir: Path, legac
 THREE_TURNS = [*chat_matrix()[1], {"role": "assistant", "content": "春眠不觉晓。"}]  # no system message; added below
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("name", [t for t in NAMED if load_template(t).is_chat])
-def test_training_ids_are_hf_whole_text_ids_at_three_turns(legacy_tokenizer, name: str) -> None:
+def test_training_ids_are_hf_whole_text_ids_at_three_turns(request: pytest.FixtureRequest, form: str, name: str) -> None:
     """finetune_chat.py's samples (tokenize_conversations: the batched, sentencepiece path) for
     whole 3-turn conversations are `apply_chat_template(tokenize=True)` of the same conversation
     (+ the trained EOS where the template has none): the text after `</s>` starts with `▁` in
     training as in HF and llama.cpp."""
+    legacy_tokenizer = load_tokenizer(str(form_dir(request, form)))
     template = load_template(name, legacy_tokenizer)
     jinja = hf_chat_template(template, legacy_tokenizer)
     add_eos = not template_trains_eos(template, legacy_tokenizer)
@@ -174,7 +213,8 @@ def test_training_ids_are_hf_whole_text_ids_at_three_turns(legacy_tokenizer, nam
         assert encode_segments(legacy_tokenizer, segments, add_eos=add_eos)[0] == want, (name, system)
         encoder = BatchEncoder(legacy_tokenizer)  # the sentencepiece path itself, not its fallback to HF
         by_sentencepiece = encoder([s.text for s in segments], sample_starts([len(segments)]))
-        assert encoder.fast and [i for seg in by_sentencepiece for i in seg] == want[1 : len(want) - add_eos], (name, system)
+        assert [i for seg in by_sentencepiece for i in seg] == want[1 : len(want) - add_eos], (name, system)
+        assert encoder.fast == (form == "legacy")  # sentencepiece serves a LlamaTokenizer only
         if name == "vicuna_v1.1":  # the `▁` after `</s>`: "USER:" as at the start of a text
             eos_at = want.index(legacy_tokenizer.eos_token_id)
             assert want[eos_at + 1 : eos_at + 1 + len(ids(legacy_tokenizer, "USER:"))] == ids(legacy_tokenizer, "USER:")

@@ -5,7 +5,7 @@ fallback, unk=0 bos=1 eos=2 as in LLaMA). The output directory loads with
 `AutoModelForCausalLM` / `AutoTokenizer`. Same arguments → same files (seeded).
 
 `--legacy_tokenizer true` writes `"legacy": true` into tokenizer_config.json, as the hub's
-LLaMA-1/2-era folders that set it do (Mistral-7B's, for one): transformers 5 then builds the
+LLaMA-1/2-era folders that set it do: transformers 5 then builds the
 tokenizer with sentencepiece's dummy prefix `▁` on the text after every special token, as
 llama.cpp does. The default (no `legacy` key, read as false) gives no prefix there
 (docs/export.md, "Text after a special token").
