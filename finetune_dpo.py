@@ -25,7 +25,7 @@ from chinese_vicuna.args import (
     parse_args,
 )
 from chinese_vicuna.checkpoints import RunIdentity
-from chinese_vicuna.data.preference import load_kto_dataset, load_preference_dataset
+from chinese_vicuna.data.preference import load_kto_dataset, load_preference_dataset, stored_reference_log_probs
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
@@ -43,6 +43,7 @@ from chinese_vicuna.train.preference import (
     add_reference_adapter,
     check_kto_batch,
     precompute_reference,
+    reference_key,
 )
 from chinese_vicuna.train.trainer import build_trainer, train_and_save
 
@@ -60,7 +61,17 @@ class PreferenceArguments:
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin."})
     precompute_ref_log_probs: bool = field(
         default=False,
-        metadata={"help": "Compute the reference log-probabilities once before training (one forward per sample less each step)."},
+        metadata={
+            "help": "Compute the reference log-probabilities once before training (one forward per sample less each step); "
+            "stored with the tokenized data, reused by a later run of the same reference."
+        },
+    )
+    pref_split_sequences: bool = field(
+        default=False,
+        metadata={
+            "help": "Chosen and rejected through the model one after the other: the activations of one answer per pair "
+            "at a time (about SFT's peak), one more no-grad forward; the same gradients. Single process, no DeepSpeed."
+        },
     )
     kto_chosen_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the desirable answers' loss."})
     kto_rejected_weight: float = field(default=1.0, metadata={"help": "KTO: weight of the undesirable answers' loss."})
@@ -111,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     kto = pref_args.pref_loss == "kto"
     check_kto_batch(pref_args.pref_loss, train_args.per_device_train_batch_size, train_args.packing_max_tokens)
     needs_reference = pref_args.pref_loss not in REFERENCE_FREE
+    if pref_args.pref_split_sequences and (train_args.deepspeed or train_args.world_size > 1):
+        raise UserError("--pref_split_sequences runs each answer's backward inside the loss's: one process without DeepSpeed only")
     if pref_args.precompute_ref_log_probs and kto:
         raise UserError("--precompute_ref_log_probs: KTO's KL pairs change with every batch; compute the reference as it trains")
 
@@ -134,17 +147,23 @@ def main(argv: list[str] | None = None) -> None:
         reference = REFERENCE_ADAPTER
 
     # 3. train: pairs packed in rows unless --packing false (then padded); the reference computed per batch or once
-    collator = PreferenceCollator(sequence_collator(train_args.packing, tokenizer), kto=kto)
+    collator = PreferenceCollator(sequence_collator(train_args.packing, tokenizer), kto=kto, split=pref_args.pref_split_sequences)
     trainer = build_trainer(
         PreferenceTrainer, model, tokenizer, train_args, train_data, val_data, collator,
         loss_type=pref_args.pref_loss, beta=pref_args.pref_beta, ftx=pref_args.pref_ftx, simpo_gamma=pref_args.simpo_gamma,
         reference_adapter=reference, kto_weights=(pref_args.kto_chosen_weight, pref_args.kto_rejected_weight),
     )  # fmt: skip
     if pref_args.precompute_ref_log_probs and needs_reference:
-        batch = train_args.per_device_eval_batch_size
-        trainer.train_dataset = WithReference(train_data, precompute_reference(trainer, train_data, collator, batch))
-        if val_data is not None and len(val_data):
-            trainer.eval_dataset = WithReference(val_data, precompute_reference(trainer, val_data, collator, batch))
+        # stored with the tokenized pairs, keyed by the reference: a second run (or a resume) reads them
+        key = reference_key(model, model_args.base_model, model_args.lora_weights if reference else None, template, train_args)
+
+        def compute(samples: Any) -> Any:
+            return precompute_reference(trainer, samples, collator, train_args.per_device_eval_batch_size)
+
+        with train_args.main_process_first(desc="reference log-probabilities"):
+            trainer.train_dataset = WithReference(train_data, stored_reference_log_probs(train_data, compute, key))
+            if val_data is not None and len(val_data):
+                trainer.eval_dataset = WithReference(val_data, stored_reference_log_probs(val_data, compute, key))
     train_and_save(trainer, tokenizer, template, run.resume_from_checkpoint, run.fingerprint)
 
 

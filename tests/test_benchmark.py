@@ -69,7 +69,7 @@ def test_quick_benchmark_writes_json_and_plot(tiny_model_dir: Path, tmp_path: Pa
     assert summary["speedup_per_pair"] and summary["peak_memory_ratio"] > 0
 
 
-GPU_CHECK_STEPS = ["env", "memory", "speed-1b", "speed-7b", "flash", "peers", "tests", "report"]
+GPU_CHECK_STEPS = ["env", "memory", "speed-1b", "speed-7b", "flash", "peers", "liger", "tests", "report"]
 
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:
@@ -177,3 +177,54 @@ def test_peer_configs_match_the_project_run(tmp_path: Path) -> None:
         "train",
         str(tmp_path / "c.yaml"),
     ]
+
+
+def test_dpo_case_configs_match_and_pairs_are_built(tmp_path: Path) -> None:
+    """`tools/benchmark.py dpo`: TRL's DPOConfig has finetune_dpo.py's schedule, batch, beta and loss
+    (as parsed from the case's flags); the pairs take each record's answer as chosen and the next
+    record's as rejected; the SFT files hold the chosen answers, and chosen and rejected side by side."""
+    from benchmark import DPO_BETA, dpo_flags, make_dpo_data, trl_dpo_config
+
+    import finetune_dpo
+
+    flags = ["--base_model", "b", "--output_dir", str(tmp_path / "out"), *dpo_flags("fp32", 512, -1)]
+    parsed = parse_args(finetune_dpo.FLAG_GROUPS, [*flags, "--micro_batch_size", "4", "--batch_size", "4", "--pref_beta", str(DPO_BETA)])
+    train, prefs = parsed[-1], parsed[-2]
+    trl = trl_dpo_config(tmp_path / "out", "fp32", 4)
+    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "learning_rate", "warmup_steps", "seed")
+    assert {k: trl[k] for k in keys} == {k: getattr(train, k) for k in keys}
+    assert trl["lr_scheduler_type"] == str(train.lr_scheduler_type.value) and trl["gradient_checkpointing"] is train.gradient_checkpointing
+    assert (trl["beta"], trl["loss_type"], prefs.pref_loss) == (prefs.pref_beta, ["sigmoid"], "sigmoid")
+    records = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    files = make_dpo_data(data, tmp_path)
+    read = lambda name: [json.loads(line) for line in files[name].read_text().splitlines()]  # noqa: E731
+    assert [(p["instruction"], p["chosen"], p["rejected"]) for p in read("pairs")] == [
+        ("q0", "a0", "a1"),
+        ("q1", "a1", "a2"),
+        ("q2", "a2", "a0"),
+    ]
+    assert read("sft") == records
+    assert [(s["instruction"], s["output"]) for s in read("sft-pairs")][:4] == [("q0", "a0"), ("q0", "a1"), ("q1", "a1"), ("q1", "a2")]
+
+
+@pytest.mark.slow
+def test_dpo_case_runs_ours_and_trl_on_the_same_tokens(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The case end to end on the tiny model, one step: SFT, DPO from its adapter and TRL's DPOTrainer
+    each train (finite losses, DPO's near log 2 at the start), on the pairs' tokens, and report
+    tokens per CPU-second, peak memory and the ratios."""
+    work = tmp_path / "bench"
+    args = ("tools/benchmark.py", "dpo", str(work), "--model", str(tiny_model_dir), "--samples", "8", "--max_steps", "1")
+    proc = run_script(*args, "--configs", "sft,dpo-sft,trl")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((work / "dpo.json").read_text())
+    summary = result["summary"]
+    assert [r["config"] for r in result["runs"]] == ["sft", "dpo-sft", "trl"] and result["steps"] == 1
+    assert summary["dpo-sft"]["tokens"] == summary["trl"]["tokens"] == result["pair_tokens"] * 4 / 8  # one step: 4 of 8 pairs
+    for name in ("dpo-sft", "trl"):
+        assert abs(summary[name]["train_loss_median"] - 0.6931) < 0.05  # one step from the reference
+    for r in result["runs"]:
+        assert r["tokens_per_cpu_s"] > 0 and r["peak_mib"] > 100
+    assert set(summary["ratios"]) == {"peak dpo-sft/sft"}
+    assert (work / "runs" / "dpo-sft-0" / "adapter_model.safetensors").is_file()

@@ -154,11 +154,11 @@ def test_the_recipe_refuses_a_malformed_record_and_a_small_kto_batch_in_one_line
     assert proc.returncode == 2 and "the minimum is 2" in proc.stderr.strip().splitlines()[-1]
 
 
-def policy_with_adapter(tiny_model_dir: Path, tokenizer, seed: int = 0):
+def policy_with_adapter(tiny_model_dir: Path, tokenizer, seed: int = 0, dropout: float = 0.0):
     from chinese_vicuna.model.build import load_checked_model
 
     torch.manual_seed(seed)
-    model = add_lora(load_checked_model(str(tiny_model_dir), tokenizer, "fp32"), 8, 16, 0.0, "all-linear")
+    model = add_lora(load_checked_model(str(tiny_model_dir), tokenizer, "fp32"), 8, 16, dropout, "all-linear")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -181,6 +181,98 @@ def test_packed_and_padded_pairs_give_the_same_log_probs(tiny_model_dir: Path, t
     assert packed_counts.tolist() == padded_counts.tolist()
     torch.testing.assert_close(packed / packed_counts, padded / padded_counts, atol=1e-5, rtol=0)
     torch.testing.assert_close(packed, padded, atol=1e-5 * float(packed.abs().max()), rtol=0)
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_log_probs_through_lm_head_chunks_equal_the_unchunked_ones(packed: bool, tiny_model_dir: Path, tokenizer, sample_pairs) -> None:
+    """--loss_chunk_size: the per-sequence log-probabilities (7 rows of logits at a time, so several
+    chunks, some across two sequences) equal those of the model's own logits to 1e-6 of their size in fp32, and the
+    LoRA gradients of a weighted sum to 1e-5 of theirs (fp32 matmuls of other row counts round apart)."""
+    model = policy_with_adapter(tiny_model_dir, tokenizer)
+    collate = PackedCollator() if packed else PaddingCollator(tokenizer.pad_token_id)
+    batch = collate([sample_pairs[i] for i in range(6)])
+    results = {}
+    for chunk in (0, 7):
+        model.zero_grad()
+        log_probs, counts = sequence_log_probs(model, batch, chunk)
+        (log_probs * torch.arange(1, log_probs.numel() + 1)).sum().backward()  # a different weight per sequence
+        results[chunk] = (log_probs.detach(), counts, _grads(model))
+    (whole, whole_counts, whole_grads), (chunked, chunked_counts, chunked_grads) = results[0], results[7]
+    assert chunked_counts.tolist() == whole_counts.tolist() and sum(whole_counts.tolist()) > 3 * 7  # many chunks, across sequences
+    torch.testing.assert_close(chunked, whole, atol=1e-6 * float(whole.abs().max()), rtol=0)
+    scale = max(float(g.abs().max()) for g in whole_grads.values())
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, atol=1e-5 * scale, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("head", ["linear", "biased"])
+def test_token_log_probs_and_their_gradients_equal_log_softmax(head: str) -> None:
+    """`lm_head_token_log_probs` (what GRPO's per-token ratios take) against log_softmax of the
+    whole logits: values to 1e-6, the gradients of hidden and of a trained head to 1e-5, for a
+    plain head (fused pass) and any other (per-chunk checkpointing)."""
+    from chinese_vicuna.train.losses import lm_head_token_log_probs
+
+    torch.manual_seed(0)
+    lm_head = torch.nn.Linear(16, 50, bias=head == "biased")
+    hidden = torch.randn(23, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    weights = torch.randn(23)  # an incoming gradient that differs per token
+    expected = torch.log_softmax(lm_head(hidden), dim=-1).gather(1, targets[:, None]).squeeze(1)
+    (expected * weights).sum().backward()
+    want = (hidden.grad.clone(), lm_head.weight.grad.clone())
+    hidden.grad, lm_head.weight.grad = None, None
+    got = lm_head_token_log_probs(hidden, lm_head, targets, chunk=5)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(hidden.grad, want[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(lm_head.weight.grad, want[1], atol=1e-5, rtol=0)
+
+
+def test_split_sequences_give_the_joint_loss_and_gradients(tiny_model_dir: Path, tokenizer, sample_pairs) -> None:
+    """--pref_split_sequences: chosen and rejected in separate batches, each run again in backward.
+    The loss and the LoRA gradients equal those of the joint packed batch (no dropout: the same
+    function; 1e-5 of their size, fp32 sums of rows in other orders), and with dropout the
+    recomputation draws the masks of the no-grad pass (the gradients of one forward with grad)."""
+    from chinese_vicuna.train.packing import sequence_collator
+    from chinese_vicuna.train.preference import PreferenceCollator, parts_log_probs
+
+    model = policy_with_adapter(tiny_model_dir, tokenizer).train()
+    features = [sample_pairs[i] for i in range(6)]
+    joint_batch = PreferenceCollator(sequence_collator(True, tokenizer))(features)
+    split_batch = PreferenceCollator(sequence_collator(True, tokenizer), split=True)(features)
+    assert set(split_batch) == {"sequence_parts"} and len(split_batch["sequence_parts"]) == 2
+
+    def loss_and_grads(log_probs, counts):
+        chosen, rejected = log_probs.view(-1, 2).unbind(1)
+        ref = (chosen.detach() - 1.0, rejected.detach() + 1.0)  # a reference the policy differs from
+        out = pair_loss("sigmoid", 0.1, chosen, rejected, *counts.view(-1, 2).unbind(1), *ref)
+        loss = out.loss + 0.5 * (-(chosen / counts.view(-1, 2)[:, 0]).mean())  # --pref_ftx: a second gradient path
+        model.zero_grad()
+        loss.backward()
+        return float(loss), _grads(model)
+
+    joint_loss, joint = loss_and_grads(*sequence_log_probs(model, joint_batch, 7))
+    split_loss, split = loss_and_grads(*parts_log_probs(model, split_batch["sequence_parts"], 7))
+    assert abs(joint_loss - split_loss) < 1e-6 * abs(joint_loss)
+    scale = max(float(g.abs().max()) for g in joint.values())
+    assert all(torch.allclose(split[n], g, atol=1e-5 * scale, rtol=0) for n, g in joint.items())
+
+    model = policy_with_adapter(tiny_model_dir, tokenizer, dropout=0.3).train()  # the recomputation must draw the same masks
+    parts = split_batch["sequence_parts"]
+    torch.manual_seed(5)
+    direct = torch.stack([sequence_log_probs(model, part, 7)[0] for part in parts], dim=1).reshape(-1)
+    with_grad_loss, with_grad = loss_and_grads(direct, parts_log_probs(model, parts, 7)[1].detach())
+    torch.manual_seed(5)
+    recomputed_loss, recomputed = loss_and_grads(*parts_log_probs(model, parts, 7))
+    torch.manual_seed(6)
+    other_masks_loss, _ = loss_and_grads(*parts_log_probs(model, parts, 7))
+    assert recomputed_loss == with_grad_loss != other_masks_loss  # dropout is on, and drew the same masks
+    scale = max(float(g.abs().max()) for g in with_grad.values())
+    assert all(torch.allclose(recomputed[n], g, atol=1e-6 * scale, rtol=0) for n, g in with_grad.items())
 
 
 def trl_batch(pairs: list[dict], tokenizer) -> dict:
@@ -308,6 +400,51 @@ def test_precomputed_reference_gives_the_same_loss(tiny_model_dir: Path, tokeniz
     assert abs(float(live) - float(cached)) < 1e-6
 
 
+def test_precomputed_reference_is_stored_with_the_pairs_and_read_back(tiny_model_dir: Path, tokenizer, tmp_path: Path, monkeypatch) -> None:
+    """--precompute_ref_log_probs: computed once for the tokenized store (train and held-out pairs
+    together) and stored in its cache folder; a second run on the same data and reference computes
+    nothing and trains on exactly the stored values; another reference (an SFT adapter) computes
+    and stores its own."""
+    import numpy as np
+
+    adapter = tmp_path / "adapter"
+    policy_with_adapter(tiny_model_dir, tokenizer).save_pretrained(str(adapter))
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records())
+    computed: list = []
+    used: list = []
+    compute, with_reference = finetune_dpo.precompute_reference, finetune_dpo.WithReference
+    monkeypatch.setattr(finetune_dpo, "precompute_reference", lambda *a: computed.append(compute(*a)) or computed[-1])
+    monkeypatch.setattr(finetune_dpo, "WithReference", lambda samples, ref: used.append(ref) or with_reference(samples, ref))
+
+    def run(name: str, *extra: str) -> tuple[list, list]:
+        computed.clear()
+        used.clear()
+        flags = ["--precompute_ref_log_probs", "true", "--max_steps", "2", "--val_set_size", "3", "--cache_dir", str(tmp_path / "cache")]
+        finetune_dpo.main(dpo_args(tiny_model_dir, data, tmp_path / name, *flags, "--save_steps", "2", *extra))
+        return list(computed), list(used)
+
+    def stored() -> dict[str, np.ndarray]:
+        return {p.name: np.load(p) for p in (tmp_path / "cache").glob("*/reference-log-probs/*.npy")}
+
+    first, first_used = run("a")
+    assert len(first) == 1 and first[0].shape == (PROMPTS, 2)  # one pass over the whole store
+    [(name, values)] = stored().items()
+    assert np.array_equal(values, first[0])  # stored exactly as computed
+    train, val = first_used
+    assert train.shape == (PROMPTS - 3, 2) and val.shape == (3, 2)
+    assert sorted(map(tuple, np.concatenate([train, val]).tolist())) == sorted(map(tuple, values.tolist()))
+
+    again, again_used = run("b")
+    assert again == []  # nothing computed: read back
+    assert all(np.array_equal(x, y) for x, y in zip(again_used, first_used, strict=True))
+
+    other, _ = run("c", "--lora_weights", str(adapter))
+    assert len(other) == 1  # another reference: computed and stored beside the first
+    assert len(stored()) == 2 and np.array_equal(stored()[name], values)
+    assert np.abs(other[0] - values).min() > 1e-4
+    assert (tmp_path / "c" / "adapter_model.safetensors").is_file()
+
+
 # ---------------------------------------------------------------- the tiny model learns its pairs
 
 
@@ -400,6 +537,36 @@ def test_plain_dpo_after_sft_raises_the_chosen_log_probs(tiny_model_dir: Path, s
     assert share([m > 0 for m in margins]) >= 0.9, margins
 
 
+@pytest.mark.parametrize("flag", ["--load_in_8bit", "--load_in_4bit"])
+def test_kbit_dpo_after_sft_raises_the_chosen_and_saves_a_stock_adapter(
+    flag: str, tiny_model_dir: Path, sft_adapter: Path, tmp_path: Path
+) -> None:
+    """QLoRA / 8-bit DPO on the CPU (bitsandbytes): the base quantized, the SFT adapter trained on
+    and loaded again as the frozen reference. The first step is log 2 (policy = reference), the loss
+    falls and the chosen answers' log-probabilities rise; the adapter loads in stock PEFT on the
+    unquantized base, with the SFT adapter's tensors, moved away from them."""
+    import math
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pair_records())
+    out = tmp_path / "out"
+    flags = ["--lora_weights", str(sft_adapter), flag, "true", "--lora_dropout", "0", "--pref_beta", "0.5"]  # no dropout: step 1 is exact
+    flags += ["--max_steps", "6", "--logging_steps", "1", "--val_set_size", "0"]
+    finetune_dpo.main(dpo_args(tiny_model_dir, data, out, *flags, "--save_steps", "6"))
+    log = [e for e in read_jsonl(out / "trainer_log.jsonl") if "loss" in e and "logps/chosen" in e]
+    assert [e["step"] for e in log] == [1, 2, 3, 4, 5, 6]
+    # 4-bit: policy = reference to fp32 rounding. 8-bit: bitsandbytes runs LLM.int8 by another path in
+    # training mode (the policy) than in eval mode (the reference), both with inputs cast to fp16
+    # (2^-10 relative): the sequences' summed log-probabilities differ by a few 1e-3.
+    tolerance = 1e-2 if flag == "--load_in_8bit" else 1e-4
+    assert abs(log[0]["loss"] - math.log(2)) < tolerance and abs(log[0]["rewards/margins"]) < tolerance, log[0]
+    assert log[-1]["loss"] < log[0]["loss"] - 0.05, log
+    assert log[-1]["logps/chosen"] > log[0]["logps/chosen"] and log[-1]["rewards/accuracies"] == 1.0, log
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)), str(out))
+    assert not any("Linear4bit" in type(m).__name__ or "Linear8bit" in type(m).__name__ for m in model.modules())
+    trained, start = load_file(str(out / "adapter_model.safetensors")), load_file(str(sft_adapter / "adapter_model.safetensors"))
+    assert trained.keys() == start.keys() and max(float((trained[k] - start[k]).abs().max()) for k in start) > 1e-4
+
+
 def test_orpo_from_the_bare_base_answers_the_chosen(tiny_model_dir: Path, tokenizer, tmp_path: Path) -> None:
     """ORPO needs no reference; its SFT term teaches X from the bare base."""
     records = [{**r, "chosen": r["rejected"], "rejected": CHOSEN} for r in pair_records()]  # per-prompt answers to learn
@@ -459,6 +626,8 @@ def test_every_loss_and_format_trains(loss: str, tiny_model_dir: Path, tmp_path:
         "--eval_steps",
         "2",
     ]
+    if loss in ("ipo", "kto"):
+        flags += ["--pref_split_sequences", "true"]  # each answer (KTO: and its mismatched one) through the model apart
     finetune_dpo.main(dpo_args(tiny_model_dir, tmp_path / "data", out, *flags, "--save_steps", "2", "--logging_steps", "1"))
     log = read_jsonl(out / "trainer_log.jsonl")
     assert [e["step"] for e in log if "loss" in e] == [1, 2] and all(torch.isfinite(torch.tensor(e["loss"])) for e in log if "loss" in e)

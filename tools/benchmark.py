@@ -20,6 +20,7 @@ the CPU (AVX512-BF16 / AMX) or GPU runs it natively, fp32 otherwise (`--precisio
     python tools/benchmark.py tokenize WORK           # batched vs one-at-a-time tokenization
     python tools/benchmark.py logits WORK             # peak memory of the loss: 128k vocabulary, 4×2048 tokens
     python tools/benchmark.py quick WORK              # seconds: tiny model, used by the tests
+    python tools/benchmark.py dpo WORK                # finetune_dpo.py vs SFT on the same data and TRL's DPOTrainer
 """
 
 from __future__ import annotations
@@ -352,7 +353,9 @@ def config_flags(name: str, precision: str, micro_batch: int, cutoff_len: int) -
     return [flag.format(**values) for flag in CONFIGS[name]]
 
 
-def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str], index: int, flags: list[str]) -> dict[str, Any]:
+def one_run(
+    name: str, work: Path, model_dir: Path, data: Path, common: list[str], index: int, flags: list[str], script: str = "finetune.py"
+) -> dict[str, Any]:
     out = work / "runs" / f"{name}-{index}"
     if out.exists():
         import shutil
@@ -369,7 +372,7 @@ def one_run(name: str, work: Path, model_dir: Path, data: Path, common: list[str
         "TOKENIZERS_PARALLELISM": "false",
         "CHINESE_VICUNA_CACHE": str(work / "cache"),
     }
-    cmd = [sys.executable, str(REPO / "finetune.py"), "--base_model", str(model_dir), "--data_path", str(data)]
+    cmd = [sys.executable, str(REPO / script), "--base_model", str(model_dir), "--data_path", str(data)]
     cmd += ["--output_dir", str(out), *common, *flags]
     t0 = time.perf_counter()
     rc, (peak, cpu, *_), stderr = run_finetune(cmd, env)
@@ -1179,6 +1182,262 @@ def logits_memory(vocab: int, rows: int, length: int, chunks: list[int], repeats
     }
 
 
+# --------------------------------------------------------------------------------------------
+# Preference training: finetune_dpo.py against SFT on the same data and TRL's DPOTrainer
+# --------------------------------------------------------------------------------------------
+# What each `dpo` configuration runs (one fresh process each; peak RSS and Trainer.train CPU time).
+DPO_CONFIGS = {
+    "sft": "finetune.py on the chosen answers, micro-batch M",
+    "sft-pairs": "finetune.py on chosen and rejected as samples, micro-batch 2M (DPO's sequences a step)",
+    "dpo": "finetune_dpo.py from the base (reference: the adapter disabled), micro-batch M pairs",
+    "dpo-sft": "finetune_dpo.py --lora_weights (the sft run's adapter; reference: it, loaded again frozen)",
+    "dpo-split": "finetune_dpo.py --pref_split_sequences true from the base (chosen, then rejected through the model)",
+    "dpo-sft-split": "finetune_dpo.py --pref_split_sequences true --lora_weights (the sft run's adapter)",
+    "trl": "TRL DPOTrainer on the same token ids, LoRA via peft_config (reference: the adapter disabled)",
+}
+DPO_LR, DPO_BETA = 1e-4, 0.1
+
+TRL_DPO_DRIVER = """
+import json, sys
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import DPOConfig, DPOTrainer
+
+spec = json.load(open(sys.argv[1]))
+rows = [json.loads(line) for line in open(spec["data"], encoding="utf-8") if line.strip()]
+# The pairs come as finetune_dpo.py's token ids (prompt_ids with BOS, answers with EOS, cut at
+# cutoff_len), the columns TRL's own tokenization produces: both trainers train on the same tokens.
+DPOTrainer._prepare_dataset = lambda self, dataset, *args, **kwargs: dataset
+tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=getattr(torch, spec["dtype"]))
+trainer = DPOTrainer(
+    model=model, args=DPOConfig(**spec["dpo_config"]), train_dataset=Dataset.from_list(rows),
+    processing_class=tokenizer, peft_config=LoraConfig(**spec["lora"]),
+)
+trainer.train()
+"""
+
+
+def dpo_flags(precision: str, cutoff_len: int, max_steps: int) -> list[str]:
+    """The flags every project run of the `dpo` case shares (finetune.py's LoRA defaults: r 8, q/v)."""
+    return [
+        "--cutoff_len", str(cutoff_len), "--num_epochs", "1", "--learning_rate", str(DPO_LR), "--warmup_steps", "0",
+        "--val_set_size", "0", "--save_strategy", "no", "--logging_steps", "1", "--bf16", str(precision == "bf16").lower(),
+        "--disable_tqdm", "true", "--seed", "42", "--max_steps", str(max_steps),
+    ]  # fmt: skip
+
+
+def trl_dpo_config(out: Path, precision: str, micro_batch: int, max_steps: int = -1, cuda: bool = False) -> dict[str, Any]:
+    """DPOConfig keyword arguments: `dpo_flags`' schedule and batch, the sigmoid loss at the same
+    beta; gradient checkpointing off as in finetune_dpo.py (TRL's default is on)."""
+    return {
+        "output_dir": str(out),
+        "per_device_train_batch_size": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "num_train_epochs": 1,
+        "max_steps": max_steps,
+        "learning_rate": DPO_LR,
+        "warmup_steps": 0,
+        "lr_scheduler_type": "linear",
+        "beta": DPO_BETA,
+        "loss_type": ["sigmoid"],
+        "max_length": None,  # cut at cutoff_len already (prompt first)
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "seed": 42,
+        "bf16": precision == "bf16",
+        "use_cpu": not cuda,
+        "gradient_checkpointing": False,
+        "dataset_num_proc": 1,
+        "disable_tqdm": True,
+    }
+
+
+def make_dpo_data(data: Path, work: Path) -> dict[str, Path]:
+    """From the benchmark's instruction records: pairs (chosen: a record's answer; rejected: the next
+    record's), the chosen answers as SFT data, and chosen and rejected as SFT samples side by side."""
+    records = [json.loads(line) for line in data.read_text(encoding="utf-8").split("\n") if line.strip()]
+    pairs = [
+        {"instruction": r["instruction"], "input": r["input"], "chosen": r["output"], "rejected": records[(i + 1) % len(records)]["output"]}
+        for i, r in enumerate(records)
+    ]
+    as_samples = [{"instruction": p["instruction"], "input": p["input"], "output": p[k]} for p in pairs for k in ("chosen", "rejected")]
+    files = {"pairs": work / "dpo-pairs.jsonl", "sft": work / "dpo-sft-chosen.jsonl", "sft-pairs": work / "dpo-sft-pairs.jsonl"}
+    for name, rows in (("pairs", pairs), ("sft", records), ("sft-pairs", as_samples)):
+        atomic_write_bytes(files[name], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    return files
+
+
+def trl_dpo_run(work: Path, model_dir: Path, pairs: Any, precision: str, micro_batch: int, index: int, max_steps: int) -> dict[str, Any]:
+    """TRL's DPOTrainer on `pairs` (our tokenized SequenceGroups) in a fresh process of this interpreter."""
+    import shutil
+
+    from chinese_vicuna.data.preference import prompt_length
+
+    run_dir = work / "runs" / f"trl-{index}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    rows = []
+    for pair in pairs:
+        chosen, rejected = (x.tolist() for x in pair["input_ids"])
+        n = prompt_length(pair["labels"][0])
+        rows.append({"prompt_ids": chosen[:n], "chosen_ids": chosen[n:], "rejected_ids": rejected[n:]})
+    (run_dir / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (run_dir / "trl_dpo_driver.py").write_text(TRL_DPO_DRIVER)
+    spec = {
+        "model": str(model_dir),
+        "data": str(run_dir / "pairs.jsonl"),
+        "dtype": "bfloat16" if precision == "bf16" else "float32",
+        "lora": peer_lora(),
+        "dpo_config": trl_dpo_config(run_dir / "out", precision, micro_batch, max_steps, cuda=bool(machine_info().get("gpu"))),
+    }
+    (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    hook_dir = work / "hook"
+    hook_dir.mkdir(exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+        "PYTHONPATH": str(hook_dir),
+        "BENCH_RSS_FILE": str(run_dir / "peak_mib.txt"),
+        "BENCH_CWD": str(run_dir),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    rc, (peak, cpu, wall, loss, *_), stderr = run_finetune(
+        [sys.executable, str(run_dir / "trl_dpo_driver.py"), str(run_dir / "spec.json")], env
+    )
+    (run_dir / "stderr.txt").write_text(stderr)
+    if rc:
+        raise UserError(f"TRL DPOTrainer failed (exit {rc}): {stderr.strip().splitlines()[-1:]}; log: {run_dir / 'stderr.txt'}")
+    return {"config": "trl", "index": index, "train_wall_s": wall, "train_cpu_s": cpu, "peak_mib": peak, "train_loss": loss}
+
+
+def run_dpo(
+    work: Path,
+    model_dir: Path,
+    data: Path,
+    configs: list[str],
+    repeats: int,
+    cutoff_len: int,
+    micro_batch: int,
+    precision: str,
+    max_steps: int,
+) -> dict[str, Any]:
+    """The `dpo` case: interleaved rounds of `configs` (DPO_CONFIGS) on the same records; tokens per
+    train CPU-second over the non-padding tokens each run trains on, and peak memory."""
+    from chinese_vicuna.data.preference import load_preference_dataset
+    from chinese_vicuna.model.loading import load_tokenizer
+    from chinese_vicuna.prompts import load_template
+
+    unknown = [c for c in configs if c not in DPO_CONFIGS]
+    if unknown:
+        raise UserError(f"--configs {','.join(unknown)}: unknown; use some of {', '.join(DPO_CONFIGS)}")
+    for after_sft in ("dpo-sft", "dpo-sft-split"):
+        if after_sft in configs and ("sft" not in configs or configs.index("sft") > configs.index(after_sft)):
+            raise UserError(f"--configs: {after_sft} starts from the sft run's adapter; list sft before it")
+    precision = resolve_bench_precision(precision)
+    files = make_dpo_data(data, work)
+    tokenizer = load_tokenizer(str(model_dir))
+    pairs = load_preference_dataset(files["pairs"], tokenizer, load_template("alpaca", tokenizer), cutoff_len, use_cache=False)
+    pair_tokens = float(pairs.lengths.sum())
+    steps = math.ceil(len(pairs) / micro_batch) if max_steps <= 0 else min(max_steps, math.ceil(len(pairs) / micro_batch))
+    share = min(1.0, steps * micro_batch / len(pairs))  # of the data the runs train on (--max_steps)
+    tokens = {
+        "sft": data_token_counts(model_dir, files["sft"], cutoff_len, micro_batch, 42)["tokens"] * share,
+        "sft-pairs": data_token_counts(model_dir, files["sft-pairs"], cutoff_len, 2 * micro_batch, 42)["tokens"] * share,
+        "dpo": pair_tokens * share,
+        "dpo-sft": pair_tokens * share,
+        "dpo-split": pair_tokens * share,
+        "dpo-sft-split": pair_tokens * share,
+        "trl": pair_tokens * share,
+    }
+    common = dpo_flags(precision, cutoff_len, max_steps)
+    batch = ["--micro_batch_size", str(micro_batch), "--batch_size", str(micro_batch)]
+    pair_batch = ["--micro_batch_size", str(2 * micro_batch), "--batch_size", str(2 * micro_batch)]
+    dpo = ["--pref_beta", str(DPO_BETA)]
+    split = ["--pref_split_sequences", "true"]
+    runs = []
+    for i in range(repeats):
+        for name in configs:
+            if name == "trl":
+                r = trl_dpo_run(work, model_dir, pairs, precision, micro_batch, i, max_steps)
+            else:
+                script, data_file, flags = {
+                    "sft": ("finetune.py", files["sft"], batch),
+                    "sft-pairs": ("finetune.py", files["sft-pairs"], pair_batch),
+                    "dpo": ("finetune_dpo.py", files["pairs"], batch + dpo),
+                    "dpo-sft": ("finetune_dpo.py", files["pairs"], [*batch, *dpo, "--lora_weights", str(work / "runs" / f"sft-{i}")]),
+                    "dpo-split": ("finetune_dpo.py", files["pairs"], batch + dpo + split),
+                    "dpo-sft-split": (
+                        "finetune_dpo.py",
+                        files["pairs"],
+                        [*batch, *dpo, *split, "--lora_weights", str(work / "runs" / f"sft-{i}")],
+                    ),
+                }[name]
+                o = one_run(name, work, model_dir, data_file, common, i, flags, script=script)
+                r = {"config": name, "index": i, "train_wall_s": o["train_runtime_s"], "train_cpu_s": o["train_cpu_s"],
+                     "peak_mib": o["peak_mib"], "train_loss": o["train_loss"]}  # fmt: skip
+            r["tokens"] = tokens[name]
+            r["tokens_per_cpu_s"] = r["tokens"] / max(r["train_cpu_s"], 1e-9)
+            r["load_average"] = os.getloadavg()
+            logger.info(
+                "%s #%d: %.0f tokens/CPU-s, peak %.0f MiB, loss %.4f", name, i, r["tokens_per_cpu_s"], r["peak_mib"], r["train_loss"]
+            )
+            runs.append(r)
+    summary: dict[str, Any] = {}
+    for name in configs:
+        rs = [r for r in runs if r["config"] == name]
+        summary[name] = {
+            "tokens_per_cpu_s_median": statistics.median(r["tokens_per_cpu_s"] for r in rs),
+            "peak_mib_max": max(r["peak_mib"] for r in rs),
+            "train_cpu_s_median": statistics.median(r["train_cpu_s"] for r in rs),
+            "train_loss_median": statistics.median(r["train_loss"] for r in rs),
+            "tokens": tokens[name],
+            "runs": DPO_CONFIGS[name],
+        }
+    ratios = {}
+    for a in ("dpo", "dpo-sft", "dpo-split", "dpo-sft-split"):
+        for b in ("sft", "sft-pairs", "trl"):
+            if a in summary and b in summary:
+                ratios[f"peak {a}/{b}"] = summary[a]["peak_mib_max"] / summary[b]["peak_mib_max"]
+    for a in ("dpo", "dpo-split"):
+        if a in summary and "trl" in summary:
+            ratios[f"tokens_per_cpu_s {a}/trl"] = summary[a]["tokens_per_cpu_s_median"] / summary["trl"]["tokens_per_cpu_s_median"]
+    summary["ratios"] = ratios
+    return {
+        "machine": machine_info(),
+        "precision": precision,
+        "model": str(model_dir),
+        "pairs": len(pairs),
+        "pair_tokens": pair_tokens,
+        "cutoff_len": cutoff_len,
+        "micro_batch_size": micro_batch,
+        "max_steps": max_steps,
+        "steps": steps,
+        "learning_rate": DPO_LR,
+        "beta": DPO_BETA,
+        "lora": peer_lora(),
+        "runs": runs,
+        "summary": summary,
+    }
+
+
+@dataclass
+class DpoArguments:
+    samples: int = field(default=40, metadata={"help": "Instruction records: as many pairs (one epoch)."})
+    configs: str = field(default="sft,sft-pairs,dpo,dpo-sft,trl", metadata={"help": f"Of {', '.join(DPO_CONFIGS)}."})
+    repeats: int = field(default=1, metadata={"help": "Interleaved rounds."})
+    cutoff_len: int = field(default=512)
+    micro_batch_size: int = field(default=4, metadata={"help": "Pairs a step (SFT: samples; sft-pairs: twice as many)."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop early; -1 = one epoch."})
+    train_precision: str = field(default="native", metadata={"help": "native, bf16 or fp32."})
+    shape: str = field(default="50m")
+    model: str | None = field(default=None)
+    out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/dpo.json)."})
+
+
 COMMANDS = {
     "logits": LogitsArguments,
     "prepare": PrepareArguments,
@@ -1189,6 +1448,7 @@ COMMANDS = {
     "report": ReportArguments,
     "peers": PeersArguments,
     "env": ReportArguments,
+    "dpo": DpoArguments,
 }
 
 
@@ -1236,6 +1496,15 @@ def main(argv: list[str] | None = None) -> None:
         out = out or work / "peers.json"
         atomic_write_bytes(out, json.dumps(result, indent=2).encode())
         plot_peers(result, out.with_suffix(".png"))
+        print(json.dumps(result["summary"], indent=2))
+        return
+    if command == "dpo":
+        model_dir, data = prepare(work, args.samples, args.shape, model)
+        configs = args.configs.split(",")
+        result = run_dpo(
+            work, model_dir, data, configs, args.repeats, args.cutoff_len, args.micro_batch_size, args.train_precision, args.max_steps
+        )
+        atomic_write_bytes(out or work / "dpo.json", json.dumps(result, indent=2).encode())
         print(json.dumps(result["summary"], indent=2))
         return
     if command == "report":

@@ -21,11 +21,13 @@ dropped; both counted. Pairs whose answers encode identically are dropped and co
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -430,3 +432,51 @@ def load_kto_dataset(
     if all(p is None for p in parts):
         raise UserError(f"{data_path}: no KTO sample left; check the data file and --cutoff_len")
     return KtoSamples(*parts)
+
+
+# ---------------------------------------------------------------- reference log-probabilities, stored with the pairs
+
+REFERENCE_FOLDER = "reference-log-probs"  # inside a tokenized store's cache folder: removed with it
+
+
+def stored_reference_log_probs(samples: Any, compute: Callable[[Any], np.ndarray], reference_key: str) -> np.ndarray:
+    """Reference log-probabilities of every sequence of `samples` (an array: samples × sequences per
+    sample, in the view's order), read from the tokenized store's cache folder where an earlier run
+    of the same reference (`reference_key`: base, reference adapter, precision, template) stored
+    them, else `compute(groups)`d for the whole store once and stored there. A view over stores
+    (a train/validation split, a mixture) reads each store's array; anything else is computed."""
+    if isinstance(samples, SequenceGroups) and samples.sequences.indices is None:
+        whole = SequenceGroups(samples.sequences, samples.group_size)
+        return _store_reference(whole, compute, reference_key)[samples.groups]
+    pools = getattr(samples, "pools", None)  # data/mixing.py MixedDataset: global numbers over its pools
+    if pools and all(isinstance(p, SequenceGroups) for p in pools):
+        arrays = [stored_reference_log_probs(p, compute, reference_key) for p in pools]
+        return np.concatenate(arrays)[samples.numbers]
+    return compute(samples)
+
+
+def _store_reference(groups: SequenceGroups, compute: Callable[[Any], np.ndarray], reference_key: str) -> np.ndarray:
+    from chinese_vicuna.files import atomic_write_bytes
+
+    path = Path(groups.sequences.folder) / REFERENCE_FOLDER / f"{reference_key}.npy"
+    shape = (len(groups), groups.group_size)
+    if path.is_file():
+        try:
+            stored = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: unreadable (%s); computing the reference log-probabilities again", path, exc)
+        else:
+            if stored.shape == shape and stored.dtype == np.float32:
+                logger.info("reference log-probabilities of %d samples loaded from %s", len(groups), path)
+                return stored
+            logger.warning("%s: shape %s, expected %s; computing the reference log-probabilities again", path, stored.shape, shape)
+    values = np.ascontiguousarray(compute(groups), dtype=np.float32).reshape(shape)
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        atomic_write_bytes(path, buffer.getvalue())
+        logger.info("reference log-probabilities of %d samples computed and stored in %s", len(groups), path)
+    except OSError as exc:  # a read-only shared cache: this run still has them
+        logger.warning("%s: cannot store the reference log-probabilities (%s); a later run computes them again", path, exc)
+    return values

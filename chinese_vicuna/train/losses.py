@@ -130,14 +130,31 @@ def _is_plain_linear(module: Any) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
 
-def lm_head_cross_entropy(hidden: torch.Tensor, lm_head: Any, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def liger_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy of `hidden @ weight.T` by Liger's fused linear cross-entropy
+    (liger-kernel's public `LigerFusedLinearCrossEntropyLoss`; Triton, CUDA only)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(weight.dtype)
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, targets)
+    return loss.float()
+
+
+def lm_head_cross_entropy(
+    hidden: torch.Tensor, lm_head: Any, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK, kernel: str = "chunked"
+) -> torch.Tensor:
     """Summed token cross-entropy of `lm_head(hidden)` (rows, hidden) against `targets` (rows,),
-    never more than `chunk` rows of logits at a time (module docstring). Rows whose target is -100
-    are skipped. Returns a fp32 scalar *sum*; divide by the count of trainable tokens."""
+    never more than `chunk` rows of logits at a time (module docstring); with `kernel` "liger"
+    (`--loss_kernel`, decided by `devices.decide_loss_kernel`) a plain head on CUDA goes through
+    Liger's fused kernel instead. Rows whose target is -100 are skipped. Returns a fp32 scalar
+    *sum*; divide by the count of trainable tokens."""
     hidden, targets = _trainable_rows(hidden, targets)
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph connected (no trainable token)
     chunk = chunk if chunk > 0 else hidden.shape[0]
+    if kernel == "liger" and _is_plain_linear(lm_head) and hidden.is_cuda:
+        return liger_cross_entropy(hidden, lm_head.weight, targets)
     if _is_plain_linear(lm_head):
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
         return _LinearCrossEntropySum.apply(hidden, lm_head.weight, targets, chunk, want_grad)
@@ -193,23 +210,38 @@ def lm_head_set_aside(model: Any) -> Iterator[tuple[Any, dict[str, Any]]]:
         del head.forward
 
 
-def causal_lm_loss(model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, Any]:
+def _through_lm_head(
+    model: Any, forward: Callable[[], Any], chunk: int, head_fn: Callable[[torch.Tensor, Any], torch.Tensor]
+) -> tuple[torch.Tensor | None, Any]:
+    """(`head_fn(hidden, lm_head)`, outputs) of `forward()` run with lm_head set aside (chunk > 0), or
+    (None, outputs) with the model's own logits where it stands (chunk 0, or a head it cannot set aside)."""
+    if chunk <= 0:
+        return None, forward()
+    with lm_head_set_aside(model) as (head, state):
+        outputs = forward()
+    if head is None:
+        return None, outputs
+    hidden = outputs.logits
+    outputs.logits = None  # never read: evaluation asks for the loss only
+    # lm_head's matmuls in the precision the forward gave it (bf16 under mixed precision)
+    autocast = torch.autocast(state["device"], dtype=state["dtype"]) if state.get("enabled") else contextlib.nullcontext()
+    with autocast:
+        return head_fn(hidden, head), outputs
+
+
+def causal_lm_loss(
+    model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int, kernel: str = "chunked"
+) -> tuple[torch.Tensor, Any]:
     """(summed fp32 loss over `targets`, outputs) of `forward()`, one call of `model` whose
     `logits_to_keep` selects exactly the positions of `targets` (the trainable ones, in order).
-    `chunk` rows of logits at a time; chunk 0: the model's own logits of the kept positions, with
-    `chunked_cross_entropy` (the form before `lm_head_cross_entropy`)."""
-    if chunk > 0:
-        with lm_head_set_aside(model) as (head, state):
-            outputs = forward()
-        if head is not None:
-            hidden = outputs.logits
-            outputs.logits = None  # never read: evaluation asks for the loss only
-            # lm_head's matmuls in the precision the forward gave it (bf16 under mixed precision)
-            autocast = torch.autocast(state["device"], dtype=state["dtype"]) if state.get("enabled") else contextlib.nullcontext()
-            with autocast:
-                return lm_head_cross_entropy(hidden, head, targets, chunk), outputs
-    else:
-        outputs = forward()
+    `chunk` rows of logits at a time (or Liger's kernel: `kernel`, see `lm_head_cross_entropy`);
+    chunk 0: the model's own logits of the kept positions, with `chunked_cross_entropy` (the form
+    before `lm_head_cross_entropy`)."""
+    total, outputs = _through_lm_head(
+        model, forward, chunk, lambda hidden, head: lm_head_cross_entropy(hidden, head, targets, chunk, kernel)
+    )
+    if total is not None:
+        return total, outputs
     logits = outputs.logits
     return chunked_cross_entropy(logits.reshape(-1, logits.shape[-1]), targets), outputs
 
@@ -246,6 +278,108 @@ class ChunkedLossMixin:
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = trained  # position t predicts label t + 1
         forward = {k: v for k, v in inputs.items() if k != "labels"}
-        total, outputs = causal_lm_loss(model, lambda: model(**forward, logits_to_keep=keep), labels[:, 1:][trained], chunk)
+        kernel = getattr(self.args, "loss_kernel", "chunked")  # type: ignore[attr-defined]
+        total, outputs = causal_lm_loss(model, lambda: model(**forward, logits_to_keep=keep), labels[:, 1:][trained], chunk, kernel)
         loss = loss_for_trainer(self, token_mean(total, num_items_in_batch, int(trained.sum())), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+
+# ---------------------------------------------------------------- per-token log-probabilities
+# Stages whose loss is not a token mean (preference pairs, GRPO's per-token ratios) need each
+# trained token's log-probability with its gradient: the same chunks through lm_head.
+
+
+class _LinearTokenLogProbs(torch.autograd.Function):
+    """`log_softmax(hidden @ weight.T)[row, target]` of every row, `chunk` rows of logits at a time.
+
+    d logp / d logits = one_hot - softmax, so d/d hidden of each row is `(one_hot - p) @ weight`,
+    built in the forward pass (no logits kept) and scaled by the row's incoming gradient in
+    backward. A trained `weight` needs those rows scaled before the product: its gradient
+    recomputes the chunk's logits in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, want_grad: bool) -> torch.Tensor:  # type: ignore[override]
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if want_grad and ctx.needs_input_grad[0] else None
+        for start in range(0, hidden.shape[0], chunk):
+            rows = _rows_for(hidden[start : start + chunk], weight)
+            logits = torch.nn.functional.linear(rows, weight)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            rows_targets = targets[start : start + chunk]
+            out[start : start + chunk] = log_probs.gather(1, rows_targets.unsqueeze(1)).squeeze(1)
+            if grad_hidden is not None:
+                grad = log_probs.exp_().neg_()
+                grad[torch.arange(grad.shape[0], device=grad.device), rows_targets] += 1.0
+                grad = grad.to(logits.dtype)  # what autograd hands the unchunked lm_head
+                grad_hidden[start : start + chunk] = (grad @ weight.to(grad.dtype)).to(hidden.dtype)
+            del logits, log_probs
+        weight_trains = want_grad and ctx.needs_input_grad[1]
+        ctx.save_for_backward(grad_hidden if grad_hidden is not None else None, hidden if weight_trains else None, weight, targets)
+        ctx.chunk, ctx.weight_trains, ctx.weight_dtype = chunk, weight_trains, weight.dtype
+        ctx.autocast = (torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        grad_hidden_rows, hidden, weight, targets = ctx.saved_tensors
+        g = grad_out.float().unsqueeze(1)
+        grad_hidden = (grad_hidden_rows * g).to(grad_hidden_rows.dtype) if grad_hidden_rows is not None else None
+        grad_weight = None
+        if ctx.weight_trains:
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+            enabled, dtype = ctx.autocast
+            autocast = torch.autocast(hidden.device.type, dtype=dtype) if enabled else contextlib.nullcontext()
+            for start in range(0, hidden.shape[0], ctx.chunk):
+                with autocast:
+                    rows = _rows_for(hidden[start : start + ctx.chunk], weight)
+                    logits = torch.nn.functional.linear(rows, weight)
+                grad = torch.softmax(logits.float(), dim=-1).neg_()
+                grad[torch.arange(grad.shape[0], device=grad.device), targets[start : start + ctx.chunk]] += 1.0
+                grad.mul_(g[start : start + ctx.chunk])
+                grad_weight += grad.to(logits.dtype).T.float() @ rows.float()
+            grad_weight = grad_weight.to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _rows_for(rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`rows` in the weight's dtype unless autocast decides (e.g. fp32 outputs of a bf16 model)."""
+    if rows.dtype != weight.dtype and not torch.is_autocast_enabled(rows.device.type):
+        return rows.to(weight.dtype)
+    return rows
+
+
+def lm_head_token_log_probs(hidden: torch.Tensor, lm_head: Any, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """fp32 log-probability of each target under `lm_head(hidden)`: hidden (rows, features) and
+    targets (rows,), every target a token id (no -100); shape (rows,), differentiable. Never more
+    than `chunk` rows of logits at a time; any head other than a plain `nn.Linear` runs per chunk
+    under activation checkpointing."""
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if targets.numel() == 0:
+        return hidden.sum(dim=-1) * 0.0  # keeps the graph connected
+    chunk = chunk if chunk > 0 else hidden.shape[0]
+    if _is_plain_linear(lm_head):
+        want_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
+        return _LinearTokenLogProbs.apply(hidden, lm_head.weight, targets, chunk, want_grad)
+    from torch.utils.checkpoint import checkpoint
+
+    def part(rows: torch.Tensor, rows_targets: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(lm_head(rows).float(), dim=-1).gather(1, rows_targets.unsqueeze(1)).squeeze(1)
+
+    parts = []
+    for start in range(0, hidden.shape[0], chunk):
+        rows, rows_targets = hidden[start : start + chunk], targets[start : start + chunk]
+        parts.append(checkpoint(part, rows, rows_targets, use_reentrant=False) if torch.is_grad_enabled() else part(rows, rows_targets))
+    return torch.cat(parts)
+
+
+def causal_lm_token_log_probs(model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, Any]:
+    """(fp32 log-probability of every one of `targets`, outputs) of `forward()`, one call of `model`
+    whose `logits_to_keep` selects exactly the positions of `targets` (trained ones, in order):
+    `causal_lm_loss`'s per-token form, for losses that weigh tokens or sequences apart (preference
+    pairs, GRPO). `chunk` rows of logits at a time; chunk 0: the model's own logits of the kept positions."""
+    log_probs, outputs = _through_lm_head(model, forward, chunk, lambda hidden, head: lm_head_token_log_probs(hidden, head, targets, chunk))
+    if log_probs is not None:
+        return log_probs, outputs
+    logits = outputs.logits
+    logits = logits.reshape(-1, logits.shape[-1])
+    return -torch.nn.functional.cross_entropy(logits.float(), targets.reshape(-1), reduction="none"), outputs

@@ -46,7 +46,7 @@ from transformers.trainer_pt_utils import BatchRebalanceSampler, LengthGroupedSa
 from chinese_vicuna.data.collate import PackedCollator, PaddingCollator, sequences_of
 from chinese_vicuna.data.encode import IGNORE_INDEX
 from chinese_vicuna.train.checkpointing import AtomicCheckpointMixin, CheckpointTrainer
-from chinese_vicuna.train.losses import DEFAULT_CHUNK, causal_lm_loss, loss_for_trainer, token_mean
+from chinese_vicuna.train.losses import DEFAULT_CHUNK, causal_lm_loss, causal_lm_token_log_probs, loss_for_trainer, token_mean
 from chinese_vicuna.train.mixed_precision import keep_logits_dtype
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def pad_row_to_bucket(model: Any, inputs: dict[str, torch.Tensor], multiple: int
 
 
 def packed_loss(
-    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, chunk: int = DEFAULT_CHUNK
+    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, chunk: int = DEFAULT_CHUNK, kernel: str = "chunked"
 ) -> tuple[torch.Tensor, Any, int]:
     """(loss, outputs, trainable tokens) of a packed batch; see the module docstring. `chunk`:
     rows of logits at a time (`--loss_chunk_size`, train/losses.py).
@@ -274,7 +274,7 @@ def packed_loss(
     targets = inputs["shift_labels"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     with last_layer_at_targets(model, inputs, keep):
-        total, outputs = causal_lm_loss(model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk)
+        total, outputs = causal_lm_loss(model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk, kernel)
     return token_mean(total, num_items_in_batch, int(keep.numel())), outputs, int(keep.numel())
 
 
@@ -288,37 +288,42 @@ class PackedLossMixin:
         # The packed loss takes bf16 logits as they are: no fp32 copy (train/mixed_precision.py).
         keep_logits_dtype(model)
         chunk = getattr(self.args, "loss_chunk_size", DEFAULT_CHUNK)  # type: ignore[attr-defined]
-        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch, chunk)
+        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch, chunk, getattr(self.args, "loss_kernel", "chunked"))  # type: ignore[attr-defined]
         loss = loss_for_trainer(self, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
 
-def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed log-probability of the trained tokens, their count) of every sequence of a batch,
     in fp32, shape (sequences,): for a stage whose loss is per sequence (preference pairs).
 
-    Takes either collator's batch: a packed row (`sequence_spans`; logits only at trained
-    positions and the last layer run there, as `packed_loss`) or padded rows (one sequence each).
-    Sequence `g * k + j` is member j of sample g (data/collate.py)."""
+    Takes either collator's batch: a packed row (`sequence_spans`; the last layer run only at
+    trained positions, as `packed_loss`) or padded rows (one sequence each). Logits only at trained
+    positions, `chunk` rows at a time through lm_head (`--loss_chunk_size`; 0: the model's own
+    logits; train/losses.py `causal_lm_token_log_probs`). Sequence `g * k + j` is member j of
+    sample g (data/collate.py)."""
     if "sequence_spans" in inputs:
         targets = inputs["shift_labels"].reshape(-1)
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         with last_layer_at_targets(model, inputs, keep):
-            logits = packed_forward(model, inputs, logits_to_keep=keep).logits
-        logits = logits.reshape(-1, logits.shape[-1])
+            token_log_probs, _ = causal_lm_token_log_probs(
+                model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk
+            )
         spans = inputs["sequence_spans"].to(keep.device)
         owner = torch.searchsorted(spans[:, 1].contiguous(), keep, right=True)  # the sequence each target lies in
-        token_log_probs = -torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
-        sums = torch.zeros(spans.shape[0], dtype=torch.float32, device=logits.device).index_add(0, owner, token_log_probs)
-        counts = torch.zeros(spans.shape[0], dtype=torch.long, device=keep.device).index_add(0, owner, torch.ones_like(owner))
-        return sums, counts
-    logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False).logits[:, :-1]
-    targets = inputs["labels"][:, 1:]
-    trained = targets != IGNORE_INDEX
-    token_log_probs = -torch.nn.functional.cross_entropy(
-        logits.float().transpose(1, 2), targets.masked_fill(~trained, 0), reduction="none"
-    )  # fmt: skip
-    return (token_log_probs * trained).sum(dim=1), trained.sum(dim=1)
+        sequences = spans.shape[0]
+    else:
+        labels = inputs["labels"]
+        trained = labels[:, 1:] != IGNORE_INDEX
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = trained  # position t predicts label t + 1
+        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
+        token_log_probs, _ = causal_lm_token_log_probs(model, lambda: model(**forward, logits_to_keep=keep), labels[:, 1:][trained], chunk)
+        owner = trained.nonzero()[:, 0]  # the row each target lies in
+        sequences = labels.shape[0]
+    sums = torch.zeros(sequences, dtype=torch.float32, device=token_log_probs.device).index_add(0, owner, token_log_probs)
+    counts = torch.zeros(sequences, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))
+    return sums, counts
 
 
 def token_budget_batches(lengths: Sequence[int], max_tokens: int, order: Sequence[int]) -> list[list[int]]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import math
 from collections import defaultdict
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from chinese_vicuna.errors import UserError
+from chinese_vicuna.train.losses import DEFAULT_CHUNK
 from chinese_vicuna.train.packing import LengthSamplingMixin, sequence_log_probs
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ PREFERENCE_LOSSES = (*PAIR_LOSSES, "kto")
 REFERENCE_FREE = ("orpo", "simpo")
 REFERENCE_ADAPTER = "reference"
 TRAINED_ADAPTER = "default"
+# --pref_split_sequences batches: a list of batches, one per member of a sample (parts_log_probs)
+SEQUENCE_PARTS = "sequence_parts"
 # KTO estimates its KL term from each prompt paired with another sample's answer in the batch.
 KTO_MIN_BATCH = 2
 
@@ -150,8 +155,8 @@ class PreferenceCollator:
     sequences: precomputed reference log-probabilities (`ref_log_probs`), and for KTO the flag
     (`label`) and each sample's mismatched sequence (its prompt, the next sample's answer)."""
 
-    def __init__(self, sequences: Any, kto: bool = False) -> None:
-        self.sequences, self.kto = sequences, kto
+    def __init__(self, sequences: Any, kto: bool = False, split: bool = False) -> None:
+        self.sequences, self.kto, self.split = sequences, kto, split
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch_extra: dict[str, torch.Tensor] = {}
@@ -166,6 +171,10 @@ class PreferenceCollator:
             features = [_with_mismatched(f, features[(i + 1) % len(features)]) for i, f in enumerate(features)]
         else:
             features = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features]
+        if self.split:  # --pref_split_sequences: member j of every sample in batch j (all chosen, then all rejected)
+            members = len(features[0]["input_ids"])
+            parts = [self.sequences([{k: f[k][j] for k in ("input_ids", "labels")} for f in features]) for j in range(members)]
+            return {SEQUENCE_PARTS: parts, **batch_extra}
         return {**self.sequences(features), **batch_extra}
 
 
@@ -176,6 +185,51 @@ def _with_mismatched(sample: dict[str, Any], other: dict[str, Any]) -> dict[str,
     ids = np.concatenate([np.asarray(sample["input_ids"][:own]), np.asarray(other["input_ids"][theirs:])])
     labels = np.concatenate([np.asarray(sample["labels"][:own]), np.asarray(other["labels"][theirs:])])
     return {"input_ids": [np.asarray(sample["input_ids"]), ids], "labels": [np.asarray(sample["labels"]), labels]}
+
+
+def parts_log_probs(model: Any, parts: list[dict[str, Any]], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_log_probs` of a batch given as parts (part j: member j of every sample), in the
+    joint batch's order (sequence g * k + j). With grad enabled, each part runs again in backward
+    (`_RecomputedParts`): one part's activations at a time."""
+    if torch.is_grad_enabled():
+        anchor = torch.ones((), requires_grad=True)  # makes autograd call the recomputation
+        return _RecomputedParts.apply(anchor, model, parts, chunk)
+    results = [sequence_log_probs(model, part, chunk) for part in parts]
+    return torch.stack([r[0] for r in results], dim=1).reshape(-1), torch.stack([r[1] for r in results], dim=1).reshape(-1)
+
+
+class _RecomputedParts(torch.autograd.Function):
+    """Log-probabilities of the parts computed without grad; backward runs each part's forward again
+    with grad and back-propagates that part's share of the incoming gradient (reentrant, as
+    activation checkpointing). The random state is restored first, so dropout draws the same masks:
+    the gradients are those of one forward with grad over the parts, at the peak of one part."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, model: Any, parts: list[dict[str, Any]], chunk: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        ctx.model, ctx.parts, ctx.chunk = model, parts, chunk
+        device = parts[0]["input_ids"].device
+        ctx.devices = [device] if device.type == "cuda" else []
+        ctx.rng = (torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in ctx.devices])
+        ctx.autocast = (device.type, torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        log_probs, counts = parts_log_probs(model, parts, chunk)
+        ctx.mark_non_differentiable(counts)
+        return log_probs, counts
+
+    @staticmethod
+    def backward(ctx, grad_log_probs: torch.Tensor, _grad_counts: Any) -> tuple[None, None, None, None]:  # type: ignore[override]
+        grads = grad_log_probs.view(-1, len(ctx.parts))
+        device_type, enabled, dtype = ctx.autocast
+        autocast = torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=ctx.devices, enabled=True):
+            torch.set_rng_state(ctx.rng[0])
+            for d, state in zip(ctx.devices, ctx.rng[1], strict=True):
+                torch.cuda.set_rng_state(state, d)
+            for j, part in enumerate(ctx.parts):
+                with torch.enable_grad(), autocast:
+                    log_probs, _ = sequence_log_probs(ctx.model, part, ctx.chunk)
+                torch.autograd.backward(log_probs, grads[:, j].to(log_probs.dtype))
+                del log_probs
+        return None, None, None, None
 
 
 class WithReference:
@@ -226,15 +280,26 @@ class PreferenceTrainer(LengthSamplingMixin, Trainer):
             train_args.remove_unused_columns = False
         super().__init__(*args, **kwargs)
 
+    @property
+    def loss_chunk_size(self) -> int:
+        return getattr(self.args, "loss_chunk_size", DEFAULT_CHUNK)
+
+    def sequence_log_probs(self, model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if SEQUENCE_PARTS in inputs:
+            return parts_log_probs(model, inputs[SEQUENCE_PARTS], self.loss_chunk_size)
+        return sequence_log_probs(model, inputs, self.loss_chunk_size)
+
     def reference_log_probs(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         if "ref_log_probs" in inputs:
             return inputs["ref_log_probs"]
         with torch.no_grad(), reference_model(model, self.reference_adapter):
-            return sequence_log_probs(model, inputs)[0]
+            return self.sequence_log_probs(model, inputs)[0]
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
-        log_probs, counts = sequence_log_probs(model, inputs)
+        # The reference first: its no-grad forward's activations are gone before the policy's
+        # forward keeps its own for backward (the peak is the policy's, not the sum of both).
         ref = None if self.loss_type in REFERENCE_FREE else self.reference_log_probs(model, inputs)
+        log_probs, counts = self.sequence_log_probs(model, inputs)
         metrics: dict[str, float] = {}
         if self.loss_type == "kto":
             own, kl = log_probs.view(-1, 2).unbind(1)
@@ -299,7 +364,46 @@ def precompute_reference(trainer: PreferenceTrainer, samples: Any, collator: Any
     out = []
     for start in range(0, len(samples), batch_size):
         batch = collator([samples[i] for i in range(start, min(start + batch_size, len(samples)))])
-        batch = {k: v.to(trainer.args.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        batch = _on_device(batch, trainer.args.device)
         out.append(trainer.reference_log_probs(model, batch).cpu().numpy())
     group = len(samples[0]["input_ids"]) if len(samples) else 2
     return np.concatenate(out).reshape(-1, group) if out else np.zeros((0, group), dtype=np.float32)
+
+
+# Bump when the reference log-probabilities' computation changes (the stored ones are keyed by it).
+REFERENCE_LOG_PROBS_VERSION = "1"
+
+
+def reference_key(model: Any, base_model: str, reference_adapter_dir: str | None, template: Any, train_args: Any) -> str:
+    """What the reference's log-probabilities depend on besides the tokenized pairs (whose cache key
+    holds data, tokenizer, template and cutoff): the base's files (by content), the reference
+    adapter's files (or none: the adapter disabled), the loaded model's config (dtype, quantization,
+    RoPE), the mixed precision and the template. Another reference never reads them."""
+    from chinese_vicuna.checkpoints import data_identity
+
+    peft_model = getattr(model, "module", model)
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    config = {k: v for k, v in base.config.to_dict().items() if k != "_name_or_path"}
+    identity = {
+        "version": REFERENCE_LOG_PROBS_VERSION,
+        "base": data_identity(base_model),
+        "reference_adapter": data_identity(reference_adapter_dir) if reference_adapter_dir else "adapter disabled",
+        "config": config,
+        "weights_dtype": str(base.get_input_embeddings().weight.dtype),
+        "mixed_precision": {"bf16": bool(getattr(train_args, "bf16", False)), "fp16": bool(getattr(train_args, "fp16", False))},
+        "template": getattr(template, "name", None),
+        "template_spec": getattr(template, "spec", None),
+    }
+    text = json.dumps(identity, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _on_device(value: Any, device: Any) -> Any:
+    """Tensors of a batch (nested in parts) on `device`."""
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {k: _on_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_on_device(v, device) for v in value]
+    return value
