@@ -220,7 +220,8 @@ def fed_ids(llm, messages: list[dict[str, str]]) -> list[int]:
 def special_text_breaks(template) -> bool:
     """Whether the template puts text right after a special token inside a conversation
     (vicuna_v1.1's `</s>USER:`, llama2's `</s><s>[INST]`): there llama.cpp's tokenizer adds its
-    dummy-prefix space, which HF's converted tokenizer does not (docs/export.md)."""
+    dummy-prefix space, which HF's converted tokenizer in the default form (`legacy` unset, as
+    the tiny model's) does not (docs/export.md; `"legacy": true`: tests/test_consumer_ids.py)."""
     return any("{eos}" in template.spec.get(k, "") or "{bos}" in template.spec.get(k, "") for k in ("assistant_format", "user_format"))
 
 
@@ -248,8 +249,8 @@ def test_create_chat_completion_feeds_hf_ids(f16_gguf: Path, hf, name: str) -> N
         got = fed_ids(llm, messages)
         assert got[0] == tokenizer.bos_token_id != got[1]
         if len(messages) > 3 and special_text_breaks(template):
-            # llama.cpp's one difference: its tokenizer starts the text after each special token
-            # inside the history with the dummy-prefix "▁" (sentencepiece's legacy behaviour)
+            # llama.cpp's one difference from the default form: its tokenizer starts the text after
+            # each special token inside the history with the dummy-prefix "▁" (as `"legacy": true` does)
             text = tokenizer.apply_chat_template(
                 messages, chat_template=hf_chat_template(template), add_generation_prompt=True, tokenize=False
             )

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from chinese_vicuna.data.fast_tokenize import GGUF_FOLDS_SPACE_KEY, GGUF_RESTARTS_KEY, folds_leading_space, restarts_after_special
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.names import gguf_name, unpermute_qk
 from chinese_vicuna.export.tensors import TensorIndex
@@ -242,6 +243,13 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
         writer.add_chat_template(chat_template)  # tokenizer.chat_template: llama.cpp, Ollama, LM Studio
     if (model_dir / TEMPLATE_FILE).is_file():
         writer.add_string(GGUF_TEMPLATE_KEY, (model_dir / TEMPLATE_FILE).read_text(encoding="utf-8"))
+    # How the HF tokenizer begins text where llama.cpp's cannot tell (after a special token, at a
+    # leading space), so tools/cpu_chat.py and serve.py --engine llamacpp build HF's ids
+    from transformers import AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    writer.add_bool(GGUF_RESTARTS_KEY, restarts_after_special(hf_tokenizer))
+    writer.add_bool(GGUF_FOLDS_SPACE_KEY, folds_leading_space(hf_tokenizer))
 
     if rope_freqs is not None:
         writer.add_tensor("rope_freqs.weight", rope_freqs)  # llama.cpp divides each pair's frequency by it
