@@ -336,6 +336,15 @@ class PreferenceTrainer(LengthSamplingMixin, Trainer):
             self._metrics[mode][name].append(value)
         return (loss, {}) if return_outputs else loss
 
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None) -> Any:
+        if SEQUENCE_PARTS not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        # split batches carry no top-level labels, by which Trainer would decide to skip the loss
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
