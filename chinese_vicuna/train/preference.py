@@ -2,13 +2,18 @@
 reference model without a second copy of the base, and TRL's metric names.
 
 Every loss is computed in fp32 from per-sequence log-probabilities (`train/packing.py
-sequence_log_probs`, packed or padded: the same values), in forms that stay finite where a
-naive one overflows (log-sigmoids, log(1 - p) through `log1mexp`).
+sequence_log_probs`, packed or padded: the same values; through lm_head in `--loss_chunk_size`
+chunks, no `[tokens, vocab]` logits), in forms that stay finite where a naive one overflows
+(log-sigmoids, log(1 - p) through `log1mexp`).
 
 The reference (DPO, IPO, hinge, KTO) is the policy itself: the trained adapter disabled
 (starting from the base), or the starting adapter loaded a second time, frozen, under the name
 `REFERENCE_ADAPTER` (starting from `--lora_weights`): switched on for a no-grad forward, in eval
-mode (no dropout), then back. `precompute_reference` computes it once before training instead.
+mode (no dropout), then back, before the policy's forward (its activations are gone by then).
+`precompute_reference` computes it once before training instead (stored with the tokenized
+pairs under `reference_key`: data/preference.py `stored_reference_log_probs`).
+`--pref_split_sequences`: the members of the samples (chosen, rejected) in separate batches,
+each run again in backward (`parts_log_probs`): one member's activations at a time.
 """
 
 from __future__ import annotations
