@@ -25,6 +25,7 @@ import torch
 from chinese_vicuna.args import ApiServerArguments, ModelArguments, TemplateArguments, parse_args
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.logs import configure_logging
+from chinese_vicuna.model.rope import context_length
 from chinese_vicuna.run import load_from_args
 from chinese_vicuna.serving.adapters import AdapterRegistry, parse_lora_modules
 from chinese_vicuna.serving.engine import BatchEngine
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
         default_max_tokens=args.default_max_tokens,
-        max_model_len=int(getattr(model.config, "max_position_embeddings", 2048) or 2048),
+        max_model_len=context_length(model.config) or 2048,
         max_request_bytes=args.max_request_bytes,
     )
     base_name = args.served_model_name or Path(model_args.base_model.rstrip("/")).name

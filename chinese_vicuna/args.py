@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from chinese_vicuna.devices import decide_precision, world_size
+from chinese_vicuna.devices import decide_loss_kernel, decide_precision, world_size
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.decoding import DecodingArguments as DecodingArguments  # the decoding flag group, owned by infer/
 
@@ -323,6 +323,10 @@ class TrainArguments(TrainingArguments):
             "help": "Loss through lm_head this many positions at a time: no [tokens, vocab] logits (train/losses.py); 0: the model's own logits."
         },
     )
+    loss_kernel: str = field(
+        default="auto",
+        metadata={"help": "The loss head: auto (Liger's fused kernel on CUDA where liger-kernel is installed, else chunked), chunked or liger."},
+    )
     def __post_init__(self) -> None:
         check_flags(
             (self.learning_rate > 0, f"--learning_rate {self.learning_rate}: must be > 0 (LoRA: 1e-4 to 3e-4 are usual)"),
@@ -345,6 +349,7 @@ class TrainArguments(TrainingArguments):
         # mixed precision and the CPU flag: decided with the weights' precision, in one function
         precision = decide_precision(training=True, bf16=self.bf16, fp16=self.fp16)
         self.bf16, self.fp16, self.use_cpu = precision.bf16, precision.fp16, self.use_cpu or precision.use_cpu
+        self.loss_kernel = decide_loss_kernel(self.loss_kernel, cuda=False if self.use_cpu else None)
         if isinstance(self.report_to, str) and "," in self.report_to:
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.deepspeed:

@@ -144,3 +144,28 @@ def default_device_map(device_map: str | None = None) -> Any:
         rank = local_rank()
         return {"": rank if rank >= 0 else torch.cuda.current_device()}
     return None
+
+
+LOSS_KERNELS = ("auto", "chunked", "liger")
+
+
+def liger_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def decide_loss_kernel(requested: str, cuda: bool | None = None, liger: bool | None = None) -> str:
+    """`--loss_kernel` → the loss head's kernel (train/losses.py): `liger` (Liger's fused linear
+    cross-entropy, Triton: CUDA only) where asked, or with `auto` on CUDA where liger-kernel is
+    installed; else `chunked` (the chunks through lm_head, any device)."""
+    if requested not in LOSS_KERNELS:
+        raise UserError(f"--loss_kernel {requested!r}: use one of {', '.join(LOSS_KERNELS)}")
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    liger = liger_installed() if liger is None else liger
+    if requested == "liger" and not (cuda and liger):
+        missing = "no CUDA device here" if not cuda else "liger-kernel is not installed (pip install liger-kernel)"
+        raise UserError(
+            f"--loss_kernel liger: Liger's fused kernel runs on CUDA with liger-kernel, and {missing}; use --loss_kernel chunked (or auto)"
+        )
+    return "liger" if requested == "liger" or (requested == "auto" and cuda and liger) else "chunked"

@@ -369,7 +369,9 @@ class PromptTemplate:
 # - "strip": a space the text begins with dropped (llama.cpp's SPM tokenizer adds the dummy prefix
 #   after every special token itself, even where the text begins with a space).
 AFTER_BOS = ("plain", "space", "strip")
-# llama.cpp's SPM tokenizer set against the HF tokenizer of the same vocabulary (docs/export.md)
+# llama.cpp's SPM tokenizer set against the HF tokenizer of the same vocabulary (docs/export.md):
+# llama.cpp puts the dummy prefix after BOS itself, so a leading space is dropped where HF folds
+# it into its own prefix ("space"; "plain" with `"legacy": true`, see `llama_cpp_after_bos`).
 LLAMA_CPP_AFTER_BOS = {"plain": "plain", "space": "strip"}
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # how transformers 5 saves a tokenizer's chat template
 
@@ -414,7 +416,18 @@ def llama_cpp_chat_template(template: PromptTemplate, tokenizer: Any = None) -> 
     needs it for the ids `tokenizer` (HF, same vocabulary) gives (llama-cpp-python's chat handler
     and `llama-server --jinja` add no BOS of their own to a rendered chat)."""
     tokenizer = tokenizer if tokenizer is not None else template.tokenizer
-    return template.jinja(bos=True, after_bos=LLAMA_CPP_AFTER_BOS.get(after_bos_for(tokenizer), "plain"))
+    return template.jinja(bos=True, after_bos=llama_cpp_after_bos(tokenizer))
+
+
+def llama_cpp_after_bos(tokenizer: Any) -> str:
+    """The join after BOS for llama.cpp's tokenizer (`LLAMA_CPP_AFTER_BOS`). A sentencepiece-style
+    tokenizer that folds a leading space into its dummy prefix (transformers 5 LLaMA, Metaspace:
+    " Below" and "Below" give the same ids) needs "strip" even where its own join is "plain"
+    (`"legacy": true`): llama.cpp gives a leading space a `▁` of its own beside the prefix."""
+    from chinese_vicuna.data.fast_tokenize import folds_leading_space
+
+    after = LLAMA_CPP_AFTER_BOS.get(after_bos_for(tokenizer), "plain")
+    return "strip" if after == "plain" and tokenizer is not None and folds_leading_space(tokenizer) else after
 
 
 def save_template_files(folder: str | Path, template: PromptTemplate, tokenizer: Any = None) -> None:

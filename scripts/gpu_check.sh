@@ -8,7 +8,9 @@
 #   4. speed-7b the same on a 7B shape (fewer steps)
 #   5. flash    flash-attention 2 varlen on packed rows (1B shape), where flash-attn is installed
 #   6. peers    TRL / LLaMA-Factory (tools/benchmark.py peers), where their venvs exist under WORK/venvs
-#   7. tests    pytest -m gpu (the other GPU-only tests)
+#   7. liger    where liger-kernel is installed: speed-1b's "ours" ran Liger's fused loss (--loss_kernel auto);
+#               the same run with the chunked loss head (--loss_kernel chunked), for tokens/s and peak memory
+#   8. tests    pytest -m gpu (the other GPU-only tests; Liger's loss and gradients equal the chunked ones)
 # Then WORK/gpu_check.json and WORK/gpu_check.md (tools/benchmark.py report). A step that fails or
 # runs past its time budget is recorded as such and the next one runs.
 #
@@ -25,7 +27,7 @@ for arg in "$@"; do
     case "$arg" in
         --dry_run | --dry-run) DRY_RUN=1 ;;
         -h | --help)
-            sed -n '2,17p' "$0"
+            sed -n '2,19p' "$0"
             exit 0
             ;;
         -*)
@@ -67,20 +69,24 @@ step() {
 }
 
 BENCH=("$PYTHON" tools/benchmark.py)
-step env 20 "${BENCH[@]}" env "$WORK"
+step env 10 "${BENCH[@]}" env "$WORK"
 step memory 200 env GPU_MEMORY_REPORT="$WORK/gpu_memory.json" "$PYTHON" -m pytest -m gpu -s -q -p no:cacheprovider \
     tests/test_distributed.py -k test_llama_7b_shaped_kbit_peak_gpu_memory
 step speed-1b 90 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --repeats 1 --configs recipe,ours,tokens --out "$WORK/speed-1b.json"
 step speed-7b 120 "${BENCH[@]}" run "$WORK" --shape 7b --samples 400 --max_steps 5 --configs recipe,ours,tokens --out "$WORK/speed-7b.json"
 if [[ $DRY_RUN == 1 ]] || "$PYTHON" -c 'import flash_attn' 2>/dev/null; then
-    step flash 45 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --configs ours,tokens --out "$WORK/speed-1b-flash.json" \
+    step flash 35 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --configs ours,tokens --out "$WORK/speed-1b-flash.json" \
         --attn_implementation flash_attention_2
 fi
 if [[ $DRY_RUN == 1 ]] || [[ -d "$WORK/venvs" ]]; then
     step peers 60 "${BENCH[@]}" peers "$WORK" --shape 1b --samples 400 --out "$WORK/peers-1b.json"
 fi
+if [[ $DRY_RUN == 1 ]] || "$PYTHON" -c 'import liger_kernel' 2>/dev/null; then
+    step liger 30 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --max_steps 10 --configs ours --out "$WORK/speed-1b-chunked.json" \
+        --loss_kernel chunked
+fi
 step tests 45 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -k "not test_llama_7b_shaped_kbit_peak_gpu_memory"
-step report 20 "${BENCH[@]}" report "$WORK"
+step report 10 "${BENCH[@]}" report "$WORK"
 if [[ $DRY_RUN == 0 ]]; then
     cat "$WORK/gpu_check.md"
 fi

@@ -69,7 +69,26 @@ def test_quick_benchmark_writes_json_and_plot(tiny_model_dir: Path, tmp_path: Pa
     assert summary["speedup_per_pair"] and summary["peak_memory_ratio"] > 0
 
 
-GPU_CHECK_STEPS = ["env", "memory", "speed-1b", "speed-7b", "flash", "peers", "tests", "report"]
+def test_rollout_benchmark_compares_the_group_sampler_with_hf_generate(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`tools/benchmark.py rollout`: both samplers on the same prompts, tokens counted to each EOS, the
+    greedy completions of both equal, and the machine (load average included) recorded."""
+    work = tmp_path / "rollout"
+    args = ["--model", str(tiny_model_dir), "--prompts", "2", "--num_generations", "3", "--max_new_tokens", "6", "--repeats", "1"]
+    proc = run_script("tools/benchmark.py", "rollout", str(work), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((work / "rollout.json").read_text())
+    assert result["greedy_equal"] is True
+    assert (result["prompts"], result["num_generations"], result["max_new_tokens"], result["lora_r"]) == (2, 3, 6, 8)
+    assert len(result["prompt_tokens"]) == 2 and min(result["prompt_tokens"]) > 20  # alpaca-template prompts
+    runs = {r["config"]: r for r in result["runs"]}
+    assert set(runs) == {"hf_generate", "builtin"}
+    for r in runs.values():
+        assert 6 <= r["tokens"] <= 2 * 3 * 6 and r["tokens_per_s"] > 0 and 0 <= r["ended_by_eos"] <= 6
+    assert result["summary"]["speedup_median"] > 0
+    assert "load_average" in result["machine"] or "gpu" in result["machine"]
+
+
+GPU_CHECK_STEPS = ["env", "memory", "speed-1b", "speed-7b", "flash", "peers", "liger", "tests", "report"]
 
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path: Path) -> None:

@@ -1,9 +1,12 @@
 """board.py, the training page, in headless Chromium on the tiny model: a malformed data file
-shows the data doctor's line and starts nothing; an SFT run from sample/ data starts, its step
-counter and loss curve advance, a reload finds it still running, a second run into its folder is
-refused, Stop (Ctrl-C) and Resume carry it to the end, the command shown is the child's argv,
-and the chat tab answers with what the run memorized. The flags file the page saves, run by hand
-with finetune.py unchanged, trains the same loss curve. Screenshots (Chinese and English) go to
+shows the data doctor's line and starts nothing; the memory estimate of the settings shows; an
+SFT run from sample/ data starts, its step counter, tokens/s, memory and loss curve advance, a
+reload finds it still running, a second run into its folder is refused, Stop (Ctrl-C) and Resume
+carry it to the end, the command shown is the child's argv, and the chat tab answers with what
+the run memorized. The evaluation tab runs tools/eval_choice.py on the base and the adapter and
+shows their choices and accuracy; the export tab's GGUF is a file llama-cpp-python loads. The
+flags files the page saves, run by hand unchanged (finetune.py, finetune_dpo.py), train the same
+loss curve / a preference adapter. Screenshots (Chinese and English) go to
 $CHINESE_VICUNA_SCREENSHOTS (docs/images)."""
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 from test_generate_app import browser_page, screenshot, serve
 
-from conftest import read_jsonl, run_script
+from conftest import REPO, read_jsonl, run_script
 
 # conftest.memorize_args' settings: the tiny model memorizes 8 records in 120 steps
 SETTINGS = {
@@ -60,6 +63,23 @@ def open_tab(page, name: str) -> None:
     page.get_by_role("tab", name=name).click()
 
 
+def newest_run(runs_dir: Path, kind: str) -> dict:
+    return max(
+        (r for r in (json.loads(p.read_text()) for p in runs_dir.glob("*/run.json")) if r["kind"] == kind), key=lambda r: r["started"]
+    )
+
+
+def wait_for_run(runs_dir: Path, run_id: str, timeout: float = 600) -> dict:
+    """The run's record once its chain of commands has ended (the board's own record)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = json.loads((runs_dir / run_id / "run.json").read_text())
+        if run["status"] != "running":
+            return run
+        assert time.monotonic() < deadline, f"run {run_id} still running after {timeout} s"
+        time.sleep(0.2)
+
+
 def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data: Path, tmp_path: Path):
     runs_dir, out = tmp_path / "runs", tmp_path / "lora"
     bad = tmp_path / "bad.jsonl"
@@ -92,6 +112,13 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
             "f => document.querySelector('#command textarea').value.includes(f))"
         )
         shown = page.locator("#command textarea").input_value()
+        # the memory estimate of these settings: the package's estimator (tools/estimate_memory.py's), as the page says it
+        from chinese_vicuna.board import memory_estimate, memory_text
+
+        settings = {"precision": "auto", "lora_r": 16, "lora_target_modules": "all-linear", "length": 256, "micro_batch_size": 4}
+        total = memory_estimate(str(tiny_model_dir), "sft", {**settings, "lora_dropout": 0.0}).total
+        page.wait_for_function("t => document.querySelector('#memory').innerText.includes(t)", arg=memory_text(total))
+        assert "预计内存" in page.locator("#memory").inner_text()
         screenshot(page, "board-configure.png")
 
         # the flags file of these settings
@@ -107,6 +134,10 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         open_tab(page, "运行")
         wait_for_step(page, 3)
         assert page.locator("#run-command textarea").input_value() == shown
+        # tokens/s from the run's trainer_log.jsonl (HF Trainer's count), the child's RSS from /proc
+        page.wait_for_function(r"/\d+ tokens\/s/.test(document.querySelector('#progress').innerText)")
+        rss = re.search(r"RSS ([0-9.]+) (MiB|GiB)", page.locator("#progress").inner_text())
+        assert rss and float(rss.group(1)) * (1024 if rss.group(2) == "GiB" else 1) > 100  # MiB: a Python with torch and the model
         # a second run into the same folder is refused while this one writes it
         open_tab(page, "配置")
         page.locator("#start-btn").click()
@@ -126,6 +157,9 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         page.wait_for_function("document.querySelector('#progress').innerText.includes('已停止')", timeout=300_000)
         assert "退出码 130" in page.locator("#progress").inner_text()
         stopped_at = step_shown(page)
+        page.wait_for_function(  # the list of runs: this one, stopped, with its folder
+            "t => document.querySelector('#runs-list').innerText.includes(t)", arg=f"指令微调\t已停止（可继续）\t{out}"
+        )
         assert 40 <= stopped_at < TOTAL_STEPS
         page.wait_for_function("document.querySelector('#loss-plot img') !== null")
         screenshot(page, "board-run.png")
@@ -150,10 +184,69 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
         assert bot.first.inner_text().strip() == first["output"]
         screenshot(page, "board-chat.png")
 
-        # export: merge_lora.py's command, shown
+        # evaluation: eval_choice.py on the base, then with the adapter; the command shown is the one run
+        open_tab(page, "评测")
+        assert page.locator("#eval-adapter textarea").input_value() == str(out)
+        page.wait_for_function("document.querySelector('#choice-command textarea').value.includes('--lora_weights')")
+        shown_eval = page.locator("#choice-command textarea").input_value()
+        page.locator("#choice-btn").click()
+        page.wait_for_function("document.querySelector('#eval-status').innerText.includes('已开始运行')")
+        evaluation = wait_for_run(runs_dir, newest_run(runs_dir, "eval")["id"])
+        assert evaluation["status"] == "finished" and evaluation["command"] == shown_eval
+        assert [shlex.join(step) for step in evaluation["steps"]] == shown_eval.split(" && ")
+        choice = Path(f"{out}-eval/choice")
+        results = {side: json.loads((choice / side / "results.json").read_text()) for side in ("base", "adapter")}
+        page.wait_for_function(  # the accuracy row, before and after, as eval_choice computed it
+            "t => document.querySelector('#choice-results').innerText.includes(t)",
+            arg=f"{results['base']['average']:.1f}%\t{results['adapter']['average']:.1f}%",
+        )
+        table = page.locator("#choice-results").inner_text()
+        for base_prediction, adapter_prediction in zip(
+            read_jsonl(choice / "base" / "predictions.jsonl"), read_jsonl(choice / "adapter" / "predictions.jsonl"), strict=True
+        ):
+            row = f"{base_prediction['subject']} #{base_prediction['id']}\t{base_prediction['answer']}\t"
+            assert f"{row}{base_prediction['prediction']}\t{adapter_prediction['prediction']}" in table
+        screenshot(page, "board-evaluate.png")
+
+        # export: GGUF at q4_0 (merge_lora.py, then tools/convert_to_gguf.py), a file llama.cpp loads
         open_tab(page, "导出")
-        page.wait_for_function("document.querySelector('#export-command textarea').value.includes('merge_lora.py')")
-        assert f"--lora_weights {out}" in page.locator("#export-command textarea").input_value()
+        page.get_by_label("GGUF（llama.cpp）").check()
+        page.wait_for_function("document.querySelector('#export-command textarea').value.includes('--outtype q4_0')")
+        shown_export = page.locator("#export-command textarea").input_value()
+        assert f"--lora_weights {out}" in shown_export and "convert_to_gguf.py" in shown_export
+        page.locator("#export-btn").click()
+        page.wait_for_function("document.querySelector('#export-status').innerText.includes('已开始运行')")
+        export = wait_for_run(runs_dir, newest_run(runs_dir, "export")["id"])
+        assert export["status"] == "finished" and export["command"] == shown_export
+        gguf = Path(f"{out}-merged-q4_0.gguf")
+        page.wait_for_function("t => document.querySelector('#export-files').innerText.includes(t)", arg=str(gguf))
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(gguf), n_ctx=128, verbose=False)
+        assert llm.n_vocab() == 3000 and llm.metadata["general.file_type"] == "2"  # LLAMA_FTYPE_MOSTLY_Q4_0
+
+        # the preference stage: chosen and rejected as training renders them; its flags file (run below)
+        pair = json.loads((REPO / "sample/preference/pairs_sample.jsonl").read_text(encoding="utf-8").splitlines()[0])
+        open_tab(page, "配置")
+        page.get_by_label("偏好训练（DPO 等）").check()
+        page.wait_for_function("document.querySelector('#data_path textarea').value.endsWith('pairs_sample.jsonl')")
+        page.locator("#lora_weights textarea").fill(str(out))
+        page.locator("#output_dir textarea").fill(str(tmp_path / "dpo"))
+        page.locator("#max_steps input").fill("4")
+        page.locator("#length input").fill("128")
+        page.locator("#logging_steps input").fill("1")  # the reload above brought back the page's defaults
+        page.locator("#check-btn").click()
+        page.wait_for_function("document.querySelector('#doctor').innerText.includes('偏好数据检查')")
+        assert page.locator("#preview .chosen .trained").first.inner_text() == pair["chosen"]
+        assert page.locator("#preview .rejected .trained").first.inner_text() == pair["rejected"]
+        assert pair["instruction"] in page.locator("#preview .chosen .masked").first.inner_text()
+        dpo_flags = tmp_path / "dpo.yaml"
+        page.locator("#flags_file textarea").fill(str(dpo_flags))
+        page.wait_for_function(
+            "['--max_steps 4', '--logging_steps 1', '--pref_loss sigmoid'].every(f => document.querySelector('#command textarea').value.includes(f))"
+        )
+        page.locator("#save-flags").click()
+        page.wait_for_function("document.querySelector('#status').innerText.includes('finetune_dpo.py')")
 
     # the flags file, run by hand unchanged, trains the same loss curve (same seed)
     board_log = read_jsonl(out / "trainer_log.jsonl")
@@ -166,6 +259,13 @@ def test_board_runs_stops_resumes_and_chats(tiny_model_dir: Path, memorized_data
     assert [s for s, _ in hand_curve] == [s for s, _ in board_curve] == list(range(1, TOTAL_STEPS + 1))
     assert [loss for _, loss in hand_curve] == pytest.approx([loss for _, loss in board_curve], rel=1e-4)
 
+    # the preference stage's flags file, by hand: DPO from the SFT adapter (the reference) for 4 steps
+    proc = run_script("finetune_dpo.py", str(dpo_flags))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dpo_log = read_jsonl(tmp_path / "dpo" / "trainer_log.jsonl")
+    assert [e["step"] for e in dpo_log if "loss" in e] == [1, 2, 3, 4] and all("rewards/margins" in e for e in dpo_log if "loss" in e)
+    assert (tmp_path / "dpo" / "adapter_model.safetensors").is_file()
+
 
 def test_board_in_english(tiny_model_dir: Path, tmp_path: Path):
     args = ["board.py", "--runs_dir", str(tmp_path / "runs"), "--base_model", str(tiny_model_dir), "--ui_language", "en"]
@@ -177,6 +277,23 @@ def test_board_in_english(tiny_model_dir: Path, tmp_path: Path):
         assert "LlamaForCausalLM" in page.locator("#model-info").inner_text()
         assert page.locator("#command textarea").input_value().split()[1:3] == ["finetune.py", "--base_model"]
         screenshot(page, "board-en.png")
+        # a preference flags file loads as that stage, its own data and settings kept
+        from chinese_vicuna.board import stage_flags, write_flags_file
+
+        flags = {
+            "base_model": str(tiny_model_dir),
+            "lora_weights": str(tmp_path),
+            "prompt_template": "chatml",
+            "data": str(tmp_path / "p.jsonl"),
+        }
+        write_flags_file(tmp_path / "dpo.yaml", stage_flags("dpo", {**flags, "pref_loss": "orpo", "pref_beta": 0.5}))
+        page.locator("#flags_file textarea").fill(str(tmp_path / "dpo.yaml"))
+        page.locator("#load-flags").click()
+        page.wait_for_function("document.querySelector('#command textarea').value.includes('finetune_dpo.py')")
+        command = page.locator("#command textarea").input_value()
+        assert f"--data_path {tmp_path / 'p.jsonl'}" in command and "--prompt_template chatml" in command
+        assert "--pref_loss orpo --pref_beta 0.5" in command and f"--lora_weights {tmp_path}" in command
+        assert page.locator("#lora_weights textarea").is_visible()
 
 
 def fields_of(args: object) -> dict:
@@ -190,27 +307,93 @@ def test_flags_file_parses_as_the_command_line_does(tmp_path: Path, suffix: str)
     board shows; a flags file reads back into the same stage and settings."""
     import finetune
     import finetune_chat
+    import finetune_dpo
     from chinese_vicuna.args import parse_args
     from chinese_vicuna.board import command_argv, read_flags_file, resume_argv, settings_of_flags, stage_flags, write_flags_file
 
-    groups = {"sft": finetune.FLAG_GROUPS, "chat_sft": finetune_chat.FLAG_GROUPS}  # the scripts' own flag groups
-    data = {"sft": "sample/instruct/data_sample.jsonl", "chat_sft": "sample/chat/chat_sample.jsonl"}
+    # the scripts' own flag groups
+    groups = {"sft": finetune.FLAG_GROUPS, "chat_sft": finetune_chat.FLAG_GROUPS, "dpo": finetune_dpo.FLAG_GROUPS}
+    data = {
+        "sft": "sample/instruct/data_sample.jsonl",
+        "chat_sft": "sample/chat/chat_sample.jsonl",
+        "dpo": "sample/preference/pairs_sample.jsonl",
+    }
+    preference = {"lora_weights": str(tmp_path), "pref_loss": "ipo", "pref_beta": 0.2, "pref_ftx": 1.0}
     for stage, classes in groups.items():
         settings = {
-            "base_model": "tiny", "prompt_template": "alpaca" if stage == "sft" else "chinese-vicuna-chat", "data": data[stage],
+            "base_model": "tiny", "prompt_template": "chinese-vicuna-chat" if stage == "chat_sft" else "alpaca", "data": data[stage],
             "output_dir": str(tmp_path / stage), "length": 128, "num_epochs": 2.0, "max_steps": 0, "learning_rate": 0.003,
             "micro_batch_size": 2, "batch_size": 4, "lora_dropout": 0.0, "lora_target_modules": "all-linear", "seed": 7,
+            **(preference if stage == "dpo" else {}),
         }  # fmt: skip
-        flags = stage_flags(stage, settings)
+        flags = stage_flags(stage, {**preference, **settings})  # another stage's own settings stay out of its flags
         assert "max_steps" not in flags  # 0: by epochs, the script's default
+        assert ("pref_beta" in flags) == ("lora_weights" in flags) == (stage == "dpo")
+        assert flags["include_num_input_tokens_seen"] is True  # the Runs tab's tokens/s
         path = write_flags_file(tmp_path / f"{stage}{suffix}", flags)
         from_file = parse_args(classes, [str(path)])
         from_argv = parse_args(classes, command_argv(stage, flags)[2:])
         assert [fields_of(a) for a in from_file] == [fields_of(a) for a in from_argv]
         assert settings_of_flags(read_flags_file(path)) == (stage, {k: v for k, v in settings.items() if k != "max_steps"})
     pretrain = stage_flags("pretrain", {"base_model": "tiny", "prompt_template": "alpaca", "data": "sample/pretrain", "length": 64})
-    assert pretrain == {"base_model": "tiny", "dataset_dir": "sample/pretrain", "block_size": 64}
+    assert pretrain == {"base_model": "tiny", "dataset_dir": "sample/pretrain", "block_size": 64, "include_num_input_tokens_seen": True}
     assert command_argv("pretrain", pretrain)[1:3] == ["tools/pretrain.py", "--base_model"]
     assert resume_argv(["py", "finetune.py", "--overwrite_output_dir", "true", "--seed", "1"]) == [
         "py", "finetune.py", "--seed", "1", "--resume_from_checkpoint", "true",
     ]  # fmt: skip
+
+
+def test_model_summary_of_a_hub_id_from_the_cache(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A hub id is read from the local Hugging Face cache (no network): summary and memory estimate
+    as for its folder; an id not in the cache is one line saying so."""
+    from huggingface_hub import constants
+
+    from chinese_vicuna.board import memory_estimate, model_summary
+    from chinese_vicuna.errors import UserError
+
+    repo = tmp_path / "hub" / "models--someone--tiny-llama"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    by_id, by_folder = model_summary("someone/tiny-llama"), model_summary(str(tiny_model_dir))
+    assert Path(by_id.pop("folder")) == snapshot
+    by_folder.pop("folder")
+    assert by_id == by_folder and by_id["architecture"] == "LlamaForCausalLM" and by_id["vocab_size"] == 3000
+    settings = {"precision": "fp32", "lora_r": 8, "length": 64, "micro_batch_size": 2}
+    assert memory_estimate("someone/tiny-llama", "sft", settings) == memory_estimate(str(tiny_model_dir), "sft", settings)
+    # a pair is two sequences: the preference stage's activations count both
+    assert (
+        memory_estimate(str(tiny_model_dir), "dpo", settings).activations
+        > memory_estimate(str(tiny_model_dir), "sft", settings).activations
+    )
+    with pytest.raises(UserError, match=r"^--base_model someone/elsewhere: not in the local Hugging Face cache .*huggingface-cli download"):
+        model_summary("someone/elsewhere")
+
+
+def test_export_and_evaluation_commands_are_the_tools_own(tmp_path: Path):
+    """Each export format is merge_lora.py and/or tools/convert_to_gguf.py with their documented flags
+    (a merged folder already there is converted as it is); evaluation before/after is the same tool
+    on the base and with the adapter; the judge's key never appears on the command line."""
+    from chinese_vicuna.board import choice_eval_steps, export_steps, judge_steps
+
+    merged = tmp_path / "m"
+    scripts = {fmt: [step[1] for step in export_steps("b", "a", str(merged), fmt, "q8_0")] for fmt in ("hf", "pth", "gguf", "ollama")}
+    assert scripts == {
+        "hf": ["merge_lora.py"], "pth": ["merge_lora.py"], "gguf": ["merge_lora.py", "tools/convert_to_gguf.py"],
+        "ollama": ["merge_lora.py", "tools/convert_to_gguf.py"],
+    }  # fmt: skip
+    assert export_steps("b", "a", str(merged), "pth")[0][-2:] == ["--output_type", "pth"]
+    ollama = export_steps("b", "a", str(merged), "ollama", "q8_0")[1]
+    assert ollama[-6:] == ["--outfile", f"{merged}-ollama/m-q8_0.gguf", "--outtype", "q8_0", "--ollama_modelfile", "true"]
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "model.safetensors").write_bytes(b"")
+    assert [step[1] for step in export_steps("b", "a", str(merged), "gguf")] == ["tools/convert_to_gguf.py"]
+    before, after = choice_eval_steps("b", "a", "cmmlu", "d", "test", 5, "anatomy", "o")
+    assert after == [*before[:4], "--lora_weights", "a", *before[4:-1], "o/adapter"] and before[-1] == "o/base"
+    judge = judge_steps("b", "a", "q.jsonl", "http://127.0.0.1:1/v1", "judge", "o")
+    assert [step[1] for step in judge] == ["tools/gen_model_answer.py", "tools/gen_model_answer.py", "tools/eval_judge.py"]
+    assert not any("api_key" in arg for step in judge for arg in step)

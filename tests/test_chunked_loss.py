@@ -12,6 +12,7 @@ from test_packing import _grads
 from chinese_vicuna.data.collate import PackedCollator, PaddingCollator
 from chinese_vicuna.data.encode import IGNORE_INDEX, tokenize_instructions
 from chinese_vicuna.data.records import read_records, validate_instruction
+from chinese_vicuna.errors import UserError
 from chinese_vicuna.model.adapters import add_lora
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.train.losses import lm_head_cross_entropy
@@ -144,3 +145,52 @@ def test_mixed_precision_model_whose_forward_alone_runs_under_autocast(tiny_mode
     chunked.backward()
     assert abs(chunked.item() - unchunked.item()) < 1e-2 * unchunked.item()
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# --loss_kernel: Liger's fused kernel on CUDA where installed, the chunks elsewhere
+# --------------------------------------------------------------------------------------------
+def test_loss_kernel_decision() -> None:
+    from chinese_vicuna.devices import decide_loss_kernel
+
+    assert decide_loss_kernel("auto", cuda=True, liger=True) == "liger"
+    for cuda, liger in [(False, True), (True, False), (False, False)]:
+        assert decide_loss_kernel("auto", cuda=cuda, liger=liger) == "chunked"
+        assert decide_loss_kernel("chunked", cuda=cuda, liger=liger) == "chunked"
+    assert decide_loss_kernel("liger", cuda=True, liger=True) == "liger"
+    with pytest.raises(UserError, match="no CUDA device here; use --loss_kernel chunked"):
+        decide_loss_kernel("liger", cuda=False, liger=True)
+    with pytest.raises(UserError, match="liger-kernel is not installed"):
+        decide_loss_kernel("liger", cuda=True, liger=False)
+    with pytest.raises(UserError, match="use one of auto, chunked, liger"):
+        decide_loss_kernel("fused")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's decision")
+def test_the_training_flags_pick_chunked_here_and_refuse_liger() -> None:
+    from chinese_vicuna.args import TrainArguments, parse_args
+
+    (auto,) = parse_args((TrainArguments,), ["--output_dir", "unused"])
+    assert auto.loss_kernel == "chunked"
+    with pytest.raises(UserError, match=r"^--loss_kernel liger: Liger's fused kernel runs on CUDA"):
+        parse_args((TrainArguments,), ["--output_dir", "unused", "--loss_kernel", "liger"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("trained_head", [False, True])
+def test_liger_equals_the_chunked_loss_on_cuda(trained_head: bool) -> None:
+    pytest.importorskip("liger_kernel", reason="pip install liger-kernel")
+    torch.manual_seed(0)
+    rows, width, vocab = 600, 64, 32000
+    head = torch.nn.Linear(width, vocab, bias=False).cuda()
+    head.weight.requires_grad_(trained_head)
+    hidden = torch.randn(rows, width, device="cuda")
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    targets[::5] = IGNORE_INDEX
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 matmuls on both sides
+    ref_loss, ref_grads = loss_and_grads(lambda h, m, t: lm_head_cross_entropy(h, m, t, 128, "chunked"), hidden, head, targets)
+    loss, grads = loss_and_grads(lambda h, m, t: lm_head_cross_entropy(h, m, t, 128, "liger"), hidden, head, targets)
+    assert abs(loss - ref_loss) < 1e-5 * abs(ref_loss), (loss, ref_loss)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

@@ -220,7 +220,8 @@ def fed_ids(llm, messages: list[dict[str, str]]) -> list[int]:
 def special_text_breaks(template) -> bool:
     """Whether the template puts text right after a special token inside a conversation
     (vicuna_v1.1's `</s>USER:`, llama2's `</s><s>[INST]`): there llama.cpp's tokenizer adds its
-    dummy-prefix space, which HF's converted tokenizer does not (docs/export.md)."""
+    dummy-prefix space, which HF's converted tokenizer in the default form (`legacy` unset, as
+    the tiny model's) does not (docs/export.md; `"legacy": true`: tests/test_consumer_ids.py)."""
     return any("{eos}" in template.spec.get(k, "") or "{bos}" in template.spec.get(k, "") for k in ("assistant_format", "user_format"))
 
 
@@ -248,9 +249,11 @@ def test_create_chat_completion_feeds_hf_ids(f16_gguf: Path, hf, name: str) -> N
         got = fed_ids(llm, messages)
         assert got[0] == tokenizer.bos_token_id != got[1]
         if len(messages) > 3 and special_text_breaks(template):
-            # llama.cpp's one difference: its tokenizer starts the text after each special token
-            # inside the history with the dummy-prefix "▁" (sentencepiece's legacy behaviour)
-            text = tokenizer.apply_chat_template(messages, chat_template=hf_chat_template(template), add_generation_prompt=True, tokenize=False)
+            # llama.cpp's one difference from the default form: its tokenizer starts the text after
+            # each special token inside the history with the dummy-prefix "▁" (as `"legacy": true` does)
+            text = tokenizer.apply_chat_template(
+                messages, chat_template=hf_chat_template(template), add_generation_prompt=True, tokenize=False
+            )
             assert got != want and got == legacy_ids(tokenizer, text), messages
         else:
             assert got == want, messages
@@ -310,5 +313,109 @@ def test_serve_llamacpp_chat_format_feeds_hf_ids_in_history_too(f16_gguf: Path, 
     for messages in chat_matrix():
         if not template.is_chat and sum(m["role"] == "user" for m in messages) > 1:
             continue
-        want = tokenizer.apply_chat_template(messages, chat_template=hf_chat_template(template), add_generation_prompt=True, return_dict=False)
+        want = tokenizer.apply_chat_template(
+            messages, chat_template=hf_chat_template(template), add_generation_prompt=True, return_dict=False
+        )
         assert fed_ids(llm, messages) == want, messages
+
+
+# --------------------------------------------------------------------------------------------
+# RoPE scaling: llama.cpp's logits equal HF's past the original window
+# --------------------------------------------------------------------------------------------
+WINDOW = 64  # the tiny model's weights do not depend on its window: config.json says 64 here
+
+
+def _with_rope(tiny_model_dir: Path, out: Path, kind: str | None) -> Path:
+    """A copy of the tiny model with a 64-position window, scaled ×2 by `kind` (None: unscaled)."""
+    import json
+    import shutil
+
+    from chinese_vicuna.model.rope import rope_settings, scaled_config
+
+    shutil.copytree(tiny_model_dir, out)
+    config = {**json.loads((out / "config.json").read_text()), "max_position_embeddings": WINDOW}
+    if kind:
+        config = scaled_config(config, rope_settings(kind, 2, None))
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def _hf_and_llama_cpp_logits(model_dir: Path, ids: list[int]):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf_logits = model(input_ids=torch.tensor([ids])).logits[0]
+    llm = load_gguf(str(convert(model_dir, model_dir / "model-f32.gguf", "f32")), n_ctx=2 * WINDOW, logits_all=True)
+    llm.eval(ids)
+    return hf_logits, torch.tensor(llm.scores[: len(ids)]), llm.metadata
+
+
+@pytest.fixture(scope="module")
+def long_ids(tiny_model_dir: Path) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    ids = tokenizer("".join(r["instruction"] + r["output"] for r in RECORDS))["input_ids"][: 2 * WINDOW - 8]
+    assert len(ids) == 2 * WINDOW - 8  # well past the 64-position window
+    return ids
+
+
+@pytest.fixture(scope="module")
+def unscaled_gap(tiny_model_dir: Path, long_ids: list[int], tmp_path_factory: pytest.TempPathFactory) -> tuple[float, torch.Tensor]:
+    """How far llama.cpp's logits are from HF's for the unscaled model (its KV cache is f16), and HF's logits."""
+    hf_logits, cpp_logits, _ = _hf_and_llama_cpp_logits(
+        _with_rope(tiny_model_dir, tmp_path_factory.mktemp("rope") / "none", None), long_ids
+    )
+    return float((hf_logits - cpp_logits).abs().max()), hf_logits
+
+
+@pytest.mark.parametrize("kind", ["linear", "yarn", "llama3"])
+def test_scaled_rope_logits_equal_hf_past_the_window(
+    tiny_model_dir: Path, long_ids: list[int], unscaled_gap: tuple[float, torch.Tensor], kind: str, tmp_path: Path
+) -> None:
+    gap, unscaled_hf = unscaled_gap
+    hf_logits, cpp_logits, metadata = _hf_and_llama_cpp_logits(_with_rope(tiny_model_dir, tmp_path / kind, kind), long_ids)
+    assert int(metadata["llama.context_length"]) == 2 * WINDOW
+    if kind == "llama3":  # llama.cpp's form: per-pair divisors in rope_freqs.weight, no scaling keys
+        assert "llama.rope.scaling.type" not in metadata
+    else:
+        assert metadata["llama.rope.scaling.type"] == kind and float(metadata["llama.rope.scaling.factor"]) == 2.0
+        assert int(metadata["llama.rope.scaling.original_context_length"]) == WINDOW
+    past = slice(WINDOW, None)
+    # the scaling matters past the window (far more than llama.cpp's rounding) ...
+    assert float((hf_logits[past] - unscaled_hf[past]).abs().max()) > 20 * gap
+    # ... and llama.cpp follows it: as close to HF as the unscaled model is (f16 KV cache; 2× for rounding in other places)
+    assert float((hf_logits - cpp_logits).abs().max()) < 2 * gap
+    assert torch.equal(hf_logits.argmax(-1), cpp_logits.argmax(-1))
+
+
+def test_llama3_divisors_are_transformers_frequencies(tiny_model_dir: Path) -> None:
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from chinese_vicuna.export.gguf import llama3_rope_divisors
+    from chinese_vicuna.model.rope import rope_settings, scaled_config
+
+    config = AutoConfig.from_pretrained(str(tiny_model_dir))
+    scaled = scaled_config({**config.to_dict(), "max_position_embeddings": WINDOW}, rope_settings("llama3", 4, None))
+    config.rope_parameters, config.max_position_embeddings = scaled["rope_parameters"], scaled["max_position_embeddings"]
+    llama3, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    unscaled = 1.0 / (10000.0 ** (torch.arange(0, 32, 2, dtype=torch.float32) / 32))
+    divisors = torch.from_numpy(llama3_rope_divisors(scaled["rope_parameters"], 32, 10000.0))
+    torch.testing.assert_close(unscaled / divisors, llama3, rtol=2e-6, atol=0)  # fp32 rounding of the two ways
+    assert divisors[0] == 1.0 and divisors[-1] == 4.0 and ((divisors > 1) & (divisors < 4)).any()  # all three bands
+
+
+def test_dynamic_ntk_is_written_unscaled_with_the_original_window(
+    tiny_model_dir: Path, long_ids: list[int], unscaled_gap: tuple[float, torch.Tensor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """llama.cpp has no dynamic NTK; transformers' equals no scaling while the sequence fits the
+    original window, so the GGUF is that model, declared with that window, and says so."""
+    ids = long_ids[: WINDOW - 4]
+    with caplog.at_level("WARNING"):
+        hf_logits, cpp_logits, metadata = _hf_and_llama_cpp_logits(_with_rope(tiny_model_dir, tmp_path / "dynamic", "dynamic"), ids)
+    assert any("no llama.cpp equivalent" in r.getMessage() and "linear or yarn" in r.getMessage() for r in caplog.records)
+    assert int(metadata["llama.context_length"]) == WINDOW and "llama.rope.scaling.type" not in metadata
+    assert float((hf_logits - cpp_logits).abs().max()) < 2 * unscaled_gap[0]
+    assert torch.equal(hf_logits.argmax(-1), cpp_logits.argmax(-1))

@@ -125,3 +125,23 @@ def test_scaled_config_and_refusals() -> None:
     ]:
         with pytest.raises(UserError, match=message):
             rope_settings(kind, factor, length)
+
+
+def test_dynamic_ntk_keeps_the_original_window_and_scales_past_it(short_window_base: Path) -> None:
+    """transformers' dynamic NTK starts past `max_position_embeddings`: scaling that too (as the other
+    types) would make dynamic a no-op up to factor × the window."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from chinese_vicuna.model.rope import apply_rope_scaling, context_length
+
+    ids = torch.randint(3, 2000, (1, 2 * WINDOW - 8), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_pretrained(str(short_window_base)).eval()
+    dynamic = AutoModelForCausalLM.from_pretrained(str(short_window_base)).eval()
+    apply_rope_scaling(dynamic, rope_settings("dynamic", 2, None))
+    assert dynamic.config.max_position_embeddings == WINDOW and context_length(dynamic.config) == 2 * WINDOW
+    with torch.no_grad():
+        assert torch.equal(plain(ids[:, : WINDOW - 4]).logits, dynamic(ids[:, : WINDOW - 4]).logits)  # within the window: none
+        assert (plain(ids).logits - dynamic(ids).logits).abs().max() > 1e-2  # past it: NTK-scaled
+    with pytest.raises(UserError, match="dynamic NTK has no fixed window"):
+        rope_settings("dynamic", 2, 4 * WINDOW)

@@ -21,6 +21,7 @@ the CPU (AVX512-BF16 / AMX) or GPU runs it natively, fp32 otherwise (`--precisio
     python tools/benchmark.py logits WORK             # peak memory of the loss: 128k vocabulary, 4×2048 tokens
     python tools/benchmark.py quick WORK              # seconds: tiny model, used by the tests
     python tools/benchmark.py dpo WORK                # finetune_dpo.py vs SFT on the same data and TRL's DPOTrainer
+    python tools/benchmark.py rollout WORK            # GRPO rollouts, 8 prompts × 8 samples: ours vs HF generate
 """
 
 from __future__ import annotations
@@ -983,6 +984,138 @@ def tokenize_speed(model_dir: Path, data: Path, n: int = 50000, repeats: int = 3
 
 
 # --------------------------------------------------------------------------------------------
+# GRPO rollouts: the group sampler (infer/rollouts.py) vs HF generate as TRL calls it
+# --------------------------------------------------------------------------------------------
+def rollout_model(model_dir: Path, lora_r: int, lora_weights: str | None = None, seed: int = 0) -> tuple[Any, Any, list[list[int]]]:
+    """The model as GRPO holds it: a PeftModel with the adapter `lora_weights` (an SFT adapter: its
+    answers end), else a LoRA of rank `lora_r` whose B weights are random, so that the adapter
+    changes the answers (none for 0); its tokenizer; and the alpaca prompt ids of
+    sample/instruct/data_sample.jsonl (through the inference owner)."""
+    import torch
+
+    from chinese_vicuna.data.records import read_records, validate_instruction
+    from chinese_vicuna.infer.engine import Engine
+    from chinese_vicuna.model.adapters import add_lora
+    from chinese_vicuna.model.build import load_for_inference
+
+    model, tokenizer = load_for_inference(str(model_dir), lora_weights)
+    if lora_r and not lora_weights:
+        torch.manual_seed(seed)
+        model = add_lora(model, lora_r, 2 * lora_r, 0.0, "all-linear")
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.02)
+    engine = Engine.around(model, tokenizer, "alpaca", [model_dir], "instruction")
+    records = [validate_instruction(r) for r in read_records(REPO / "sample" / "instruct" / "data_sample.jsonl")]
+    return model, tokenizer, [engine.instruction_ids(r["instruction"], r["input"]) for r in records]
+
+
+def hf_generate_groups(
+    model: Any, prompts: list[list[int]], group: int, max_new_tokens: int, temperature: float, eos: int, pad: int
+) -> list[list[int]]:
+    """TRL's GRPOTrainer without vLLM: each prompt repeated `group` times, left-padded, one
+    `model.generate` call; each completion cut after its first EOS."""
+    import torch
+
+    rows = [p for p in prompts for _ in range(group)]
+    width = max(len(p) for p in rows)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in rows])
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature > 0 else {"do_sample": False}
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, **sampling
+        )
+    return [row[: row.index(eos) + 1] if eos in row else row for row in out[:, width:].tolist()]
+
+
+def rollout_speed(
+    model_dir: Path,
+    prompts_count: int,
+    group: int,
+    max_new_tokens: int,
+    repeats: int,
+    temperature: float,
+    lora_r: int,
+    lora_weights: str | None = None,
+) -> dict[str, Any]:
+    """Generated tokens per second (each completion up to and including its EOS) of the built-in
+    group sampler and of HF generate on the same prompts, interleaved `repeats` times; and whether
+    both give the same greedy completions."""
+    import torch
+
+    from chinese_vicuna.infer.rollouts import sample_groups
+
+    model, tokenizer, prompts = rollout_model(model_dir, lora_r, lora_weights)
+    prompts = prompts[:prompts_count]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    model.eval()
+    greedy_ours = sample_groups(model, prompts, 1, max_new_tokens, temperature=0, eos_token_id=eos, pad_token_id=pad).completion_ids
+    greedy_equal = greedy_ours == hf_generate_groups(model, prompts, 1, max_new_tokens, 0, eos, pad)
+    runs = []
+    for index in range(repeats):
+        for config in ("hf_generate", "builtin"):  # interleaved: a busy machine hurts both alike
+            start, cpu_start = time.perf_counter(), time.process_time()
+            if config == "builtin":
+                generator = torch.Generator().manual_seed(index)
+                kwargs = {"temperature": temperature, "eos_token_id": eos, "pad_token_id": pad, "generator": generator}
+                completions = sample_groups(model, prompts, group, max_new_tokens, **kwargs).completion_ids
+            else:
+                completions = hf_generate_groups(model, prompts, group, max_new_tokens, temperature, eos, pad)
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            tokens = sum(len(c) for c in completions)
+            ended = sum(1 for c in completions if c[-1] == eos)
+            runs.append(
+                {
+                    "config": config,
+                    "repeat": index,
+                    "tokens": tokens,
+                    "seconds": seconds,
+                    "tokens_per_s": tokens / seconds,
+                    "cpu_seconds": cpu_seconds,
+                    "tokens_per_cpu_s": tokens / cpu_seconds,
+                    "ended_by_eos": ended,
+                }
+            )
+            logger.info(
+                "%s: %d tokens in %.1f s, %.1f CPU-s (%.0f tokens/s, %.0f tokens/CPU-s), %d of %d ended by EOS",
+                config,
+                tokens,
+                seconds,
+                cpu_seconds,
+                tokens / seconds,
+                tokens / cpu_seconds,
+                ended,
+                len(completions),
+            )
+    # on a shared machine wall time counts the other jobs too; CPU time (one thread) much less so
+    summary: dict[str, Any] = {
+        c: {k + "_median": statistics.median(r[k] for r in runs if r["config"] == c) for k in ("tokens_per_s", "tokens_per_cpu_s")}
+        for c in ("hf_generate", "builtin")
+    }
+    pairs = list(zip(runs[::2], runs[1::2]))
+    summary["speedup_median"] = statistics.median(b["tokens_per_s"] / h["tokens_per_s"] for h, b in pairs)
+    summary["cpu_speedup_median"] = statistics.median(b["tokens_per_cpu_s"] / h["tokens_per_cpu_s"] for h, b in pairs)
+    return {
+        "model": str(model_dir),
+        "prompts": len(prompts),
+        "prompt_tokens": [len(p) for p in prompts],
+        "num_generations": group,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "lora_r": None if lora_weights else lora_r,
+        "lora_weights": lora_weights,
+        "torch_threads": torch.get_num_threads(),
+        "greedy_equal": greedy_equal,
+        "machine": machine_info(),
+        "summary": summary,
+        "runs": runs,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # scripts/gpu_check.sh's report
 # --------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, Any]:
@@ -1119,6 +1252,19 @@ class SweepArguments:
 class TokenizeArguments:
     samples: int = field(default=50000)
     model: str | None = field(default=None, metadata={"help": "Tokenizer/model folder (default: WORK/llama-50m, built if missing)."})
+
+
+@dataclass
+class RolloutArguments:
+    prompts: int = field(default=8, metadata={"help": "Prompts (sample/instruct/data_sample.jsonl, alpaca template)."})
+    num_generations: int = field(default=8, metadata={"help": "Completions sampled per prompt."})
+    max_new_tokens: int = field(default=64)
+    temperature: float = field(default=1.0)
+    lora_r: int = field(default=8, metadata={"help": "Rank of the random LoRA on all linear layers the model carries (0: none)."})
+    lora_weights: str | None = field(default=None, metadata={"help": "A trained adapter to carry instead (answers that end in EOS)."})
+    repeats: int = field(default=2, metadata={"help": "Interleaved HF/built-in rounds."})
+    model: str | None = field(default=None, metadata={"help": "Model folder (default: WORK/llama-50m, built if missing)."})
+    out: str | None = field(default=None, metadata={"help": "JSON path (default WORK/rollout.json)."})
 
 
 @dataclass
@@ -1440,6 +1586,7 @@ class DpoArguments:
 
 COMMANDS = {
     "logits": LogitsArguments,
+    "rollout": RolloutArguments,
     "prepare": PrepareArguments,
     "run": RunArguments,
     "quick": QuickArguments,
@@ -1517,6 +1664,24 @@ def main(argv: list[str] | None = None) -> None:
         result = logits_memory(args.vocab, args.micro_batch_size, args.cutoff_len, [int(c) for c in args.chunks.split(",")], args.repeats)
         atomic_write_bytes(out or work / "logits-memory.json", json.dumps(result, indent=2).encode())
         print(json.dumps({"fp32_logits_mib": result["fp32_logits_mib"], **result["summary"]}, indent=2))
+        return
+    if command == "rollout":
+        work.mkdir(parents=True, exist_ok=True)
+        model_dir = model or work / "llama-50m"
+        if not (model_dir / "config.json").is_file():
+            build_model(model_dir, "50m")
+        result = rollout_speed(
+            model_dir,
+            args.prompts,
+            args.num_generations,
+            args.max_new_tokens,
+            args.repeats,
+            args.temperature,
+            args.lora_r,
+            args.lora_weights,
+        )
+        atomic_write_bytes(out or work / "rollout.json", json.dumps(result, indent=2).encode())
+        print(json.dumps({"greedy_equal": result["greedy_equal"], **result["summary"]}, indent=2))
         return
     if command == "tokenize":
         model_dir, data = prepare(work, 400, "50m", model)

@@ -4,12 +4,19 @@ The tokenizer is trained on `sample/tokenizer/corpus.txt` (Chinese and English, 
 fallback, unk=0 bos=1 eos=2 as in LLaMA). The output directory loads with
 `AutoModelForCausalLM` / `AutoTokenizer`. Same arguments → same files (seeded).
 
+`--legacy_tokenizer true` writes `"legacy": true` into tokenizer_config.json, as the hub's
+LLaMA-1/2-era folders that set it do: transformers 5 then builds the
+tokenizer with sentencepiece's dummy prefix `▁` on the text after every special token, as
+llama.cpp does. The default (no `legacy` key, read as false) gives no prefix there
+(docs/export.md, "Text after a special token").
+
     python tools/make_tiny_model.py OUT_DIR [--hidden_size 128 --num_layers 2 ...]
     python tools/make_tiny_model.py --output_dir OUT_DIR [...]
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -40,6 +47,7 @@ def make_tiny_model(
     corpus: list[Path] | None = None,
     seed: int = 0,
     lm_head_std: float = 0.15,
+    legacy_tokenizer: bool = False,
 ) -> Path:
     """Write a tiny LLaMA + tokenizer to `out_dir` and return the path."""
     import torch
@@ -52,8 +60,14 @@ def make_tiny_model(
     (out / "tokenizer.model").write_bytes(sp_bytes)
     # transformers 5 converts tokenizer.model into a fast tokenizer; saving writes tokenizer.json
     # next to it, and we keep tokenizer.model for sentencepiece-based tools (GGUF, vocab merging).
-    tokenizer = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True, add_eos_token=False)
+    tokenizer = LlamaTokenizer.from_pretrained(str(out), add_bos_token=True, add_eos_token=False, legacy=legacy_tokenizer)
     tokenizer.save_pretrained(str(out))
+    if legacy_tokenizer:
+        # transformers 5 does not save `legacy`, and rebuilds a LlamaTokenizer's pipeline from it
+        # at every load (tokenizer.json's pre-tokenizer is not what decides): write it as the hub does.
+        config_path = out / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config_path.write_text(json.dumps({**config, "legacy": True}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -98,6 +112,10 @@ class TinyModelArguments:
     max_position_embeddings: int = field(default=2048)
     corpus: list[str] | None = field(default=None, metadata={"help": "Text files (default: sample/tokenizer/corpus.txt)."})
     seed: int = field(default=0)
+    legacy_tokenizer: bool = field(
+        default=False,
+        metadata={"help": "Write \"legacy\": true (the dummy prefix after special tokens, as llama.cpp and hub folders that set it)."},
+    )
 
 
 @exit_on_user_error
@@ -118,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         max_position_embeddings=args.max_position_embeddings,
         corpus=[Path(c) for c in args.corpus] if args.corpus else None,
         seed=args.seed,
+        legacy_tokenizer=args.legacy_tokenizer,
     )
 
 if __name__ == "__main__":

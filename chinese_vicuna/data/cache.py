@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 # Bump when the tokenized form changes, so old caches are not reused.
 # 2: memory-mapped stores (data/store.py); 3: later segments encoded as continuations;
 # 4: special-token text in data kept as text, stricter record validation, file types in the key
-CACHE_FORMAT_VERSION = "4"
+# 5: the text after a special token restarts where the tokenizer restarts there ("legacy": true)
+CACHE_FORMAT_VERSION = "5"
 
 
 def default_cache_dir() -> Path:
@@ -37,6 +38,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         tokenizer.bos_token_id,
         tokenizer.eos_token_id,
         tokenizer("测试 test", add_special_tokens=False)["input_ids"],
+        # the same vocabulary with and without `"legacy": true` differs only after a special token
+        tokenizer(f"{tokenizer.eos_token or ''}test", add_special_tokens=False)["input_ids"],
     ]
     return hashlib.sha256((vocab + json.dumps(extra)).encode()).hexdigest()
 

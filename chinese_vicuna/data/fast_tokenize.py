@@ -16,6 +16,12 @@ give the same ids on a probe of the data, texts are encoded by sentencepiece its
 (sentencepiece is the reference those ids must agree with: docs/architecture.md, tokenization), on several threads.
 Texts that contain an added/special token's text go through the HF tokenizer, which splits
 those out; so does everything when the probe disagrees or there is no `tokenizer.model`.
+
+A segment that follows a special token (vicuna_v1.1's `</s>USER:`) continues the text only
+where the tokenizer continues it there: a transformers 5 LLaMA tokenizer with `"legacy": true`
+(and llama.cpp, and the hub's `tokenizer.json` pipeline) begins the text after every special
+token as a new text, with the dummy prefix `▁`; the default one (`legacy` false or unset)
+continues it (`restarts_after_special`).
 """
 
 from __future__ import annotations
@@ -77,6 +83,8 @@ class LiteralSpecials:
         self.text = {code[1]: t for t, code in self.code.items()} | {ESCAPE: ESCAPE}
         added = sorted(self.added_ids, key=len, reverse=True)
         self.added = re.compile("(" + "|".join(map(re.escape, added)) + ")") if added else None
+        self.ends_with_added = re.compile("(?:" + "|".join(map(re.escape, added)) + r")\Z") if added else None
+        self.restarts: bool | None = None  # restarts_after_special(tokenizer), probed on first use
 
     def protect(self, text: str) -> str:
         """`text` with its special-token strings marked as literal text."""
@@ -92,13 +100,13 @@ class LiteralSpecials:
     def encode(self, tokenizer: Any, text: str, start: bool) -> list[int]:
         """Ids of a marked text: split at the (template's) added tokens as HF does, the pieces
         between encoded with special-token text kept as text; as HF, a piece after a special
-        token continues the text (no dummy prefix)."""
+        token continues the text, or begins one where the tokenizer restarts there."""
         parts = self.added.split(text) if self.added is not None else [text]
         ids: list[int] = []
         for j, part in enumerate(parts):
             if j % 2:
                 ids.append(self.added_ids[part])
-            elif part and start and j == 0:
+            elif part and (start if j == 0 else restarts_after_special(tokenizer)):
                 ids.extend(encode_texts(tokenizer, [self.restore(part)], split_special_tokens=True)[0])
             elif part:
                 ids.extend(encode_continuations(tokenizer, [self.restore(part)], split_special_tokens=True)[0])
@@ -155,11 +163,56 @@ def encode_continuations(tokenizer: Any, texts: Sequence[str], split_special_tok
     return out  # type: ignore[return-value]
 
 
+def restarts_after_special(tokenizer: Any) -> bool:
+    """Whether `tokenizer` encodes the text after a special token as a text of its own (the
+    dummy prefix `▁` again: transformers 5 LLaMA with `"legacy": true`, whose pre-tokenizer is
+    Metaspace `prepend_scheme="always"`) where a continuation would differ (probed once)."""
+    literals = literal_specials(tokenizer)
+    if literals.restarts is None:
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+        eos = getattr(tokenizer, "eos_token", None) or next((t for t, i in literals.added_ids.items() if i == eos_id), None)
+        literals.restarts = False
+        if eos and eos_id is not None and literals.added is not None and literals.added.fullmatch(eos):
+            probe = "Below 你好"
+            after, whole = encode_texts(tokenizer, [eos + probe, probe])
+            literals.restarts = after == [eos_id, *whole] and whole != encode_continuations(tokenizer, [probe])[0]
+    return literals.restarts
+
+
+# GGUF keys (export/gguf.py writes them, infer/llamacpp.LlamaCppTokenizer reads them): how the
+# HF tokenizer the file was converted from begins text, which llama.cpp's tokenizer cannot know.
+GGUF_RESTARTS_KEY = "chinese_vicuna.restarts_after_special"
+GGUF_FOLDS_SPACE_KEY = "chinese_vicuna.leading_space_in_prefix"
+
+
+def folds_leading_space(tokenizer: Any) -> bool:
+    """Whether a leading space becomes the dummy prefix itself (" Below" and "Below" give the
+    same ids: transformers 5 LLaMA's Metaspace) rather than a `▁` beside it (sentencepiece,
+    llama.cpp)."""
+    return bool(getattr(tokenizer, "bos_token_id", None) is not None and encode_texts(tokenizer, ["Below"]) == encode_texts(tokenizer, [" Below"]))
+
+
+def segment_starts(tokenizer: Any, texts: Sequence[str], starts: Sequence[bool]) -> list[bool]:
+    """`starts`, plus the segments a restarting tokenizer begins anew: those right after a
+    segment of the same sample that ends with an added token (`restarts_after_special`)."""
+    starts = list(starts)
+    literals = literal_specials(tokenizer)
+    if literals.ends_with_added is None or all(starts) or not restarts_after_special(tokenizer):
+        return starts
+    return [s or bool(literals.ends_with_added.search(texts[i - 1])) for i, s in enumerate(starts)]
+
+
 def encode_segment_texts(tokenizer: Any, texts: Sequence[str], starts: Sequence[bool] | None = None) -> list[list[int]]:
     """Ids of segment texts: `starts[i]` marks a text that begins a sample (encoded whole, as
-    `tokenizer(text)` does), the others are continuations (`encode_continuations`). Texts with
-    literal special-token text marked (`LiteralSpecials.protect`) keep it as text."""
+    `tokenizer(text)` does), the others are continuations (`encode_continuations`), or whole
+    texts after a special token where the tokenizer restarts there (`segment_starts`). Texts
+    with literal special-token text marked (`LiteralSpecials.protect`) keep it as text."""
     starts = [True] * len(texts) if starts is None else starts
+    return _encode_segment_texts(tokenizer, texts, segment_starts(tokenizer, texts, starts))
+
+
+def _encode_segment_texts(tokenizer: Any, texts: Sequence[str], starts: Sequence[bool]) -> list[list[int]]:
+    """`encode_segment_texts` with `starts` final (texts need not be neighbours here)."""
     marked = [i for i, t in enumerate(texts) if ESCAPE in t]
     if marked:
         literals = literal_specials(tokenizer)
@@ -167,7 +220,7 @@ def encode_segment_texts(tokenizer: Any, texts: Sequence[str], starts: Sequence[
         for i in marked:
             out[i] = literals.encode(tokenizer, texts[i], starts[i])
         rest = [i for i in range(len(texts)) if out[i] is None]
-        for i, ids in zip(rest, encode_segment_texts(tokenizer, [texts[i] for i in rest], [starts[i] for i in rest]), strict=True):
+        for i, ids in zip(rest, _encode_segment_texts(tokenizer, [texts[i] for i in rest], [starts[i] for i in rest]), strict=True):
             out[i] = ids
         return out  # type: ignore[return-value]
     if all(starts):
@@ -256,19 +309,19 @@ class BatchEncoder:
             ids.append(seq)
         # Probes as positions in `plain` (= in `ids`).
         checks = [*range(min(probe_first, len(plain))), *range(0, len(plain), PROBE_EVERY)]
-        want = encode_segment_texts(self.tokenizer, [texts[plain[k]] for k in checks], [starts[plain[k]] for k in checks])
+        want = _encode_segment_texts(self.tokenizer, [texts[plain[k]] for k in checks], [starts[plain[k]] for k in checks])
         return plain, ids, dict(zip(checks, want, strict=True))
 
     def _finish(self, texts: Sequence[str], starts: Sequence[bool], sp_result: _SpResult | None) -> list[list[int]]:
         """Check the probes, fill in the texts that HF encodes; HF for all after a disagreement
         (also for batches that were already encoded by sentencepiece when it happened)."""
         if self.sp is None or sp_result is None:
-            return encode_segment_texts(self.tokenizer, texts, starts)
+            return _encode_segment_texts(self.tokenizer, texts, starts)
         plain, ids, reference = sp_result
         for k, want in reference.items():
             if ids[k] != want:
                 self._disable(texts[plain[k]], want, ids[k])
-                return encode_segment_texts(self.tokenizer, texts, starts)
+                return _encode_segment_texts(self.tokenizer, texts, starts)
         self.verified = True
         if len(plain) == len(texts):  # the usual case: every text went to sentencepiece
             return ids
@@ -276,16 +329,16 @@ class BatchEncoder:
         for i, seq in zip(plain, ids, strict=True):
             out[i] = seq
         rest = [i for i in range(len(texts)) if out[i] is None]
-        for i, seq in zip(rest, encode_segment_texts(self.tokenizer, [texts[i] for i in rest], [starts[i] for i in rest]), strict=True):
+        for i, seq in zip(rest, _encode_segment_texts(self.tokenizer, [texts[i] for i in rest], [starts[i] for i in rest]), strict=True):
             out[i] = seq
         return out  # type: ignore[return-value]
 
     def __call__(self, texts: Sequence[str], starts: Sequence[bool] | None = None) -> list[list[int]]:
         """Ids of `texts`; `starts` as in `encode_segment_texts` (None: all whole texts)."""
-        starts = [True] * len(texts) if starts is None else starts
+        starts = segment_starts(self.tokenizer, texts, [True] * len(texts) if starts is None else starts)
         sp = self.sp
         if sp is None or not texts:
-            return encode_segment_texts(self.tokenizer, texts, starts)
+            return _encode_segment_texts(self.tokenizer, texts, starts)
         return self._finish(texts, starts, self._encode_sp(sp, texts, starts, self.num_threads, self._probe_first()))
 
     def map(self, batches: Iterable[Sequence[str] | tuple[Sequence[str], Sequence[bool]]]) -> Iterator[list[list[int]]]:
@@ -296,11 +349,11 @@ class BatchEncoder:
 
         def split(batch: Sequence[str] | tuple[Sequence[str], Sequence[bool]]) -> tuple[Sequence[str], Sequence[bool]]:
             if isinstance(batch, tuple):
-                return batch
+                return batch[0], segment_starts(self.tokenizer, *batch)
             return batch, [True] * len(batch)
 
         if self.sp is None:
-            yield from (encode_segment_texts(self.tokenizer, *split(b)) for b in batches)
+            yield from (_encode_segment_texts(self.tokenizer, *split(b)) for b in batches)
             return
         # `self.sp` and `self.verified` are read and changed on this thread only: each batch is
         # handed the processor chosen when it is submitted (None after a fallback: no worker).

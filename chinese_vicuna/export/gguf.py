@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from chinese_vicuna.data.fast_tokenize import GGUF_FOLDS_SPACE_KEY, GGUF_RESTARTS_KEY, folds_leading_space, restarts_after_special
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.export.names import gguf_name, unpermute_qk
 from chinese_vicuna.export.tensors import TensorIndex
@@ -109,6 +110,84 @@ def model_chat_template(model_dir: Path) -> str | None:
     return None
 
 
+def rope_parameters(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(rope type, its parameters) of a config.json: transformers 5's `rope_parameters`, else the
+    older `rope_scaling`."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    return rope.get("rope_type", rope.get("type")) or "default", rope
+
+
+def gguf_context_length(config: dict[str, Any]) -> int:
+    """`llama.context_length`: the model's window; for dynamic NTK (which llama.cpp does not have,
+    see `write_rope_scaling`) the original window, inside which the GGUF computes what HF does."""
+    rope_type, rope = rope_parameters(config)
+    if rope_type == "dynamic":
+        return int(rope.get("original_max_position_embeddings") or config.get("max_position_embeddings", 2048))
+    return int(config.get("max_position_embeddings", 2048))
+
+
+def llama3_rope_divisors(rope: dict[str, Any], head_dim: int, theta: float) -> np.ndarray:
+    """Llama 3.1's RoPE as llama.cpp runs it: one divisor per rotary pair (`rope_freqs.weight`).
+
+    Llama 3 leaves the pairs that turn more than `high_freq_factor` times within the original
+    window as they are, divides the frequency of those turning fewer than `low_freq_factor` times
+    by `factor`, and in between blends the two by how many turns the pair makes
+    (transformers' `_compute_llama3_parameters`). llama.cpp takes that as frequency / divisor."""
+    factor = float(rope["factor"])
+    low, high = float(rope.get("low_freq_factor", 1.0)), float(rope.get("high_freq_factor", 4.0))
+    original = float(rope.get("original_max_position_embeddings") or 8192)
+    if not high > low:
+        raise UserError(f"rope_parameters: high_freq_factor {high:g} must be greater than low_freq_factor {low:g} for llama3 scaling")
+    frequency = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    turns = original * frequency / (2 * np.pi)  # turns of each pair over the original window
+    blend = np.clip((turns - low) / (high - low), 0.0, 1.0)  # 0: fully scaled, 1: unchanged
+    return (1.0 / ((1.0 - blend) / factor + blend)).astype(np.float32)
+
+
+def write_rope_scaling(writer: Any, config: dict[str, Any], model_dir: Path, head_dim: int, theta: float) -> np.ndarray | None:
+    """llama.cpp's RoPE-scaling keys for the config's scaling, as its own converter writes them;
+    returns the `rope_freqs` tensor Llama 3's scaling needs (None for the others).
+
+    - linear: type, factor; yarn: type, factor, original window (and beta_fast/beta_slow when set);
+    - llama3: no scaling keys, per-pair divisors in `rope_freqs.weight`;
+    - dynamic (NTK): llama.cpp has no equivalent (its NTK settings are static). transformers'
+      dynamic scaling is no scaling up to the original window, so the file is written unscaled
+      with `context_length` = that window: exact within it, and llama.cpp warns when asked for more."""
+    import gguf
+
+    rope_type, rope = rope_parameters(config)
+    if rope_type == "default":
+        return None
+    if rope_type not in ("linear", "yarn", "llama3", "dynamic"):
+        raise UserError(
+            f"{model_dir}/config.json: rope_type {rope_type!r}: this converter writes linear, yarn, llama3 and dynamic RoPE scaling"
+        )
+    if rope_type == "dynamic":
+        logger.warning(
+            "%s/config.json: dynamic NTK RoPE scaling has no llama.cpp equivalent; the GGUF is written without scaling and with "
+            "context_length %d (the original window, where dynamic scaling changes nothing). Past it llama.cpp would not "
+            "match HF: for a longer context train with --rope_scaling linear or yarn instead",
+            model_dir, gguf_context_length(config),
+        )  # fmt: skip
+        return None
+    if rope_type == "llama3":
+        return llama3_rope_divisors(rope, head_dim, theta)
+    unsupported = [k for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) not in (None, 1, 1.0)]
+    if unsupported:
+        raise UserError(f"{model_dir}/config.json: rope_parameters {', '.join(unsupported)}: this converter writes plain YaRN only")
+    factor = float(rope["factor"])
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope_type == "linear" else gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(factor)
+    original = rope.get("original_max_position_embeddings") or int(config.get("max_position_embeddings", 2048) / factor)
+    writer.add_rope_scaling_orig_ctx_len(int(original))
+    if rope_type == "yarn":
+        if rope.get("beta_fast"):
+            writer.add_rope_scaling_yarn_beta_fast(float(rope["beta_fast"]))
+        if rope.get("beta_slow"):
+            writer.add_rope_scaling_yarn_beta_slow(float(rope["beta_slow"]))
+    return None
+
+
 def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
     """Write an unquantized (f16 or f32) GGUF file."""
     try:
@@ -121,13 +200,6 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
         raise UserError(
             f"{model_dir}/config.json: model_type {config.get('model_type')!r}; this converter writes LLaMA-architecture models"
         )
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type")) or "default"
-    if rope_type not in ("default", "linear", "yarn"):
-        raise UserError(
-            f"{model_dir}/config.json: rope_type {rope_type!r}: llama.cpp runs linear and yarn RoPE scaling "
-            "(dynamic NTK it does not have); train with --rope_scaling linear or yarn for a GGUF export"
-        )
     n_heads = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_heads)
     hidden = int(config["hidden_size"])
@@ -137,7 +209,7 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
 
     writer = gguf.GGUFWriter(str(outfile), "llama")
     writer.add_name(model_dir.name)
-    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_context_length(gguf_context_length(config))
     writer.add_embedding_length(hidden)
     writer.add_block_count(int(config["num_hidden_layers"]))
     writer.add_feed_forward_length(int(config["intermediate_size"]))
@@ -149,11 +221,7 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
         writer.add_value_length(head_dim)
     writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
     writer.add_rope_freq_base(float(theta))
-    if rope_type != "default":  # llama.cpp's keys, as its own converter writes them
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if rope_type == "linear" else gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-        original = rope.get("original_max_position_embeddings") or int(config.get("max_position_embeddings", 2048) / float(rope["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(original))
+    rope_freqs = write_rope_scaling(writer, config, model_dir, head_dim, float(theta))
     writer.add_vocab_size(vocab_size)
     writer.add_file_type(OUTTYPES[float_type])
 
@@ -175,7 +243,16 @@ def write_gguf(model_dir: Path, outfile: Path, float_type: str = "f16") -> None:
         writer.add_chat_template(chat_template)  # tokenizer.chat_template: llama.cpp, Ollama, LM Studio
     if (model_dir / TEMPLATE_FILE).is_file():
         writer.add_string(GGUF_TEMPLATE_KEY, (model_dir / TEMPLATE_FILE).read_text(encoding="utf-8"))
+    # How the HF tokenizer begins text where llama.cpp's cannot tell (after a special token, at a
+    # leading space), so tools/cpu_chat.py and serve.py --engine llamacpp build HF's ids
+    from transformers import AutoTokenizer
 
+    hf_tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    writer.add_bool(GGUF_RESTARTS_KEY, restarts_after_special(hf_tokenizer))
+    writer.add_bool(GGUF_FOLDS_SPACE_KEY, folds_leading_space(hf_tokenizer))
+
+    if rope_freqs is not None:
+        writer.add_tensor("rope_freqs.weight", rope_freqs)  # llama.cpp divides each pair's frequency by it
     index = TensorIndex(model_dir)
     float_dtype = np.float16 if float_type == "f16" else np.float32
     for name in sorted(index.shapes, key=_order):

@@ -34,16 +34,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.data.encode import encode_segments
 from chinese_vicuna.data.fast_tokenize import protect_messages
 from chinese_vicuna.devices import resolve_precision
 from chinese_vicuna.errors import UserError
-from chinese_vicuna.infer.generation import GenerationStats, chat_prompt_ids, generate_text, prompt_ids, stream_generate
+from chinese_vicuna.infer.generation import GenerationStats, chat_prompt_ids, finish_text, generate_text, prompt_ids, stream_generate
 from chinese_vicuna.model.build import load_for_inference
 from chinese_vicuna.prompts import PromptTemplate, available_templates, load_template, resolve_template, saved_template
+
+if TYPE_CHECKING:
+    from chinese_vicuna.infer.rollouts import Rollouts
 
 INSTRUCTION, CHAT = "instruction", "chat"
 # The template a model is asked in when none is asked for and none was saved with it.
@@ -214,6 +217,37 @@ class Engine:
 
         template = self.template
         answer_in_batches(self.model, self.tokenizer, prompts, decoding, template.stop_strings, template.is_chat, batch_size, on_window)
+
+    def sample_groups(
+        self,
+        prompts: Sequence[Sequence[int]] | Sequence[Sequence[dict[str, str]]],
+        num_generations: int,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        generator: Any = None,
+    ) -> Rollouts:
+        """`num_generations` sampled completions of each prompt (GRPO's rollouts; `infer/rollouts.py`),
+        with the model's current adapter weights. `prompts` are prompt ids or conversations (as
+        `prompt_ids` takes them). `texts` holds each completion as `answer` shows it (stop strings cut)."""
+        from chinese_vicuna.infer.rollouts import sample_groups
+
+        ids = [self.prompt_ids(p) if p and isinstance(p[0], dict) else list(p) for p in prompts]
+        tokenizer, template = self.tokenizer, self.template
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        rollouts = sample_groups(
+            self.model, ids, num_generations, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, generator=generator,
+        )  # fmt: skip
+        rollouts.texts = [
+            finish_text(
+                tokenizer.decode(c, skip_special_tokens=True, clean_up_tokenization_spaces=False), template.stop_strings, template.is_chat
+            )
+            for c in rollouts.completion_ids
+        ]
+        return rollouts
 
     # --- the public one-call form -----------------------------------------------------------------
     def generate(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, **decoding: Any) -> str:

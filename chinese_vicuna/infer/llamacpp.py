@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from chinese_vicuna.data.fast_tokenize import encode_continuations
+from chinese_vicuna.data.fast_tokenize import GGUF_FOLDS_SPACE_KEY, GGUF_RESTARTS_KEY, encode_continuations
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.engine import Engine, model_template
 from chinese_vicuna.infer.generation import AnswerText
@@ -28,23 +28,37 @@ class LlamaCppTokenizer:
         self.specials = {self.bos_token_id, self.eos_token_id}
         self.special_ids = {llm._model.token_get_text(i): i for i in self.specials}
         self.special_split = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
+        # How the HF tokenizer of the file begins text (export/gguf.py records it; files without
+        # the keys: the default transformers 5 form after a special token, llama.cpp's own at a
+        # leading space): text after a special token continues, or starts anew (`"legacy": true`)
+        metadata = getattr(llm, "metadata", None) or {}
+        self.restarts_after_special = str(metadata.get(GGUF_RESTARTS_KEY, "false")).lower() == "true"
+        self.folds_leading_space = str(metadata.get(GGUF_FOLDS_SPACE_KEY, "false")).lower() == "true"
 
     def encode(self, text: str, add_special_tokens: bool = False, split_special_tokens: bool = False) -> list[int]:
         """As the HF tokenizer: "<s>" / "</s>" in the text (vicuna_v1.1, llama2 templates) become
-        their ids, and the text after one gets no space prefix (llama.cpp's own special=True
-        parsing adds one there, so ids would differ from training); with `split_special_tokens`
-        (user text, data/fast_tokenize.LiteralSpecials) they are encoded as the characters they are."""
+        their ids, and the text after one continues with no space prefix unless the HF tokenizer
+        starts it anew there (llama.cpp's own special=True parsing always does, so ids would
+        differ from training); with `split_special_tokens` (user text,
+        data/fast_tokenize.LiteralSpecials) they are encoded as the characters they are."""
         ids = [self.bos_token_id] if add_special_tokens else []
         if split_special_tokens:
-            return ids + self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            return ids + self.start_ids(text)
         for i, part in enumerate(self.special_split.split(text)):
             if i % 2:
                 ids.append(self.special_ids[part])
-            elif part and i == 0:
-                ids.extend(self.llm.tokenize(part.encode("utf-8"), add_bos=False, special=False))
+            elif part and (i == 0 or self.restarts_after_special):
+                ids.extend(self.start_ids(part))
             elif part:
                 ids.extend(encode_continuations(self, [part])[0])
         return ids
+
+    def start_ids(self, text: str) -> list[int]:
+        """`text` as the start of a text: llama.cpp's dummy prefix, a leading space folded into
+        it where the HF tokenizer does that."""
+        if self.folds_leading_space and text.startswith(" "):
+            text = text[1:]
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def __call__(self, texts: str | Sequence[str], add_special_tokens: bool = False, split_special_tokens: bool = False) -> dict[str, Any]:
         if isinstance(texts, str):

@@ -29,6 +29,7 @@ import gradio as gr  # re-exported: scripts import it from here, after the setti
 from chinese_vicuna.args import DecodingArguments
 from chinese_vicuna.errors import UserError
 from chinese_vicuna.infer.i18n import Messages
+from chinese_vicuna.model.rope import context_length
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ def decoding_from_values(values: tuple[Any, ...]) -> DecodingArguments:
 
 def check_context(model: Any, prompt_tokens: int, decoding: DecodingArguments) -> None:
     """The prompt plus max_new_tokens must fit the model's context (a page error if not)."""
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    context = context_length(model.config) if hasattr(model, "config") else None
     if context and prompt_tokens + decoding.max_new_tokens > context:
         raise page_error(
             f"the input is {prompt_tokens} tokens and max_new_tokens is {decoding.max_new_tokens}, "

@@ -31,6 +31,11 @@ def rope_settings(kind: str | None, factor: float, model_max_length: int | None)
         raise UserError(f"--rope_scaling {kind}: use one of {', '.join(ROPE_TYPES)}")
     if not factor > 1:
         raise UserError(f"--rope_factor {factor}: must be > 1 (the context grows by this factor, e.g. 2 or 4)")
+    if kind == "dynamic" and model_max_length:
+        raise UserError(
+            f"--model_max_length {model_max_length} with --rope_scaling dynamic: dynamic NTK has no fixed window "
+            "(it scales with the sequence past the original one); drop --model_max_length"
+        )
     return {"rope_type": kind, "factor": float(factor), "model_max_length": model_max_length}
 
 
@@ -51,8 +56,21 @@ def scaled_config(config: dict[str, Any], settings: dict[str, Any]) -> dict[str,
         params.setdefault("high_freq_factor", 4.0)
     out["rope_parameters"] = params
     out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-    out["max_position_embeddings"] = int(settings.get("model_max_length") or original * settings["factor"])
+    # transformers' dynamic NTK scales only past max_position_embeddings: it must stay the original window
+    scaled_window = original if settings["rope_type"] == "dynamic" else original * settings["factor"]
+    out["max_position_embeddings"] = int(settings.get("model_max_length") or scaled_window)
     return out
+
+
+def context_length(config: Any) -> int | None:
+    """How many positions a model (or config dict) is meant to run: `max_position_embeddings`, except
+    under dynamic NTK, where that is the original window and the context is `factor` times it."""
+    get = config.get if isinstance(config, dict) else lambda key, default=None: getattr(config, key, default)
+    window = get("max_position_embeddings")
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    if window and isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return int(window * float(rope.get("factor", 1.0)))
+    return int(window) if window else None
 
 
 def apply_rope_scaling(model: Any, settings: dict[str, Any] | None) -> None:
@@ -78,7 +96,7 @@ def apply_rope_scaling(model: Any, settings: dict[str, Any] | None) -> None:
     model._rope_settings = settings
     logger.info(
         "RoPE %s × %g: context %d → %d positions",
-        settings["rope_type"], settings["factor"], scaled["rope_parameters"]["original_max_position_embeddings"], config.max_position_embeddings,
+        settings["rope_type"], settings["factor"], scaled["rope_parameters"]["original_max_position_embeddings"], context_length(config),
     )  # fmt: skip
 
 

@@ -35,15 +35,21 @@ def register_template_format(template_name: str) -> str:
             return response
 
     name = f"chinese-vicuna-{template.name}"
-    # BOS in the text, then the text as HF's converted LLaMA tokenizer reads it after BOS (the
-    # vocabulary tools/convert_to_gguf.py writes); the rendered chat is tokenized as HF does
-    # (HFTokenizedChat), so the ids are the training ids in history too
-    jinja = template.jinja(bos=True, single_instruction=True, after_bos="space")
-    formatter = TemplateFormatter(template=jinja, eos_token="</s>", bos_token="<s>")
-    handler = formatter.to_chat_handler()
+    # BOS in the text, then the text as the file's HF tokenizer reads it after BOS: a space where
+    # that tokenizer continues the text after a special token (transformers 5's default LLaMA
+    # form), as it is where it starts the text anew there (`"legacy": true`, tokenizer.json's
+    # pipeline; the GGUF records which). The rendered chat is tokenized as HF does
+    # (HFTokenizedChat), so the ids are the training ids in history too.
+    handlers = {
+        join: TemplateFormatter(
+            template=template.jinja(bos=True, single_instruction=True, after_bos=join), eos_token="</s>", bos_token="<s>"
+        ).to_chat_handler()
+        for join in ("space", "plain")
+    }
 
     def hf_tokenized_handler(*, llama: Any, **kwargs: Any) -> Any:
-        return handler(llama=HFTokenizedChat(llama), **kwargs)
+        chat = HFTokenizedChat(llama)
+        return handlers["plain" if chat._tokenizer.restarts_after_special else "space"](llama=chat, **kwargs)
 
     llama_chat_format.LlamaChatCompletionHandlerRegistry().register_chat_completion_handler(name, hf_tokenized_handler, overwrite=True)
     return name

@@ -130,14 +130,31 @@ def _is_plain_linear(module: Any) -> bool:
     return type(module) is torch.nn.Linear and module.bias is None
 
 
-def lm_head_cross_entropy(hidden: torch.Tensor, lm_head: Any, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+def liger_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy of `hidden @ weight.T` by Liger's fused linear cross-entropy
+    (liger-kernel's public `LigerFusedLinearCrossEntropyLoss`; Triton, CUDA only)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(weight.dtype)
+    loss = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")(weight, hidden, targets)
+    return loss.float()
+
+
+def lm_head_cross_entropy(
+    hidden: torch.Tensor, lm_head: Any, targets: torch.Tensor, chunk: int = DEFAULT_CHUNK, kernel: str = "chunked"
+) -> torch.Tensor:
     """Summed token cross-entropy of `lm_head(hidden)` (rows, hidden) against `targets` (rows,),
-    never more than `chunk` rows of logits at a time (module docstring). Rows whose target is -100
-    are skipped. Returns a fp32 scalar *sum*; divide by the count of trainable tokens."""
+    never more than `chunk` rows of logits at a time (module docstring); with `kernel` "liger"
+    (`--loss_kernel`, decided by `devices.decide_loss_kernel`) a plain head on CUDA goes through
+    Liger's fused kernel instead. Rows whose target is -100 are skipped. Returns a fp32 scalar
+    *sum*; divide by the count of trainable tokens."""
     hidden, targets = _trainable_rows(hidden, targets)
     if targets.numel() == 0:
         return hidden.sum() * 0.0  # keeps the graph connected (no trainable token)
     chunk = chunk if chunk > 0 else hidden.shape[0]
+    if kernel == "liger" and _is_plain_linear(lm_head) and hidden.is_cuda:
+        return liger_cross_entropy(hidden, lm_head.weight, targets)
     if _is_plain_linear(lm_head):
         want_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_head.weight.requires_grad)
         return _LinearCrossEntropySum.apply(hidden, lm_head.weight, targets, chunk, want_grad)
@@ -212,12 +229,17 @@ def _through_lm_head(
         return head_fn(hidden, head), outputs
 
 
-def causal_lm_loss(model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, Any]:
+def causal_lm_loss(
+    model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int, kernel: str = "chunked"
+) -> tuple[torch.Tensor, Any]:
     """(summed fp32 loss over `targets`, outputs) of `forward()`, one call of `model` whose
     `logits_to_keep` selects exactly the positions of `targets` (the trainable ones, in order).
-    `chunk` rows of logits at a time; chunk 0: the model's own logits of the kept positions, with
-    `chunked_cross_entropy` (the form before `lm_head_cross_entropy`)."""
-    total, outputs = _through_lm_head(model, forward, chunk, lambda hidden, head: lm_head_cross_entropy(hidden, head, targets, chunk))
+    `chunk` rows of logits at a time (or Liger's kernel: `kernel`, see `lm_head_cross_entropy`);
+    chunk 0: the model's own logits of the kept positions, with `chunked_cross_entropy` (the form
+    before `lm_head_cross_entropy`)."""
+    total, outputs = _through_lm_head(
+        model, forward, chunk, lambda hidden, head: lm_head_cross_entropy(hidden, head, targets, chunk, kernel)
+    )
     if total is not None:
         return total, outputs
     logits = outputs.logits
@@ -256,7 +278,8 @@ class ChunkedLossMixin:
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = trained  # position t predicts label t + 1
         forward = {k: v for k, v in inputs.items() if k != "labels"}
-        total, outputs = causal_lm_loss(model, lambda: model(**forward, logits_to_keep=keep), labels[:, 1:][trained], chunk)
+        kernel = getattr(self.args, "loss_kernel", "chunked")  # type: ignore[attr-defined]
+        total, outputs = causal_lm_loss(model, lambda: model(**forward, logits_to_keep=keep), labels[:, 1:][trained], chunk, kernel)
         loss = loss_for_trainer(self, token_mean(total, num_items_in_batch, int(trained.sum())), num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
@@ -349,14 +372,28 @@ def lm_head_token_log_probs(hidden: torch.Tensor, lm_head: Any, targets: torch.T
     return torch.cat(parts)
 
 
-def causal_lm_token_log_probs(model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int) -> tuple[torch.Tensor, Any]:
+def causal_lm_token_log_probs(
+    model: Any, forward: Callable[[], Any], targets: torch.Tensor, chunk: int, temperature: float = 1.0
+) -> tuple[torch.Tensor, Any]:
     """(fp32 log-probability of every one of `targets`, outputs) of `forward()`, one call of `model`
     whose `logits_to_keep` selects exactly the positions of `targets` (trained ones, in order):
     `causal_lm_loss`'s per-token form, for losses that weigh tokens or sequences apart (preference
-    pairs, GRPO). `chunk` rows of logits at a time; chunk 0: the model's own logits of the kept positions."""
-    log_probs, outputs = _through_lm_head(model, forward, chunk, lambda hidden, head: lm_head_token_log_probs(hidden, head, targets, chunk))
+    pairs, GRPO). `chunk` rows of logits at a time; chunk 0: the model's own logits of the kept
+    positions. `temperature` divides the logits (for a bias-free head, as LLaMA's: the hidden rows)."""
+
+    def through_head(hidden: torch.Tensor, head: Any) -> torch.Tensor:
+        if temperature == 1.0:
+            return lm_head_token_log_probs(hidden, head, targets, chunk)
+        if getattr(head, "bias", None) is None:
+            return lm_head_token_log_probs(hidden / temperature, head, targets, chunk)
+        logits = head(hidden).float() / temperature  # a biased head: logits / T is not head(hidden / T)
+        return -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+
+    log_probs, outputs = _through_lm_head(model, forward, chunk, through_head)
     if log_probs is not None:
         return log_probs, outputs
     logits = outputs.logits
-    logits = logits.reshape(-1, logits.shape[-1])
-    return -torch.nn.functional.cross_entropy(logits.float(), targets.reshape(-1), reduction="none"), outputs
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    return -torch.nn.functional.cross_entropy(logits, targets.reshape(-1), reduction="none"), outputs

@@ -262,7 +262,7 @@ def pad_row_to_bucket(model: Any, inputs: dict[str, torch.Tensor], multiple: int
 
 
 def packed_loss(
-    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, chunk: int = DEFAULT_CHUNK
+    model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None, chunk: int = DEFAULT_CHUNK, kernel: str = "chunked"
 ) -> tuple[torch.Tensor, Any, int]:
     """(loss, outputs, trainable tokens) of a packed batch; see the module docstring. `chunk`:
     rows of logits at a time (`--loss_chunk_size`, train/losses.py).
@@ -274,7 +274,7 @@ def packed_loss(
     targets = inputs["shift_labels"].reshape(-1)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     with last_layer_at_targets(model, inputs, keep):
-        total, outputs = causal_lm_loss(model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk)
+        total, outputs = causal_lm_loss(model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk, kernel)
     return token_mean(total, num_items_in_batch, int(keep.numel())), outputs, int(keep.numel())
 
 
@@ -288,14 +288,18 @@ class PackedLossMixin:
         # The packed loss takes bf16 logits as they are: no fp32 copy (train/mixed_precision.py).
         keep_logits_dtype(model)
         chunk = getattr(self.args, "loss_chunk_size", DEFAULT_CHUNK)  # type: ignore[attr-defined]
-        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch, chunk)
+        loss, outputs, _ = packed_loss(model, inputs, num_items_in_batch, chunk, getattr(self.args, "loss_kernel", "chunked"))  # type: ignore[attr-defined]
         loss = loss_for_trainer(self, loss, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
 
-def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of the trained tokens, their count) of every sequence of a batch,
-    in fp32, shape (sequences,): for a stage whose loss is per sequence (preference pairs).
+def token_log_probs(
+    model: Any, inputs: dict[str, torch.Tensor], chunk: int = 0, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 log-probability of every trained target, the sequence it lies in) of a batch, shape
+    (targets,), ordered by sequence then position: for a stage whose loss is per token (GRPO) or per
+    sequence (`sequence_log_probs`). `temperature` divides the logits first (the distribution GRPO's
+    completions were sampled from).
 
     Takes either collator's batch: a packed row (`sequence_spans`; the last layer run only at
     trained positions, as `packed_loss`) or padded rows (one sequence each). Logits only at trained
@@ -306,22 +310,31 @@ def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor], chunk: int =
         targets = inputs["shift_labels"].reshape(-1)
         keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         with last_layer_at_targets(model, inputs, keep):
-            token_log_probs, _ = causal_lm_token_log_probs(
-                model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk
+            log_probs, _ = causal_lm_token_log_probs(
+                model, lambda: packed_forward(model, inputs, logits_to_keep=keep), targets[keep], chunk, temperature
             )
         spans = inputs["sequence_spans"].to(keep.device)
         owner = torch.searchsorted(spans[:, 1].contiguous(), keep, right=True)  # the sequence each target lies in
-        sequences = spans.shape[0]
     else:
         labels = inputs["labels"]
         trained = labels[:, 1:] != IGNORE_INDEX
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = trained  # position t predicts label t + 1
         forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
-        token_log_probs, _ = causal_lm_token_log_probs(model, lambda: model(**forward, logits_to_keep=keep), labels[:, 1:][trained], chunk)
+        log_probs, _ = causal_lm_token_log_probs(
+            model, lambda: model(**forward, logits_to_keep=keep), labels[:, 1:][trained], chunk, temperature
+        )
         owner = trained.nonzero()[:, 0]  # the row each target lies in
-        sequences = labels.shape[0]
-    sums = torch.zeros(sequences, dtype=torch.float32, device=token_log_probs.device).index_add(0, owner, token_log_probs)
+    return log_probs, owner
+
+
+def sequence_log_probs(model: Any, inputs: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of the trained tokens, their count) of every sequence of a batch,
+    in fp32, shape (sequences,): for a stage whose loss is per sequence (preference pairs).
+    Either collator's batch, as `token_log_probs`."""
+    log_probs, owner = token_log_probs(model, inputs, chunk)
+    sequences = inputs["sequence_spans"].shape[0] if "sequence_spans" in inputs else inputs["input_ids"].shape[0]
+    sums = torch.zeros(sequences, dtype=torch.float32, device=log_probs.device).index_add(0, owner, log_probs)
     counts = torch.zeros(sequences, dtype=torch.long, device=owner.device).index_add(0, owner, torch.ones_like(owner))
     return sums, counts
 
