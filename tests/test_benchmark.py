@@ -245,5 +245,5 @@ def test_dpo_case_runs_ours_and_trl_on_the_same_tokens(tiny_model_dir: Path, tmp
         assert abs(summary[name]["train_loss_median"] - 0.6931) < 0.05  # one step from the reference
     for r in result["runs"]:
         assert r["tokens_per_cpu_s"] > 0 and r["peak_mib"] > 100
-    assert set(summary["ratios"]) == {"peak dpo-sft/sft"}
+    assert set(summary["ratios"]) == {"peak dpo-sft/sft", "peak dpo-sft/trl"}
     assert (work / "runs" / "dpo-sft-0" / "adapter_model.safetensors").is_file()

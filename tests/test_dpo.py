@@ -253,7 +253,7 @@ def test_split_sequences_give_the_joint_loss_and_gradients(tiny_model_dir: Path,
         loss = out.loss + 0.5 * (-(chosen / counts.view(-1, 2)[:, 0]).mean())  # --pref_ftx: a second gradient path
         model.zero_grad()
         loss.backward()
-        return float(loss), _grads(model)
+        return float(loss.detach()), _grads(model)
 
     joint_loss, joint = loss_and_grads(*sequence_log_probs(model, joint_batch, 7))
     split_loss, split = loss_and_grads(*parts_log_probs(model, split_batch["sequence_parts"], 7))

@@ -2,13 +2,18 @@
 reference model without a second copy of the base, and TRL's metric names.
 
 Every loss is computed in fp32 from per-sequence log-probabilities (`train/packing.py
-sequence_log_probs`, packed or padded: the same values), in forms that stay finite where a
-naive one overflows (log-sigmoids, log(1 - p) through `log1mexp`).
+sequence_log_probs`, packed or padded: the same values; through lm_head in `--loss_chunk_size`
+chunks, no `[tokens, vocab]` logits), in forms that stay finite where a naive one overflows
+(log-sigmoids, log(1 - p) through `log1mexp`).
 
 The reference (DPO, IPO, hinge, KTO) is the policy itself: the trained adapter disabled
 (starting from the base), or the starting adapter loaded a second time, frozen, under the name
 `REFERENCE_ADAPTER` (starting from `--lora_weights`): switched on for a no-grad forward, in eval
-mode (no dropout), then back. `precompute_reference` computes it once before training instead.
+mode (no dropout), then back, before the policy's forward (its activations are gone by then).
+`precompute_reference` computes it once before training instead (stored with the tokenized
+pairs under `reference_key`: data/preference.py `stored_reference_log_probs`).
+`--pref_split_sequences`: the members of the samples (chosen, rejected) in separate batches,
+each run again in backward (`parts_log_probs`): one member's activations at a time.
 """
 
 from __future__ import annotations
@@ -335,6 +340,15 @@ class PreferenceTrainer(LengthSamplingMixin, Trainer):
         for name, value in metrics.items():
             self._metrics[mode][name].append(value)
         return (loss, {}) if return_outputs else loss
+
+    def prediction_step(self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys: Any = None) -> Any:
+        if SEQUENCE_PARTS not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        # split batches carry no top-level labels, by which Trainer would decide to skip the loss
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
