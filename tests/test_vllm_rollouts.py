@@ -107,15 +107,16 @@ class VllmStub:
         model, tokenizer = self.models[body["model"]]
         prompt, n, max_tokens, temperature = body["prompt"], body["n"], body["max_tokens"], body["temperature"]
         eos = tokenizer.eos_token_id
-        sampling: dict[str, Any] = {"do_sample": False}
+        sampling: dict[str, Any] = {"do_sample": False}  # greedy: one answer, n times (HF's greedy search takes one sequence)
         if temperature > 0:
             torch.manual_seed(body["seed"])
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": body["top_p"], "top_k": max(body["top_k"], 0)}
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": body["top_p"], "top_k": max(body["top_k"], 0),
+                        "num_return_sequences": n}  # fmt: skip
         with torch.inference_mode():
             out = model.generate(
-                input_ids=torch.tensor([prompt]), max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=eos,
-                num_return_sequences=n, **sampling,
-            )  # fmt: skip
+                input_ids=torch.tensor([prompt]), max_new_tokens=max_tokens, eos_token_id=eos, pad_token_id=eos, **sampling
+            )
+        out = out.expand(n, -1) if temperature == 0 else out
         choices = []
         for j, row in enumerate(out[:, len(prompt) :].tolist()):
             ids = row[: row.index(eos) + 1] if eos in row else row
