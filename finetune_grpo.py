@@ -23,7 +23,7 @@ from chinese_vicuna.checkpoints import RunIdentity
 from chinese_vicuna.data.rl import load_prompt_dataset
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.engine import Engine
-from chinese_vicuna.infer.vllm_rollouts import VllmServerRollouts
+from chinese_vicuna.infer.vllm_rollouts import VllmServerRollouts, check_server
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.run import prepare_run
@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     run = prepare_run(flags, RUN_IDENTITY)
     if grpo_args.rollout_engine == "vllm" and not grpo_args.vllm_server_url:
         refuse_colocated_vllm()
+    if grpo_args.vllm_server_url:
+        check_server(grpo_args.vllm_server_url)  # a missing server: one line now, not after the model loads
 
     # 1. rewards, tokenizer and prompts first: a bad reward file or record fails in seconds, before the model loads
     rewards = load_reward_functions(grpo_args.reward_funcs, grpo_args.format_pattern, grpo_args.length_target, grpo_args.max_completion_length)  # fmt: skip

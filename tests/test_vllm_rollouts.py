@@ -44,8 +44,8 @@ class VllmStub:
     `unloads` names, `requests` the /v1/completions bodies. `lora_updating=False`: the runtime LoRA
     endpoints answer 404, as vLLM's without VLLM_ALLOW_RUNTIME_LORA_UPDATING."""
 
-    def __init__(self, base: Path, lora_updating: bool = True) -> None:
-        self.base, self.lora_updating = base, lora_updating
+    def __init__(self, base: Path, lora_updating: bool = True, max_lora_rank: int = 64) -> None:
+        self.base, self.lora_updating, self.max_lora_rank = base, lora_updating, max_lora_rank
         self.models: dict[str, Any] = {}
         self.loads: list[tuple[str, str, str]] = []
         self.unloads: list[str] = []
@@ -56,6 +56,14 @@ class VllmStub:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def do_GET(self) -> None:
+                data = json.dumps({"object": "list", "data": [{"id": str(stub.base), "object": "model"}]}).encode()
+                self.send_response(200 if self.path == "/v1/models" else 404)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -87,6 +95,9 @@ class VllmStub:
             return 404, {"detail": "Not Found"}
         if path == "/v1/load_lora_adapter":
             name, folder = body["lora_name"], body["lora_path"]
+            rank = json.loads((Path(folder) / "adapter_config.json").read_text())["r"]
+            if rank > self.max_lora_rank:
+                return 400, {"error": {"message": f"LoRA rank {rank} is greater than max_lora_rank {self.max_lora_rank}.", "code": 400}}
             if name in self.models:
                 return 400, {"error": {"message": f"The lora adapter '{name}' has already been loaded.", "code": 400}}
             self.models[name] = load_for_inference(str(self.base), folder)
@@ -233,14 +244,24 @@ def test_no_server_and_runtime_lora_off_end_in_one_line(tiny_model_dir: Path, st
         "restart the server with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora"
     )
     assert not any((tmp_path / ADAPTER_FOLDER).iterdir())  # the adapter the server refused is not left behind
+    with VllmStub(tiny_model_dir, max_lora_rank=4) as stub, pytest.raises(UserError) as error:
+        VllmServerRollouts(engine, stub.url, tmp_path, max_retries=0).sample_groups(prompts, 2, 4)
+    assert str(error.value) == (
+        f"--vllm_server_url {stub.url}: POST /v1/load_lora_adapter failed with HTTP 400: LoRA rank 8 is greater than "
+        "max_lora_rank 4. (is the server started with --enable-lora, and --max-lora-rank at least the adapter's --lora_r?)"
+    )
 
 
-def test_colocated_vllm_is_refused_in_one_line(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_recipe_refuses_colocated_vllm_and_a_missing_server_in_one_line(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = tmp_path / "rl.jsonl"
     data.write_text(json.dumps({"prompt": "1+1=", "answer": "2"}) + "\n", encoding="utf-8")
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     for flags, says in (
         (["--rollout_engine", "vllm"], "--rollout_engine vllm: vLLM is not installed here, and colocated vLLM is not supported"),
         (["--vllm_server_url", "http://127.0.0.1:8000"], "--vllm_server_url http://127.0.0.1:8000: pass --rollout_engine vllm too"),
+        (["--rollout_engine", "vllm", "--vllm_server_url", down], f"--vllm_server_url {down}: no server answers (GET /v1/models"),
     ):
         with pytest.raises(SystemExit) as exit_:
             finetune_grpo.main(["--base_model", str(tiny_model_dir), "--data_path", str(data), "--output_dir", str(tmp_path / "o"), *flags])

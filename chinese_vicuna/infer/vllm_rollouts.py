@@ -80,6 +80,24 @@ def _field(choice: Any, name: str) -> Any:
     return choice.get(name) if isinstance(choice, dict) else getattr(choice, name, None)
 
 
+def check_server(server_url: str, max_retries: int = 2) -> list[str]:
+    """The models the server serves (`GET /v1/models`): before the model loads, a missing server
+    ends the run in seconds, in one line."""
+    import openai
+
+    url = server_root(server_url)
+    try:
+        served = [m.id for m in openai_client(url + "/v1", max_retries=max_retries, timeout=30).models.list()]
+    except openai.APIConnectionError as exc:
+        raise UserError(
+            f"--vllm_server_url {url}: no server answers (GET /v1/models: {exc}); start it: {SERVE_COMMAND} (docs/rl.md)"
+        ) from None
+    except openai.APIStatusError as exc:
+        raise UserError(f"--vllm_server_url {url}: GET /v1/models failed with HTTP {exc.status_code}: {_server_message(exc)}; is it a vLLM server?") from None  # fmt: skip
+    logger.info("rollouts: vLLM server %s serves %s", url, ", ".join(served))
+    return served
+
+
 class VllmServerRollouts:
     """`sample_groups` (as `Engine.sample_groups`) answered by a vLLM server, with the adapter of
     `engine.model` pushed to it by `push_adapter(step)` (module docstring)."""
