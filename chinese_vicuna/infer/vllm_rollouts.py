@@ -80,6 +80,25 @@ def _field(choice: Any, name: str) -> Any:
     return choice.get(name) if isinstance(choice, dict) else getattr(choice, name, None)
 
 
+def server_error(url: str, action: str, exc: Exception) -> UserError:
+    """The one line for a failed request to the server at `url`: what failed and the fix."""
+    import openai
+
+    where = f"--vllm_server_url {url}"
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
+        return UserError(f"{where}: no server answers ({action}: {exc}); start it: {SERVE_COMMAND} (docs/rl.md)")
+    if isinstance(exc, openai.APIStatusError):
+        status, message = exc.status_code, _server_message(exc)
+        if status == 404 and "lora_adapter" in action:
+            return UserError(
+                f"{where}: {action} answered 404: runtime LoRA updating is off; restart the server with "
+                f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora ({SERVE_COMMAND})"
+            )
+        hint = " (is the server started with --enable-lora, and --max-lora-rank at least the adapter's --lora_r?)"
+        return UserError(f"{where}: {action} failed with HTTP {status}: {message}{hint if 'load_lora' in action else ''}")
+    return UserError(f"{where}: {action} failed: {exc}")
+
+
 def check_server(server_url: str, max_retries: int = 2) -> list[str]:
     """The models the server serves (`GET /v1/models`): before the model loads, a missing server
     ends the run in seconds, in one line."""
@@ -88,12 +107,8 @@ def check_server(server_url: str, max_retries: int = 2) -> list[str]:
     url = server_root(server_url)
     try:
         served = [m.id for m in openai_client(url + "/v1", max_retries=max_retries, timeout=30).models.list()]
-    except openai.APIConnectionError as exc:
-        raise UserError(
-            f"--vllm_server_url {url}: no server answers (GET /v1/models: {exc}); start it: {SERVE_COMMAND} (docs/rl.md)"
-        ) from None
-    except openai.APIStatusError as exc:
-        raise UserError(f"--vllm_server_url {url}: GET /v1/models failed with HTTP {exc.status_code}: {_server_message(exc)}; is it a vLLM server?") from None  # fmt: skip
+    except openai.OpenAIError as exc:
+        raise server_error(url, "GET /v1/models", exc) from None
     logger.info("rollouts: vLLM server %s serves %s", url, ", ".join(served))
     return served
 
@@ -115,24 +130,6 @@ class VllmServerRollouts:
         tokenizer = engine.tokenizer
         eos = tokenizer.eos_token_id
         self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
-
-    # --- errors in one line ----------------------------------------------------------------------
-    def _fail(self, action: str, exc: Exception) -> UserError:
-        import openai
-
-        where = f"--vllm_server_url {self.url}"
-        if isinstance(exc, openai.APIConnectionError):  # APITimeoutError included
-            return UserError(f"{where}: no server answers ({action}: {exc}); start it: {SERVE_COMMAND} (docs/rl.md)")
-        if isinstance(exc, openai.APIStatusError):
-            status, message = exc.status_code, _server_message(exc)
-            if status == 404 and "lora_adapter" in action:
-                return UserError(
-                    f"{where}: {action} answered 404: runtime LoRA updating is off; restart the server with "
-                    f"VLLM_ALLOW_RUNTIME_LORA_UPDATING=True and --enable-lora ({SERVE_COMMAND})"
-                )
-            hint = " (is the server started with --enable-lora, and --max-lora-rank at least the adapter's --lora_r?)"
-            return UserError(f"{where}: {action} failed with HTTP {status}: {message}{hint if 'load' in action else ''}")
-        return UserError(f"{where}: {action} failed: {exc}")
 
     # --- the adapter, once per step ---------------------------------------------------------------
     def push_adapter(self, step: int) -> None:
@@ -184,7 +181,7 @@ class VllmServerRollouts:
         try:
             self.client.post(path, body=body, cast_to=httpx.Response)
         except openai.OpenAIError as exc:
-            raise self._fail(action, exc) from None
+            raise server_error(self.url, action, exc) from None
 
     # --- the rollouts ------------------------------------------------------------------------------
     def sample_groups(
@@ -200,13 +197,16 @@ class VllmServerRollouts:
     ) -> Rollouts:
         """`num_generations` completions of each prompt from the server, with the adapter last
         pushed (pushed now, as step 0, when none was). `texts` as `Engine.sample_groups` fills them."""
+        import openai
+
         engine = self.engine
         ids = [engine.prompt_ids(p) if p and isinstance(p[0], dict) else [int(t) for t in p] for p in prompts]
         _check(ids, num_generations, max_new_tokens, temperature, top_p, top_k)
         if self.loaded is None:
             self.push_adapter(0)
         # one seed per request from the run's RNG: reproducible with --seed, restored on resume
-        seeds = torch.randint(0, 2**31 - 1, (len(ids),), generator=generator).tolist()
+        device = generator.device if generator is not None else None
+        seeds = torch.randint(0, 2**31 - 1, (len(ids),), generator=generator, device=device).tolist()
         request = {
             "model": self.loaded, "n": num_generations, "max_tokens": max_new_tokens, "temperature": temperature,
             "top_p": top_p, "extra_body": {"top_k": top_k if top_k > 0 else -1, "return_token_ids": True},
@@ -215,12 +215,8 @@ class VllmServerRollouts:
         def one(i: int) -> Rollouts:
             try:
                 response = self.client.completions.create(prompt=ids[i], seed=seeds[i], **request)
-            except Exception as exc:
-                import openai
-
-                if isinstance(exc, openai.OpenAIError):
-                    raise self._fail("POST /v1/completions", exc) from None
-                raise
+            except openai.OpenAIError as exc:
+                raise server_error(self.url, "POST /v1/completions", exc) from None
             where = f"--vllm_server_url {self.url}: POST /v1/completions"
             return completion_rollouts(response.choices, num_generations, self.eos_ids, max_new_tokens, where)
 
