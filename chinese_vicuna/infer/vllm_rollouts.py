@@ -118,8 +118,12 @@ class VllmServerRollouts:
     `engine.model` pushed to it by `push_adapter(step)` (module docstring)."""
 
     def __init__(self, engine: Any, server_url: str, output_dir: str | os.PathLike, *, max_retries: int = 2, timeout: float = 600.0) -> None:  # fmt: skip
-        self.engine = engine
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
         self.url = server_root(server_url)
+        if is_deepspeed_zero3_enabled():  # each rank holds a shard: the adapter saved each step would be empty
+            raise UserError(f"--vllm_server_url {self.url}: vLLM rollouts do not work under DeepSpeed ZeRO-3; use ZeRO-2 or no DeepSpeed")
+        self.engine = engine
         self.client = openai_client(self.url + "/v1", max_retries=max_retries, timeout=timeout)
         self.folder = Path(output_dir).resolve() / ADAPTER_FOLDER
         self.run_tag = uuid.uuid4().hex[:8]  # names of this run's adapters: no clash with another run on the server
