@@ -7,7 +7,8 @@ Data: prompts (`instruction`/`input` alpaca style, TRL's `prompt` as text or mes
 `conversations` without the last assistant turn) with the columns the rewards read, e.g. `answer`
 (chinese_vicuna/data/rl.py; docs/rl.md). Rewards: built-in `accuracy`, `format`, `length`, or
 `path/to/file.py:function` with TRL's signature (chinese_vicuna/train/rewards.py). Rollouts: the
-inference owner samples each prompt's group with the adapter as it is now (`Engine.sample_groups`).
+inference owner samples each prompt's group with the adapter as it is now (`Engine.sample_groups`),
+or a vLLM server does, given the adapter each step (`--rollout_engine vllm --vllm_server_url URL`).
 The reference (β > 0) is the starting point: the `--lora_weights` adapter loaded again, frozen, or
 the base (the adapter disabled). The same model / LoRA / batch / training flags as finetune.py;
 `--micro_batch_size` and `--batch_size` count prompts (each with --num_generations completions).
@@ -22,6 +23,7 @@ from chinese_vicuna.checkpoints import RunIdentity
 from chinese_vicuna.data.rl import load_prompt_dataset
 from chinese_vicuna.errors import UserError, exit_on_user_error
 from chinese_vicuna.infer.engine import Engine
+from chinese_vicuna.infer.vllm_rollouts import VllmServerRollouts, check_server
 from chinese_vicuna.model.loading import load_tokenizer
 from chinese_vicuna.prompts import load_template
 from chinese_vicuna.run import prepare_run
@@ -65,7 +67,13 @@ class GrpoArguments:
     length_target: int = field(
         default=0, metadata={"help": "`length` reward: tokens without penalty (default 3/4 of --max_completion_length)."}
     )
-    rollout_engine: str = field(default="builtin", metadata={"help": "builtin (the project's batched sampler) or vllm (GPU)."})
+    rollout_engine: str = field(
+        default="builtin", metadata={"help": "builtin (the project's batched sampler) or vllm (a vLLM server: --vllm_server_url)."}
+    )
+    vllm_server_url: str | None = field(
+        default=None,
+        metadata={"help": "--rollout_engine vllm: the vLLM server, e.g. http://127.0.0.1:8000, with runtime LoRA loading (docs/rl.md)."},
+    )
     log_completions_steps: int = field(
         default=10, metadata={"help": "Every N steps append prompts, completions and rewards to OUTPUT_DIR/completions.jsonl (0: never)."}
     )
@@ -82,6 +90,8 @@ class GrpoArguments:
             raise UserError("--max_completion_length must be ≥ 1, --beta ≥ 0, --epsilon > 0 and --temperature ≥ 0")
         if self.rollout_engine not in ROLLOUT_ENGINES:
             raise UserError(f"--rollout_engine {self.rollout_engine}: pick one of {', '.join(ROLLOUT_ENGINES)}")
+        if self.vllm_server_url and self.rollout_engine != "vllm":
+            raise UserError(f"--vllm_server_url {self.vllm_server_url}: pass --rollout_engine vllm too (or drop the URL)")
         if self.epsilon_high is None:
             self.epsilon_high = 0.28 if self.grpo_loss == "dapo" else self.epsilon
         if self.scale_rewards is None:
@@ -147,8 +157,10 @@ def main(argv: list[str] | None = None) -> None:
     flags = parse_args(FLAG_GROUPS, argv)
     model_args, template_args, data_args, lora_args, _batch, grpo_args, train_args = flags  # _batch: applied to train_args
     run = prepare_run(flags, RUN_IDENTITY)
-    if grpo_args.rollout_engine == "vllm":
-        check_vllm()
+    if grpo_args.rollout_engine == "vllm" and not grpo_args.vllm_server_url:
+        refuse_colocated_vllm()
+    if grpo_args.vllm_server_url:
+        check_server(grpo_args.vllm_server_url)  # a missing server: one line now, not after the model loads
 
     # 1. rewards, tokenizer and prompts first: a bad reward file or record fails in seconds, before the model loads
     rewards = load_reward_functions(grpo_args.reward_funcs, grpo_args.format_pattern, grpo_args.length_target, grpo_args.max_completion_length)  # fmt: skip
@@ -168,10 +180,14 @@ def main(argv: list[str] | None = None) -> None:
         add_reference_adapter(model, model_args.lora_weights)
         reference = REFERENCE_ADAPTER
 
-    # 3. train: each micro-batch's prompts sampled by the engine over the model being trained (no copy)
+    # 3. train: each micro-batch's prompts sampled by the engine over the model being trained (no copy),
+    #    or by a vLLM server that gets the adapter as it is at each step
+    engine = Engine.for_model(model, tokenizer, template)
+    if grpo_args.rollout_engine == "vllm":
+        engine = VllmServerRollouts(engine, grpo_args.vllm_server_url, train_args.output_dir)
     trainer = build_trainer(
         GrpoTrainer, model, tokenizer, train_args, train_data, None, collate_prompts,
-        engine=Engine.for_model(model, tokenizer, template), reward_functions=rewards, reward_weights=weights,
+        engine=engine, reward_functions=rewards, reward_weights=weights,
         num_generations=grpo_args.num_generations, max_completion_length=grpo_args.max_completion_length,
         loss_type=grpo_args.grpo_loss, beta=grpo_args.beta, epsilon=grpo_args.epsilon, epsilon_high=grpo_args.epsilon_high,
         scale_rewards=grpo_args.scale_rewards, temperature=grpo_args.temperature, top_p=grpo_args.top_p, top_k=grpo_args.top_k,
@@ -179,18 +195,18 @@ def main(argv: list[str] | None = None) -> None:
         sequence_collator=sequence_collator(train_args.packing, tokenizer), log_completions_steps=grpo_args.log_completions_steps,
     )  # fmt: skip
     train_and_save(trainer, tokenizer, template, run.resume_from_checkpoint, run.fingerprint)
+    if isinstance(engine, VllmServerRollouts):
+        engine.close()  # the server forgets the run's last adapter
 
 
-def check_vllm() -> None:
-    """vLLM rollouts need vLLM and a GPU; neither is there: say so before anything loads."""
+def refuse_colocated_vllm() -> None:
+    """vLLM in this process (colocated) is not supported: only a vLLM server is. Say so before anything loads."""
     import importlib.util
 
+    serve = "run a vLLM server (docs/rl.md) and pass --vllm_server_url http://127.0.0.1:8000, or use --rollout_engine builtin"
     if importlib.util.find_spec("vllm") is None:
-        raise UserError("--rollout_engine vllm: vLLM is not installed (pip install vllm, on a CUDA machine); or use --rollout_engine builtin")
-    raise UserError(
-        "--rollout_engine vllm: not implemented yet in this version (the adapter would be pushed to vLLM every step); "
-        "use --rollout_engine builtin"
-    )
+        raise UserError(f"--rollout_engine vllm: vLLM is not installed here, and colocated vLLM is not supported: {serve}")
+    raise UserError(f"--rollout_engine vllm: colocated vLLM (in the training process) is not supported: {serve}")
 
 
 if __name__ == "__main__":

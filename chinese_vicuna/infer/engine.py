@@ -235,19 +235,24 @@ class Engine:
         from chinese_vicuna.infer.rollouts import sample_groups
 
         ids = [self.prompt_ids(p) if p and isinstance(p[0], dict) else list(p) for p in prompts]
-        tokenizer, template = self.tokenizer, self.template
+        tokenizer = self.tokenizer
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rollouts = sample_groups(
             self.model, ids, num_generations, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, generator=generator,
         )  # fmt: skip
-        rollouts.texts = [
+        rollouts.texts = self.completion_texts(rollouts.completion_ids)
+        return rollouts
+
+    def completion_texts(self, completion_ids: Sequence[Sequence[int]]) -> list[str]:
+        """Each completion's ids as `answer` shows the answer (special tokens dropped, stop strings cut)."""
+        tokenizer, template = self.tokenizer, self.template
+        return [
             finish_text(
                 tokenizer.decode(c, skip_special_tokens=True, clean_up_tokenization_spaces=False), template.stop_strings, template.is_chat
             )
-            for c in rollouts.completion_ids
+            for c in completion_ids
         ]
-        return rollouts
 
     # --- the public one-call form -----------------------------------------------------------------
     def generate(self, messages: Sequence[dict[str, str]], max_new_tokens: int = 256, **decoding: Any) -> str:

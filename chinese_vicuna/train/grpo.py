@@ -222,6 +222,9 @@ class GrpoTrainer(LengthSamplingMixin, Trainer):
     def rollouts(self, samples: Sequence[dict[str, Any]]) -> Any:
         """The groups of completions of `samples`' prompts, from the adapter as it is now."""
         prompt_ids = [s["prompt_ids"] for s in samples]
+        push_adapter = getattr(self.engine, "push_adapter", None)
+        if push_adapter is not None:  # a vLLM server (infer/vllm_rollouts.py): the adapter of this step, once per step
+            push_adapter(self.state.global_step)
         return self.engine.sample_groups(prompt_ids, self.num_generations, self.max_completion_length, **self.sampling)
 
     def rewards(self, samples: Sequence[dict[str, Any]], rollouts: Any) -> torch.Tensor:
