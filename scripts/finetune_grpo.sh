@@ -10,6 +10,7 @@
 #   GRPO_LOSS      grpo (default) | dr_grpo | dapo
 #   BETA           KL weight to the reference (default 0.04; 0: no reference)
 #   NUM_GENERATIONS  completions per prompt (default 8)
+#   VLLM_SERVER_URL  rollouts from this vLLM server (`vllm serve BASE --enable-lora`, docs/rl.md); empty: built-in sampler
 #   PRECISION      8bit (default) | 4bit (QLoRA, with a paged 8-bit AdamW) | half | fp32 | bf16 | fp16
 #   TOT_CUDA, PORT, NNODES, NODE_RANK, MASTER_ADDR, DS_CONFIG, DRY_RUN: see scripts/lib/launch.sh
 # Extra arguments go to finetune_grpo.py and win over these, e.g. --max_completion_length 512
@@ -30,9 +31,11 @@ REWARD_FUNCS=${REWARD_FUNCS:-accuracy}
 GRPO_LOSS=${GRPO_LOSS:-grpo}
 BETA=${BETA:-0.04}
 NUM_GENERATIONS=${NUM_GENERATIONS:-8}
+VLLM_SERVER_URL=${VLLM_SERVER_URL:-}
 
 training_arguments
 TRAIN_ARGS+=(--reward_funcs "$REWARD_FUNCS" --grpo_loss "$GRPO_LOSS" --beta "$BETA" --num_generations "$NUM_GENERATIONS")
 if [ -n "$LORA_PATH" ]; then TRAIN_ARGS+=(--lora_weights "$LORA_PATH"); fi
+if [ -n "$VLLM_SERVER_URL" ]; then TRAIN_ARGS+=(--rollout_engine vllm --vllm_server_url "$VLLM_SERVER_URL"); fi
 if [ "$PRECISION" = 4bit ]; then TRAIN_ARGS+=(--optim "${OPTIM:-paged_adamw_8bit}"); fi
 launch finetune_grpo.py "${TRAIN_ARGS[@]}" "$@"

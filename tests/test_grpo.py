@@ -193,7 +193,7 @@ def test_launcher_passes_the_sft_adapter_and_the_rl_flags() -> None:
     import shlex
     import subprocess
 
-    env = {k: v for k, v in os.environ.items() if k not in ("TOT_CUDA", "PRECISION", "LORA_PATH", "DS_CONFIG")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TOT_CUDA", "PRECISION", "LORA_PATH", "DS_CONFIG", "VLLM_SERVER_URL")}
     cmd = subprocess.run(
         ["bash", str(REPO / "scripts" / "finetune_grpo.sh")],
         env={**env, "DRY_RUN": "1", "GRPO_LOSS": "dapo", "REWARD_FUNCS": "accuracy,format"}, capture_output=True, text=True, check=True,
@@ -208,6 +208,14 @@ def test_launcher_passes_the_sft_adapter_and_the_rl_flags() -> None:
     flags = cmd[3 : cmd.index("--lora_weights")] + cmd[cmd.index("--lora_weights") + 2 :]  # the adapter folder is not here
     parsed = parse_args(args, [*flags, "--precision", "fp32"])  # every flag the launcher passes is one the recipe takes
     assert parsed[5].grpo_loss == "dapo" and parsed[5].epsilon_high == 0.28
+    assert "--rollout_engine" not in cmd
+    served = subprocess.run(
+        ["bash", str(REPO / "scripts" / "finetune_grpo.sh")],
+        env={**env, "DRY_RUN": "1", "VLLM_SERVER_URL": "http://127.0.0.1:8000"}, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    served = shlex.split(served)
+    assert served[served.index("--rollout_engine") + 1] == "vllm"
+    assert served[served.index("--vllm_server_url") + 1] == "http://127.0.0.1:8000"
 
 
 # ---------------------------------------------------------------- the loss and advantages against TRL
