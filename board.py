@@ -225,7 +225,7 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         except UserError as exc:
             raise page_error(exc) from None
         fields = [field_update(stage, key, settings[key]) if key in settings else field_update(stage, key) for key in FIELDS]
-        return [stage, *fields, *stage_rows(stage), t("board.flags_loaded", path=path)]
+        return [stage, *fields, *stage_rows(stage), stage, t("board.flags_loaded", path=path)]
 
     def field_update(stage: str, key: str, *value: Any) -> Any:
         """A field's new value (none: kept) as a stage shows it: the length setting under the stage's flag
@@ -242,12 +242,15 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         own = STAGES[stage].own
         return gr.update(visible="lora_weights" in own), gr.update(visible="pref_loss" in own), gr.update(visible="reward_funcs" in own)
 
-    def switch_stage(stage: str) -> tuple[Any, ...]:
+    def switch_stage(stage: str, previous: str) -> tuple[Any, ...]:
+        """The picked stage's template, data and rows; its own defaults where it or the stage left has
+        some (into or out of RL), else the numbers the user set stay."""
         spec = STAGES[stage]
         brings = {**{key: DEFAULTS[key] for key in SWITCHED}, **STAGE_SETTINGS.get(stage, {})}
+        renewed = stage in STAGE_SETTINGS or previous in STAGE_SETTINGS
         return (
             gr.update(value=spec.template, interactive=spec.template is not None), STAGE_DATA[stage], *stage_rows(stage),
-            *[field_update(stage, key, brings[key]) for key in SWITCHED],
+            *[field_update(stage, key, brings[key]) if renewed else field_update(stage, key) for key in SWITCHED], stage,
         )  # fmt: skip
 
     def watch(run_id: str | None) -> tuple[str, Any, str, str]:
@@ -590,11 +593,17 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
             component.change(command_of, [stage, *values], command, api_name=False, queue=False)
             component.change(estimate_of, [stage, *values], memory, api_name=False, queue=False)
         # the user's choice of stage (not a loaded flags file's, whose data and template stay) brings its defaults
-        stage.input(switch_stage, stage, [template, data, *stage_row_list, *[numbers[k] for k in SWITCHED]], api_name=False)
+        shown_stage = gr.State("sft")  # the stage whose settings the fields hold (a switch out of RL brings DEFAULTS back)
+        stage.input(
+            switch_stage,
+            [stage, shown_stage],
+            [template, data, *stage_row_list, *[numbers[k] for k in SWITCHED], shown_stage],
+            api_name=False,
+        )
         check_btn.click(check, [stage, *values], [model_info, preview, doctor, status], api_name="inspect")
         start_btn.click(start, [stage, *values], [model_info, preview, doctor, status, run], api_name="start")
         save_btn.click(save_flags, [flags_path, stage, *values], status, api_name="save_flags")
-        load_btn.click(load_flags, flags_path, [stage, *values, *stage_row_list, status], api_name="load_flags")
+        load_btn.click(load_flags, flags_path, [stage, *values, *stage_row_list, shown_stage, status], api_name="load_flags")
         timer = gr.Timer(1.0)
         timer.tick(watch, run, [progress_md, plot, run_command, console], api_name=False, queue=False)
         timer.tick(runs_list, None, all_runs, api_name=False, queue=False)
