@@ -4,8 +4,8 @@ the files the scripts already write, and what the page shows about a base model 
 
 The board has no training code of its own: a run is `python finetune.py --flag value ...` (or
 finetune_chat.py, tools/pretrain.py, finetune_dpo.py, finetune_grpo.py, merge_lora.py), exactly
-the argv shown in the page. A run's record (`RUNS_DIR/<id>/run.json`) and its console output (`RUNS_DIR/<id>/console.log`) live on
-disk and the child runs in its own session, so a reloaded page, a closed browser or a restarted
+the argv shown in the page. A run's record (`RUNS_DIR/<id>/run.json`) and its console output
+(`RUNS_DIR/<id>/console.log`) live on disk and the child runs in its own session, so a reloaded page, a closed browser or a restarted
 board finds the run where it is. Stop is Ctrl-C (SIGINT): the scripts stop at the step's end and
 keep their last complete checkpoint; Resume runs the same argv with `--resume_from_checkpoint true`.
 """
