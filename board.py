@@ -6,7 +6,7 @@ that very command and watches it, then chats with the result and exports it.
 
 The page has no training path of its own: Start runs `python finetune.py --flag value ...`
 (finetune_chat.py for chat SFT, tools/pretrain.py for continued pretraining, finetune_dpo.py for
-preference training), byte for byte the command it shows; Evaluate runs tools/eval_choice.py (and
+preference training, finetune_grpo.py for RL with verifiable rewards), byte for byte the command it shows; Evaluate runs tools/eval_choice.py (and
 gen_model_answer.py + eval_judge.py) on the base and on the adapter, Export runs merge_lora.py and
 tools/convert_to_gguf.py the same way. Runs are kept in --runs_dir and run in their own session,
 so a reloaded page or a closed browser finds them still going (chinese_vicuna/board.py; docs/board.md).
@@ -28,6 +28,7 @@ from chinese_vicuna.board import (
     Runs,
     chained_command,
     check_data,
+    check_rl_data,
     choice_eval_steps,
     choice_results,
     command_argv,
@@ -74,15 +75,27 @@ DEFAULTS: dict[str, Any] = {
 }  # fmt: skip
 STAGE_DATA = {
     "sft": "sample/instruct/data_sample.jsonl", "chat_sft": "sample/chat/chat_sample.jsonl", "pretrain": "sample/pretrain",
-    "dpo": "sample/preference/pairs_sample.jsonl",
+    "dpo": "sample/preference/pairs_sample.jsonl", "grpo": "sample/rl/arithmetic.jsonl",
 }  # fmt: skip
 # the preference stage's own settings (finetune_dpo.py's flags; the page shows them for that stage)
 PREFERENCE_DEFAULTS: dict[str, Any] = {"lora_weights": "", "pref_loss": "sigmoid", "pref_beta": 0.1, "pref_ftx": 0.0}
+# the RL stage's own settings (finetune_grpo.py's flags and defaults)
+RL_DEFAULTS: dict[str, Any] = {"reward_funcs": "accuracy", "num_generations": 8, "max_completion_length": 256, "grpo_loss": "grpo", "beta": 0.04}  # fmt: skip
+# what a stage brings when the user picks it, besides its data: finetune_grpo.py's own defaults (RL takes
+# a far smaller learning rate than SFT, and counts prompts in its batches); the other stages bring DEFAULTS'
+STAGE_SETTINGS: dict[str, dict[str, Any]] = {
+    "grpo": {"length": 512, "num_epochs": 1, "learning_rate": 1e-5, "micro_batch_size": 2, "batch_size": 16, "warmup_steps": 0,
+             "logging_steps": 1, "save_steps": 50},
+}  # fmt: skip
+# the number fields a change of stage sets (length is renamed per stage; val_set_size is held at 0 where
+# the script takes no held-out set)
+SWITCHED = tuple(dict.fromkeys(["length", "val_set_size", *(key for changes in STAGE_SETTINGS.values() for key in changes)]))
 NUMBERS = ("length", "num_epochs", "max_steps", "learning_rate", "micro_batch_size", "batch_size", "val_set_size", "lora_r",
            "lora_alpha", "lora_dropout", "warmup_steps", "logging_steps", "save_steps", "seed")  # fmt: skip
 INTEGERS = {"length", "max_steps", "micro_batch_size", "batch_size", "val_set_size", "lora_r", "lora_alpha", "warmup_steps",
             "logging_steps", "save_steps", "seed"}  # fmt: skip
-FIELDS = ("base_model", "prompt_template", "data", "output_dir", *NUMBERS, "lora_target_modules", "precision", *PREFERENCE_DEFAULTS)
+FIELDS = ("base_model", "prompt_template", "data", "output_dir", *NUMBERS, "lora_target_modules", "precision", *PREFERENCE_DEFAULTS,
+          *RL_DEFAULTS)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4)
@@ -95,14 +108,15 @@ def tokenizer_of(base_model: str) -> Any:
 def typed(values: dict[str, Any]) -> dict[str, Any]:
     """The page's values with their flag types (gr.Number gives floats)."""
     out = dict(values)
-    for key in (*NUMBERS, "pref_beta", "pref_ftx"):
+    for key in (*NUMBERS, "pref_beta", "pref_ftx", "num_generations", "max_completion_length", "beta"):
         if out.get(key) is not None:
-            out[key] = int(out[key]) if key in INTEGERS else float(out[key])
+            out[key] = int(out[key]) if key in INTEGERS or key in ("num_generations", "max_completion_length") else float(out[key])
     return out
 
 
 def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
     from chinese_vicuna.infer.webui import gr, page_error
+    from chinese_vicuna.train.grpo import GRPO_LOSSES
     from chinese_vicuna.train.preference import PREFERENCE_LOSSES
 
     t = Messages(language)
@@ -151,10 +165,19 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
         try:
             tokenizer = tokenizer_of(info["folder"])
             template = load_template(s["prompt_template"] or STAGES[stage].template, tokenizer)
-            report = check_data(s["data"], tokenizer, template, s["length"], stage)
+            if stage == "grpo":
+                report = check_rl_data(s["data"], tokenizer, template, s["length"], s["reward_funcs"] or "accuracy")
+            else:
+                report = check_data(s["data"], tokenizer, template, s["length"], stage)
             preview = preview_html(s["data"], tokenizer, template, stage)
         except UserError as exc:
             return model_md, "", f"✗ {exc}"
+        if stage == "grpo":
+            doctor = t(
+                "board.doctor_prompts", records=report["records"], prompts=report["prompts"], too_long=report["too_long"],
+                cutoff=report["max_prompt_length"], longest=report["longest"], rewards=", ".join(report["rewards"]),
+            )  # fmt: skip
+            return model_md, preview, doctor
         if stage == "dpo":
             doctor = t(
                 "board.doctor_pairs", records=report["records"], pairs=report["pairs"], kto=report["kto_samples"],
@@ -201,12 +224,34 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
             stage, settings = settings_of_flags(read_flags_file(path))
         except UserError as exc:
             raise page_error(exc) from None
-        shown = gr.update(visible=bool(STAGES[stage].own))
-        return [stage, *[settings.get(key, gr.update()) for key in FIELDS], shown, t("board.flags_loaded", path=path)]
+        fields = [field_update(stage, key, settings[key]) if key in settings else field_update(stage, key) for key in FIELDS]
+        return [stage, *fields, *stage_rows(stage), stage, t("board.flags_loaded", path=path)]
 
-    def switch_stage(stage: str) -> tuple[Any, Any, Any]:
+    def field_update(stage: str, key: str, *value: Any) -> Any:
+        """A field's new value (none: kept) as a stage shows it: the length setting under the stage's flag
+        name, val_set_size held at 0 where the stage's script takes no held-out set."""
         spec = STAGES[stage]
-        return gr.update(value=spec.template, interactive=spec.template is not None), STAGE_DATA[stage], gr.update(visible=bool(spec.own))
+        if key == "length":
+            return gr.update(label=t(f"board.length.{spec.length_flag}"), **({"value": value[0]} if value else {}))
+        if key == "val_set_size":
+            return gr.update(value=0, interactive=False) if not spec.evaluates else gr.update(interactive=True, **({"value": value[0]} if value else {}))  # fmt: skip
+        return value[0] if value else gr.update()
+
+    def stage_rows(stage: str) -> tuple[Any, Any, Any]:
+        """The rows of a stage's own fields: the starting adapter, preference training's, RL's."""
+        own = STAGES[stage].own
+        return gr.update(visible="lora_weights" in own), gr.update(visible="pref_loss" in own), gr.update(visible="reward_funcs" in own)
+
+    def switch_stage(stage: str, previous: str) -> tuple[Any, ...]:
+        """The picked stage's template, data and rows; its own defaults where it or the stage left has
+        some (into or out of RL), else the numbers the user set stay."""
+        spec = STAGES[stage]
+        brings = {**{key: DEFAULTS[key] for key in SWITCHED}, **STAGE_SETTINGS.get(stage, {})}
+        renewed = stage in STAGE_SETTINGS or previous in STAGE_SETTINGS
+        return (
+            gr.update(value=spec.template, interactive=spec.template is not None), STAGE_DATA[stage], *stage_rows(stage),
+            *[field_update(stage, key, brings[key]) if renewed else field_update(stage, key) for key in SWITCHED], stage,
+        )  # fmt: skip
 
     def watch(run_id: str | None) -> tuple[str, Any, str, str]:
         """(progress line, loss curve, command, console tail) of a run; polled by the page's timer."""
@@ -414,17 +459,32 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
                     )
                     data = gr.Textbox(DEFAULTS["data"], label=t("board.data"), elem_id="data_path", scale=2)
                     output_dir = gr.Textbox(DEFAULTS["output_dir"], label=t("board.output_dir"), elem_id="output_dir", scale=2)
-                with gr.Row(visible=False) as preference_row:  # finetune_dpo.py's own flags
+                with gr.Row(visible=False) as start_row:  # the starting adapter of preference training and RL
                     lora_weights = gr.Textbox(label=t("board.lora_weights"), elem_id="lora_weights", scale=2)
+                with gr.Row(visible=False) as preference_row:  # finetune_dpo.py's own flags
                     pref_loss = gr.Dropdown(list(PREFERENCE_LOSSES), value="sigmoid", label=t("board.pref_loss"), elem_id="pref_loss")
                     pref_beta = gr.Number(PREFERENCE_DEFAULTS["pref_beta"], label=t("board.pref_beta"), elem_id="pref_beta")
                     pref_ftx = gr.Number(PREFERENCE_DEFAULTS["pref_ftx"], label=t("board.pref_ftx"), elem_id="pref_ftx")
+                with gr.Row(visible=False) as rl_row:  # finetune_grpo.py's own flags
+                    reward_funcs = gr.Textbox(RL_DEFAULTS["reward_funcs"], label=t("board.reward_funcs"), elem_id="reward_funcs", scale=2)
+                    num_generations = gr.Number(
+                        RL_DEFAULTS["num_generations"], label=t("board.num_generations"), elem_id="num_generations", precision=0
+                    )
+                    max_completion_length = gr.Number(
+                        RL_DEFAULTS["max_completion_length"], label=t("board.max_completion_length"), elem_id="max_completion_length",
+                        precision=0,
+                    )  # fmt: skip
+                    grpo_loss = gr.Dropdown(
+                        list(GRPO_LOSSES), value=RL_DEFAULTS["grpo_loss"], label=t("board.grpo_loss"), elem_id="grpo_loss"
+                    )
+                    beta = gr.Number(RL_DEFAULTS["beta"], label=t("board.beta"), elem_id="beta")
                 numbers: dict[str, Any] = {}
                 with gr.Row():
                     for key in ("length", "num_epochs", "max_steps", "learning_rate", "micro_batch_size", "batch_size", "val_set_size"):
                         numbers[key] = gr.Number(
-                            DEFAULTS[key], label=t(f"board.{key}"), elem_id=key, precision=0 if key in INTEGERS else None
-                        )
+                            DEFAULTS[key], label=t(f"board.{key}" if key != "length" else "board.length.cutoff_len"), elem_id=key,
+                            precision=0 if key in INTEGERS else None,
+                        )  # fmt: skip
                 with gr.Row():
                     for key in ("lora_r", "lora_alpha", "lora_dropout"):
                         numbers[key] = gr.Number(
@@ -522,16 +582,28 @@ def build_page(runs: Runs, first_base: str, language: str = "zh") -> Any:
             pref_loss,
             pref_beta,
             pref_ftx,
+            reward_funcs,
+            num_generations,
+            max_completion_length,
+            grpo_loss,
+            beta,
         ]
+        stage_row_list = [start_row, preference_row, rl_row]
         for component in [stage, *values]:
             component.change(command_of, [stage, *values], command, api_name=False, queue=False)
             component.change(estimate_of, [stage, *values], memory, api_name=False, queue=False)
         # the user's choice of stage (not a loaded flags file's, whose data and template stay) brings its defaults
-        stage.input(switch_stage, stage, [template, data, preference_row], api_name=False)
+        shown_stage = gr.State("sft")  # the stage whose settings the fields hold (a switch out of RL brings DEFAULTS back)
+        stage.input(
+            switch_stage,
+            [stage, shown_stage],
+            [template, data, *stage_row_list, *[numbers[k] for k in SWITCHED], shown_stage],
+            api_name=False,
+        )
         check_btn.click(check, [stage, *values], [model_info, preview, doctor, status], api_name="inspect")
         start_btn.click(start, [stage, *values], [model_info, preview, doctor, status, run], api_name="start")
         save_btn.click(save_flags, [flags_path, stage, *values], status, api_name="save_flags")
-        load_btn.click(load_flags, flags_path, [stage, *values, preference_row, status], api_name="load_flags")
+        load_btn.click(load_flags, flags_path, [stage, *values, *stage_row_list, shown_stage, status], api_name="load_flags")
         timer = gr.Timer(1.0)
         timer.tick(watch, run, [progress_md, plot, run_command, console], api_name=False, queue=False)
         timer.tick(runs_list, None, all_runs, api_name=False, queue=False)

@@ -3,9 +3,9 @@ runs of that command as child processes kept in a registry on disk, their progre
 the files the scripts already write, and what the page shows about a base model and a data file.
 
 The board has no training code of its own: a run is `python finetune.py --flag value ...` (or
-finetune_chat.py, tools/pretrain.py, merge_lora.py), exactly the argv shown in the page. A run's
-record (`RUNS_DIR/<id>/run.json`) and its console output (`RUNS_DIR/<id>/console.log`) live on
-disk and the child runs in its own session, so a reloaded page, a closed browser or a restarted
+finetune_chat.py, tools/pretrain.py, finetune_dpo.py, finetune_grpo.py, merge_lora.py), exactly
+the argv shown in the page. A run's record (`RUNS_DIR/<id>/run.json`) and its console output
+(`RUNS_DIR/<id>/console.log`) live on disk and the child runs in its own session, so a reloaded page, a closed browser or a restarted
 board finds the run where it is. Stop is Ctrl-C (SIGINT): the scripts stop at the step's end and
 keep their last complete checkpoint; Resume runs the same argv with `--resume_from_checkpoint true`.
 """
@@ -45,6 +45,11 @@ class Stage:
     template: str | None = "alpaca"  # None: the stage has no prompt template (plain text)
     own: tuple[str, ...] = ()  # settings only this stage's script takes (the page shows them for it alone)
     sequences_per_sample: int = 1  # a preference pair is two sequences (the memory estimate counts both)
+    # GRPO: the setting that says how many sequences a sample is (its group of completions per prompt),
+    # and the one that adds to the length setting (a sequence is the prompt plus its completion)
+    sequences_setting: str | None = None
+    completion_setting: str | None = None
+    evaluates: bool = True  # False: the script takes no held-out set (--val_set_size stays its 0)
 
 
 STAGES = {
@@ -52,10 +57,12 @@ STAGES = {
     "chat_sft": Stage("chat_sft", "finetune_chat.py", template="chinese-vicuna-chat"),
     "pretrain": Stage("pretrain", "tools/pretrain.py", data_flag="dataset_dir", length_flag="block_size", template=None),
     "dpo": Stage("dpo", "finetune_dpo.py", own=("lora_weights", "pref_loss", "pref_beta", "pref_ftx"), sequences_per_sample=2),
-    # The RL stage (finetune_grpo.py) plugs in here when it lands: its row (script, own settings such
-    # as the reward functions and the group size), its data preview in `preview_html`, its page
-    # fields and words in board.py / i18n.py; nothing else in the board changes.
-}
+    "grpo": Stage(
+        "grpo", "finetune_grpo.py", length_flag="max_prompt_length",
+        own=("lora_weights", "reward_funcs", "num_generations", "max_completion_length", "grpo_loss", "beta"),
+        sequences_setting="num_generations", completion_setting="max_completion_length", evaluates=False,
+    ),
+}  # fmt: skip
 STAGE_ONLY = {key for spec in STAGES.values() for key in spec.own}
 
 # The page's settings, in the order their flags appear on the command line (stage-specific names
@@ -63,7 +70,8 @@ STAGE_ONLY = {key for spec in STAGES.values() for key in spec.own}
 SETTINGS = (
     "base_model", "lora_weights", "prompt_template", "data", "output_dir", "length", "num_epochs", "max_steps",
     "learning_rate", "micro_batch_size", "batch_size", "val_set_size", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "precision", "pref_loss", "pref_beta", "pref_ftx", "warmup_steps", "logging_steps",
+    "lora_target_modules", "precision", "pref_loss", "pref_beta", "pref_ftx", "reward_funcs", "num_generations",
+    "max_completion_length", "grpo_loss", "beta", "warmup_steps", "logging_steps",
     "save_steps", "seed",
 )  # fmt: skip
 # Flags every run of the board carries besides the page's settings: the trainer then logs the tokens
@@ -83,6 +91,8 @@ def stage_flags(stage: str, settings: dict[str, Any]) -> dict[str, Any]:
             continue
         if (key == "prompt_template" and spec.template is None) or (key in STAGE_ONLY and key not in spec.own):
             continue
+        if key == "val_set_size" and not spec.evaluates:
+            continue  # the page holds it at 0 for this stage; the script's default is that 0
         name = {"data": spec.data_flag, "length": spec.length_flag}.get(key, key)
         flags[name] = value
     return {**flags, **RUN_FLAGS}
@@ -172,10 +182,12 @@ def read_flags_file(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def settings_of_flags(flags: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(stage, page settings) of a flags file: pretraining by its --dataset_dir, preference training
-    by its --pref_* flags, chat SFT by its data."""
+    """(stage, page settings) of a flags file: pretraining by its --dataset_dir, RL by its --reward_funcs,
+    preference training by its --pref_* flags, chat SFT by its data."""
     if "dataset_dir" in flags:
         stage = "pretrain"
+    elif "reward_funcs" in flags:
+        stage = "grpo"
     elif any(name.startswith("pref_") for name in flags):
         stage = "dpo"
     else:
@@ -470,10 +482,14 @@ def memory_estimate(base_model: str, stage: str, settings: dict[str, Any]) -> An
     config = json.loads((local_model_folder(base_model) / "config.json").read_text(encoding="utf-8"))
     cuda = torch.cuda.is_available()
     precision = decide_precision(settings.get("precision") or "auto", training=True)
+    spec = STAGES[stage]
+    # GRPO trains on each prompt's group of completions: num_generations sequences of prompt + completion
+    per_sample = int(settings.get(spec.sequences_setting) or 1) if spec.sequences_setting else spec.sequences_per_sample
+    length = int(settings.get("length") or 256) + (int(settings.get(spec.completion_setting) or 0) if spec.completion_setting else 0)
     try:
         return estimate_training_memory(
             config, precision.weights, int(settings.get("lora_r") or 8), settings.get("lora_target_modules") or "q_proj,v_proj",
-            int(settings.get("length") or 256), int(settings.get("micro_batch_size") or 4) * STAGES[stage].sequences_per_sample,
+            length, int(settings.get("micro_batch_size") or 4) * per_sample,
             gradient_checkpointing=False, compute_bytes=2 if (precision.bf16 or precision.fp16) else 4,
             device="cuda" if cuda else "cpu", lora_dropout=float(settings.get("lora_dropout") or 0),
         )  # fmt: skip
@@ -556,6 +572,8 @@ def preview_html(data_path: str, tokenizer: Any, template: Any, stage: str, reco
     from chinese_vicuna.data.preference import answer_segments, to_example
     from chinese_vicuna.data.records import data_files, read_records, validate_instruction
 
+    if stage == "grpo":
+        return _prompts_html(data_path, tokenizer, template, records)
     blocks = []
     for record in read_records(data_files(data_path)[0])[:records]:
         where = html.escape(record.where)
@@ -577,6 +595,49 @@ def preview_html(data_path: str, tokenizer: Any, template: Any, stage: str, reco
             segments = template.instruction_segments(item["instruction"], item["input"], item["output"])
         blocks.append(f'<div class="where">{where}</div><pre class="sample">{_segments_html(segments)}</pre>')
     return "".join(blocks)
+
+
+def _rl_prompts(data_path: str, tokenizer: Any, template: Any, max_prompt_length: int) -> Any:
+    """The RL prompts as finetune_grpo.py builds them (data/rl.py, ids from the inference owner)."""
+    from chinese_vicuna.data.rl import load_prompt_dataset
+    from chinese_vicuna.infer.engine import Engine
+
+    return load_prompt_dataset(data_path, Engine.for_model(None, tokenizer, template), max_prompt_length)
+
+
+def _prompts_html(data_path: str, tokenizer: Any, template: Any, records: int) -> str:
+    """RL prompts: the prompt the policy is asked (decoded from the ids training samples from; no loss
+    on it, so greyed) and the columns the reward functions read (the answer they check)."""
+    blocks = []
+    for sample in list(_rl_prompts(data_path, tokenizer, template, 2**31))[:records]:
+        ids = sample["prompt_ids"]
+        text = tokenizer.decode(ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids)
+        columns = " · ".join(
+            f"{html.escape(str(k))} = {html.escape(json.dumps(v, ensure_ascii=False))}" for k, v in sample["columns"].items()
+        )
+        blocks.append(
+            f'<div class="where">{html.escape(sample["where"])}</div><pre class="sample prompt"><span class="masked">{html.escape(text)}</span></pre>'
+            f'<div class="columns">{columns}</div>'
+        )
+    return "".join(blocks)
+
+
+def check_rl_data(data_path: str, tokenizer: Any, template: Any, max_prompt_length: int, reward_funcs: str) -> dict[str, Any]:
+    """What finetune_grpo.py checks before its model loads: every record a prompt, the reward functions
+    loadable and their columns in every record; how many prompts are dropped as too long."""
+    from chinese_vicuna.data.records import data_files, iter_records
+    from chinese_vicuna.train.rewards import DEFAULT_FORMAT_PATTERN, check_columns, load_reward_functions
+
+    rewards = load_reward_functions(reward_funcs, DEFAULT_FORMAT_PATTERN, 0, 1)  # the length settings only shape the `length` reward
+    prompts = _rl_prompts(data_path, tokenizer, template, max_prompt_length)
+    for sample in prompts:
+        check_columns(rewards, list(sample["columns"]), sample["where"])
+    files = [f for part in data_path.split(",") if part.strip() for f in data_files(part.strip())]
+    records = sum(1 for path in files for _ in iter_records(path))
+    return {
+        "records": records, "prompts": len(prompts), "too_long": records - len(prompts), "max_prompt_length": max_prompt_length,
+        "longest": max(prompts.lengths), "rewards": [r.name for r in rewards],
+    }  # fmt: skip
 
 
 def check_data(data_path: str, tokenizer: Any, template: Any, cutoff_len: int, stage: str = "sft") -> dict[str, Any]:

@@ -16,6 +16,7 @@ import re
 import shlex
 import shutil
 import time
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -308,33 +309,47 @@ def test_flags_file_parses_as_the_command_line_does(tmp_path: Path, suffix: str)
     import finetune
     import finetune_chat
     import finetune_dpo
+    import finetune_grpo
     from chinese_vicuna.args import parse_args
     from chinese_vicuna.board import command_argv, read_flags_file, resume_argv, settings_of_flags, stage_flags, write_flags_file
 
     # the scripts' own flag groups
-    groups = {"sft": finetune.FLAG_GROUPS, "chat_sft": finetune_chat.FLAG_GROUPS, "dpo": finetune_dpo.FLAG_GROUPS}
+    groups = {
+        "sft": finetune.FLAG_GROUPS, "chat_sft": finetune_chat.FLAG_GROUPS, "dpo": finetune_dpo.FLAG_GROUPS,
+        "grpo": finetune_grpo.FLAG_GROUPS,
+    }  # fmt: skip
     data = {
         "sft": "sample/instruct/data_sample.jsonl",
         "chat_sft": "sample/chat/chat_sample.jsonl",
         "dpo": "sample/preference/pairs_sample.jsonl",
+        "grpo": "sample/rl/arithmetic.jsonl",
     }
     preference = {"lora_weights": str(tmp_path), "pref_loss": "ipo", "pref_beta": 0.2, "pref_ftx": 1.0}
+    rl = {"reward_funcs": "accuracy,format", "num_generations": 4, "max_completion_length": 64, "grpo_loss": "dr_grpo", "beta": 0.0}
+    own = {"dpo": preference, "grpo": {"lora_weights": str(tmp_path), **rl}}
     for stage, classes in groups.items():
         settings = {
             "base_model": "tiny", "prompt_template": "chinese-vicuna-chat" if stage == "chat_sft" else "alpaca", "data": data[stage],
             "output_dir": str(tmp_path / stage), "length": 128, "num_epochs": 2.0, "max_steps": 0, "learning_rate": 0.003,
-            "micro_batch_size": 2, "batch_size": 4, "lora_dropout": 0.0, "lora_target_modules": "all-linear", "seed": 7,
-            **(preference if stage == "dpo" else {}),
+            "micro_batch_size": 2, "batch_size": 4, "val_set_size": 0, "lora_dropout": 0.0, "lora_target_modules": "all-linear", "seed": 7,
+            **own.get(stage, {}),
         }  # fmt: skip
-        flags = stage_flags(stage, {**preference, **settings})  # another stage's own settings stay out of its flags
+        # another stage's own settings stay out of its flags; GRPO's val_set_size stays the script's 0
+        flags = stage_flags(stage, {**preference, **rl, **settings})
         assert "max_steps" not in flags  # 0: by epochs, the script's default
-        assert ("pref_beta" in flags) == ("lora_weights" in flags) == (stage == "dpo")
+        assert ("pref_beta" in flags) == (stage == "dpo") and ("num_generations" in flags) == (stage == "grpo")
+        assert ("lora_weights" in flags) == (stage in ("dpo", "grpo")) and ("val_set_size" in flags) == (stage != "grpo")
+        assert ("max_prompt_length" in flags) == (stage == "grpo") != ("cutoff_len" in flags)
         assert flags["include_num_input_tokens_seen"] is True  # the Runs tab's tokens/s
         path = write_flags_file(tmp_path / f"{stage}{suffix}", flags)
         from_file = parse_args(classes, [str(path)])
         from_argv = parse_args(classes, command_argv(stage, flags)[2:])
         assert [fields_of(a) for a in from_file] == [fields_of(a) for a in from_argv]
-        assert settings_of_flags(read_flags_file(path)) == (stage, {k: v for k, v in settings.items() if k != "max_steps"})
+        if stage == "grpo":  # the page's settings reached the script's fields
+            rl_args = from_file[[type(a).__name__ for a in from_file].index("GrpoArguments")]
+            assert (rl_args.num_generations, rl_args.max_completion_length, rl_args.grpo_loss, rl_args.beta) == (4, 64, "dr_grpo", 0.0)
+        shown = {k: v for k, v in settings.items() if k != "max_steps" and (k, stage) != ("val_set_size", "grpo")}
+        assert settings_of_flags(read_flags_file(path)) == (stage, shown)
     pretrain = stage_flags("pretrain", {"base_model": "tiny", "prompt_template": "alpaca", "data": "sample/pretrain", "length": 64})
     assert pretrain == {"base_model": "tiny", "dataset_dir": "sample/pretrain", "block_size": 64, "include_num_input_tokens_seen": True}
     assert command_argv("pretrain", pretrain)[1:3] == ["tools/pretrain.py", "--base_model"]
@@ -397,3 +412,66 @@ def test_export_and_evaluation_commands_are_the_tools_own(tmp_path: Path):
     judge = judge_steps("b", "a", "q.jsonl", "http://127.0.0.1:1/v1", "judge", "o")
     assert [step[1] for step in judge] == ["tools/gen_model_answer.py", "tools/gen_model_answer.py", "tools/eval_judge.py"]
     assert not any("api_key" in arg for step in judge for arg in step)
+
+
+def test_grpo_stage_checks_previews_estimates_and_its_flags_file_runs_by_hand(tiny_model_dir: Path, tmp_path: Path):
+    """The RL stage: the prompt preview is data/rl.py's prompt ids decoded, with the reward columns; the
+    check names a record that lacks the column a reward reads; the memory estimate counts each prompt's
+    group of completions (prompt + completion long); the flags file the board writes, run by hand
+    (`python finetune_grpo.py flags.yaml`), trains 2 steps logging the reward."""
+    from chinese_vicuna.board import (
+        check_rl_data,
+        memory_estimate,
+        preview_html,
+        read_flags_file,
+        settings_of_flags,
+        stage_flags,
+        write_flags_file,
+    )
+    from chinese_vicuna.data.rl import load_prompt_dataset
+    from chinese_vicuna.errors import UserError
+    from chinese_vicuna.infer.engine import Engine
+    from chinese_vicuna.model.loading import load_tokenizer
+    from chinese_vicuna.prompts import load_template
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    template = load_template("alpaca", tokenizer)
+    sample = REPO / "sample/rl/arithmetic.jsonl"
+    first = json.loads(sample.read_text(encoding="utf-8").splitlines()[0])
+    ids = Engine.for_model(None, tokenizer, template).instruction_ids(first["instruction"], first["input"])
+    preview = preview_html(str(sample), tokenizer, template, "grpo", records=2)
+    assert preview.count('<pre class="sample prompt">') == 2 and f"answer = &quot;{first['answer']}&quot;" in preview
+    assert f'<span class="masked">{escape(tokenizer.decode(ids[1:]))}</span>' in preview and first["instruction"] in preview
+    report = check_rl_data(str(sample), tokenizer, template, 512, "accuracy,format")
+    lengths = load_prompt_dataset(str(sample), Engine.for_model(None, tokenizer, template), 512).lengths
+    assert report == {"records": 120, "prompts": 120, "too_long": 0, "max_prompt_length": 512, "longest": max(lengths),
+                      "rewards": ["accuracy", "format"]}  # fmt: skip
+    assert check_rl_data(str(sample), tokenizer, template, sorted(lengths)[59], "format")["too_long"] == sum(
+        n > sorted(lengths)[59] for n in lengths
+    )
+    data = tmp_path / "rl.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+2="}\n', encoding="utf-8")
+    with pytest.raises(UserError, match=r"rl.jsonl:2: no 'answer' or 'solution' column, which reward 'accuracy' needs"):
+        check_rl_data(str(data), tokenizer, template, 512, "accuracy")
+
+    settings = {"precision": "fp32", "lora_r": 8, "length": 48, "micro_batch_size": 2, "num_generations": 4, "max_completion_length": 16}
+    grpo, sft = memory_estimate(str(tiny_model_dir), "grpo", settings), memory_estimate(str(tiny_model_dir), "sft", settings)
+    as_sft = memory_estimate(str(tiny_model_dir), "sft", {**settings, "length": 64, "micro_batch_size": 8})
+    assert grpo.activations == as_sft.activations > sft.activations  # 2 prompts × 4 completions of 48 + 16 tokens
+
+    data.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(10, 14)), encoding="utf-8")
+    out = tmp_path / "grpo"
+    page = {
+        "base_model": str(tiny_model_dir), "prompt_template": "alpaca", "data": str(data), "output_dir": str(out), "length": 256,
+        "num_epochs": 1.0, "max_steps": 2, "learning_rate": 1e-4, "micro_batch_size": 2, "batch_size": 2, "val_set_size": 0,
+        "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "precision": "fp32", "reward_funcs": "accuracy", "num_generations": 2,
+        "max_completion_length": 4, "grpo_loss": "grpo", "beta": 0.0, "warmup_steps": 0, "logging_steps": 1, "save_steps": 50, "seed": 3,
+    }  # fmt: skip
+    flags = write_flags_file(tmp_path / "grpo.yaml", stage_flags("grpo", page))
+    written = read_flags_file(flags)
+    assert settings_of_flags(written)[0] == "grpo" and "val_set_size" not in written  # the script's own 0
+    proc = run_script("finetune_grpo.py", str(flags))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [e for e in read_jsonl(out / "trainer_log.jsonl") if "reward" in e]
+    assert [e["step"] for e in log] == [1, 2] and all(0.0 <= e["reward"] <= 1.0 and "rewards/accuracy/mean" in e for e in log)
+    assert (out / "adapter_model.safetensors").is_file()

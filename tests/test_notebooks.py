@@ -1,7 +1,8 @@
 """notebooks/: committed without outputs, and executed top to bottom (papermill) with the tiny
 model on the CPU, the way CI keeps them from rotting: the quickstart trains a LoRA that
-memorizes its data, and its executed outputs show the memorized answers; the CPU notebook
-merges a memorized LoRA, writes f16 and quantized GGUF files and answers with llama.cpp."""
+memorizes its data, and its executed outputs show the memorized answers, then (its optional GRPO
+section) runs finetune_grpo.py from that LoRA for two steps and prints the rewards it logged; the
+CPU notebook merges a memorized LoRA, writes f16 and quantized GGUF files and answers with llama.cpp."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, memorize_args
+from conftest import REPO, memorize_args, read_jsonl
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
 QUICKSTART = REPO / "notebooks" / "quickstart.ipynb"
 CPU_GGUF = REPO / "notebooks" / "cpu_gguf.ipynb"
 QUICKSTART_EPOCHS = 40
-REQUIRED_PARAMETERS = ("INSTALL", "BASE_MODEL", "DATA_PATH", "OUTPUT_DIR", "NUM_EPOCHS", "LAUNCH_UI")
+# the quickstart's GRPO section, as cheap as GRPO gets: two prompts a step, two short completions each
+GRPO_ARGS = ["--num_generations", "2", "--max_completion_length", "8", "--micro_batch_size", "2", "--batch_size", "2", "--disable_tqdm", "true"]  # fmt: skip
+REQUIRED_PARAMETERS = ("INSTALL", "BASE_MODEL", "DATA_PATH", "OUTPUT_DIR", "NUM_EPOCHS", "LAUNCH_UI", "RUN_GRPO")
 
 
 def test_there_are_notebooks():
@@ -70,6 +73,9 @@ def test_quickstart_trains_and_shows_the_memorized_answers(tiny_model_dir: Path,
             "MERGE": True,
             "MAKE_GGUF": make_gguf,
             "GGUF_OUTTYPE": "q8_0",
+            "RUN_GRPO": True,
+            "GRPO_STEPS": 2,
+            "GRPO_ARGS": GRPO_ARGS,
         },
         cwd=str(REPO),
         kernel_name="python3",
@@ -82,6 +88,11 @@ def test_quickstart_trains_and_shows_the_memorized_answers(tiny_model_dir: Path,
     for record in records:
         assert f"训练后 / after:  {record['output']}\n" in shown
     assert shown.count("✓") == 3
+    # GRPO from the memorized LoRA: the rewards printed are the ones its trainer logged, step by step
+    grpo_log = [e for e in read_jsonl(Path(f"{out}-grpo") / "trainer_log.jsonl") if "reward" in e]
+    assert [e["step"] for e in grpo_log] == [1, 2] and (Path(f"{out}-grpo") / "adapter_model.safetensors").is_file()
+    for e in grpo_log:
+        assert f"GRPO step {e['step']}: reward {e['reward']:.3f}, accuracy {e['rewards/accuracy/mean']:.3f}\n" in shown
     if make_gguf:  # the merged model as GGUF, answered by llama.cpp on the CPU
         assert f"CPU (llama.cpp): {records[0]['instruction']} → {records[0]['output']}\n" in shown
 
