@@ -6,6 +6,8 @@
 #               tests/test_distributed.py::test_llama_7b_shaped_kbit_peak_gpu_memory)
 #   3. speed-1b 1B-shaped tokens/s, peak memory and MFU: the alpaca-lora recipe vs ours vs token-budget rows
 #   4. speed-7b the same on a 7B shape (fewer steps)
+#   4b. compile 1B shape: ours eager vs compiled (--torch_compile, on by default with CUDA) with an empty and
+#               a warm compile cache: tokens/s counting compile time, compile seconds, start-up to the first step
 #   5. flash    flash-attention 2 varlen on packed rows (1B shape), where flash-attn is installed
 #   6. peers    TRL / LLaMA-Factory (tools/benchmark.py peers), where their venvs exist under WORK/venvs
 #   7. tests    pytest -m gpu (the other GPU-only tests)
@@ -72,6 +74,8 @@ step memory 200 env GPU_MEMORY_REPORT="$WORK/gpu_memory.json" "$PYTHON" -m pytes
     tests/test_distributed.py -k test_llama_7b_shaped_kbit_peak_gpu_memory
 step speed-1b 90 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --repeats 1 --configs recipe,ours,tokens --out "$WORK/speed-1b.json"
 step speed-7b 120 "${BENCH[@]}" run "$WORK" --shape 7b --samples 400 --max_steps 5 --configs recipe,ours,tokens --out "$WORK/speed-7b.json"
+step compile 150 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --configs eager,compiled-cold,compiled \
+    --out "$WORK/speed-1b-compile.json"
 if [[ $DRY_RUN == 1 ]] || "$PYTHON" -c 'import flash_attn' 2>/dev/null; then
     step flash 45 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --configs ours,tokens --out "$WORK/speed-1b-flash.json" \
         --attn_implementation flash_attention_2
