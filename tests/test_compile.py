@@ -21,6 +21,7 @@ def finetune(base: Path, data: Path, out: Path, compiled: bool, *extra: str, env
         "--micro_batch_size", "4", "--batch_size", "4", "--max_steps", str(STEPS), "--save_steps", "2",
         "--logging_steps", "1", "--val_set_size", "0", "--learning_rate", "3e-3", "--warmup_steps", "0",
         "--disable_tqdm", "true", "--torch_compile", str(compiled).lower(), *extra, env=env,
+        timeout=1800,  # a cold compile: about a minute of 2 idle cores, many more on a busy machine
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
