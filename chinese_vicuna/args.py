@@ -327,6 +327,17 @@ class TrainArguments(TrainingArguments):
         default="auto",
         metadata={"help": "The loss head: auto (Liger's fused kernel on CUDA where liger-kernel is installed, else chunked), chunked or liger."},
     )
+    # TrainingArguments' own flag, redefined: the layers are compiled in view (train/compile.py), never the whole model
+    torch_compile: str = field(
+        default="auto",
+        metadata={
+            "help": "Compile one decoder layer's forward for all layers, and the loss' chunks (chinese_vicuna/train/compile.py): "
+            "auto (on with CUDA, off on the CPU where it does not pay: docs/benchmarks.md), true or false.",
+            "nargs": "?",
+            "const": "true",
+        },
+    )
+
     def __post_init__(self) -> None:
         check_flags(
             (self.learning_rate > 0, f"--learning_rate {self.learning_rate}: must be > 0 (LoRA: 1e-4 to 3e-4 are usual)"),
@@ -356,7 +367,26 @@ class TrainArguments(TrainingArguments):
             from chinese_vicuna.distributed import check_deepspeed
 
             check_deepspeed(self.deepspeed)
+        # Trainer compiles the whole model through accelerate when torch_compile or a backend/mode is set:
+        # it gets neither, apply_training_speedups compiles the layers with them (train/compile.py).
+        asked = decide_torch_compile(self.torch_compile, self.use_cpu, bool(self.torch_compile_backend or self.torch_compile_mode))
+        self.compile_backend, self.compile_mode = self.torch_compile_backend, self.torch_compile_mode
+        self.torch_compile, self.torch_compile_backend, self.torch_compile_mode = False, None, None
         super().__post_init__()
+        self.torch_compile = asked
+
+
+def decide_torch_compile(value: str | bool, use_cpu: bool, backend_or_mode_given: bool = False) -> bool:
+    """--torch_compile: true/false as given (a backend or mode given means true, as in TrainingArguments);
+    auto: on with CUDA, off on the CPU, where compiling costs more than it saves (docs/benchmarks.md)."""
+    import torch
+
+    text = str(value).strip().lower()
+    if text not in ("auto", "true", "false", "1", "0", "yes", "no"):
+        raise UserError(f"--torch_compile {value}: use auto, true or false")
+    if text != "auto":
+        return text in ("true", "1", "yes")
+    return backend_or_mode_given or (not use_cpu and torch.cuda.is_available())
 
 
 # Flag names of Chinese-Vicuna's and Chinese-LLaMA-Alpaca's own scripts → ours. Accepted where the

@@ -4,7 +4,8 @@
 #   1. env      GPU, driver, torch/transformers/peft/bitsandbytes versions, flash-attn present?
 #   2. memory   7B-shaped LoRA peak memory, 8-bit and 4-bit, cutoff 256 and 512 (random init, no hub;
 #               tests/test_distributed.py::test_llama_7b_shaped_kbit_peak_gpu_memory)
-#   3. speed-1b 1B-shaped tokens/s, peak memory and MFU: the alpaca-lora recipe vs ours vs token-budget rows
+#   3. speed-1b 1B-shaped tokens/s, peak memory and MFU: the alpaca-lora recipe vs ours vs token-budget rows;
+#               ours compiled (--torch_compile auto is on with CUDA; compile_s and first_step_s reported) vs eager
 #   4. speed-7b the same on a 7B shape (fewer steps)
 #   5. flash    flash-attention 2 varlen on packed rows (1B shape), where flash-attn is installed
 #   6. peers    TRL / LLaMA-Factory (tools/benchmark.py peers), where their venvs exist under WORK/venvs
@@ -72,7 +73,7 @@ BENCH=("$PYTHON" tools/benchmark.py)
 step env 10 "${BENCH[@]}" env "$WORK"
 step memory 200 env GPU_MEMORY_REPORT="$WORK/gpu_memory.json" "$PYTHON" -m pytest -m gpu -s -q -p no:cacheprovider \
     tests/test_distributed.py -k test_llama_7b_shaped_kbit_peak_gpu_memory
-step speed-1b 90 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --repeats 1 --configs recipe,ours,tokens --out "$WORK/speed-1b.json"
+step speed-1b 90 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --repeats 1 --configs recipe,eager,ours,tokens --out "$WORK/speed-1b.json"
 step speed-7b 120 "${BENCH[@]}" run "$WORK" --shape 7b --samples 400 --max_steps 5 --configs recipe,ours,tokens --out "$WORK/speed-7b.json"
 if [[ $DRY_RUN == 1 ]] || "$PYTHON" -c 'import flash_attn' 2>/dev/null; then
     step flash 35 "${BENCH[@]}" run "$WORK" --shape 1b --samples 400 --configs ours,tokens --out "$WORK/speed-1b-flash.json" \

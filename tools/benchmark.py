@@ -92,7 +92,15 @@ CONFIGS: dict[str, list[str]] = {
     "logits": UNCHUNKED,
     # this project's fallback without packing: length-grouped padded batches.
     "grouped": ["--packing", "false", "--group_by_length", "true"],
+    # ours uncompiled (--torch_compile auto compiles on CUDA) ...
+    "eager": ["--torch_compile", "false"],
+    # ... and compiled (train/compile.py), the compile cache kept from earlier runs (warm) ...
+    "compiled": ["--torch_compile", "true"],
+    # ... or emptied before the run (cold: every kernel compiled).
+    "compiled-cold": ["--torch_compile", "true"],
 }
+# Configurations whose run starts with an empty compile cache (WORK/cache/compile).
+COLD_CACHE = ("compiled-cold",)
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     # ~54M parameters; vocabulary 32000 like LLaMA's, so lm_head + loss weigh as in practice.
     "50m": {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 8, "num_attention_heads": 8, "vocab_size": 32000},
@@ -282,6 +290,7 @@ def run_finetune(cmd: list[str], env: dict[str, str]) -> tuple[int, list[float],
 
 RSS_HOOK = """
 import atexit, importlib.abc, importlib.util, os, sys, time
+_START = time.perf_counter()
 _times = {}
 class _TrainTimer(importlib.abc.MetaPathFinder):
     # Wraps Trainer.train to record its wall and CPU seconds (CPU time is less hurt by a busy machine).
@@ -308,6 +317,13 @@ class _TrainTimer(importlib.abc.MetaPathFinder):
                 except Exception:
                     pass
                 c0, w0 = time.process_time(), time.perf_counter()
+                _times["startup"] = w0 - _START
+                step = self_.training_step
+                def first_step(*a, **k):  # seconds from the process' start to the end of the first micro-step
+                    out = step(*a, **k)
+                    _times.setdefault("first_step", time.perf_counter() - _START)
+                    return out
+                self_.training_step = first_step
                 try:
                     out = train(self_, *args, **kwargs)
                     _times["loss"] = float(out.training_loss)
@@ -335,6 +351,13 @@ def _bench_peak():
                 peak = int(line.split()[1]) / 1024
     values = [peak, _times.get("cpu", 0), _times.get("wall", 0), _times.get("loss", -1), _times.get("tokens", -1), _times.get("trained", -1)]
     open(path, "w").write(" ".join(map(str, values)))
+    compiled = {"startup_s": _times.get("startup", -1), "first_step_s": _times.get("first_step", -1)}
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    if dynamo is not None:  # seconds dynamo, AOT autograd and inductor spent compiling; the caches' hits and misses
+        compiled["compile_s"] = sum(v for k, v in dynamo.calculate_time_spent().items() if k == "entire_frame_compile")
+        compiled.update({k: int(v) for group in ("inductor", "aot_autograd") for k, v in dynamo.counters[group].items() if "cache" in k})
+        compiled["graphs"] = int(dynamo.counters["stats"]["unique_graphs"])
+    open(path + ".compile.json", "w").write(__import__("json").dumps(compiled))
 atexit.register(_bench_peak)
 """
 
@@ -363,11 +386,15 @@ def one_run(
 
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    if name in COLD_CACHE:
+        import shutil
+
+        shutil.rmtree(work / "cache" / "compile", ignore_errors=True)
     hook_dir = work / "hook"
     hook_dir.mkdir(exist_ok=True)
     (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"},  # the compile cache: WORK/cache/compile
         "PYTHONPATH": f"{hook_dir}{os.pathsep}{REPO}",
         "BENCH_RSS_FILE": str(out / "peak_mib.txt"),
         "TOKENIZERS_PARALLELISM": "false",
@@ -383,7 +410,11 @@ def one_run(
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text(encoding="utf-8").split("\n") if line.strip()]
     losses = [(e["step"], e["loss"]) for e in log if "loss" in e]
     end = next(e for e in log if "train_runtime" in e)
+    compiled_file = out / "peak_mib.txt.compile.json"
+    compiled = json.loads(compiled_file.read_text()) if compiled_file.is_file() else {}
     return {
+        **compiled,  # startup_s, first_step_s; compile_s and the compile caches' hits and misses where it compiled
+        "load_average": os.getloadavg(),
         "config": name,
         "index": index,
         "train_runtime_s": end["train_runtime"],
@@ -454,8 +485,10 @@ def run_benchmark(
             r["tokens_per_cpu_s"] = counts["tokens"] / max(r["train_cpu_s"], 1e-9)
             r["mfu"] = r["tokens_per_s"] * flops_per_token / peak
             logger.info(
-                "%s #%d: %.0f tokens/s, peak %.0f MiB, final loss %.4f", name, i, r["tokens_per_s"], r["peak_mib"], r["final_loss"] or 0
-            )
+                "%s #%d: %.0f tokens/s, %.0f tokens/CPU-s, peak %.0f MiB, final loss %.6f, start-up to first step %.1f s, compile %.1f s, load %s",
+                name, i, r["tokens_per_s"], r["tokens_per_cpu_s"], r["peak_mib"], r["final_loss"] or 0, r.get("first_step_s", -1),
+                r.get("compile_s", 0), r["load_average"],
+            )  # fmt: skip
             runs.append(r)
     peak = max(peak, matmul_peak_flops(precision))
     summary: dict[str, Any] = {}
@@ -469,6 +502,16 @@ def run_benchmark(
             "train_loss_median": statistics.median(r["train_loss"] for r in rs),
         }
         summary[name]["mfu_median"] = summary[name]["tokens_per_s_median"] * flops_per_token / peak
+        for key in ("first_step_s", "compile_s"):  # start-up to the first step; compiling (inside the train time)
+            if all(key in r for r in rs):
+                summary[name][f"{key}_median"] = statistics.median(r[key] for r in rs)
+        recipe_runs = [r for r in runs if r["config"] == "recipe"]
+        if name != "recipe" and len(recipe_runs) == len(rs):
+            # within each interleaved round; a compiled run's train time includes its compiling
+            summary[name]["vs_recipe_per_round"] = [o["tokens_per_s"] / r["tokens_per_s"] for r, o in zip(recipe_runs, rs, strict=True)]
+            summary[name]["vs_recipe_per_cpu_s_per_round"] = [
+                o["tokens_per_cpu_s"] / r["tokens_per_cpu_s"] for r, o in zip(recipe_runs, rs, strict=True)
+            ]
     if "recipe" in summary and "ours" in summary:
         # Ratios within each interleaved pair, so a busy minute affects both sides of a pair.
         pairs = [

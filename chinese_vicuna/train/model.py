@@ -73,7 +73,10 @@ def apply_training_speedups(model: Any, lora_args: LoraArguments, train_args: Tr
     - `--fast_lora_dropout`: every LoRA layer's nn.Dropout → `FastDropout` (train/fast_lora.py);
     - `--packing`: an sdpa model's attention → `packed_sdpa_attention`, within each packed
       sequence (train/packing.py `use_packed_attention`). The packed loss also runs the last
-      layer only at trained positions, for the span of each forward (`last_layer_at_targets`)."""
+      layer only at trained positions, for the span of each forward (`last_layer_at_targets`);
+    - `--torch_compile` (true, or auto on CUDA): every decoder layer through one compiled forward,
+      the loss' chunks compiled, the compile cache beside the data cache (train/compile.py,
+      tests/test_compile.py)."""
     changes = []
     if lora_args.fast_lora_dropout:
         layers = use_fast_lora_dropout(model, autocast=bool(train_args.bf16 or train_args.fp16))
@@ -84,6 +87,14 @@ def apply_training_speedups(model: Any, lora_args: LoraArguments, train_args: Tr
         use_packed_attention(model)
         if config._attn_implementation != before:
             changes.append(f"attention {before} → {config._attn_implementation}")
+    if getattr(train_args, "torch_compile", False):
+        if train_args.deepspeed:
+            logger.warning("--torch_compile true stands aside under DeepSpeed (its hooks gather and partition weights around each layer)")
+        else:
+            from chinese_vicuna.train.compile import compile_for_training
+
+            backend, mode = getattr(train_args, "compile_backend", None), getattr(train_args, "compile_mode", None)
+            changes.append(compile_for_training(model, backend, mode))
     if changes:
         logger.info("model changes for speed: %s", "; ".join(changes))
     return changes
