@@ -362,6 +362,17 @@ atexit.register(_bench_peak)
 """
 
 
+def measured_env(work: Path, rss_file: Path, drop: tuple[str, ...], repo: Path | None, **extra: str) -> dict[str, str]:
+    """The environment of a measured child process: RSS_HOOK as its sitecustomize (its peak RSS
+    written to `rss_file`), PYTHONPATH the hook (then `repo`), `drop` left out, `extra` added."""
+    hook_dir = work / "hook"
+    hook_dir.mkdir(exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
+    path = f"{hook_dir}{os.pathsep}{repo}" if repo is not None else str(hook_dir)
+    kept = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", *drop)}
+    return {**kept, "PYTHONPATH": path, "BENCH_RSS_FILE": str(rss_file), "TOKENIZERS_PARALLELISM": "false", **extra}
+
+
 def resolve_bench_precision(precision: str) -> str:
     """`native` → bf16 where this machine runs it natively, else fp32; bf16/fp32 as given."""
     if precision == "native":
@@ -390,16 +401,8 @@ def one_run(
         import shutil
 
         shutil.rmtree(work / "cache" / "compile", ignore_errors=True)
-    hook_dir = work / "hook"
-    hook_dir.mkdir(exist_ok=True)
-    (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"},  # the compile cache: WORK/cache/compile
-        "PYTHONPATH": f"{hook_dir}{os.pathsep}{REPO}",
-        "BENCH_RSS_FILE": str(out / "peak_mib.txt"),
-        "TOKENIZERS_PARALLELISM": "false",
-        "CHINESE_VICUNA_CACHE": str(work / "cache"),
-    }
+    # TORCHINDUCTOR_CACHE_DIR dropped: the compile cache is WORK/cache/compile
+    env = measured_env(work, out / "peak_mib.txt", ("TORCHINDUCTOR_CACHE_DIR",), REPO, CHINESE_VICUNA_CACHE=str(work / "cache"))
     cmd = [sys.executable, str(REPO / script), "--base_model", str(model_dir), "--data_path", str(data)]
     cmd += ["--output_dir", str(out), *common, *flags]
     t0 = time.perf_counter()
@@ -816,18 +819,12 @@ def peer_run(
             config["max_steps"] = max_steps
         spec_path = run_dir / "config.yaml"
         spec_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    hook_dir = work / "hook"
-    hook_dir.mkdir(exist_ok=True)
-    (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
-        "PYTHONPATH": str(hook_dir),
-        "BENCH_RSS_FILE": str(run_dir / "peak_mib.txt"),
-        "BENCH_CWD": str(run_dir),
-        "TOKENIZERS_PARALLELISM": "false",
-        "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-        "DISABLE_VERSION_CHECK": "1",  # LLaMA-Factory refuses unlisted transformers versions otherwise
-    }
+    env = measured_env(
+        work, run_dir / "peak_mib.txt", ("VIRTUAL_ENV",), None,
+        BENCH_CWD=str(run_dir),
+        CUDA_VISIBLE_DEVICES=os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        DISABLE_VERSION_CHECK="1",  # LLaMA-Factory refuses unlisted transformers versions otherwise
+    )  # fmt: skip
     rc, (peak, cpu, wall, loss, tokens, trained), stderr = run_finetune(peer_command(name, work, spec_path), env)
     (run_dir / "stderr.txt").write_text(stderr)
     if rc:
@@ -1484,16 +1481,7 @@ def trl_dpo_run(work: Path, model_dir: Path, pairs: Any, precision: str, micro_b
         "dpo_config": trl_dpo_config(run_dir / "out", precision, micro_batch, max_steps, cuda=bool(machine_info().get("gpu"))),
     }
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
-    hook_dir = work / "hook"
-    hook_dir.mkdir(exist_ok=True)
-    (hook_dir / "sitecustomize.py").write_text(RSS_HOOK)
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
-        "PYTHONPATH": str(hook_dir),
-        "BENCH_RSS_FILE": str(run_dir / "peak_mib.txt"),
-        "BENCH_CWD": str(run_dir),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = measured_env(work, run_dir / "peak_mib.txt", (), None, BENCH_CWD=str(run_dir))
     rc, (peak, cpu, wall, loss, *_), stderr = run_finetune(
         [sys.executable, str(run_dir / "trl_dpo_driver.py"), str(run_dir / "spec.json")], env
     )
